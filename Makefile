@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+DATA ?= ../shared/data/esci_us_opensearch_150q
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/workbench: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch 2.13.0 (on PyPI everywhere; on this machine's disk too)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/workbench
+
+venv: $(BIN)/workbench
+
+demo: venv
+	$(BIN)/workbench demo --data $(DATA)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/load_scale.py
+
+clean:
+	rm -rf runs runs.db runs.db-* .cache
