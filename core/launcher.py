@@ -1,0 +1,141 @@
+"""Detached training subprocesses: launch, check, stop.
+
+A run started with :func:`launch` is ``workbench train CONFIG --run-id ID`` in its own session
+(``start_new_session=True``: its own process group, no controlling terminal), so a UI can quit
+and come back. runs.db keeps its pid and the process's create time, so a restarted UI never
+mistakes a reused pid for the run. Stop = SIGTERM to the process group, a grace period, then
+SIGKILL. Processes are started from argument lists, never through a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from core.config import load_config
+from core.errors import WorkbenchError
+from core.runs import RunStore, now_iso
+
+#: statuses of a run whose process may still be alive
+ACTIVE = ("queued", "running")
+
+
+def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str]) -> list[str]:
+    """The argument list of a detached trainer (same interpreter as the caller)."""
+    cmd = [sys.executable, "-m", "workbench", "train", str(config_path), "--run-id", run_id, "--db", db_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
+    """Create a queued run and start its trainer detached.
+
+    The config is validated here first (bad configs fail in the caller, nothing is started).
+    The child's stdout/stderr go to ``runs/<id>/console.log``.
+
+    Returns:
+        (run_id, pid).
+
+    Raises:
+        ConfigError: bad config or override.
+    """
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    run_id = store.create_run(cfg.name, cfg.to_dict(), status="queued")
+    run_dir = Path(cfg.output_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = open(run_dir / "console.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            trainer_command(config_path, run_id, os.path.abspath(store.path), overrides),
+            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        console.close()
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = None
+    store.update_run(run_id, pid=proc.pid, process_start_time=create_time, run_dir=str(run_dir))
+    store.add_artifact(run_id, "console", run_dir / "console.log")
+    return run_id, proc.pid
+
+
+def process_of(run: dict) -> psutil.Process | None:
+    """The live process of a run row, or None (gone, or the pid was reused by another process)."""
+    pid, started = run.get("pid"), run.get("process_start_time")
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        if started is not None and abs(proc.create_time() - float(started)) > 1.0:
+            return None  # pid reused
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def refresh_statuses(store: RunStore) -> list[str]:
+    """Mark runs ``crashed`` whose status says active but whose process is gone
+    (SIGKILL, OOM, reboot: no one wrote a final status). Returns their ids."""
+    crashed = []
+    for run in store.db.query("SELECT * FROM runs WHERE status IN ('queued', 'running')"):
+        if run.get("pid") and process_of(run) is None:
+            store.update_run(run["id"], status="crashed", ended=run.get("ended") or now_iso())
+            crashed.append(run["id"])
+    return crashed
+
+
+def stop_run(store: RunStore, run_id: str, grace: float = 10.0) -> str:
+    """Stop a run: SIGTERM to its process group, wait ``grace`` seconds, then SIGKILL.
+
+    Returns the run's status afterwards.
+
+    Raises:
+        WorkbenchError: unknown run id.
+    """
+    run = store.get_run(run_id)
+    proc = process_of(run)
+    if proc is None:
+        refresh_statuses(store)
+        return store.get_run(run["id"])["status"]
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    members = [proc] + proc.children(recursive=True)
+    try:
+        if pgid is not None and pgid == proc.pid:
+            os.killpg(pgid, signal.SIGTERM)
+        else:
+            proc.terminate()
+    except ProcessLookupError:
+        pass
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    if alive:
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if pgid is not None and pgid == proc.pid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        psutil.wait_procs(alive, timeout=5)
+    run = store.get_run(run["id"])
+    if run["status"] in ACTIVE:  # killed before it could write its own status
+        store.update_run(run["id"], status="stopped", ended=now_iso(), exit_code=-9 if alive else 143)
+    return store.get_run(run["id"])["status"]

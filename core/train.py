@@ -1,0 +1,503 @@
+"""K-fold cross-encoder training on ESCI with OOF and test predictions.
+
+Reads top to bottom like the transformers ``examples/`` scripts:
+load data -> query-grouped folds -> tokenize (cached) -> per fold: train with AdamW + linear
+warmup/decay on ``accelerate`` (device placement, bf16/fp16, gradient accumulation, multi-GPU via
+``accelerate launch``), evaluate ``evals_per_epoch`` times per epoch, keep the best checkpoint,
+predict the fold's validation rows (OOF) and the test rows -> blend with baselines on OOF ->
+artifacts under ``runs/<run_id>/`` and metrics in runs.db.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from core.baselines import bm25_scores, random_scores
+from core.blend import nested_blend, standardize_per_query
+from core.config import RunConfig, save_config
+from core.data import ESCI_LABELS, load_esci
+from core.errors import ConfigError, DataError, WorkbenchError
+from core.folds import assign_folds
+from core.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
+from core.model import CrossEncoder, collate, load_tokenizer
+from core.runs import RunStore, now_iso
+from core.text import EncodedPairs, encode_pairs_cached
+
+log = logging.getLogger("esci.train")
+
+PROB_COLUMNS = ["p_E", "p_S", "p_C", "p_I"]
+LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
+
+#: scorers a blend can use; each maps the examples frame to one score per row
+BLEND_MEMBERS = {
+    "bm25": lambda df, seed: bm25_scores(df),
+    "random": lambda df, seed: random_scores(df, seed=seed),
+}
+
+
+class RunStopped(WorkbenchError):
+    """Raised inside the trainer when SIGTERM/SIGINT asks the run to stop."""
+
+
+class Progress(Protocol):
+    """What the trainer reports to a UI (a rich progress bar in the CLI)."""
+
+    def start(self, total: int, description: str) -> None: ...
+    def advance(self, n: int = 1, description: str | None = None) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class NullProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced.
+
+    ``oof``: one row per trained example: example_id, query_id, esci_label, fold, p_E..p_I,
+    ce_score (expected gain), score (final ranking score). ``test``: the same columns for test
+    examples (probabilities averaged over folds, fold = -1), or None. ``cv``: run-level metrics.
+    """
+
+    run_id: str
+    run_dir: Path
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    cv: dict[str, float]
+    fold_metrics: list[dict[str, Any]] = field(default_factory=list)
+    blend_weights: dict[str, float] = field(default_factory=dict)
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar length (less padding), in random order, deterministic by seed.
+
+    Shuffles the indices, cuts them into mega-batches of ``batch_size * mega`` rows, sorts
+    each mega-batch by length (longest first) and cuts it into batches; the batch order is
+    shuffled again (the ``LengthGroupedSampler`` idea of transformers' Trainer). Each call of
+    ``__iter__`` draws a new permutation.
+    """
+
+    def __init__(self, indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int,
+                 grouped: bool = True, mega: int = 50):
+        self.indices = np.asarray(indices)
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.grouped = grouped
+        self.mega = mega
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        perm = self.rng.permutation(self.indices)
+        if not self.grouped:
+            batches = [perm[i : i + self.batch_size] for i in range(0, len(perm), self.batch_size)]
+        else:
+            size = self.batch_size * self.mega
+            batches = []
+            for i in range(0, len(perm), size):
+                chunk = perm[i : i + size]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+            order = self.rng.permutation(len(batches))
+            batches = [batches[o] for o in order]
+        for b in batches:
+            yield b.tolist()
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> bf16 on a GPU that supports it, fp16 on other GPUs, ``no`` on CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+@torch.inference_mode()
+def predict_proba(model: torch.nn.Module, encoded: EncodedPairs, indices: np.ndarray, batch_size: int,
+                  pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                  progress: Progress | None = None) -> np.ndarray:
+    """Class probabilities for the sequences ``indices``: float32 (len(indices), 4), order kept.
+
+    Batches are formed from length-sorted rows (little padding), then put back in order.
+    """
+    model.eval()
+    indices = np.asarray(indices)
+    out = np.zeros((len(indices), 4), dtype=np.float32)
+    order = np.argsort(-encoded.lengths[indices], kind="stable")
+    for start in range(0, len(order), batch_size):
+        pos = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(encoded, indices[pos], pad_id).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(**batch)
+        out[pos] = torch.softmax(logits.float(), -1).cpu().numpy()
+        if progress is not None:
+            progress.advance(0)
+    return out
+
+
+def _eval_metrics(probs: np.ndarray, frame: pd.DataFrame) -> dict[str, float]:
+    labels = frame["esci_label"].to_numpy()
+    pred = np.asarray(ESCI_LABELS)[probs.argmax(1)]
+    return {
+        "ndcg": mean_ndcg(frame["query_id"].to_numpy(), expected_gain(probs), labels),
+        "task2_f1": micro_f1_task2(labels, pred),
+        "task3_f1": micro_f1_task3(labels, pred == "S"),
+    }
+
+
+def _param_groups(model: CrossEncoder, lr: float, head_lr: float, weight_decay: float):
+    decay, no_decay, head = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("head."):
+            head.append(p)
+        elif p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"params": head, "lr": head_lr, "weight_decay": 0.0},
+    ]
+
+
+def _setup_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("esci")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return handler
+
+
+def _process_start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
+def load_training_frame(cfg: RunConfig) -> pd.DataFrame:
+    """Examples of ``cfg.data`` (train and test split), with ``max_queries`` applied to train.
+
+    Raises:
+        DataError: see :func:`core.data.load_esci`.
+    """
+    df = load_esci(cfg.data.dir, task=cfg.data.task, locales=cfg.data.locales)
+    if cfg.data.max_queries:
+        train_q = pd.unique(df.loc[df["split"] == "train", "query_id"])
+        keep = set(train_q[: cfg.data.max_queries])
+        df = df[(df["split"] != "train") | df["query_id"].isin(keep)].reset_index(drop=True)
+    if not (df["split"] == "train").any():
+        raise DataError(cfg.data.dir, "no examples with split == 'train' to train on")
+    return df
+
+
+def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
+                 progress: Progress | None = None) -> RunResult:
+    """Train ``cfg`` with k-fold CV, record everything in ``store`` and ``runs/<run_id>/``.
+
+    Args:
+        cfg: the resolved run config.
+        store: runs.db connection of this process (the trainer writes its own metrics).
+        run_id: an existing ``queued`` run (from ``workbench launch``) or None for a new one.
+        progress: UI callbacks.
+
+    Returns:
+        RunResult with the OOF and test frames and the CV metrics.
+
+    Raises:
+        DataError, ConfigError: bad data or settings (the run is marked ``failed``).
+        RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``).
+    """
+    progress = progress or NullProgress()
+    if run_id is None:
+        run_id = store.create_run(cfg.name, cfg.to_dict())
+    run_dir = Path(cfg.output_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    handler = _setup_file_log(run_dir)
+    pid = os.getpid()
+    store.update_run(run_id, status="running", pid=pid, process_start_time=_process_start_time(pid),
+                     host=socket.gethostname(), started=now_iso(), run_dir=str(run_dir),
+                     config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
+    store.add_artifact(run_id, "config", run_dir / "config.yaml")
+    store.add_artifact(run_id, "log", run_dir / "train.log")
+
+    def _on_signal(signum, frame):
+        raise RunStopped(f"run {run_id}: stopped by signal {signum}")
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread (e.g. a UI worker): no signal handling
+        previous = {}
+
+    try:
+        result = _train(cfg, store, run_id, run_dir, progress)
+        store.update_run(run_id, status="finished", ended=now_iso(), exit_code=0)
+        log.info("run %s finished: %s", run_id, result.cv)
+        return result
+    except RunStopped:
+        log.warning("run %s stopped", run_id)
+        store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=143)
+        raise
+    except WorkbenchError as exc:
+        log.error("run %s failed: %s", run_id, exc)
+        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=2, error=str(exc))
+        raise
+    except BaseException as exc:
+        log.exception("run %s crashed", run_id)
+        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=1,
+                         error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        logging.getLogger("esci").removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress: Progress) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    t_run = time.time()
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    progress.message("loading data")
+    df = load_training_frame(cfg)
+    train_idx = np.flatnonzero((df["split"] == "train").to_numpy())
+    test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
+    train_df = df.iloc[train_idx].reset_index(drop=True)
+    folds = assign_folds(train_df["query_id"].to_numpy(), tc.folds, tc.seed)
+    run_folds = tc.run_folds if tc.run_folds is not None else list(range(tc.folds))
+    bad = [k for k in run_folds if not 0 <= k < tc.folds]
+    if bad:
+        raise ConfigError(f"train.run_folds: {bad} outside 0..{tc.folds - 1}")
+    log.info("data %s: %d train examples (%d queries), %d test examples; %d folds, training %s",
+             cfg.data.dir, len(train_idx), train_df["query_id"].nunique(), len(test_idx), tc.folds, run_folds)
+
+    progress.message("tokenizing")
+    tokenizer = load_tokenizer(cfg.model.name)
+    encoded = encode_pairs_cached(df, tokenizer, cfg.text)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    labels_all = df["esci_label"].map(LABEL_TO_INDEX).to_numpy()
+    log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
+
+    mp = resolve_mixed_precision(tc.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    log.info("device %s, mixed precision %s, processes %d", device, mp, accelerator.num_processes)
+
+    steps_per_epoch = {k: math.ceil(math.ceil((folds != k).sum() / tc.batch_size) / tc.grad_accum) for k in run_folds}
+    total_steps = sum(steps_per_epoch[k] * tc.epochs for k in run_folds)
+    progress.start(total_steps, "training")
+
+    oof_probs = np.full((len(train_idx), 4), np.nan, dtype=np.float32)
+    test_probs = np.zeros((len(test_idx), 4), dtype=np.float64)
+    fold_metrics: list[dict[str, Any]] = []
+    global_step = 0
+
+    for k in run_folds:
+        t_fold = time.time()
+        set_seed(tc.seed + k)
+        tr = train_idx[folds != k]  # rows of df
+        va_local = np.flatnonzero(folds == k)  # rows of train_df
+        va = train_idx[va_local]
+        va_frame = train_df.iloc[va_local]
+        model = CrossEncoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.dropout)
+        if cfg.model.freeze_embeddings:
+            model.backbone.get_input_embeddings().weight.requires_grad_(False)
+        optimizer = torch.optim.AdamW(_param_groups(model, tc.lr, tc.head_lr, tc.weight_decay))
+        n_steps = steps_per_epoch[k] * tc.epochs
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
+        sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
+        loader = torch.utils.data.DataLoader(
+            tr, batch_sampler=sampler,
+            collate_fn=lambda idx: {**collate(encoded, idx, pad_id), "labels": torch.from_numpy(labels_all[idx])},
+        )
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        batches_per_epoch = len(sampler)
+        eval_points = {
+            min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
+            for j in range(tc.evals_per_epoch)
+        }
+        best = {"ndcg": -1.0}
+        best_state = None
+        window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
+        fold_step = 0
+        for epoch in range(tc.epochs):
+            model.train()
+            for b_i, batch in enumerate(loader, start=1):
+                with accelerator.accumulate(model):
+                    labels = batch.pop("labels")
+                    logits = model(**batch)
+                    loss = F.cross_entropy(logits, labels)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                window_loss += loss.item()
+                window_n += 1
+                window_pairs += len(labels)
+                if accelerator.sync_gradients:
+                    fold_step += 1
+                    global_step += 1
+                    progress.advance(1, description=f"fold {k} epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                    if fold_step % tc.log_every == 0:
+                        dt = time.time() - window_t
+                        ep = epoch + b_i / batches_per_epoch
+                        store.log_metrics(run_id, [
+                            {"name": "train/loss", "value": window_loss / window_n, "fold": k, "step": fold_step, "epoch": ep},
+                            {"name": "train/lr", "value": scheduler.get_last_lr()[0], "fold": k, "step": fold_step, "epoch": ep},
+                            {"name": "train/grad_norm", "value": float(grad_norm) if grad_norm is not None else float("nan"),
+                             "fold": k, "step": fold_step, "epoch": ep},
+                            {"name": "train/samples_per_s", "value": window_pairs / max(dt, 1e-9), "fold": k, "step": fold_step, "epoch": ep},
+                        ])
+                        log.info("fold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s", k, fold_step, ep,
+                                 window_loss / window_n, scheduler.get_last_lr()[0], window_pairs / max(dt, 1e-9))
+                        window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
+                if b_i in eval_points:
+                    ep = epoch + b_i / batches_per_epoch
+                    probs = predict_proba(accelerator.unwrap_model(model), encoded, va, tc.eval_batch_size, pad_id,
+                                          device, autocast_dtype)
+                    m = _eval_metrics(probs, va_frame)
+                    m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), labels_all[va]], 1e-12, 1)).mean())
+                    store.log_metrics(run_id, [
+                        {"name": f"eval/{n}", "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in m.items()
+                    ])
+                    log.info("fold %d eval epoch %.2f: nDCG %.4f task2 F1 %.4f task3 F1 %.4f loss %.4f",
+                             k, ep, m["ndcg"], m["task2_f1"], m["task3_f1"], m["loss"])
+                    if m["ndcg"] > best["ndcg"]:
+                        best = {**m, "epoch": ep, "step": fold_step}
+                        best_state = {n: t.detach().to("cpu", copy=True)
+                                      for n, t in accelerator.unwrap_model(model).state_dict().items()}
+                        oof_probs[va_local] = probs
+                    model.train()
+        # best checkpoint -> test predictions and the saved weights
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.load_state_dict(best_state)
+        if len(test_idx):
+            test_probs += predict_proba(unwrapped, encoded, test_idx, tc.eval_batch_size, pad_id, device, autocast_dtype)
+        if tc.save_checkpoints and accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            fold_dir = run_dir / f"fold{k}"
+            fold_dir.mkdir(exist_ok=True)
+            save_file({n: t.contiguous() for n, t in best_state.items()}, str(fold_dir / "model.safetensors"))
+            store.add_artifact(run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
+        fold_time = time.time() - t_fold
+        fold_metrics.append({"fold": k, **best, "seconds": fold_time})
+        store.log_metrics(run_id, [
+            {"name": "fold/ndcg", "value": best["ndcg"], "fold": k},
+            {"name": "fold/task2_f1", "value": best["task2_f1"], "fold": k},
+            {"name": "fold/task3_f1", "value": best["task3_f1"], "fold": k},
+            {"name": "fold/seconds", "value": fold_time, "fold": k},
+            {"name": "fold/done", "value": 1.0, "fold": k},
+        ])
+        log.info("fold %d done in %.0f s: best nDCG %.4f at epoch %.2f", k, fold_time, best["ndcg"], best["epoch"])
+        accelerator.free_memory()
+        del model, optimizer, loader, scheduler, best_state
+
+    # ---- OOF frame, blend, CV metrics ----------------------------------------------------
+    trained = np.isin(folds, run_folds)
+    oof = train_df.loc[trained, ["example_id", "query_id", "product_id", "esci_label"]].reset_index(drop=True)
+    oof["fold"] = folds[trained]
+    oof[PROB_COLUMNS] = oof_probs[trained]
+    oof["ce_score"] = expected_gain(oof_probs[trained])
+    test = None
+    if len(test_idx):
+        test = df.iloc[test_idx][["example_id", "query_id", "product_id", "esci_label"]].reset_index(drop=True)
+        test["fold"] = -1
+        test[PROB_COLUMNS] = (test_probs / len(run_folds)).astype(np.float32)
+        test["ce_score"] = expected_gain(test[PROB_COLUMNS].to_numpy())
+
+    progress.message("blending")
+    members = list(cfg.blend.members)
+    unknown = [m for m in members if m not in BLEND_MEMBERS]
+    if unknown:
+        raise ConfigError(f"blend.members: unknown {unknown}; known: {sorted(BLEND_MEMBERS)}")
+    weights: dict[str, float] = {"ce": 1.0}
+    oof["score"] = oof["ce_score"]
+    if members:
+        z_oof = [standardize_per_query(oof["query_id"], oof["ce_score"])]
+        z_test = [standardize_per_query(test["query_id"], test["ce_score"])] if test is not None else []
+        for name in members:
+            raw = BLEND_MEMBERS[name](df, tc.seed)
+            oof[name] = raw[train_idx][trained]
+            z_oof.append(standardize_per_query(oof["query_id"], oof[name]))
+            if test is not None:
+                test[name] = raw[test_idx]
+                z_test.append(standardize_per_query(test["query_id"], test[name]))
+        final, per_fold_w, full_w = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"],
+                                                 np.column_stack(z_oof))
+        oof["score"] = final
+        weights = dict(zip(["ce", *members], map(float, full_w)))
+        if test is not None:
+            test["score"] = np.column_stack(z_test) @ full_w
+        for f, w in per_fold_w.items():
+            log.info("fold %d blend weights (fitted on other folds): %s", f,
+                     dict(zip(["ce", *members], np.round(w, 3))))
+    elif test is not None:
+        test["score"] = test["ce_score"]
+
+    labels = oof["esci_label"].to_numpy()
+    qids = oof["query_id"].to_numpy()
+    pred = np.asarray(ESCI_LABELS)[oof[PROB_COLUMNS].to_numpy().argmax(1)]
+    cv = {
+        "ndcg": mean_ndcg(qids, oof["ce_score"].to_numpy(), labels),
+        "final_ndcg": mean_ndcg(qids, oof["score"].to_numpy(), labels),
+        "task2_f1": micro_f1_task2(labels, pred),
+        "task3_f1": micro_f1_task3(labels, pred == "S"),
+        "seconds": time.time() - t_run,
+    }
+    for f in run_folds:
+        sel = oof["fold"].to_numpy() == f
+        store.log_metrics(run_id, [{"name": "fold/final_ndcg", "value": mean_ndcg(qids[sel], oof["score"].to_numpy()[sel], labels[sel]), "fold": f}])
+    store.log_metrics(run_id, [{"name": f"cv/{n}", "value": v, "fold": -1} for n, v in cv.items()]
+                      + [{"name": f"blend/w_{n}", "value": v, "fold": -1} for n, v in weights.items()])
+
+    oof.to_parquet(run_dir / "oof.parquet", index=False)
+    store.add_artifact(run_id, "oof", run_dir / "oof.parquet")
+    if test is not None:
+        test.to_parquet(run_dir / "test.parquet", index=False)
+        store.add_artifact(run_id, "test", run_dir / "test.parquet")
+    log.info("CV: cross-encoder nDCG %.4f, final (blend %s) nDCG %.4f, task2 F1 %.4f, task3 F1 %.4f",
+             cv["ndcg"], weights, cv["final_ndcg"], cv["task2_f1"], cv["task3_f1"])
+    return RunResult(run_id, run_dir, oof, test, cv, fold_metrics, weights)

@@ -1,0 +1,266 @@
+"""The ``workbench`` command line (Typer). Thin: every command calls a core service."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from core.errors import WorkbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge.")
+runs_app = typer.Typer(no_args_is_help=True, help="List and inspect runs in runs.db.")
+data_app = typer.Typer(no_args_is_help=True, help="Import and check ESCI data.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")]
+
+
+class RichProgress:
+    """core.train.Progress on a rich progress bar (stderr, so --json stdout stays clean)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, total: int, description: str) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, advance=n, **({"description": description} if description else {}))
+
+    def message(self, text: str) -> None:
+        self.bar.console.log(text)
+
+
+def _store(db: str | None, readonly: bool = False):
+    from core.runs import RunStore, default_db_path
+
+    return RunStore(db or default_db_path(), readonly=readonly)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _duration(run: dict) -> str:
+    from datetime import datetime, timezone
+
+    if not run.get("started"):
+        return "-"
+    start = datetime.fromisoformat(run["started"])
+    end = datetime.fromisoformat(run["ended"]) if run.get("ended") else datetime.now(timezone.utc)
+    s = int((end - start).total_seconds())
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@app.command()
+def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_: SetOpt = None, db: DbOpt = None,
+          run_id: Annotated[Optional[str], typer.Option("--run-id", help="a queued run (used by launch)")] = None):
+    """Train a config in the foreground (k-fold CV) and record the run."""
+    from core.config import load_config
+    from core.train import run_training
+
+    cfg = load_config(config, set_)
+    store = _store(db)
+    if sys.stderr.isatty():
+        with RichProgress(err_console) as progress:
+            result = run_training(cfg, store, run_id=run_id, progress=progress)
+    else:
+        result = run_training(cfg, store, run_id=run_id)
+    console.print(f"run {result.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
+
+
+@app.command()
+def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_: SetOpt = None, db: DbOpt = None):
+    """Start training detached (own session); prints the run id."""
+    from core.launcher import launch as _launch
+
+    run_id, pid = _launch(config, set_, _store(db))
+    console.print(run_id)
+    err_console.print(f"launched pid {pid}; follow with `workbench runs show {run_id}`")
+
+
+@app.command()
+def stop(run: str, db: DbOpt = None, grace: float = 10.0):
+    """Stop a launched run: SIGTERM to its process group, then SIGKILL after --grace seconds."""
+    from core.launcher import stop_run
+
+    console.print(stop_run(_store(db), run, grace=grace))
+
+
+@runs_app.command("list")
+def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
+              limit: Optional[int] = None):
+    """Runs, newest first, with status and best CV nDCG / F1 (best, not last)."""
+    from core.launcher import refresh_statuses
+
+    store = _store(db)
+    refresh_statuses(store)
+    rows = store.list_runs(limit)
+    if as_json:
+        for r in rows:
+            r["config"] = json.loads(r["config"]) if r.get("config") else None
+            r["duration"] = _duration(r)
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    table = Table(title=f"runs in {store.path}")
+    for col in ("id", "name", "status", "task", "model", "folds", "best nDCG", "final nDCG", "best F1", "duration"):
+        table.add_column(col)
+    colors = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
+    for r in rows:
+        n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
+        table.add_row(r["id"], r["name"], f"[{colors.get(r['status'], 'white')}]{r['status']}",
+                      str(r["task"]), str(r["model"]), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"]),
+                      _fmt(r["best_final_ndcg"]), _fmt(r["best_f1"]), _duration(r))
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: str, db: DbOpt = None):
+    """One run: status, config, per-fold best metrics, CV, artifacts."""
+    from core.launcher import refresh_statuses
+
+    store = _store(db)
+    refresh_statuses(store)
+    r = store.get_run(run)
+    console.print(f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
+                  f"pid {r['pid']}  duration {_duration(r)}  git {r['git_commit']}")
+    if r.get("error"):
+        console.print(f"[red]error: {r['error']}")
+    metrics = store.metrics(r["id"])
+    folds = Table(title="folds (best checkpoint)")
+    for col in ("fold", "nDCG", "final nDCG", "task2 F1", "task3 F1", "seconds"):
+        folds.add_column(col)
+    by_fold: dict[int, dict[str, float]] = {}
+    for m in metrics:
+        if m["name"].startswith("fold/"):
+            by_fold.setdefault(m["fold"], {})[m["name"][5:]] = m["value"]
+    for f, v in sorted(by_fold.items()):
+        folds.add_row(str(f), _fmt(v.get("ndcg")), _fmt(v.get("final_ndcg")), _fmt(v.get("task2_f1")),
+                      _fmt(v.get("task3_f1")), _fmt(v.get("seconds"), 0))
+    console.print(folds)
+    cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1}
+    if cv:
+        console.print("CV: " + "  ".join(f"{k} {_fmt(v)}" for k, v in cv.items()))
+    last = [m for m in metrics if m["name"] == "train/loss"][-1:]
+    if last:
+        console.print(f"last train loss {last[0]['value']:.4f} (fold {last[0]['fold']}, step {last[0]['step']})")
+    for a in store.artifacts(r["id"]):
+        console.print(f"  {a['kind']:<10} fold {a['fold']:>2}  {a['path']}")
+
+
+@app.command()
+def evaluate(run: str, db: DbOpt = None):
+    """Recompute the run's metrics from its oof.parquet (independent of what the trainer logged)."""
+    from core.report import argmax_labels, read_predictions, scorer_table
+
+    store = _store(db, readonly=True)
+    r = store.get_run(run)
+    oof = read_predictions(Path(r["run_dir"]) / "oof.parquet")
+    scorers = {"cross-encoder": "ce_score", "final": "score"} if "ce_score" in oof else {"final": "score"}
+    labels = argmax_labels(oof)
+    table = scorer_table(oof, scorers, {k: labels for k in scorers})
+    _print_table(table, f"run {r['id']}: metrics from {Path(r['run_dir']) / 'oof.parquet'} ({len(oof)} OOF rows)")
+
+
+def _print_table(table, title: str) -> None:
+    t = Table(title=title)
+    t.add_column("scorer")
+    for col in table.columns:
+        t.add_column(col.replace("_", " "), justify="right")
+    for name, row in table.iterrows():
+        t.add_row(str(name), *[_fmt(float(v)) for v in row.values])
+    console.print(t)
+
+
+@data_app.command("import-opensearch")
+def data_import_opensearch(src: Path, out: Path,
+                           sources: Annotated[Optional[Path], typer.Option(help="shopping_queries_dataset_sources.csv")] = None):
+    """Convert the OpenSearch ESCI sample (judgments + NDJSON products) into the official layout."""
+    from core.opensearch import import_opensearch
+
+    summary = import_opensearch(src, out, sources_csv=sources)
+    console.print(summary)
+
+
+@data_app.command("check")
+def data_check(data_dir: Path, task: Optional[int] = None, split: Optional[str] = None,
+               locale: Annotated[Optional[list[str]], typer.Option()] = None):
+    """Load and validate an official-layout folder; print counts."""
+    from core.data import load_esci
+
+    df = load_esci(data_dir, task=task, split=split, locales=locale)
+    console.print(f"{len(df)} examples, {df['query_id'].nunique()} queries, {df['product_id'].nunique()} products")
+    console.print(df.groupby(["split", "esci_label"]).size().unstack(fill_value=0))
+
+
+@app.command()
+def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path("../shared/data/esci_us_opensearch_150q"),
+         data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path("data/esci_us_150q"),
+         config: Annotated[Optional[Path], typer.Option(help="config (default configs/demo.yaml)")] = None,
+         set_: SetOpt = None, db: DbOpt = None):
+    """Import the real ESCI sample, train a 5-fold cross-encoder, compare with BM25 and random."""
+    from core.demo import DEFAULT_CONFIG, run_demo
+
+    store = _store(db)
+    t0 = time.time()
+    with RichProgress(err_console) as progress:
+        report = run_demo(data, store, data_dir=data_dir, config_path=config or DEFAULT_CONFIG,
+                          overrides=set_, progress=progress)
+    res = report.result
+    _print_table(report.table, f"run {res.run_id}: OOF nDCG per fold and CV ({len(res.oof)} examples, "
+                               f"{res.oof['query_id'].nunique()} queries)")
+    console.print("final = per-query standardised blend, weights fitted on the other folds; weights on all OOF: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in res.blend_weights.items()))
+    console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; "
+                  f"{time.time() - t0:.0f} s")
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors and exit code 2 for bad input."""
+    try:
+        app(standalone_mode=False)
+    except WorkbenchError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
