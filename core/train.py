@@ -346,7 +346,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
         scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
         sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
         loader = torch.utils.data.DataLoader(
-            tr, batch_sampler=sampler,
+            np.arange(len(encoded)), batch_sampler=sampler,  # the sampler yields rows of df
             collate_fn=lambda idx: {**collate(encoded, idx, pad_id), "labels": torch.from_numpy(labels_all[idx])},
         )
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -41,7 +41,7 @@ def test_oof_row_for_every_training_example(trained, small_dataset):
     train = df[df["split"] == "train"]
     assert sorted(result.oof["example_id"]) == sorted(train["example_id"])
     assert not result.oof[["p_E", "p_S", "p_C", "p_I"]].isna().any().any()
-    np.testing.assert_allclose(result.oof[["p_E", "p_S", "p_C", "p_I"]].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(result.oof[["p_E", "p_S", "p_C", "p_I"]].sum(axis=1), 1.0, atol=1e-5)
     # each query sits in exactly one fold
     assert (result.oof.groupby("query_id")["fold"].nunique() == 1).all()
     np.testing.assert_allclose(result.oof["ce_score"], expected_gain(result.oof[["p_E", "p_S", "p_C", "p_I"]].to_numpy()), rtol=1e-6)

@@ -1,0 +1,123 @@
+"""The CLI through typer's CliRunner, bad input through the real entry point, and the
+detached-process lifecycle (launch, stop, crash detection)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from core.runs import RunStore
+from workbench import cli
+from workbench.cli import app
+
+runner = CliRunner()
+cli.console.width = 200  # tables as on a wide terminal
+
+
+def _config(tmp_path, data_dir, model_dir, **train) -> str:
+    cfg = {
+        "name": "cli-tiny", "output_dir": str(tmp_path / "runs"),
+        "data": {"dir": str(data_dir)},
+        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "model": {"name": str(model_dir)},
+        "train": {"folds": 2, "epochs": 1, "batch_size": 32, "log_every": 1, "save_checkpoints": False, **train},
+        "blend": {"members": ["bm25"]},
+    }
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def trained_db(tmp_path_factory, small_dataset, tiny_bert):
+    tmp = tmp_path_factory.mktemp("cli")
+    db = str(tmp / "runs.db")
+    res = runner.invoke(app, ["train", _config(tmp, small_dataset, tiny_bert), "--db", db, "--set", "train.seed=3"])
+    assert res.exit_code == 0, res.output
+    run_id = RunStore(db).list_runs()[0]["id"]
+    return db, run_id
+
+
+def test_train_list_show_evaluate(trained_db):
+    db, run_id = trained_db
+    res = runner.invoke(app, ["runs", "list", "--json", "--db", db])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert rows[0]["id"] == run_id and rows[0]["status"] == "finished"
+    assert rows[0]["config"]["train"]["seed"] == 3  # the --set override was applied and saved
+    assert 0 < rows[0]["best_ndcg"] <= 1
+    res = runner.invoke(app, ["runs", "list", "--db", db])
+    assert res.exit_code == 0 and "finished" in res.output
+    res = runner.invoke(app, ["runs", "show", run_id[:17], "--db", db])
+    assert res.exit_code == 0 and "oof" in res.output and "folds" in res.output
+    res = runner.invoke(app, ["evaluate", run_id, "--db", db])
+    assert res.exit_code == 0, res.output
+    assert f"{rows[0]['best_ndcg']:.4f}" in res.output  # recomputed from oof.parquet = logged CV
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_bad_input_one_line_error_and_exit_code(tmp_path):
+    res = _cli("data", "check", str(tmp_path / "nowhere"))
+    assert res.returncode == 2
+    assert "nowhere" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = _cli("train", str(tmp_path / "missing.yaml"), "--db", str(tmp_path / "r.db"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
+    res = _cli("runs", "show", "nope", "--db", str(tmp_path / "r.db"))
+    assert res.returncode == 2 and "no run nope" in res.stderr
+
+
+def _wait(pred, timeout=90.0):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_launch_detached_then_stop_leaves_no_process(tmp_path, small_dataset, tiny_bert):
+    db = str(tmp_path / "runs.db")
+    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)  # long enough to be stopped
+    res = runner.invoke(app, ["launch", cfg, "--db", db])
+    assert res.exit_code == 0, res.output
+    run_id = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running"), open(tmp_path / "runs" / run_id / "console.log").read()
+    run = store.get_run(run_id)
+    proc = psutil.Process(run["pid"])
+    assert os.getpgid(proc.pid) == proc.pid  # its own process group / session
+    assert os.getsid(proc.pid) != os.getsid(0)
+    assert _wait(lambda: len(store.metrics(run_id, ["train/loss"])) > 0)  # the trainer writes its own metrics
+    group = [proc.pid] + [c.pid for c in proc.children(recursive=True)]
+    res = runner.invoke(app, ["stop", run_id, "--db", db, "--grace", "20"])
+    assert res.exit_code == 0 and "stopped" in res.output
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in group)
+    run = store.get_run(run_id)
+    assert run["status"] == "stopped" and run["exit_code"] == 143  # the trainer marked itself on SIGTERM
+
+
+def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
+    db = str(tmp_path / "runs.db")
+    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
+    res = runner.invoke(app, ["launch", cfg, "--db", db])
+    run_id = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    pid = store.get_run(run_id)["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    assert _wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    res = runner.invoke(app, ["runs", "list", "--json", "--db", db])
+    assert json.loads(res.output)[0]["status"] == "crashed"
