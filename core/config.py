@@ -97,7 +97,9 @@ class BlendConfig:
     predictions (fold-nested, so the reported CV figure is honest).
     """
 
-    members: list[str] = field(default_factory=lambda: ["bm25"])
+    members: list[str] = field(default_factory=lambda: ["bm25"])  # bm25, dense, random
+    resolution: int = 10  # weight grid step 1/resolution (coarse = less overfit on few queries)
+    dense_model: str = "all-MiniLM-L6-v2"  # zero-shot bi-encoder of the "dense" member
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from core.baselines import bm25_scores, random_scores
 from core.blend import nested_blend, standardize_per_query
 from core.config import RunConfig, save_config
+from core.dense import dense_scores
 from core.data import ESCI_LABELS, load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.folds import assign_folds
@@ -43,8 +44,9 @@ LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 
 #: scorers a blend can use; each maps the examples frame to one score per row
 BLEND_MEMBERS = {
-    "bm25": lambda df, seed: bm25_scores(df),
-    "random": lambda df, seed: random_scores(df, seed=seed),
+    "bm25": lambda df, cfg: bm25_scores(df),
+    "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
+    "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
 
 
@@ -459,14 +461,14 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
         z_oof = [standardize_per_query(oof["query_id"], oof["ce_score"])]
         z_test = [standardize_per_query(test["query_id"], test["ce_score"])] if test is not None else []
         for name in members:
-            raw = BLEND_MEMBERS[name](df, tc.seed)
+            raw = BLEND_MEMBERS[name](df, cfg)
             oof[name] = raw[train_idx][trained]
             z_oof.append(standardize_per_query(oof["query_id"], oof[name]))
             if test is not None:
                 test[name] = raw[test_idx]
                 z_test.append(standardize_per_query(test["query_id"], test[name]))
         final, per_fold_w, full_w = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"],
-                                                 np.column_stack(z_oof))
+                                                 np.column_stack(z_oof), cfg.blend.resolution)
         oof["score"] = final
         weights = dict(zip(["ce", *members], map(float, full_w)))
         if test is not None:
