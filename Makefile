@@ -23,6 +23,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/load_scale.py
 
