@@ -57,7 +57,9 @@ def load_tokenizer(name: str):
         ConfigError: the model cannot be found locally and no hub is reachable.
     """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # no "sequence longer than max length" notices: we cut fields ourselves
     path = resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -96,7 +98,9 @@ class CrossEncoder(nn.Module):
             ConfigError: weights not found locally and no hub reachable.
         """
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()  # the unused pooler weights are expected: we pool ourselves
         path = resolve_model_path(name)
         try:
             backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
