@@ -57,9 +57,10 @@ def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = "data/esci
              progress: Progress | None = None) -> DemoReport:
     """Import the sample, train the demo config with k-fold CV, score it next to baselines.
 
-    The table rows: ``random`` (seeded uniform scores), ``bm25``, ``cross-encoder`` (expected
-    gain alone), ``final`` (per-query standardised blend, weights fitted on the other folds),
-    ``majority class`` (Task 2/3 F1 of always predicting the most frequent label), all on the
+    The table rows: ``random`` (seeded uniform scores), ``bm25``, ``dense`` (zero-shot
+    bi-encoder, when a blend member), ``cross-enc`` (expected gain alone), ``final`` (per-query
+    standardised blend, weights fitted on the other folds), ``majority <label>`` (Task 2/3 F1 of
+    always predicting the most frequent label; its nDCG is that of a constant score), all on the
     same folds.
     """
     data_dir = prepare_sample(src, data_dir)
@@ -73,11 +74,12 @@ def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = "data/esci
     scorers = {
         "random": random_scores(frame, seed=cfg.train.seed),
         "bm25": bm25,
-        "cross-encoder": oof["ce_score"].to_numpy(),
+        **({"dense": oof["dense"].to_numpy()} if "dense" in oof else {}),
+        "cross-enc": oof["ce_score"].to_numpy(),
         "final": oof["score"].to_numpy(),
-        f"majority class ({majority})": np.zeros(len(oof)),
+        f"majority {majority}": np.zeros(len(oof)),
     }
-    classifiers = {"cross-encoder": argmax_labels(oof), "final": argmax_labels(oof),
-                   f"majority class ({majority})": np.full(len(oof), majority)}
+    classifiers = {"cross-enc": argmax_labels(oof), "final": argmax_labels(oof),
+                   f"majority {majority}": np.full(len(oof), majority)}
     table = scorer_table(oof, scorers, classifiers)
     return DemoReport(result, table, Path(data_dir))

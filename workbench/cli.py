@@ -189,13 +189,17 @@ def evaluate(run: str, db: DbOpt = None):
     _print_table(table, f"run {r['id']}: metrics from {Path(r['run_dir']) / 'oof.parquet'} ({len(oof)} OOF rows)")
 
 
+_SHORT = {"cv_ndcg": "CV", "fold_std": "±", "task2_f1": "T2F1", "task3_f1": "T3F1"}
+
+
 def _print_table(table, title: str) -> None:
-    t = Table(title=title)
-    t.add_column("scorer")
+    """A scorer table (see core.report.scorer_table) that fits 80 columns: 3 decimals, short headers."""
+    t = Table(title=title, title_justify="left", padding=(0, 1), collapse_padding=True)
+    t.add_column("scorer", no_wrap=True)
     for col in table.columns:
-        t.add_column(col.replace("_", " "), justify="right")
+        t.add_column(_SHORT.get(col, col.replace("fold", "f")), justify="right", no_wrap=True)
     for name, row in table.iterrows():
-        t.add_row(str(name), *[_fmt(float(v)) for v in row.values])
+        t.add_row(str(name), *[_fmt(float(v), 3) for v in row.values])
     console.print(t)
 
 
@@ -234,8 +238,8 @@ def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample fol
         report = run_demo(data, store, data_dir=data_dir, config_path=config or DEFAULT_CONFIG,
                           overrides=set_, progress=progress)
     res = report.result
-    _print_table(report.table, f"run {res.run_id}: OOF nDCG per fold and CV ({len(res.oof)} examples, "
-                               f"{res.oof['query_id'].nunique()} queries)")
+    _print_table(report.table, f"run {res.run_id}: OOF nDCG per fold (f0..), CV = over all "
+                               f"{res.oof['query_id'].nunique()} queries, ± = fold std, Task 2/3 micro-F1")
     console.print("final = per-query standardised blend, weights fitted on the other folds; weights on all OOF: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.blend_weights.items()))
     console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; "
