@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich import box
 from rich.table import Table
 
 from core.errors import WorkbenchError
@@ -129,16 +130,21 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
             r["duration"] = _duration(r)
         print(json.dumps(rows, indent=1, default=str))
         return
-    table = Table(title=f"runs in {store.path}")
-    for col in ("id", "name", "status", "task", "model", "folds", "best nDCG", "final nDCG", "best F1", "duration"):
-        table.add_column(col)
+    table = Table(title=f"runs in {store.path}", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, title_justify="left")
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", overflow="fold", ratio=1)
+    table.add_column("status", no_wrap=True)
+    table.add_column("model", overflow="fold", ratio=1)
+    for col in ("folds", "nDCG", "final", "F1", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
     colors = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
     for r in rows:
         n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
         table.add_row(r["id"], r["name"], f"[{colors.get(r['status'], 'white')}]{r['status']}",
-                      str(r["task"]), str(r["model"]), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"]),
-                      _fmt(r["best_final_ndcg"]), _fmt(r["best_f1"]), _duration(r))
+                      str(r["model"]), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"], 3),
+                      _fmt(r["best_final_ndcg"], 3), _fmt(r["best_f1"], 3), _duration(r))
     console.print(table)
+    console.print("nDCG / F1: the cross-encoder's CV (best, not last); final: the blended ranking's CV nDCG")
 
 
 @runs_app.command("show")
