@@ -34,12 +34,12 @@ from core.errors import ConfigError, DataError, WorkbenchError
 from core.folds import assign_folds
 from core.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
 from core.model import CrossEncoder, collate, load_tokenizer
+from core.report import PROB_COLUMNS
 from core.runs import RunStore, now_iso
 from core.text import EncodedPairs, encode_pairs_cached
 
 log = logging.getLogger("esci.train")
 
-PROB_COLUMNS = ["p_E", "p_S", "p_C", "p_I"]
 LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 
 #: scorers a blend can use; each maps the examples frame to one score per row
