@@ -40,6 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.errors import DataError
+from core.metrics import ESCI_LABELS  # noqa: F401  (re-exported: the class order E, S, C, I)
 
 __all__ = [
     "ESCI_LABELS",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 #: The four ESCI labels: Exact, Substitute, Complement, Irrelevant.
-ESCI_LABELS: tuple[str, ...] = ("E", "S", "C", "I")
 
 #: File stems (``.parquet`` or ``.csv``) and the sources file name of the official release.
 EXAMPLES_FILE = "shopping_queries_dataset_examples"

@@ -67,12 +67,14 @@ def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = "data/esci
     cfg = load_config(config_path, [*(overrides or []), f"data.dir={data_dir}"])
     result = run_training(cfg, store, progress=progress)
     oof = result.oof
-    frame = load_training_frame(cfg)
-    frame = frame.set_index("example_id").loc[oof["example_id"]].reset_index()
-    bm25 = oof["bm25"].to_numpy() if "bm25" in oof else bm25_scores(frame)
+    if "bm25" in oof:  # a blend member: the trainer already scored it
+        bm25 = oof["bm25"].to_numpy()
+    else:
+        frame = load_training_frame(cfg).set_index("example_id").loc[oof["example_id"]].reset_index()
+        bm25 = bm25_scores(frame)
     majority = oof["esci_label"].mode().iloc[0]
     scorers = {
-        "random": random_scores(frame, seed=cfg.train.seed),
+        "random": random_scores(oof, seed=cfg.train.seed),
         "bm25": bm25,
         **({"dense": oof["dense"].to_numpy()} if "dense" in oof else {}),
         "cross-enc": oof["ce_score"].to_numpy(),

@@ -15,6 +15,27 @@ SAMPLE = SHARED_DATA / "esci_us_opensearch_150q"
 RATING_TO_LABEL = {"100.000": "E", "10.000": "S", "1.000": "C", "0.000": "I"}
 
 
+def snapshot(root: Path) -> dict:
+    """{relative path: (size, mtime_ns)} of everything under ``root``."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def expect_data_error(root: Path, fn, *parts: str) -> str:
+    """Call fn(); check a one-line DataError naming all ``parts`` and that nothing under
+    ``root`` was written (no temp folder left either). Returns the message."""
+    from core.errors import DataError
+
+    before = snapshot(root)
+    with pytest.raises(DataError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg
+    for part in parts:
+        assert part in msg, (part, msg)
+    assert snapshot(root) == before
+    return msg
+
+
 def _require_sample() -> None:
     if not SAMPLE.is_dir():
         pytest.skip(f"real ESCI sample not found at {SAMPLE}")

@@ -26,6 +26,7 @@ from core.data import (
     load_esci,
 )
 from core.errors import DataError
+from conftest import expect_data_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VESPA = SHARED / "esci_vespa_sample"
@@ -96,26 +97,6 @@ def _write(d: Path, examples=None, products=None, sources=None, fmt="parquet") -
 @pytest.fixture()
 def release(tmp_path) -> Path:
     return _write(tmp_path / "esci", sources=_sources())
-
-
-def _snapshot(root: Path) -> dict:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def _expect_error(root: Path, fn, *parts: str) -> str:
-    """Call fn(); check a one-line DataError naming all ``parts``; check nothing was written."""
-    before = _snapshot(root)
-    with pytest.raises(DataError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg
-    for part in parts:
-        assert part in msg, (part, msg)
-    assert _snapshot(root) == before
-    return msg
 
 
 # --------------------------------------------------------------------------- files
@@ -323,20 +304,20 @@ def test_vespa_sample_loads(tmp_path):
 # --------------------------------------------------------------------------- errors
 def test_error_folder_missing(tmp_path):
     missing = tmp_path / "nope"
-    _expect_error(tmp_path, lambda: load_esci(missing), str(missing), "does not exist")
-    _expect_error(tmp_path, lambda: find_dataset_files(missing), str(missing), "does not exist")
+    expect_data_error(tmp_path, lambda: load_esci(missing), str(missing), "does not exist")
+    expect_data_error(tmp_path, lambda: find_dataset_files(missing), str(missing), "does not exist")
 
 
 def test_error_folder_is_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")
-    _expect_error(tmp_path, lambda: load_esci(f), str(f), "not a folder")
+    expect_data_error(tmp_path, lambda: load_esci(f), str(f), "not a folder")
 
 
 @pytest.mark.parametrize("which, stem", [("examples", EXAMPLES_FILE), ("products", PRODUCTS_FILE)])
 def test_error_required_file_missing(tmp_path, which, stem):
     d = _write(tmp_path / "d", **{which: False})
-    msg = _expect_error(tmp_path, lambda: load_esci(d), str(d), f"missing {which} file",
+    msg = expect_data_error(tmp_path, lambda: load_esci(d), str(d), f"missing {which} file",
                         f"{stem}.parquet", f"{stem}.csv")
     assert msg.startswith(f"{d}: ")
 
@@ -345,14 +326,14 @@ def test_error_required_file_missing(tmp_path, which, stem):
 def test_error_corrupt_parquet(release, stem):
     path = release / f"{stem}.parquet"
     path.write_bytes(b"this is not parquet at all" * 10)
-    _expect_error(release.parent, lambda: load_esci(release), str(path), "cannot read:")
+    expect_data_error(release.parent, lambda: load_esci(release), str(path), "cannot read:")
 
 
 def test_error_truncated_parquet(release):
     path = release / f"{PRODUCTS_FILE}.parquet"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    _expect_error(release.parent, lambda: load_esci(release), str(path), "cannot read:")
+    expect_data_error(release.parent, lambda: load_esci(release), str(path), "cannot read:")
 
 
 def test_error_corrupt_page_in_a_text_column(tmp_path):
@@ -366,7 +347,7 @@ def test_error_corrupt_page_in_a_text_column(tmp_path):
     mid = len(data) // 2
     data[mid: mid + 200] = b"\xff" * 200
     path.write_bytes(bytes(data))
-    _expect_error(tmp_path, lambda: load_esci(str(d)), str(path), "cannot read:")
+    expect_data_error(tmp_path, lambda: load_esci(str(d)), str(path), "cannot read:")
 
 
 def test_error_corrupt_csv(tmp_path):
@@ -374,19 +355,19 @@ def test_error_corrupt_csv(tmp_path):
     path = d / f"{EXAMPLES_FILE}.csv"
     with open(path, "a") as fh:
         fh.write('99,"unterminated,1\n1,2\n')
-    _expect_error(tmp_path, lambda: load_esci(d), str(path), "cannot read:")
+    expect_data_error(tmp_path, lambda: load_esci(d), str(path), "cannot read:")
 
 
 def test_error_csv_bad_integer(tmp_path):
     ex = _examples().astype({"query_id": object})
     ex.loc[2, "query_id"] = "abc"
     d = _write(tmp_path / "c", examples=ex, fmt="csv")
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.csv"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.csv"),
                   "column query_id: expected integers, found text values, e.g. 'abc'")
     ex = _examples().astype({"example_id": object})
     ex.loc[4, "example_id"] = None  # an empty CSV field
     d2 = _write(tmp_path / "e", examples=ex, fmt="csv")
-    _expect_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{EXAMPLES_FILE}.csv"),
+    expect_data_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{EXAMPLES_FILE}.csv"),
                   "missing values in column(s): example_id (1)")
 
 
@@ -394,17 +375,17 @@ def test_error_csv_bad_integer(tmp_path):
 def test_error_missing_columns(tmp_path, fmt):
     d = _write(tmp_path / "m", examples=_examples().drop(columns=["esci_label", "split"]), fmt=fmt)
     path = d / f"{EXAMPLES_FILE}.{fmt}"
-    _expect_error(tmp_path, lambda: load_esci(d), str(path), "missing column(s): esci_label, split")
+    expect_data_error(tmp_path, lambda: load_esci(d), str(path), "missing column(s): esci_label, split")
     d2 = _write(tmp_path / "m2", products=_products().drop(columns=["product_color"]), fmt=fmt)
     path2 = d2 / f"{PRODUCTS_FILE}.{fmt}"
-    _expect_error(tmp_path, lambda: load_esci(d2), str(path2), "missing column(s): product_color")
+    expect_data_error(tmp_path, lambda: load_esci(d2), str(path2), "missing column(s): product_color")
 
 
 def test_error_unknown_labels(tmp_path):
     ex = _examples()
     ex["esci_label"] = ["exact", "E", "X", "Y", "Z", "W", "V", "E", "S", "C", "I", "exact"]
     d = _write(tmp_path / "l", examples=ex)
-    msg = _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
+    msg = expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
                         "unknown esci_label", "'exact'", "and 1 more", "in 7 row(s)")
     assert "expected one of E, S, C, I" in msg
 
@@ -414,14 +395,14 @@ def test_error_duplicate_example_id(tmp_path):
     ex.loc[3, "example_id"] = 10
     ex.loc[5, "example_id"] = 11
     d = _write(tmp_path / "x", examples=ex)
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
                   "duplicate example_id", "2 repeated row(s)", "10, 11")
 
 
 def test_error_duplicate_product(tmp_path):
     pr = pd.concat([_products(), _products().iloc[[1]]], ignore_index=True)
     d = _write(tmp_path / "p", products=pr)
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
                   "duplicate (product_id, product_locale)", "1 repeated row(s)", "(B000000001, es)")
 
 
@@ -434,10 +415,10 @@ def test_error_duplicate_product_non_asin_ids(tmp_path):
     d = _write(tmp_path / "ok", examples=ex, products=pr)
     assert load_esci(d)["product_id"].iloc[0] == "p-B000000001"
     d2 = _write(tmp_path / "dup", examples=ex, products=pd.concat([pr, pr.iloc[[4]]]))
-    _expect_error(tmp_path, lambda: load_esci(d2), "duplicate (product_id, product_locale)",
+    expect_data_error(tmp_path, lambda: load_esci(d2), "duplicate (product_id, product_locale)",
                   "(p-B000000002, es)")
     d3 = _write(tmp_path / "miss", examples=ex, products=pr.drop(index=[6]))
-    _expect_error(tmp_path, lambda: load_esci(d3), "no product row for 1 example(s)",
+    expect_data_error(tmp_path, lambda: load_esci(d3), "no product row for 1 example(s)",
                   "(p-B000000004, us)")
 
 
@@ -445,14 +426,14 @@ def test_error_missing_products(tmp_path):
     pr = _products()
     pr = pr[~((pr["product_id"] == "B000000004") | (pr["product_locale"] == "jp"))]
     d = _write(tmp_path / "mp", products=pr)
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
                   "no product row for 5 example(s)", EXAMPLES_FILE,
                   "e.g. (B000000004, es), (B000000005, jp), (B000000006, jp), (B000000004, us),"
                   " (B000000001, jp)")
     # more than five: only the first five are listed
     pr = _products()
     d2 = _write(tmp_path / "mp2", products=pr[pr["product_id"] == "B000000099"])
-    msg = _expect_error(tmp_path, lambda: load_esci(d2), "no product row for 12 example(s)")
+    msg = expect_data_error(tmp_path, lambda: load_esci(d2), "no product row for 12 example(s)")
     assert msg.count("(B0") + msg.count("(03") == 5
 
 
@@ -460,7 +441,7 @@ def test_error_locale_mismatch_is_a_missing_product(tmp_path):
     ex = _examples()
     ex.loc[0, "product_locale"] = "de"
     d = _write(tmp_path / "de", examples=ex)
-    _expect_error(tmp_path, lambda: load_esci(d), "no product row for 1 example(s)", "(B000000001, de)")
+    expect_data_error(tmp_path, lambda: load_esci(d), "no product row for 1 example(s)", "(B000000001, de)")
 
 
 @pytest.mark.parametrize(
@@ -473,19 +454,19 @@ def test_error_locale_mismatch_is_a_missing_product(tmp_path):
     ],
 )
 def test_error_empty_selection(release, kwargs, named):
-    _expect_error(release.parent, lambda: load_esci(release, **kwargs),
+    expect_data_error(release.parent, lambda: load_esci(release, **kwargs),
                   str(release / f"{EXAMPLES_FILE}.parquet"), "no examples left after filters", named,
                   "of 12 examples")
 
 
 @pytest.mark.parametrize("task", [0, 4, "1", True, 1.5])
 def test_error_invalid_task(release, task):
-    _expect_error(release.parent, lambda: load_esci(release, task=task),
+    expect_data_error(release.parent, lambda: load_esci(release, task=task),
                   str(release), "invalid task", "must be 1, 2 or 3")
 
 
 def test_error_invalid_task_checked_before_files(tmp_path):
-    _expect_error(tmp_path, lambda: load_esci(tmp_path / "nope", task=9), "invalid task")
+    expect_data_error(tmp_path, lambda: load_esci(tmp_path / "nope", task=9), "invalid task")
 
 
 def test_error_missing_values_in_key_columns(tmp_path):
@@ -494,12 +475,12 @@ def test_error_missing_values_in_key_columns(tmp_path):
     ex.loc[1, "esci_label"] = None
     ex.loc[[2, 3], "product_id"] = None
     d = _write(tmp_path / "nv", examples=ex)
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
                   "missing values in column(s): product_id (2), esci_label (1)")
     pr = _products()
     pr.loc[0, "product_locale"] = None
     d2 = _write(tmp_path / "np", products=pr)
-    _expect_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{PRODUCTS_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{PRODUCTS_FILE}.parquet"),
                   "missing values in column(s): product_locale (1)")
 
 
@@ -508,12 +489,12 @@ def test_error_non_integer_ids(tmp_path):
     ex["example_id"] = ex["example_id"].astype(float)
     ex.loc[0, "example_id"] = 1.5
     d = _write(tmp_path / "f", examples=ex)
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
                   "column example_id: expected integers")
     ex2 = _examples().astype({"query_id": str})
     ex2.loc[0, "query_id"] = "q1"
     d2 = _write(tmp_path / "s", examples=ex2)
-    _expect_error(tmp_path, lambda: load_esci(d2), "column query_id: expected integers")
+    expect_data_error(tmp_path, lambda: load_esci(d2), "column query_id: expected integers")
 
 
 def test_whole_number_floats_are_accepted(tmp_path):
@@ -525,14 +506,14 @@ def test_whole_number_floats_are_accepted(tmp_path):
 
 def test_error_empty_examples_file(tmp_path):
     d = _write(tmp_path / "e", examples=_examples().iloc[:0])
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"), "no examples")
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"), "no examples")
 
 
 def test_error_sources_file(tmp_path):
     d = _write(tmp_path / "dup", sources=pd.DataFrame({"query_id": [1, 2, 1], "source": ["a", "b", "c"]}))
-    _expect_error(tmp_path, lambda: load_esci(d), str(d / SOURCES_FILE), "duplicate query_id", "1")
+    expect_data_error(tmp_path, lambda: load_esci(d), str(d / SOURCES_FILE), "duplicate query_id", "1")
     d2 = _write(tmp_path / "col", sources=pd.DataFrame({"qid": [1], "source": ["a"]}))
-    _expect_error(tmp_path, lambda: load_esci(d2), str(d2 / SOURCES_FILE), "missing column(s): query_id")
+    expect_data_error(tmp_path, lambda: load_esci(d2), str(d2 / SOURCES_FILE), "missing column(s): query_id")
 
 
 def test_errors_are_data_errors_with_path_attribute(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from core.data import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE, load_esci
 from core.errors import DataError
 from core.opensearch import JUDGMENTS_FILE, PRODUCTS_ZIP, QUERYSET_FILE, import_opensearch
+from conftest import expect_data_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = SHARED / "esci_us_opensearch_150q"
@@ -42,10 +43,6 @@ def _copy_sample(tmp_path: Path) -> Path:
         (tmp_path / "data" / "esci_query_sources").mkdir()
         shutil.copy(SOURCES, tmp_path / "data" / "esci_query_sources" / SOURCES_FILE)
     return src
-
-
-def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
 
 @needs_sample
@@ -143,35 +140,23 @@ def test_explicit_sources_and_no_sources(tmp_path):
 
 
 # --------------------------------------------------------------------------- errors
-def _expect_error(tmp_path: Path, fn, *parts: str) -> str:
-    before = _snapshot(tmp_path)
-    with pytest.raises(DataError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg
-    for part in parts:
-        assert part in msg, (part, msg)
-    assert _snapshot(tmp_path) == before  # nothing written, no temp folder left
-    return msg
-
-
 @needs_sample
 @pytest.mark.parametrize("name", [JUDGMENTS_FILE, QUERYSET_FILE, PRODUCTS_ZIP])
 def test_error_missing_source_file(tmp_path, name):
     src = _copy_sample(tmp_path)
     (src / name).unlink()
-    _expect_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"), str(src),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"), str(src),
                   "missing file(s)", name)
 
 
 def test_error_missing_source_folder(tmp_path):
-    _expect_error(tmp_path, lambda: import_opensearch(tmp_path / "nope", tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(tmp_path / "nope", tmp_path / "out"),
                   str(tmp_path / "nope"), "does not exist")
 
 
 @needs_sample
 def test_error_missing_explicit_sources(tmp_path):
-    _expect_error(tmp_path, lambda: import_opensearch(SAMPLE, tmp_path / "out", tmp_path / "s.csv"),
+    expect_data_error(tmp_path, lambda: import_opensearch(SAMPLE, tmp_path / "out", tmp_path / "s.csv"),
                   str(tmp_path / "s.csv"), "does not exist")
 
 
@@ -186,7 +171,7 @@ def _edit_judgments(src: Path, edit) -> None:
 def test_error_unknown_rating(tmp_path):
     src = _copy_sample(tmp_path)
     _edit_judgments(src, lambda d: d["judgmentRatings"][0]["ratings"][1].update(rating="50.000"))
-    _expect_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
                   str(src / JUDGMENTS_FILE), "query 't towels kitchen'", "unknown rating '50.000'")
 
 
@@ -196,7 +181,7 @@ def test_error_query_id_not_unique(tmp_path):
     src = _copy_sample(tmp_path)
     _edit_judgments(src, lambda d: d["judgmentRatings"][0]["ratings"].append(
         {"docId": "B07CXG6C9W", "rating": "0.000"}))  # the Kindle, judged for other queries
-    _expect_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
                   str(src / PRODUCTS_ZIP), "query 't towels kitchen'", "exactly one id", "shared: none")
 
 
@@ -205,7 +190,7 @@ def test_error_judged_asin_without_document(tmp_path):
     src = _copy_sample(tmp_path)
     _edit_judgments(src, lambda d: d["judgmentRatings"][3]["ratings"].append(
         {"docId": "B0NOTTHERE", "rating": "1.000"}))
-    _expect_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
                   str(src / PRODUCTS_ZIP), "no product document for 1 judged docId(s)", "B0NOTTHERE")
 
 
@@ -213,11 +198,11 @@ def test_error_judged_asin_without_document(tmp_path):
 def test_error_bad_json_and_zip(tmp_path):
     src = _copy_sample(tmp_path)
     (src / JUDGMENTS_FILE).write_text('{"judgmentRatings": [')
-    _expect_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
                   str(src / JUDGMENTS_FILE), "cannot read: invalid JSON")
     src2 = _copy_sample(tmp_path / "b")
     (src2 / PRODUCTS_ZIP).write_bytes(b"not a zip")
-    _expect_error(tmp_path, lambda: import_opensearch(src2, tmp_path / "out"),
+    expect_data_error(tmp_path, lambda: import_opensearch(src2, tmp_path / "out"),
                   str(src2 / PRODUCTS_ZIP), "cannot read:")
 
 
@@ -233,6 +218,6 @@ def test_error_keeps_existing_output(imported, tmp_path):
         lines = zf.read(name).decode().splitlines()
     with zipfile.ZipFile(src / PRODUCTS_ZIP, "w") as zf:
         zf.writestr(name, "\n".join(lines[:-3] + ["{broken"]))
-    _expect_error(tmp_path, lambda: import_opensearch(src, target), str(src / PRODUCTS_ZIP),
+    expect_data_error(tmp_path, lambda: import_opensearch(src, target), str(src / PRODUCTS_ZIP),
                   "invalid JSON on line")
     assert len(load_esci(target)) == 6678

@@ -77,13 +77,17 @@ def test_artifacts_and_runs_db(trained):
     assert listed["best_ndcg"] == pytest.approx(cv["cv/ndcg"]) and listed["folds_done"] == 3
 
 
-def test_blend_is_fold_nested(trained):
+def test_final_score_is_the_fold_nested_blend(trained):
+    from core.blend import nested_blend, standardize_per_query
+
     cfg, store, result = trained
     oof = result.oof
-    assert "bm25" in oof
-    # the final score of each fold uses weights fitted elsewhere: it is not simply CE or BM25 order
-    assert set(result.blend_weights) == {"ce", "bm25"}
-    assert sum(result.blend_weights.values()) == pytest.approx(1.0)
+    z = np.column_stack([standardize_per_query(oof["query_id"], oof[c]) for c in ("ce_score", "bm25")])
+    final, per_fold, full = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution)
+    np.testing.assert_allclose(oof["score"], final)  # each fold scored with weights from the others
+    assert result.blend_weights == pytest.approx(dict(zip(["ce", "bm25"], full)))
+    z_test = np.column_stack([standardize_per_query(result.test["query_id"], result.test[c]) for c in ("ce_score", "bm25")])
+    np.testing.assert_allclose(result.test["score"], z_test @ full, rtol=1e-6)
 
 
 def test_run_folds_subset_and_bad_fold(tmp_path, small_dataset, tiny_bert):
