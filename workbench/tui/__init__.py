@@ -1,0 +1,1 @@
+"""The Textual workbench: screens over the same core services as the CLI."""
