@@ -325,6 +325,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     steps_per_epoch = {k: math.ceil(math.ceil((folds != k).sum() / tc.batch_size) / tc.grad_accum) for k in run_folds}
     total_steps = sum(steps_per_epoch[k] * tc.epochs for k in run_folds)
     progress.start(total_steps, "training")
+    # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
+    store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(total_steps), "fold": -1}])
 
     oof_probs = np.full((len(train_idx), 4), np.nan, dtype=np.float32)
     test_probs = np.zeros((len(test_idx), 4), dtype=np.float64)
@@ -389,6 +391,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                             {"name": "train/grad_norm", "value": float(grad_norm) if grad_norm is not None else float("nan"),
                              "fold": k, "step": fold_step, "epoch": ep},
                             {"name": "train/samples_per_s", "value": window_pairs / max(dt, 1e-9), "fold": k, "step": fold_step, "epoch": ep},
+                            {"name": "progress/step", "value": float(global_step), "fold": -1, "step": global_step},
                         ])
                         log.info("fold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s", k, fold_step, ep,
                                  window_loss / window_n, scheduler.get_last_lr()[0], window_pairs / max(dt, 1e-9))

@@ -171,7 +171,7 @@ def runs_show(run: str, db: DbOpt = None):
         folds.add_row(str(f), _fmt(v.get("ndcg")), _fmt(v.get("final_ndcg")), _fmt(v.get("task2_f1")),
                       _fmt(v.get("task3_f1")), _fmt(v.get("seconds"), 0))
     console.print(folds)
-    cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1}
+    cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1 and not m["name"].startswith("progress/")}
     if cv:
         console.print("CV: " + "  ".join(f"{k} {_fmt(v)}" for k, v in cv.items()))
     last = [m for m in metrics if m["name"] == "train/loss"][-1:]
