@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from core.config import load_config
+from core.config import config_from_dict, load_config, save_config
 from core.errors import WorkbenchError
 from core.runs import RunStore, now_iso
 
@@ -27,18 +27,20 @@ ACTIVE = ("queued", "running")
 
 
 def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str]) -> list[str]:
-    """The argument list of a detached trainer (same interpreter as the caller)."""
+    """The argument list of a detached trainer under its supervisor (same interpreter as the caller):
+    ``python -m core.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``."""
     cmd = [sys.executable, "-m", "workbench", "train", str(config_path), "--run-id", run_id, "--db", db_path]
     for o in overrides:
         cmd += ["--set", o]
-    return cmd
+    return [sys.executable, "-m", "core.supervise", "--run-id", run_id, "--db", db_path, "--", *cmd]
 
 
 def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
     """Create a queued run and start its trainer detached.
 
     The config is validated here first (bad configs fail in the caller, nothing is started).
-    The child's stdout/stderr go to ``runs/<id>/console.log``.
+    The run's pid is its supervisor (:mod:`core.supervise`), the leader of a new session; the
+    child's stdout/stderr go to ``runs/<id>/console.log``.
 
     Returns:
         (run_id, pid).
@@ -48,9 +50,36 @@ def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore
     """
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
+    return _start(cfg, config_path, overrides, store)
+
+
+def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
+    """Launch a new run with exactly the resolved config of ``run_id`` (its runs.db config JSON,
+    overrides included), written to ``runs/<new id>/launch.yaml``.
+
+    Returns:
+        (new run_id, pid).
+
+    Raises:
+        WorkbenchError: unknown run, or a run without a stored config.
+        ConfigError: the stored config no longer validates.
+    """
+    import json
+
+    run = store.get_run(run_id)
+    if not run.get("config"):
+        raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
+    cfg = config_from_dict(json.loads(run["config"]))
+    return _start(cfg, None, [], store)
+
+
+def _start(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, int]:
     run_id = store.create_run(cfg.name, cfg.to_dict(), status="queued")
     run_dir = Path(cfg.output_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config_path is None:
+        config_path = run_dir / "launch.yaml"
+        save_config(cfg, config_path)
     console = open(run_dir / "console.log", "ab")
     try:
         proc = subprocess.Popen(

@@ -245,8 +245,10 @@ def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     handler = _setup_file_log(run_dir)
-    pid = os.getpid()
-    store.update_run(run_id, status="running", pid=pid, process_start_time=_process_start_time(pid),
+    # a launched run keeps its supervisor's pid (the session leader that records the exit code)
+    supervised = os.environ.get("WORKBENCH_SUPERVISOR_PID") == str(os.getppid())
+    pid_fields = {} if supervised else {"pid": os.getpid(), "process_start_time": _process_start_time(os.getpid())}
+    store.update_run(run_id, status="running", **pid_fields,
                      host=socket.gethostname(), started=now_iso(), run_dir=str(run_dir),
                      config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
     store.add_artifact(run_id, "config", run_dir / "config.yaml")

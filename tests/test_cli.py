@@ -121,3 +121,42 @@ def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
     assert _wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     res = runner.invoke(app, ["runs", "list", "--json", "--db", db])
     assert json.loads(res.output)[0]["status"] == "crashed"
+
+
+def test_trainer_killed_by_sigkill_gets_exit_code_from_supervisor(tmp_path, small_dataset, tiny_bert):
+    """The OOM-killer case: only the trainer dies by SIGKILL; its supervisor records crashed / 137."""
+    db = str(tmp_path / "runs.db")
+    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
+    res = runner.invoke(app, ["launch", cfg, "--db", db])
+    run_id = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    supervisor = psutil.Process(store.get_run(run_id)["pid"])
+    trainer = supervisor.children()[0]
+    assert "train" in trainer.cmdline()
+    trainer.kill()
+    assert _wait(lambda: store.get_run(run_id)["status"] == "crashed")
+    run = store.get_run(run_id)
+    assert run["exit_code"] == 128 + signal.SIGKILL and "137" in run["error"]
+    assert _wait(lambda: not psutil.pid_exists(supervisor.pid) or supervisor.status() == psutil.STATUS_ZOMBIE)
+
+
+def test_relaunch_uses_the_stored_config(tmp_path, small_dataset, tiny_bert):
+    from core.launcher import relaunch, stop_run
+
+    db = str(tmp_path / "runs.db")
+    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
+    res = runner.invoke(app, ["launch", cfg, "--db", db, "--set", "train.seed=7"])
+    first = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+    second, pid = relaunch(store, first)
+    try:
+        assert second != first
+        a, b = (json.loads(store.get_run(r)["config"]) for r in (first, second))
+        assert b == a and b["train"]["seed"] == 7
+        assert (tmp_path / "runs" / second / "launch.yaml").is_file()
+        assert _wait(lambda: store.get_run(second)["status"] == "running")
+    finally:
+        for r in (first, second):
+            stop_run(store, r, grace=20)
+    assert {store.get_run(r)["status"] for r in (first, second)} == {"stopped"}
