@@ -233,6 +233,18 @@ class RunStore:
             params += list(names)
         return list(self.db.query(sql + " ORDER BY rowid", params))
 
+    def metrics_since(self, run_id: str, after_rowid: int = 0) -> list[dict[str, Any]]:
+        """Metric rows of a run appended after ``after_rowid`` (incremental polling by a monitor),
+        each with its ``rowid``, in insertion order."""
+        return list(self.db.query(
+            "SELECT rowid, fold, step, epoch, name, value, time FROM metrics WHERE run_id = ? AND rowid > ? ORDER BY rowid",
+            [run_id, int(after_rowid)]))
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes whenever another connection commits, so a
+        poller can skip re-reading an unchanged database."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT fold, kind, path, time FROM artifacts WHERE run_id = ? ORDER BY rowid",
                                   [run_id]))

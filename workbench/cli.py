@@ -16,8 +16,9 @@ from rich.table import Table
 
 from core.errors import WorkbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge.")
+app = typer.Typer(add_completion=False, invoke_without_command=True,
+                  help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge. "
+                       "Without a command: open the Textual app on ./runs.db.")
 runs_app = typer.Typer(no_args_is_help=True, help="List and inspect runs in runs.db.")
 data_app = typer.Typer(no_args_is_help=True, help="Import and check ESCI data.")
 app.add_typer(runs_app, name="runs")
@@ -78,6 +79,28 @@ def _duration(run: dict) -> str:
     end = datetime.fromisoformat(run["ended"]) if run.get("ended") else datetime.now(timezone.utc)
     s = int((end - start).total_seconds())
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@app.callback()
+def _root(ctx: typer.Context, db: DbOpt = None,
+          configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs")):
+    """Without a command: open the app."""
+    if ctx.invoked_subcommand is None:
+        _open_app(db, configs)
+
+
+def _open_app(db: str | None, configs: Path) -> None:
+    from core.runs import default_db_path
+    from workbench.tui.app import run_app
+
+    run_app(db or default_db_path(), configs_dir=str(configs))
+
+
+@app.command()
+def tui(db: DbOpt = None,
+        configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs")):
+    """Open the Textual app: runs, live run detail, compare, launch/stop (same as no command)."""
+    _open_app(db, configs)
 
 
 @app.command()

@@ -1,0 +1,121 @@
+"""Comparing runs: best value per metric with the per-fold spread, config diffs, curves.
+
+The services behind ``workbench runs compare`` and the app's Compare screen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from core.runs import RunStore
+
+#: (label, per-fold metric, run-level metric, higher is better)
+COMPARE_METRICS = [
+    ("CV nDCG", "fold/ndcg", "cv/ndcg"),
+    ("final nDCG", "fold/final_ndcg", "cv/final_ndcg"),
+    ("Task 2 F1", "fold/task2_f1", "cv/task2_f1"),
+    ("Task 3 F1", "fold/task3_f1", "cv/task3_f1"),
+    ("fold seconds", "fold/seconds", None),
+]
+
+#: metrics a curve can show (per fold, by step)
+CURVE_METRICS = ["train/loss", "eval/ndcg", "eval/task2_f1", "eval/task3_f1", "train/lr", "eval/loss",
+                 "train/samples_per_s", "train/grad_norm"]
+
+
+def metric_summary(store: RunStore, run_id: str) -> dict[str, dict[str, float | None]]:
+    """Per comparable metric of one run: ``best`` and the per-fold ``mean``, ``std``, ``min``,
+    ``max``, ``n`` (folds).
+
+    ``best`` is the run-level CV value when logged (over all OOF rows), else the mean over folds
+    of each fold's best eval value so far (a running run), never the last value. The spread is
+    over the finished folds' best checkpoints (``fold/*``), std with ddof = 0.
+
+    Returns:
+        {label: {"best", "mean", "std", "min", "max", "n"}} (None where unknown).
+    """
+    rows = store.metrics(run_id)
+    out: dict[str, dict[str, float | None]] = {}
+    for label, fold_name, cv_name in COMPARE_METRICS:
+        per_fold = {m["fold"]: m["value"] for m in rows if m["name"] == fold_name and m["fold"] >= 0}
+        vals = np.array(list(per_fold.values()), dtype=float)
+        best = next((m["value"] for m in rows if cv_name and m["name"] == cv_name and m["fold"] == -1), None)
+        if best is None and cv_name:
+            live: dict[int, float] = {}
+            eval_name = "eval/" + fold_name.split("/", 1)[1]
+            for m in rows:
+                if m["name"] == eval_name and m["fold"] >= 0:
+                    live[m["fold"]] = max(live.get(m["fold"], -np.inf), m["value"])
+            best = float(np.mean(list(live.values()))) if live else None
+        if best is None and not cv_name and len(vals):
+            best = float(vals.mean())
+        out[label] = {
+            "best": best,
+            "mean": float(vals.mean()) if len(vals) else None,
+            "std": float(vals.std()) if len(vals) else None,
+            "min": float(vals.min()) if len(vals) else None,
+            "max": float(vals.max()) if len(vals) else None,
+            "n": float(len(vals)),
+        }
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_MISSING = object()
+
+
+def config_diff(configs: dict[str, dict[str, Any]], ignore: Sequence[str] = ("output_dir",)) -> list[tuple[str, dict[str, Any]]]:
+    """Only the config keys whose values differ between runs.
+
+    Args:
+        configs: run id -> nested config dict.
+        ignore: dotted keys never shown (paths that always differ).
+
+    Returns:
+        [(dotted key, {run id: value or None if absent})], sorted by key; empty when all agree.
+    """
+    flat = {rid: flatten(c) for rid, c in configs.items()}
+    keys = sorted(set().union(*[f.keys() for f in flat.values()])) if flat else []
+    out = []
+    for key in keys:
+        if key in ignore:
+            continue
+        vals = {rid: f.get(key, _MISSING) for rid, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) if v is not _MISSING else "\0missing" for v in vals.values()}) > 1:
+            out.append((key, {rid: (None if v is _MISSING else v) for rid, v in vals.items()}))
+    return out
+
+
+def run_configs(store: RunStore, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """run id -> its stored config dict (``{}`` when none)."""
+    return {rid: json.loads(store.get_run(rid).get("config") or "{}") for rid in run_ids}
+
+
+def curve(store: RunStore, run_id: str, name: str) -> list[tuple[float, float, int]]:
+    """One metric's curve over the whole run: [(x, value, fold)], x = the global position in
+    epochs (fold k's epoch e is plotted at ``k * epochs + e``) so folds follow each other."""
+    rows = store.metrics(run_id, [name])
+    cfg = json.loads(store.get_run(run_id).get("config") or "{}")
+    epochs = float(cfg.get("train", {}).get("epochs", 1) or 1)
+    out = []
+    for m in rows:
+        if m["fold"] < 0:
+            continue
+        ep = m["epoch"] if m["epoch"] is not None else 0.0
+        out.append((m["fold"] * epochs + ep, m["value"], m["fold"]))
+    return out

@@ -1,0 +1,269 @@
+"""Run detail: live curves, the train.log tail, and a system panel (GPU, the run's processes, ETA)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from rich.markup import escape
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Log, Static
+from textual_hires_canvas import HiResMode
+from textual_plot import PlotWidget
+
+from core.launcher import ACTIVE, process_of
+from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds, host_stats
+from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float
+
+DETAIL_CURVES = ["train/loss", "eval/ndcg", "eval/task2_f1", "train/lr", "train/samples_per_s", "eval/task3_f1"]
+FOLD_COLOURS = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_cyan", "bright_magenta", "bright_yellow"]
+
+
+class RunDetailScreen(Screen):
+    """One run, refreshed every ``refresh_interval`` s by a worker that reads only new metric
+    rows (by rowid) and only the appended bytes of the log."""
+
+    BINDINGS = [
+        Binding("escape", "back", "back"),
+        Binding("m", "next_curve", "metric"),
+        Binding("M", "prev_curve", show=False),
+        Binding("s", "stop", "stop"),
+        Binding("r", "relaunch", "relaunch"),
+        Binding("question_mark", "help", "help", key_display="?"),
+    ]
+
+    DEFAULT_CSS = """
+    RunDetailScreen #info { height: 2; padding: 0 1; background: $primary-background; }
+    RunDetailScreen #curve-title { height: 1; padding: 0 1; color: $text-muted; }
+    RunDetailScreen #curve { height: 1fr; min-height: 6; }
+    RunDetailScreen #bottom { height: 1fr; max-height: 14; }
+    RunDetailScreen #log { width: 2fr; border: round $panel; border-title-color: $text-muted; }
+    RunDetailScreen #system { width: 1fr; min-width: 26; border: round $panel; padding: 0 1; }
+    """
+
+    def __init__(self, services, run_id: str, refresh_interval: float = 1.5):
+        super().__init__()
+        self.services = services
+        self.run_id = run_id
+        self.refresh_interval = refresh_interval
+        self.run: dict | None = None
+        self.series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)  # name -> (fold, x, value, time)
+        self.last_rowid = 0
+        self.curve_index = 0
+        self.epochs = 1.0
+        self.tail: LogTail | None = None
+        self.sampler = TreeSampler()
+        self._plotted: tuple | None = None
+        self.polls = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="info")
+        yield Static("", id="curve-title")
+        plot = PlotWidget(id="curve", allow_pan_and_zoom=False)
+        plot.can_focus = False
+        yield plot
+        with Horizontal(id="bottom"):
+            log = Log(id="log", max_lines=2000, highlight=False)
+            log.border_title = "train.log"
+            yield log
+            system = Static("", id="system")
+            system.border_title = "system"
+            yield system
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#log", Log).focus()
+        self.poll()
+        self.set_interval(self.refresh_interval, self.poll)
+
+    @property
+    def curve_name(self) -> str:
+        return DETAIL_CURVES[self.curve_index % len(DETAIL_CURVES)]
+
+    # -- polling (worker thread) ----------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="detail-poll", exit_on_error=False)
+    def poll(self) -> None:
+        try:
+            store = self.services.store()
+            run = store.get_run(self.run_id)
+            if run["status"] in ACTIVE:
+                from core.launcher import refresh_statuses
+
+                refresh_statuses(store)
+                run = store.get_run(self.run_id)
+            if self.run is None:
+                cfg = json.loads(run.get("config") or "{}")
+                self.epochs = float(cfg.get("train", {}).get("epochs", 1) or 1)
+            new = store.metrics_since(run["id"], self.last_rowid)
+            if new:
+                self.last_rowid = new[-1]["rowid"]
+            for m in new:
+                x = m["fold"] * self.epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0)
+                self.series[m["name"]].append((m["fold"], x, m["value"], m["time"]))
+            lines = self._poll_log(run)
+            system = self._system_text(run)
+            self.app.call_from_thread(self._apply, run, bool(new) or self.polls == 0, lines, system)
+            self.polls += 1
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"run {self.run_id}: {exc}", severity="error")
+
+    def _poll_log(self, run: dict) -> list[str]:
+        if self.tail is None:
+            if not run.get("run_dir"):
+                return []
+            run_dir = Path(run["run_dir"])
+            path = run_dir / "train.log"
+            if not path.exists() and (run_dir / "console.log").exists() and run["status"] not in ACTIVE:
+                path = run_dir / "console.log"  # died before its log started: show the console
+            self.tail = LogTail(path, max_lines=2000)
+        return self.tail.poll()
+
+    def _system_text(self, run: dict) -> str:
+        probe = self.services.gpu_probe
+        gpus = probe.read()
+        proc = process_of(run) if run["status"] in ACTIVE else None
+        tree = self.sampler.sample(proc)
+        cpu, ram_used, ram_total = host_stats()
+        out = []
+        if gpus:
+            for g in gpus:
+                power = f" {g.power:.0f}W" if g.power is not None else ""
+                out.append(f"[b]GPU{g.index}[/] {g.util:.0f}% {g.mem_used / 1024:.1f}/{g.mem_total / 1024:.0f}G "
+                           f"{g.temperature:.0f}°C{power}")
+            if tree:
+                mine = sum(mem for g in gpus for pid, mem in g.processes.items() if pid in tree.pids)
+                out.append(f"run GPU mem {mine / 1024:.2f} GiB")
+        else:
+            out.append(f"[dim]no GPU ({escape(probe.reason or 'NVML unavailable')})[/]")
+        if tree:
+            out.append(f"run CPU {tree.cpu_percent:.0f}% RSS {tree.rss / 1024**3:.2f}G ({len(tree.pids)} proc)")
+        else:
+            out.append("run process: not running")
+        out.append(f"host CPU {cpu:.0f}% RAM {ram_used:.1f}/{ram_total:.0f}G")
+        sps = self.series.get("train/samples_per_s")
+        if sps:
+            out.append(f"{sps[-1][2]:.1f} pairs/s")
+        total = self.series.get("progress/total_steps")
+        steps = [(t, v) for _, _, v, t in self.series.get("progress/step", [])]
+        if total and steps:
+            rate, eta = estimate_eta(steps, total[-1][2])
+            done = steps[-1][1] / total[-1][2] if total[-1][2] else 0.0
+            eta_text = format_seconds(eta) if run["status"] in ACTIVE else "-"
+            out.append(f"step {steps[-1][1]:.0f}/{total[-1][2]:.0f} ({done:.0%}) ETA {eta_text}")
+        return "\n".join(out)
+
+    # -- UI (event loop) -------------------------------------------------------------------------
+    def _apply(self, run: dict, metrics_changed: bool, lines: list[str], system: str) -> None:
+        self.run = run
+        status = run["status"]
+        style = STATUS_STYLES.get(status, "")
+        best = self._best()
+        exit_code = f" exit {run['exit_code']}" if run.get("exit_code") is not None else ""
+        folds_done = len(self.series.get("fold/done", []))
+        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds", "?")
+        self.query_one("#info", Static).update(
+            f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  "
+            f"{escape((run['model'] or '').rsplit('/', 1)[-1])}  pid {run['pid'] or '-'}\n"
+            f"folds {folds_done}/{k}  nDCG {fmt_float(best.get('ndcg'))}  F1 {fmt_float(best.get('task2_f1'))}  "
+            f"final {fmt_float(best.get('final_ndcg'))}  time {fmt_duration(self.services.duration(run))}"
+            + (f"  [red]{escape(run['error'][:80])}[/]" if run.get("error") else ""))
+        if lines:
+            self.query_one("#log", Log).write_lines(lines)
+        self.query_one("#system", Static).update(system)
+        if metrics_changed or self._plotted is None:
+            self._plot()
+
+    def _best(self) -> dict[str, float]:
+        """Best so far: the CV value if logged, else the mean over folds of each fold's best eval."""
+        out = {}
+        for name in ("ndcg", "task2_f1", "final_ndcg"):
+            cv = self.series.get(f"cv/{name}")
+            if cv:
+                out[name] = cv[-1][2]
+                continue
+            per_fold: dict[int, float] = {}
+            for fold, _, v, _ in self.series.get(f"eval/{name}", []):
+                per_fold[fold] = max(per_fold.get(fold, float("-inf")), v)
+            if per_fold:
+                out[name] = sum(per_fold.values()) / len(per_fold)
+        return out
+
+    def _plot(self) -> None:
+        name = self.curve_name
+        pts = self.series.get(name, [])
+        key = (name, len(pts))
+        if key == self._plotted:
+            return
+        self._plotted = key
+        plot = self.query_one("#curve", PlotWidget)
+        plot.clear()
+        by_fold: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+        for fold, x, v, _ in pts:
+            by_fold[fold][0].append(x)
+            by_fold[fold][1].append(v)
+        for fold, (xs, ys) in sorted(by_fold.items()):
+            colour = FOLD_COLOURS[fold % len(FOLD_COLOURS)]
+            if len(xs) > 1 and not name.startswith("eval/"):
+                plot.plot(xs, ys, line_style=colour, hires_mode=HiResMode.BRAILLE, label=f"fold {fold}")
+            else:
+                plot.scatter(xs, ys, marker="●", marker_style=colour, label=f"fold {fold}")
+        plot.set_xlabel("epoch (folds in sequence)")
+        title = f"[b]{name}[/]  {len(pts)} points" if pts else f"[b]{name}[/]  no points yet"
+        self.query_one("#curve-title", Static).update(f"{title}   [dim]m: next metric ({', '.join(DETAIL_CURVES)})[/]")
+
+    # -- actions ---------------------------------------------------------------------------------
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_next_curve(self) -> None:
+        self.curve_index += 1
+        self._plotted = None
+        self._plot()
+
+    def action_prev_curve(self) -> None:
+        self.curve_index -= 1
+        self._plotted = None
+        self._plot()
+
+    def action_stop(self) -> None:
+        if not self.run or self.run["status"] not in ACTIVE:
+            self.notify("this run is not running", severity="warning")
+            return
+        from workbench.tui.dialogs import ConfirmScreen
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._stop()
+
+        self.app.push_screen(ConfirmScreen(f"Stop run {self.run['id']} (pid {self.run['pid']})?\n"
+                                           "SIGTERM to its process group, SIGKILL after 10 s."), confirmed)
+
+    @work(thread=True, group="lifecycle", exit_on_error=False)
+    def _stop(self) -> None:
+        from core.launcher import stop_run
+
+        try:
+            status = stop_run(self.services.store(), self.run_id, grace=10.0)
+            self.app.call_from_thread(self.notify, f"run {self.run_id}: {status}")
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"stop: {exc}", severity="error")
+
+    @work(thread=True, group="lifecycle", exit_on_error=False)
+    def action_relaunch(self) -> None:
+        from core.launcher import relaunch
+
+        try:
+            new_id, pid = relaunch(self.services.store(), self.run_id)
+            self.app.call_from_thread(self.notify, f"relaunched as {new_id} (pid {pid})")
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"relaunch: {exc}", severity="error")
+
+    def action_help(self) -> None:
+        from workbench.tui.dialogs import HelpScreen
+
+        self.app.push_screen(HelpScreen())

@@ -1,0 +1,331 @@
+"""The Runs screen: every run in runs.db, live, sortable, filterable, with marks."""
+
+from __future__ import annotations
+
+import time
+
+from rich.style import Style
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+
+from core.launcher import ACTIVE, refresh_statuses
+from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
+from workbench.tui.table import Column, VirtualTable
+
+#: sortable columns, in the order of the number keys 1..9, 0
+COLUMNS = [
+    Column("mark", "", width=1, render=lambda v, r: ("", "")),
+    Column("name", "name", min_width=8),
+    Column("status", "status", width=8, render=lambda v, r: (v, v)),
+    Column("task", "T", width=1),
+    Column("model", "model", min_width=8),
+    Column("folds_done", "folds", width=5, align="right", render=lambda v, r: (r["folds"], "")),
+    Column("ndcg", "nDCG", width=5, align="right", render=lambda v, r: (fmt_float(v), "")),
+    Column("f1", "F1", width=5, align="right", render=lambda v, r: (fmt_float(v), "")),
+    Column("duration_s", "time", width=7, align="right", render=lambda v, r: (fmt_duration(v), "")),
+    Column("started", "started", width=11, render=lambda v, r: (fmt_started(v), "")),
+]
+SORTABLE = [c.key for c in COLUMNS if c.key != "mark"]
+FILTER_FIELDS = ("id", "name", "status", "model", "task")
+
+
+def run_rows(raw: list[dict], services) -> list[dict]:
+    """runs.db rows (``RunStore.list_runs``) -> table rows with display and sort keys."""
+    rows = []
+    for r in raw:
+        k = n_folds(r)
+        rows.append({
+            "id": r["id"], "name": r["name"] or "", "status": r["status"] or "", "task": r["task"],
+            "model": (r["model"] or "").rsplit("/", 1)[-1], "folds_done": r["folds_done"] or 0,
+            "folds": f"{r['folds_done'] or 0}/{k if k is not None else '?'}",
+            "ndcg": r["best_ndcg"], "f1": r["best_f1"], "final": r["best_final_ndcg"],
+            "duration_s": services.duration(r), "started": r["started"] or r["created"],
+            "exit_code": r["exit_code"], "pid": r["pid"], "run_dir": r["run_dir"],
+        })
+    return rows
+
+
+def matches(row: dict, query: str) -> bool:
+    """Filter: every whitespace-separated term must match. ``key:value`` matches a field
+    (id, name, status, model, task) by substring; a bare term matches any of them."""
+    for term in query.lower().split():
+        if ":" in term:
+            key, _, val = term.partition(":")
+            if key in FILTER_FIELDS and val not in str(row.get(key, "")).lower():
+                return False
+            if key not in FILTER_FIELDS:
+                return False
+        elif not any(term in str(row.get(f, "")).lower() for f in FILTER_FIELDS):
+            return False
+    return True
+
+
+def sort_rows(rows: list[dict], key: str | None, reverse: bool) -> list[dict]:
+    """Stable sort by ``key``; None values last in either direction."""
+    if not key:
+        return rows
+    present = [r for r in rows if r.get(key) is not None]
+    missing = [r for r in rows if r.get(key) is None]
+    present.sort(key=lambda r: (r[key] if not isinstance(r[key], str) else r[key].lower()), reverse=reverse)
+    return present + missing
+
+
+class RunsScreen(Screen):
+    """All runs. Refreshes every ``refresh_interval`` s in a worker; skips the query when the
+    database did not change (``PRAGMA data_version``) and only redraws durations."""
+
+    BINDINGS = [
+        Binding("enter", "detail", "detail"),
+        Binding("n", "new_run", "new"),
+        Binding("s", "stop", "stop"),
+        Binding("r", "relaunch", "relaunch"),
+        Binding("space", "mark", "mark"),
+        Binding("c", "compare", "compare"),
+        Binding("slash", "filter", "filter", key_display="/"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("escape", "clear_filter", "clear", show=False),
+        *[Binding(str((i + 1) % 10), f"sort({i})", show=False) for i in range(len(SORTABLE))],
+    ]
+
+    DEFAULT_CSS = """
+    RunsScreen #topbar { height: 1; background: $primary-background; color: $text; padding: 0 1; }
+    RunsScreen #filter { dock: bottom; display: none; height: 3; }
+    RunsScreen #filter.visible { display: block; }
+    RunsScreen #statusline { height: 1; color: $text-muted; padding: 0 1; }
+    """
+
+    def __init__(self, services, refresh_interval: float = 2.0):
+        super().__init__()
+        self.services = services
+        self.refresh_interval = refresh_interval
+        self.all_rows: list[dict] = []
+        self.filter_text = ""
+        self.gpu_line = "GPU: …"
+        self._data_version: int | None = None
+        self.loaded = False
+        self.first_paint_s: float | None = None
+        self._t0 = time.perf_counter()
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="topbar")
+        styles = {s: Style.parse(v) for s, v in STATUS_STYLES.items()}
+        yield VirtualTable(COLUMNS, styles=styles, id="runs")
+        yield Static("loading runs…", id="statusline")
+        yield Input(placeholder="filter: words or key:value (status:running model:minilm); Enter keeps, Esc clears",
+                    id="filter")
+        yield Footer()
+
+    @property
+    def table(self) -> VirtualTable:
+        return self.query_one("#runs", VirtualTable)
+
+    def on_mount(self) -> None:
+        self.table.focus()
+        self.reload(force=True)
+        self.poll_gpu()
+        self.set_interval(self.refresh_interval, self.reload)
+        self.set_interval(self.refresh_interval, self.poll_gpu)
+
+    # -- data ---------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
+    def reload(self, force: bool = False) -> None:
+        """Worker: statuses of vanished processes, then the runs list if the db changed."""
+        try:
+            store = self.services.store()
+            if any(r["status"] in ACTIVE for r in self.all_rows) or force:
+                refresh_statuses(store)
+            version = store.data_version()
+            if not force and version == self._data_version and self.loaded:
+                self.app.call_from_thread(self._retime)
+                return
+            raw = store.list_runs()
+            rows = run_rows(raw, self.services)
+            self._data_version = store.data_version()
+            self.app.call_from_thread(self._apply_rows, rows)
+        except Exception as exc:  # noqa: BLE001 - shown, never fatal
+            self.app.call_from_thread(self.notify, f"reading {self.services.db_path}: {exc}", severity="error",
+                                      title="runs.db")
+
+    @work(thread=True, exclusive=True, group="gpu", exit_on_error=False)
+    def poll_gpu(self) -> None:
+        from core.monitor import gpu_summary
+
+        try:
+            probe = self.services.gpu_probe
+            line = gpu_summary(probe.read(), "" if probe.available else "no GPU")
+        except Exception as exc:  # noqa: BLE001
+            line = f"GPU: error {exc}"
+        self.app.call_from_thread(self._set_gpu, line)
+
+    def _set_gpu(self, line: str) -> None:
+        self.gpu_line = line
+        self._update_bars()
+
+    def _retime(self) -> None:
+        changed = False
+        for r in self.all_rows:
+            if r["status"] in ACTIVE:
+                r["duration_s"] = self.services.duration({"started": r["started"], "ended": None})
+                changed = True
+        if changed:
+            self.table.refresh()
+
+    def _apply_rows(self, rows: list[dict]) -> None:
+        self.all_rows = rows
+        self._show()
+        if not self.loaded:
+            self.loaded = True
+            self.first_paint_s = time.perf_counter() - self._t0
+
+    def _show(self) -> None:
+        t = self.table
+        view = [r for r in self.all_rows if matches(r, self.filter_text)] if self.filter_text else list(self.all_rows)
+        view = sort_rows(view, t.sort_key, t.sort_reverse)
+        t.marked &= {r["id"] for r in self.all_rows}
+        t.set_rows(view)
+        self._update_bars()
+
+    def _update_bars(self) -> None:
+        running = sum(r["status"] == "running" for r in self.all_rows)
+        self.query_one("#topbar", Static).update(
+            f"[b]{self.services.display_path()}[/b]  runs {running} running / {len(self.all_rows)} total  "
+            f"{self.gpu_line}")
+        t = self.table
+        parts = [f"{len(t.rows)} shown"]
+        if self.filter_text:
+            parts.append(f"filter '{self.filter_text}'")
+        if t.marked:
+            parts.append(f"{len(t.marked)} marked")
+        if t.sort_key:
+            parts.append(f"sorted by {t.sort_key}{' desc' if t.sort_reverse else ''}")
+        parts.append("nDCG/F1: best CV, not last")
+        self.query_one("#statusline", Static).update(" · ".join(parts))
+
+    # -- actions ------------------------------------------------------------------------------
+    def action_sort(self, index: int) -> None:
+        self._sort_by(SORTABLE[index])
+
+    @on(VirtualTable.HeaderClicked)
+    def _header_clicked(self, event: VirtualTable.HeaderClicked) -> None:
+        if event.key in SORTABLE:
+            self._sort_by(event.key)
+
+    def _sort_by(self, key: str) -> None:
+        t = self.table
+        if t.sort_key == key:
+            t.sort_reverse = not t.sort_reverse
+        else:
+            t.sort_key, t.sort_reverse = key, key in ("ndcg", "f1", "final", "duration_s", "started", "folds_done")
+        self._show()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("visible")
+        box.value = self.filter_text
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+        self._show()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        self.query_one("#filter", Input).remove_class("visible")
+        self.table.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.remove_class("visible")
+        self.filter_text = ""
+        self._show()
+        self.table.focus()
+
+    def action_mark(self) -> None:
+        self.table.toggle_mark()
+        self.table.action_cursor(1)
+        self._update_bars()
+
+    def _current(self) -> dict | None:
+        row = self.table.current
+        if row is None:
+            self.notify("no run selected", severity="warning")
+        return row
+
+    def action_detail(self) -> None:
+        row = self._current()
+        if row:
+            from workbench.tui.detail import RunDetailScreen
+
+            self.app.push_screen(RunDetailScreen(self.services, row["id"]))
+
+    def action_compare(self) -> None:
+        ids = [r["id"] for r in self.all_rows if r["id"] in self.table.marked]
+        if len(ids) < 2:
+            self.notify("mark at least two runs with space, then press c", severity="warning")
+            return
+        from workbench.tui.compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(self.services, ids))
+
+    def action_new_run(self) -> None:
+        from workbench.tui.dialogs import NewRunScreen
+
+        def done(run_id: str | None) -> None:
+            if run_id:
+                self.reload(force=True)
+
+        self.app.push_screen(NewRunScreen(self.services), done)
+
+    def action_stop(self) -> None:
+        row = self._current()
+        if not row:
+            return
+        if row["status"] not in ACTIVE:
+            self.notify(f"run {row['id']} is {row['status']}, nothing to stop", severity="warning")
+            return
+        from workbench.tui.dialogs import ConfirmScreen
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.stop_worker(row["id"])
+
+        self.app.push_screen(ConfirmScreen(f"Stop run {row['id']} ({row['name']}, pid {row['pid']})?\n"
+                                           "SIGTERM to its process group, SIGKILL after 10 s."), confirmed)
+
+    @work(thread=True, group="lifecycle", exit_on_error=False)
+    def stop_worker(self, run_id: str) -> None:
+        from core.launcher import stop_run
+
+        try:
+            self.app.call_from_thread(self.notify, f"stopping {run_id}…")
+            status = stop_run(self.services.store(), run_id, grace=10.0)
+            self.app.call_from_thread(self.notify, f"run {run_id}: {status}")
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"stop {run_id}: {exc}", severity="error")
+        self.app.call_from_thread(self.reload, True)
+
+    def action_relaunch(self) -> None:
+        row = self._current()
+        if row:
+            self.relaunch_worker(row["id"])
+
+    @work(thread=True, group="lifecycle", exit_on_error=False)
+    def relaunch_worker(self, run_id: str) -> None:
+        from core.launcher import relaunch
+
+        try:
+            new_id, pid = relaunch(self.services.store(), run_id)
+            self.app.call_from_thread(self.notify, f"relaunched {run_id} as {new_id} (pid {pid})")
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"relaunch {run_id}: {exc}", severity="error")
+        self.app.call_from_thread(self.reload, True)
+
+    def action_help(self) -> None:
+        from workbench.tui.dialogs import HelpScreen
+
+        self.app.push_screen(HelpScreen())

@@ -1,0 +1,129 @@
+"""What the app's screens share: per-thread runs.db connections, the clock, the GPU probe.
+
+Workers run in threads; each thread gets its own :class:`core.runs.RunStore` connection (SQLite
+connections are not shared across threads here). The clock and the GPU probe are injectable so
+tests and snapshots run with a frozen time and a fake NVML.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.monitor import GpuProbe, GpuStats
+from core.runs import RunStore
+
+STATUS_STYLES = {
+    "running": "bold cyan", "queued": "cyan", "finished": "green", "failed": "bold red",
+    "crashed": "bold red", "stopped": "yellow",
+}
+
+
+class FakeGpuProbe:
+    """A GPU probe that returns fixed readings (tests, snapshots, demos without a GPU)."""
+
+    def __init__(self, gpus: list[GpuStats] | None = None, reason: str = "fake NVML: no GPU"):
+        self.gpus = list(gpus or [])
+        self.available = bool(self.gpus)
+        self.reason = "" if self.gpus else reason
+
+    def read(self) -> list[GpuStats]:
+        return list(self.gpus)
+
+    def close(self) -> None:
+        pass
+
+
+class Services:
+    """Shared state of one app instance.
+
+    Args:
+        db_path: runs.db path.
+        gpu_probe: object with ``read() -> list[GpuStats]``, ``available``, ``reason``
+            (default: a real NVML :class:`core.monitor.GpuProbe`, created lazily in a worker).
+        clock: ``() -> unix seconds`` (default ``time.time``).
+        configs_dir: where the New-run dialog finds configs.
+    """
+
+    def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
+                 configs_dir: str | Path = "configs"):
+        self.db_path = db_path
+        self._probe = gpu_probe
+        self._probe_lock = threading.Lock()
+        self.clock = clock or time.time
+        self.configs_dir = Path(configs_dir)
+        self._local = threading.local()
+        self._stores: list[RunStore] = []
+        self._stores_lock = threading.Lock()
+
+    def store(self) -> RunStore:
+        """This thread's runs.db connection (opened on first use; creates the db if absent)."""
+        st = getattr(self._local, "store", None)
+        if st is None:
+            st = RunStore(self.db_path)
+            self._local.store = st
+            with self._stores_lock:
+                self._stores.append(st)
+        return st
+
+    @property
+    def gpu_probe(self):
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = GpuProbe()
+            return self._probe
+
+    def close(self) -> None:
+        with self._stores_lock:
+            for st in self._stores:
+                try:
+                    st.close()
+                except Exception:  # noqa: BLE001 - closing from another thread
+                    pass
+            self._stores.clear()
+        if self._probe is not None:
+            self._probe.close()
+
+    # -- formatting helpers shared by the screens -----------------------------------------------
+    def duration(self, run: dict) -> float | None:
+        """Seconds from ``started`` to ``ended`` (or now for an active run), None if never started."""
+        if not run.get("started"):
+            return None
+        start = datetime.fromisoformat(run["started"]).timestamp()
+        end = datetime.fromisoformat(run["ended"]).timestamp() if run.get("ended") else self.clock()
+        return max(0.0, end - start)
+
+    def display_path(self) -> str:
+        try:
+            return str(Path(self.db_path).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return self.db_path
+
+
+def fmt_float(v, digits: int = 3) -> str:
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def fmt_started(iso: str | None) -> str:
+    """``MM-DD HH:MM`` in UTC."""
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%m-%d %H:%M")
+
+
+def n_folds(run: dict) -> int | None:
+    try:
+        return json.loads(run.get("config") or "{}").get("train", {}).get("folds")
+    except json.JSONDecodeError:
+        return None
