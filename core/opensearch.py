@@ -28,6 +28,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,7 +38,7 @@ from core.data import (
     PRODUCTS_FILE,
     SOURCES_FILE,
 )
-from core.errors import DataError
+from core.errors import DataError, WorkbenchError
 
 __all__ = ["JUDGMENTS_FILE", "QUERYSET_FILE", "PRODUCTS_ZIP", "RATING_LABELS", "import_opensearch"]
 
@@ -176,6 +177,8 @@ def import_opensearch(
     src_dir: str | Path,
     out_dir: str | Path,
     sources_csv: str | Path | None = None,
+    test_fraction: float = 0.0,
+    seed: int = 0,
 ) -> dict:
     """Convert the OpenSearch ESCI sample in ``src_dir`` into the official layout in ``out_dir``.
 
@@ -184,8 +187,14 @@ def import_opensearch(
     (nulls kept as nulls, which :func:`core.data.load_esci` turns into ""). Each query's ESCI
     ``query_id`` is the intersection of the ``query_id`` lists of its judged products (it must
     be exactly one id). ``example_id`` numbers the examples sorted by (query_id, product_id), so
-    reruns give the same ids; ``split`` is "train", ``small_version`` and ``large_version`` are
-    1 for all rows (the sample has no official split). The products file holds the judged
+    reruns give the same ids; ``split`` is "train" (the sample has no official split) except for
+    a held-out fraction of queries when ``test_fraction`` > 0; ``small_version`` and
+    ``large_version`` are 1 for all rows.
+
+    Held-out test split: ``round(test_fraction * n_queries)`` queries (at least 1 when
+    ``test_fraction`` > 0), drawn with ``numpy.random.default_rng(seed)`` from the sorted query
+    ids, get ``split == "test"`` for all of their products (grouped by query, so no query is
+    split across train and test). ``test_fraction`` 0 (default) leaves every row "train". The products file holds the judged
     products only, one row per product_id, sorted by product_id.
 
     Sources: ``sources_csv``, or when None the sibling
@@ -200,10 +209,13 @@ def import_opensearch(
         src_dir: the folder with the three sample files.
         out_dir: destination folder (created if missing; existing release files replaced).
         sources_csv: optional path to the official ``query_id,source`` table.
+        test_fraction: fraction of queries in [0, 1) marked ``split == "test"``.
+        seed: seed of the held-out query draw.
 
     Returns:
         dict with ``n_queries``, ``n_examples``, ``n_products``, ``labels`` ({"E": n, ...}),
-        ``n_sources`` (rows written, 0 if none), ``examples``, ``products``, ``sources``
+        ``n_sources`` (rows written, 0 if none), ``n_test_queries`` / ``n_test_examples`` (the
+        held-out split, 0 when ``test_fraction`` is 0), ``examples``, ``products``, ``sources``
         (paths as str; ``sources`` None when not written), ``unjudged_products`` (documents in
         the zip that no query judges; not written).
 
@@ -212,7 +224,10 @@ def import_opensearch(
             JSON structure; an unknown rating; a judged ASIN without a product document; a query
             whose products' query_id lists do not intersect in exactly one id; two queries with
             the same query_id; a judged query not in the queryset.
+        WorkbenchError: ``test_fraction`` outside [0, 1).
     """
+    if not 0.0 <= test_fraction < 1.0:
+        raise WorkbenchError(f"test_fraction must be in [0, 1), got {test_fraction}")
     src = Path(src_dir)
     out = Path(out_dir)
     if not src.is_dir():
@@ -268,6 +283,13 @@ def import_opensearch(
         (query_ids[q], asin, q, label) for q, ratings in judgments.items() for asin, label in ratings.items()
     )
     n = len(rows)
+    test_qids: set[int] = set()
+    if test_fraction > 0:
+        all_qids = sorted(owner)
+        n_test = max(1, int(round(test_fraction * len(all_qids))))
+        pick = np.random.default_rng(seed).choice(len(all_qids), size=n_test, replace=False)
+        test_qids = {all_qids[i] for i in pick}
+    splits = ["test" if r[0] in test_qids else "train" for r in rows]
     examples = pa.table({
         "example_id": pa.array(range(n), pa.int64()),
         "query": pa.array([r[2] for r in rows], pa.string()),
@@ -277,7 +299,7 @@ def import_opensearch(
         "esci_label": pa.array([r[3] for r in rows], pa.string()),
         "small_version": pa.array([1] * n, pa.int64()),
         "large_version": pa.array([1] * n, pa.int64()),
-        "split": pa.array(["train"] * n, pa.string()),
+        "split": pa.array(splits, pa.string()),
     })
     asins = sorted(judged)
     products = pa.table(
@@ -326,6 +348,8 @@ def import_opensearch(
         "n_products": len(asins),
         "labels": {label: counts.get(label, 0) for label in ESCI_LABELS},
         "n_sources": len(source_rows) if source_rows is not None else 0,
+        "n_test_queries": len(test_qids),
+        "n_test_examples": splits.count("test"),
         "unjudged_products": len(docs) - len(judged),
         "examples": str(out / names["examples"]),
         "products": str(out / names["products"]),

@@ -221,3 +221,35 @@ def test_error_keeps_existing_output(imported, tmp_path):
     expect_data_error(tmp_path, lambda: import_opensearch(src, target), str(src / PRODUCTS_ZIP),
                   "invalid JSON on line")
     assert len(load_esci(target)) == 6678
+
+
+@needs_sample
+def test_test_fraction_holds_out_whole_queries(imported, tmp_path):
+    out, s = imported
+    assert s["n_test_queries"] == 0 and s["n_test_examples"] == 0
+    assert set(pq.read_table(out / f"{EXAMPLES_FILE}.parquet")["split"].to_pylist()) == {"train"}
+    held = tmp_path / "holdout"
+    s2 = import_opensearch(SAMPLE, held, test_fraction=0.2, seed=0)
+    ex = pd.read_parquet(held / f"{EXAMPLES_FILE}.parquet")
+    per_query = ex.groupby("query_id")["split"].nunique()
+    assert (per_query == 1).all()  # no query split across train and test
+    test_q = set(ex.loc[ex["split"] == "test", "query_id"])
+    assert len(test_q) == s2["n_test_queries"] == 30
+    assert (ex["split"] == "test").sum() == s2["n_test_examples"]
+    base = pd.read_parquet(out / f"{EXAMPLES_FILE}.parquet")
+    assert ex.drop(columns="split").equals(base.drop(columns="split"))  # same ids and rows
+    again = tmp_path / "again"
+    import_opensearch(SAMPLE, again, test_fraction=0.2, seed=0)
+    assert pd.read_parquet(again / f"{EXAMPLES_FILE}.parquet")["split"].equals(ex["split"])
+    other = tmp_path / "other"
+    import_opensearch(SAMPLE, other, test_fraction=0.2, seed=1)
+    assert set(pd.read_parquet(other / f"{EXAMPLES_FILE}.parquet").query("split == 'test'")["query_id"]) != test_q
+    df = load_esci(held, split="test")
+    assert set(df["query_id"]) == test_q
+
+
+def test_test_fraction_out_of_range(tmp_path):
+    from core.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="test_fraction"):
+        import_opensearch(tmp_path, tmp_path / "out", test_fraction=1.0)

@@ -23,6 +23,8 @@ runs_app = typer.Typer(no_args_is_help=True, help="List and inspect runs in runs
 data_app = typer.Typer(no_args_is_help=True, help="Import and check ESCI data.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
+from workbench.cli_ensemble import ensemble_app, submission_app  # noqa: E402
+app.add_typer(ensemble_app, name="ensemble"); app.add_typer(submission_app, name="submission")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -234,11 +236,13 @@ def _print_table(table, title: str) -> None:
 
 @data_app.command("import-opensearch")
 def data_import_opensearch(src: Path, out: Path,
-                           sources: Annotated[Optional[Path], typer.Option(help="shopping_queries_dataset_sources.csv")] = None):
+                           sources: Annotated[Optional[Path], typer.Option(help="shopping_queries_dataset_sources.csv")] = None,
+                           test_fraction: Annotated[float, typer.Option(help="fraction of queries marked split=test (0: none)")] = 0.0,
+                           seed: Annotated[int, typer.Option(help="seed of the held-out query draw")] = 0):
     """Convert the OpenSearch ESCI sample (judgments + NDJSON products) into the official layout."""
     from core.opensearch import import_opensearch
 
-    summary = import_opensearch(src, out, sources_csv=sources)
+    summary = import_opensearch(src, out, sources_csv=sources, test_fraction=test_fraction, seed=seed)
     console.print(summary)
 
 
