@@ -103,6 +103,19 @@ class BlendConfig:
 
 
 @dataclass
+class LabelsConfig:
+    """Label cleaning applied to the training rows (core.labels); everything off by default.
+
+    Dropped examples are not trained on but still scored out-of-fold and evaluated on their
+    original labels; relabelled ones are trained on the new label. Test examples are never touched.
+    """
+
+    decisions_from: str | None = None  # apply the review decisions recorded on this run's issues
+    auto_drop_fraction: float = 0.0  # drop this fraction of the training examples: the top-ranked issues
+    issues_run: str | None = None  # whose label_issues auto_drop_fraction takes (default: decisions_from)
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; saved as ``runs/<run_id>/config.yaml``."""
 
@@ -113,6 +126,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML serialisable)."""

@@ -32,6 +32,7 @@ from core.dense import dense_scores
 from core.data import ESCI_LABELS, load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.folds import assign_folds
+from core.labels import apply_to_training
 from core.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
 from core.model import CrossEncoder, collate, load_tokenizer
 from core.report import PROB_COLUMNS
@@ -300,6 +301,10 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
         torch.set_num_threads(tc.num_threads)
     progress.message("loading data")
     df = load_training_frame(cfg)
+    # label cleaning (core.labels): fit_mask/fit_labels change what is trained on, never df itself,
+    # so dropped examples are still scored out-of-fold and evaluated on their original labels
+    fit_mask, fit_labels, labels_summary = apply_to_training(df, cfg.labels, store)
+    log.info("%s", labels_summary)
     train_idx = np.flatnonzero((df["split"] == "train").to_numpy())
     test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
     train_df = df.iloc[train_idx].reset_index(drop=True)
@@ -316,6 +321,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     encoded = encode_pairs_cached(df, tokenizer, cfg.text)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     labels_all = df["esci_label"].map(LABEL_TO_INDEX).to_numpy()
+    fit_targets = pd.Series(fit_labels).map(LABEL_TO_INDEX).to_numpy()  # training targets (cleaned)
     log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
 
     mp = resolve_mixed_precision(tc.mixed_precision)
@@ -324,7 +330,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     log.info("device %s, mixed precision %s, processes %d", device, mp, accelerator.num_processes)
 
-    steps_per_epoch = {k: math.ceil(math.ceil((folds != k).sum() / tc.batch_size) / tc.grad_accum) for k in run_folds}
+    steps_per_epoch = {k: math.ceil(math.ceil(((folds != k) & fit_mask[train_idx]).sum() / tc.batch_size) / tc.grad_accum) for k in run_folds}
     total_steps = sum(steps_per_epoch[k] * tc.epochs for k in run_folds)
     progress.start(total_steps, "training")
     # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
@@ -338,7 +344,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     for k in run_folds:
         t_fold = time.time()
         set_seed(tc.seed + k)
-        tr = train_idx[folds != k]  # rows of df
+        tr = train_idx[(folds != k) & fit_mask[train_idx]]  # rows of df trained on (dropped labels left out)
         va_local = np.flatnonzero(folds == k)  # rows of train_df
         va = train_idx[va_local]
         va_frame = train_df.iloc[va_local]
@@ -351,7 +357,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
         sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
         loader = torch.utils.data.DataLoader(
             np.arange(len(encoded)), batch_sampler=sampler,  # the sampler yields rows of df
-            collate_fn=lambda idx: {**collate(encoded, idx, pad_id), "labels": torch.from_numpy(labels_all[idx])},
+            collate_fn=lambda idx: {**collate(encoded, idx, pad_id), "labels": torch.from_numpy(fit_targets[idx])},
         )
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         batches_per_epoch = len(sampler)
