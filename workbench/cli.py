@@ -25,6 +25,8 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 from workbench.cli_ensemble import ensemble_app, submission_app  # noqa: E402
 app.add_typer(ensemble_app, name="ensemble"); app.add_typer(submission_app, name="submission")
+from workbench.cli_labels import labels_app  # noqa: E402
+app.add_typer(labels_app, name="labels")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -1,0 +1,102 @@
+"""``workbench labels``: find label issues (confident learning), review them, export the cleaned data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+labels_app = typer.Typer(no_args_is_help=True,
+                         help="Label errors: find them from a run's OOF probabilities, review, export.")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
+
+
+def _store(db: str | None, readonly: bool = False):
+    from core.runs import RunStore, default_db_path
+
+    return RunStore(db or default_db_path(), readonly=readonly)
+
+
+@labels_app.command("find")
+def find(run: Annotated[str, typer.Argument(help="run id (or unique prefix) with OOF probabilities")],
+         filter_by: Annotated[str, typer.Option(help="cleanlab find_label_issues filter_by")] = "prune_by_noise_rate",
+         rank_by: Annotated[str, typer.Option(help="ranking: self_confidence, normalized_margin, "
+                                                    "confidence_weighted_entropy")] = "self_confidence",
+         n_jobs: Annotated[Optional[int], typer.Option(help="cleanlab worker processes")] = None,
+         db: DbOpt = None):
+    """Find label issues in RUN's OOF probabilities (cleanlab) and store them in runs.db."""
+    from core.labels import find_issues
+
+    store = _store(db)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("labels find", total=None)
+        res = find_issues(store, run, filter_by=filter_by, rank_by=rank_by, n_jobs=n_jobs,
+                          progress=lambda msg: bar.update(task, description=msg))
+    console.print(f"run {res.run_id}: {len(res.issues):,} label issues in {res.n_examples:,} OOF examples "
+                  f"({100 * res.share:.1f}%), filter_by={filter_by}, ranked by {rank_by}")
+    table = Table(title="issues: given (rows) vs suggested (columns)", box=box.SIMPLE)
+    table.add_column("given")
+    for c in res.crosstab.columns:
+        table.add_column(str(c), justify="right")
+    table.add_column("total", justify="right")
+    for g, row in res.crosstab.iterrows():
+        table.add_row(str(g), *[f"{int(v):,}" for v in row], f"{int(row.sum()):,}")
+    console.print(table)
+    console.print(f"stored in {store.path} (label_issues); review with `workbench labels review {res.run_id}`")
+
+
+@labels_app.command("review")
+def review(run: Annotated[Optional[str], typer.Argument(help="run whose issues to review (default: newest)")] = None,
+           reviewer: Annotated[Optional[str], typer.Option(help="name recorded with decisions (default $USER)")] = None,
+           db: DbOpt = None):
+    """Open the review queue: 1-4 set E/S/C/I, k keep, a accept, d drop, u undo."""
+    from core.labels import default_issues_run
+    from workbench.tui.review import run_review_app
+
+    store = _store(db)
+    run_id = store.get_run(run)["id"] if run else default_issues_run(store)
+    store.close()
+    run_review_app(db or _default_db(), run_id, reviewer=reviewer)
+
+
+def _default_db() -> str:
+    from core.runs import default_db_path
+
+    return default_db_path()
+
+
+@labels_app.command("export")
+def export(out: Annotated[Path, typer.Argument(help="new folder for the cleaned release (official layout)")],
+           run: Annotated[Optional[str], typer.Option("--run", help="apply decisions reviewed on this run's issues "
+                                                                    "(default: newest run with issues)")] = None,
+           data: Annotated[Optional[Path], typer.Option(help="official-layout folder (default: the run's data.dir)")] = None,
+           auto_drop_fraction: Annotated[float, typer.Option(help="also drop this fraction of training examples: "
+                                                                  "the top-ranked issues")] = 0.0,
+           db: DbOpt = None):
+    """Write the cleaned examples (drops removed, relabels applied, original_esci_label) plus products."""
+    import json
+
+    from core.labels import default_issues_run, export_cleaned
+
+    store = _store(db)
+    run_id = store.get_run(run)["id"] if run else default_issues_run(store)
+    if data is None:
+        cfg = json.loads(store.get_run(run_id).get("config") or "{}")
+        data = Path(cfg.get("data", {}).get("dir", "data/esci_us_150q"))
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        bar.add_task(f"exporting {data} -> {out}", total=None)
+        counts = export_cleaned(store, out, data, decisions_from=run_id, auto_drop_fraction=auto_drop_fraction,
+                                issues_run=run_id)
+    console.print(f"wrote {out}: {counts['examples']:,} examples, {counts['dropped']:,} dropped, "
+                  f"{counts['relabelled']:,} relabelled (decisions of run {run_id}); test examples untouched")
