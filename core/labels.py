@@ -48,7 +48,6 @@ FILTER_BY = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learnin
              "low_normalized_margin", "low_self_confidence")
 #: ranking methods (``return_indices_ranked_by`` and the label quality score method)
 RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
-_LABEL_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 _PROBS = ["p_E", "p_S", "p_C", "p_I"]
 
 
@@ -101,25 +100,29 @@ def training_example_ids(data: dict[str, Any]) -> np.ndarray:
     from core.data import find_dataset_files
 
     files = find_dataset_files(data.get("dir", "data/esci_us_150q"))
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     cols = ["example_id", "query_id", "split", "small_version", "large_version", "product_locale"]
     try:
         if files.examples.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            ex = pq.read_table(files.examples, columns=cols).to_pandas()
+            tab = pq.read_table(files.examples, columns=cols)
         else:
-            ex = pd.read_csv(files.examples, usecols=cols)
+            tab = pa.Table.from_pandas(pd.read_csv(files.examples, usecols=cols), preserve_index=False)
     except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types
         raise DataError(files.examples, f"cannot read ids: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    keep = (ex["split"] == "train").to_numpy().copy()
+    # string columns stay in Arrow (converting 2.6M strings to Python objects costs seconds)
+    keep = pc.equal(tab["split"], "train")
     task = data.get("task")
     if task == 1:
-        keep &= ex["small_version"].to_numpy() == 1
+        keep = pc.and_(keep, pc.equal(tab["small_version"], 1))
     elif task in (2, 3):
-        keep &= ex["large_version"].to_numpy() == 1
+        keep = pc.and_(keep, pc.equal(tab["large_version"], 1))
     if data.get("locales"):
-        keep &= ex["product_locale"].isin(list(data["locales"])).to_numpy()
-    ex = ex.loc[keep]
+        keep = pc.and_(keep, pc.is_in(tab["product_locale"], value_set=pa.array([str(x) for x in data["locales"]])))
+    tab = tab.filter(keep)
+    ex = pd.DataFrame({"example_id": tab["example_id"].to_numpy(), "query_id": tab["query_id"].to_numpy()})
     if data.get("max_queries"):
         first = set(pd.unique(ex["query_id"])[: data["max_queries"]])
         ex = ex[ex["query_id"].isin(first)]
@@ -234,21 +237,22 @@ def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_r
     if bad.any():
         raise DataError(where, f"{int(bad.sum()):,} rows with missing OOF probabilities "
                                f"(first example_id {oof.loc[bad, 'example_id'].head(3).tolist()})")
-    given = oof["esci_label"].astype(str).to_numpy()
-    labels = pd.Series(given).map(_LABEL_INDEX)
-    if labels.isna().any():
-        raise DataError(where, f"unknown esci_label values {sorted(set(given[labels.isna().to_numpy()]))[:5]}")
-    labels = labels.to_numpy(np.int64)
+    cat = pd.Categorical(oof["esci_label"])  # fast on millions of rows; then categories -> 0..3, unknown -> -1
+    to_index = np.array([ESCI_LABELS.index(c) if c in ESCI_LABELS else -1 for c in cat.categories] + [-1])
+    labels = to_index[cat.codes].astype(np.int64)  # code -1 (null) picks the trailing -1
+    if (labels < 0).any():
+        bad_labels = oof.loc[labels < 0, "esci_label"].astype(str).unique()[:5].tolist()
+        raise DataError(where, f"unknown esci_label values {bad_labels}")
     probs = probs / probs.sum(1, keepdims=True)  # float32 rounding -> exact row sums for cleanlab
 
     say(f"confident learning on {len(oof):,} x 4 OOF probabilities")
     idx, quality = find_issues_arrays(labels, probs, filter_by, rank_by, n_jobs)
-    suggested = np.asarray(ESCI_LABELS)[probs.argmax(1)]
+    suggested = np.asarray(ESCI_LABELS)[probs[idx].argmax(1)]
     issues = pd.DataFrame({
         "run_id": run_id,
         "example_id": oof["example_id"].to_numpy(np.int64)[idx],
-        "given_label": given[idx],
-        "suggested_label": suggested[idx],
+        "given_label": np.asarray(ESCI_LABELS)[labels[idx]],
+        "suggested_label": suggested,
         "label_quality": quality[idx],
         "rank": np.arange(1, len(idx) + 1, dtype=np.int64),
     })

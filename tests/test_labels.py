@@ -133,6 +133,12 @@ def test_unknown_run_and_broken_oof(labelled):
     df.to_parquet(path)
     with pytest.raises(DataError, match="1 rows with missing OOF probabilities"):
         find_issues(store, run_id)
+    df.loc[5, "p_S"] = 0.1
+    df["esci_label"] = df["esci_label"].astype(object)
+    df.loc[7, "esci_label"] = "exact"
+    df.to_parquet(path)
+    with pytest.raises(DataError, match=r"unknown esci_label values \['exact'\]"):
+        find_issues(store, run_id)
 
 
 # --------------------------------------------------------------------------- decisions

@@ -161,6 +161,35 @@ async def test_skip_and_filters(review_db):
     assert not pilot.app.is_running
 
 
+async def test_product_panel_scrolls_and_screen_pops_inside_another_app(review_db):
+    from textual.app import App
+
+    db, run_id, _ = review_db
+
+    class Host(App):  # stands in for the main app, which pushes the screen from its runs screen
+        def on_mount(self):
+            self.push_screen(ReviewScreen(RunStore(db, readonly=True), run_id))
+
+    async with Host().run_test(size=SIZE) as pilot:
+        s = await opened(pilot)
+        panel = s.query_one("#rv-product")
+        for _ in range(len(s.queue)):  # find an item whose text is taller than the panel
+            if panel.max_scroll_y > 0:
+                break
+            await pilot.press("n")
+            await pilot.pause()
+        assert panel.max_scroll_y > 0 and panel.has_focus
+        await pilot.press("pagedown")
+        await pilot.pause()
+        assert panel.scroll_y > 0
+        await pilot.press("n")  # a new item starts at the top
+        await pilot.pause()
+        assert panel.scroll_y == 0
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(pilot.app.screen, ReviewScreen) and pilot.app.is_running
+
+
 async def test_unknown_run_becomes_a_notification(review_db):
     db, run_id, _ = review_db
     async with ReviewApp(db, "nope").run_test(size=SIZE) as pilot:

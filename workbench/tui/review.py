@@ -413,10 +413,10 @@ class ReviewScreen(Screen):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if len(self.app.screen_stack) > 2:
-            self.app.pop_screen()
-        else:
+        if isinstance(self.app, ReviewApp):
             self.app.exit()
+        else:  # pushed by the main app: back to its screen
+            self.app.pop_screen()
 
 
 class ReviewApp(App):
