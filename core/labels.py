@@ -549,3 +549,39 @@ def default_issues_run(store: RunStore) -> str:
     if not runs:
         raise WorkbenchError(f"{store.path}: no label issues stored yet (run `workbench labels find RUN` first)")
     return runs[0]["run_id"]
+
+
+def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFrame:
+    """Per-fold nDCG of two runs on the same examples and folds, on the *original* labels.
+
+    The fair comparison of a run trained on cleaned labels: both runs' OOF predictions over all
+    training examples (dropped ones included: they are scored out-of-fold), evaluated against the
+    labels as released. Rows: ``(run, scorer)`` for the cross-encoder (``ce_score``; Task 2/3
+    micro-F1 of the argmax) and the final ranking (``score``), plus ``diff`` rows (cleaned - base)
+    for each scorer; columns ``fold0..``, ``cv_ndcg``, ``fold_std``, ``task2_f1``, ``task3_f1``
+    (see :func:`core.report.scorer_table`).
+
+    Raises:
+        WorkbenchError: unknown run; the two OOF files differ in examples, labels or folds.
+        DataError: an OOF file missing or malformed.
+    """
+    from core.report import argmax_labels, scorer_table
+
+    rb, base = read_oof(store, base_run)
+    rc, clean = read_oof(store, cleaned_run)
+    base = base.sort_values("example_id").reset_index(drop=True)
+    clean = clean.sort_values("example_id").reset_index(drop=True)
+    for col in ("example_id", "esci_label", "fold"):
+        if len(base) != len(clean) or not (base[col].to_numpy() == clean[col].to_numpy()).all():
+            raise WorkbenchError(f"runs {rb['id']} and {rc['id']}: OOF files differ in {col} "
+                                 "(compare runs on the same data, folds and original labels)")
+    tables = {}
+    for name, oof in (("base", base), ("cleaned", clean)):
+        t = scorer_table(oof, {"cross-encoder": "ce_score" if "ce_score" in oof else "score", "final": "score"},
+                         {"cross-encoder": argmax_labels(oof)})
+        tables[name] = t
+    diff = tables["cleaned"] - tables["base"]
+    diff["fold_std"] = diff[[c for c in diff.columns if c.startswith("fold") and c != "fold_std"]].std(axis=1, ddof=0)
+    out = pd.concat({f"base {rb['id']}": tables["base"], f"cleaned {rc['id']}": tables["cleaned"],
+                     "cleaned - base": diff})
+    return out

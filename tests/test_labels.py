@@ -18,7 +18,7 @@ import pytest
 from conftest import snapshot, write_official
 from core.data import load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
-from core.labels import (apply_to_training, cleaning_plan, decision_log, effective_decisions, export_cleaned,
+from core.labels import (apply_to_training, cleaning_plan, compare_runs, decision_log, effective_decisions, export_cleaned,
                          find_issues, load_issues, record_decision, store_issues, undo_last)
 from core.metrics import ESCI_LABELS
 from core.runs import RunStore
@@ -338,3 +338,41 @@ def test_cli_errors_are_one_line_with_exit_2(labelled, tmp_path, monkeypatch, ca
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:"), err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_runs_on_original_labels(labelled, tmp_path):
+    from core.metrics import mean_ndcg
+
+    store, run_id, info = labelled
+    base = pd.read_parquet(Path(store.get_run(run_id)["run_dir"]) / "oof.parquet")
+    other = base.copy()
+    rng = np.random.default_rng(1)
+    other["score"] = rng.random(len(other))  # a different ranking on the same examples and folds
+    run_dir = tmp_path / "runs" / "r2"
+    run_dir.mkdir(parents=True)
+    other.to_parquet(run_dir / "oof.parquet", index=False)
+    r2 = store.create_run("other", {}, run_dir=str(run_dir), status="finished")
+    store.add_artifact(r2, "oof", run_dir / "oof.parquet")
+    t = compare_runs(store, run_id, r2)
+    qids, labels = base["query_id"].to_numpy(), base["esci_label"].to_numpy()
+    want_base = mean_ndcg(qids, base["score"].to_numpy(), labels)
+    want_other = mean_ndcg(qids, other["score"].to_numpy(), labels)
+    assert t.loc[(f"base {run_id}", "final"), "cv_ndcg"] == pytest.approx(want_base)
+    assert t.loc[("cleaned - base", "final"), "cv_ndcg"] == pytest.approx(want_other - want_base)
+    f0 = base["fold"].to_numpy() == 0
+    assert t.loc[("cleaned - base", "final"), "fold0"] == pytest.approx(
+        mean_ndcg(qids[f0], other["score"].to_numpy()[f0], labels[f0]) - mean_ndcg(qids[f0], base["score"].to_numpy()[f0], labels[f0]))
+    other["fold"] = (other["fold"] + 1) % 5  # different folds: not comparable
+    other.to_parquet(run_dir / "oof.parquet", index=False)
+    with pytest.raises(WorkbenchError, match="differ in fold"):
+        compare_runs(store, run_id, r2)
+    other["fold"] = base["fold"]
+    other.to_parquet(run_dir / "oof.parquet", index=False)
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    res = CliRunner().invoke(app, ["labels", "compare", run_id, r2, "--db", store.path])
+    assert res.exit_code == 0, res.output
+    diff_line = next(line for line in res.output.splitlines() if line.strip().startswith("diff") and "final" in line)
+    assert f"{t.loc[('cleaned - base', 'final'), 'cv_ndcg']:+.4f}" in diff_line

@@ -100,3 +100,35 @@ def export(out: Annotated[Path, typer.Argument(help="new folder for the cleaned 
                                 issues_run=run_id)
     console.print(f"wrote {out}: {counts['examples']:,} examples, {counts['dropped']:,} dropped, "
                   f"{counts['relabelled']:,} relabelled (decisions of run {run_id}); test examples untouched")
+
+
+@labels_app.command("compare")
+def compare(base: Annotated[str, typer.Argument(help="run trained on the labels as released")],
+            cleaned: Annotated[str, typer.Argument(help="run trained with labels.* cleaning, same data and folds")],
+            db: DbOpt = None):
+    """Per-fold nDCG of BASE and CLEANED on the original labels of all examples, and the difference."""
+    from core.labels import compare_runs
+
+    table = compare_runs(_store(db, readonly=True), base, cleaned)
+    folds = [c for c in table.columns if c.startswith("fold") and c != "fold_std"]
+    runs = [r for r, _ in table.index.unique()]
+    out = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
+                title=f"OOF nDCG, original labels of all examples, same folds\nbase = {runs[0].split()[-1]}, "
+                      f"cleaned = {runs[1].split()[-1]}; CE = cross-encoder")
+    for col in ["run", "", *[f"f{c[4:]}" for c in folds], "CV", "sd"]:
+        out.add_column(col, justify="left" if col in ("run", "") else "right", no_wrap=True)
+
+    def f(v, signed, digits=4):
+        return "-" if v != v else (f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}")
+
+    for (run, scorer), row in table.iterrows():
+        signed = run.startswith("cleaned -")
+        out.add_row("diff" if signed else run.split()[0].replace("cleaned", "clean"),
+                    "CE" if scorer == "cross-encoder" else scorer,
+                    *[f(row[c], signed) for c in folds], f(row["cv_ndcg"], signed), f"{row['fold_std']:.4f}")
+    console.print(out)
+    ce = table.xs("cross-encoder", level=1)
+    for task in ("task2", "task3"):
+        b, c, d = ce[f"{task}_f1"].tolist()
+        console.print(f"Task {task[-1]} micro-F1 (CE argmax): base {b:.4f}, clean {c:.4f}, diff {d:+.4f}")
+    console.print("diff = clean - base; sd = std over folds (for diff: of the paired per-fold differences)")
