@@ -92,7 +92,8 @@ class MemberSet:
     Attributes:
         members: the members, in the order given.
         oof: (N rows) ``example_id, query_id, esci_label, fold`` sorted by example_id.
-        test: (T rows) ``example_id, query_id, product_id`` sorted by example_id, or None.
+        test: (T rows) ``example_id, query_id, product_id`` (and ``esci_label`` when the test
+            rows carry labels, e.g. a held-out split) sorted by example_id, or None.
     """
 
     members: list[Member]
@@ -158,7 +159,7 @@ def align_members(frames: list[tuple[str, pd.DataFrame, pd.DataFrame | None]]) -
     keys = ref_oof[["example_id", "query_id", "esci_label", "fold"]].copy()
     test_keys = None
     if ref_test is not None:
-        cols = [c for c in ("example_id", "query_id", "product_id") if c in ref_test.columns]
+        cols = [c for c in ("example_id", "query_id", "product_id", "esci_label") if c in ref_test.columns]
         test_keys = ref_test[cols].copy()
     return keys, test_keys, [(o, t) for _, o, t in sorted_frames]
 
@@ -281,7 +282,7 @@ def _transform(query_ids, scores: np.ndarray, method: str) -> np.ndarray:
     return standardize_per_query(query_ids, scores)
 
 
-def correlation_matrix(query_ids, scores: np.ndarray, names: list[str]) -> pd.DataFrame:
+def correlation_matrix(query_ids, scores: np.ndarray, names: list[str], z: np.ndarray | None = None) -> pd.DataFrame:
     """Pairwise Pearson correlation of members' per-query standardised OOF ranking scores.
 
     Standardising within each query first removes between-query level differences, so the figure
@@ -290,12 +291,14 @@ def correlation_matrix(query_ids, scores: np.ndarray, names: list[str]) -> pd.Da
 
     Args:
         query_ids: (N,); scores: (N, M) raw ranking scores; names: M member names.
+        z: the (N, M) per-query standardised scores when already computed (skips that step).
 
     Returns:
         (M, M) DataFrame indexed and columned by ``names``; 1.0 on the diagonal; a constant member
         has correlation 0 with others.
     """
-    z = np.column_stack([standardize_per_query(query_ids, scores[:, j]) for j in range(scores.shape[1])])
+    if z is None:
+        z = np.column_stack([standardize_per_query(query_ids, scores[:, j]) for j in range(scores.shape[1])])
     norm = np.sqrt((z * z).sum(0))
     norm[norm == 0] = np.inf
     c = (z.T @ z) / np.outer(norm, norm)
@@ -331,9 +334,14 @@ class NdcgEvaluator:
     """Task 1 mean nDCG for many score vectors over the same (query, label) rows.
 
     Same definition as :func:`core.metrics.mean_ndcg` (gains E=1, S=0.1, C=0.01, I=0, no cutoff,
-    tie-averaged discounts, all-Irrelevant queries score 0), with the label-dependent parts (query
-    codes, ideal DCG) computed once, so each call costs one sort. Checked against ``mean_ndcg``
-    in the tests.
+    tie-averaged discounts, all-Irrelevant queries score 0), with everything that does not depend
+    on the scores (query blocks, discounts, ideal DCG) computed once, so each call costs one sort.
+    Checked against ``mean_ndcg`` in the tests.
+
+    Speed: one quicksort of the float64 key ``query - 0.5 * (score - min) / (max - min)``, which
+    orders rows by query, then by descending score (the key is monotone in the score and stays
+    within (query - 0.5, query]); if two different scores of one query round to the same key,
+    the call falls back to the exact two-key ``np.lexsort``, so the result is always exact.
 
     Args:
         query_ids: (N,); labels: (N,) E/S/C/I.
@@ -343,33 +351,49 @@ class NdcgEvaluator:
         from core.metrics import _label_codes  # the project's one label parser
 
         code = _label_codes(np.asarray(labels)).astype(np.int64)
-        self.q, uniq = pd.factorize(np.asarray(query_ids), sort=True)
-        self.q = self.q.astype(np.int64)
+        q, uniq = pd.factorize(np.asarray(query_ids), sort=True)
+        self.q = q.astype(np.int64)
+        self.qf = self.q.astype(np.float64)
         self.n_q = len(uniq)
         self.gains = GAIN_VECTOR[code]
         n = len(self.q)
         counts = np.bincount(self.q, minlength=self.n_q)
-        self.starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        # after sorting by (query, -score), position i always belongs to query q_sorted[i]
+        self.q_sorted = np.repeat(np.arange(self.n_q), counts)
+        rank = np.arange(n) - starts[self.q_sorted] + 1
+        self.discount = 1.0 / np.log2(rank + 1.0)
+        self.q_break = np.empty(n, dtype=bool)
+        if n:
+            self.q_break[0] = True
+            self.q_break[1:] = self.q_sorted[1:] != self.q_sorted[:-1]
         by_label = np.bincount(self.q * 4 + code, minlength=4 * self.n_q).reshape(self.n_q, 4)
         ends = np.cumsum(by_label, axis=1)
-        cum = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(2, max(int(counts.max()), 1) + 2)))))
+        cum = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(2, max(int(counts.max(initial=1)), 1) + 2)))))
         self.idcg = (cum[ends] - cum[ends - by_label]) @ GAIN_VECTOR
         self.n = n
 
     def __call__(self, scores) -> float:
         s = np.asarray(scores, dtype=np.float64)
-        order = np.lexsort((-s, self.q))
-        q_sorted = self.q[order]
-        s_sorted = s[order]
-        rank = np.arange(self.n) - self.starts[q_sorted] + 1
-        discount = 1.0 / np.log2(rank + 1.0)
-        new = np.empty(self.n, dtype=bool)
-        new[0] = True
-        new[1:] = (q_sorted[1:] != q_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
+        if self.n == 0:
+            return float("nan")
+        lo, hi = float(s.min()), float(s.max())
+        exact = not (np.isfinite(lo) and np.isfinite(hi))  # +-inf scores: no scaled key
+        if not exact:
+            key = self.qf - 0.5 * ((s - lo) / (hi - lo) if hi > lo else np.zeros_like(s))
+            order = np.argsort(key)
+            s_sorted = s[order]
+            k_sorted = key[order]
+            exact = bool(((k_sorted[1:] == k_sorted[:-1]) & (s_sorted[1:] != s_sorted[:-1])).any())  # collision
+        if exact:
+            order = np.lexsort((-s, self.q))
+            s_sorted = s[order]
+        new = self.q_break.copy()
+        new[1:] |= s_sorted[1:] != s_sorted[:-1]
         start = np.flatnonzero(new)
         gid = np.cumsum(new) - 1
-        mean_disc = np.add.reduceat(discount, start) / np.diff(np.append(start, self.n))
-        dcg = np.bincount(q_sorted, weights=self.gains[order] * mean_disc[gid], minlength=self.n_q)
+        mean_disc = np.add.reduceat(self.discount, start) / np.diff(np.append(start, self.n))
+        dcg = np.bincount(self.q_sorted, weights=self.gains[order] * mean_disc[gid], minlength=self.n_q)
         nd = np.zeros(self.n_q)
         np.divide(dcg, self.idcg, out=nd, where=self.idcg > 0)
         return float(np.clip(nd, 0.0, 1.0).mean())
@@ -398,7 +422,7 @@ def tune_task3_threshold(p_sub: np.ndarray, is_sub: np.ndarray) -> tuple[float, 
     p = np.asarray(p_sub, dtype=np.float64)
     y = np.asarray(is_sub, dtype=bool)
     n = len(p)
-    order = np.argsort(-p, kind="stable")
+    order = np.argsort(-p)  # ties are never cut (below), so an unstable sort is fine
     ps, ys = p[order], y[order]
     tp = np.concatenate(([0], np.cumsum(ys)))            # substitutes among the top k
     fp = np.arange(n + 1) - tp
@@ -416,7 +440,7 @@ def tune_task3_threshold(p_sub: np.ndarray, is_sub: np.ndarray) -> tuple[float, 
     return thr, float(correct[k] / n)
 
 
-def tune_task2_bias(probs: np.ndarray, y: np.ndarray, grid=np.linspace(-2.0, 2.0, 41), passes: int = 2) -> tuple[np.ndarray, float]:
+def tune_task2_bias(probs: np.ndarray, y: np.ndarray, grid=np.linspace(-2.0, 2.0, 21), passes: int = 2) -> tuple[np.ndarray, float]:
     """Per-class log-prior adjustment maximising Task 2 micro-F1: ``argmax(log p + b)``.
 
     Coordinate ascent over ``b_S, b_C, b_I`` (``b_E`` = 0) on ``grid``, ``passes`` sweeps; a change
@@ -445,7 +469,7 @@ def tune_task2_bias(probs: np.ndarray, y: np.ndarray, grid=np.linspace(-2.0, 2.0
     return b, best
 
 
-def caruana_weights(evaluate, n_members: int, max_iter: int = 25, patience: int = 3) -> tuple[np.ndarray, float]:
+def caruana_weights(evaluate, n_members: int, max_iter: int = 12, patience: int = 3) -> tuple[np.ndarray, float]:
     """Greedy forward ensemble selection with replacement (Caruana et al. 2004, ICML).
 
     Starts from the best single member, then repeatedly adds (with replacement) the member whose
@@ -511,7 +535,8 @@ class EnsembleResult:
 
     Attributes:
         tasks: {task: {"members": [...], "weights": [...], "oof_member": {name: metric},
-            "oof_ensemble": metric, "metric": name, ...}} for the tasks built.
+            "oof_ensemble": metric, "metric": name, ...}} for the tasks built; when the test rows
+            carry labels (a held-out split), also ``test_member`` and ``test_ensemble``.
         corr: (M, M) correlation matrix of the members' OOF ranking scores.
         oof: OOF keys with the ensemble's columns (``score`` Task 1, ``p_E..p_I``, ``esci_pred``,
             ``is_substitute`` where built).
@@ -549,7 +574,7 @@ def _weights_for(mode, n: int, evaluate, corr_sub: np.ndarray | None, shrink: fl
 
 def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "auto", method: str = "zscore",
                    shrink: float | None = None, prior_adjust: bool = False,
-                   max_fit_queries: int | None = 20_000, seed: int = 0) -> EnsembleResult:
+                   max_fit_queries: int | None = 10_000, seed: int = 0) -> EnsembleResult:
     """Combine the members of ``ms`` for the given tasks; weights fitted or given, metrics on OOF.
 
     Args:
@@ -560,8 +585,9 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
         method: Task 1 combination, "zscore" | "rank" | "prob" (see the module docstring).
         shrink: if set, a correlation threshold for :func:`shrink_correlated`.
         prior_adjust: Task 2 per-class log-prior adjustment tuned on OOF (:func:`tune_task2_bias`).
-        max_fit_queries: Task 1 weights are fitted on at most this many OOF queries (seeded draw;
-            None = all); the reported OOF figures are always over all OOF rows.
+        max_fit_queries: weights are fitted on the OOF rows of at most this many queries (seeded
+            draw; None = all), which keeps Caruana selection fast on the full release (2M OOF
+            rows); thresholds, the Task 2 bias and all reported figures use all OOF rows.
         seed: seed of that draw.
 
     Returns:
@@ -586,7 +612,9 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
     y = _label_index(labels)
     res = EnsembleResult(oof=oof.copy(), test=None if test is None else test.copy())
     scores = np.column_stack([m.oof_score for m in ms.members])
-    res.corr = correlation_matrix(q, scores, ms.names)
+    z_all = np.column_stack([standardize_per_query(q, scores[:, j]) for j in range(M)])
+    res.corr = correlation_matrix(q, scores, ms.names, z=z_all)
+    sub = _fit_subset(q, max_fit_queries, seed)  # rows the weights are fitted on
 
     if 1 in tasks:
         t1_members = list(range(M))
@@ -599,10 +627,11 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
                 res.notes.append(f"Task 1 (method prob): {', '.join(dropped)} left out (no class probabilities)")
             X = [expected_gain(ms.members[j].oof_probs) for j in t1_members]
             Xoof = np.column_stack(X)
+        elif method == "zscore":
+            Xoof = z_all
         else:
             Xoof = np.column_stack([_transform(q, scores[:, j], method) for j in t1_members])
         ev_all = NdcgEvaluator(q, labels)
-        sub = _fit_subset(q, max_fit_queries, seed)
         ev_fit = ev_all if sub.all() else NdcgEvaluator(q[sub], labels[sub])
         if method == "prob":
             P = np.stack([ms.members[j].oof_probs for j in t1_members])  # (K, N, 4)
@@ -646,50 +675,97 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
         twins = [ms.names[j] for j in range(M) if ms.members[j].has_probs and j not in prob_members]
         if twins:
             res.notes.append(f"Tasks 2/3: {', '.join(twins)} left out (same run's probabilities as another member)")
-        P = np.stack([ms.members[j].oof_probs for j in prob_members])  # (K, N, 4)
-        Pt = None if test is None else np.stack([ms.members[j].test_probs for j in prob_members])
+        K = len(prob_members)
+        P = np.stack([ms.members[j].oof_probs for j in prob_members], axis=-1)  # (N, 4, K)
+        Pt = None if test is None else np.stack([ms.members[j].test_probs for j in prob_members], axis=-1)
+
+        def mix(arr: np.ndarray, w: np.ndarray) -> np.ndarray:  # (N, 4, K) @ (K,) -> (N, 4)
+            return np.einsum("nck,k->nc", arr, w)  # einsum: faster than BLAS gemv for tiny K
+
         is_sub = y == 1
+        P_fit, y_fit = (P, y) if sub.all() else (np.ascontiguousarray(P[sub]), y[sub])
+        PS_fit = np.ascontiguousarray(P_fit[:, 1, :])  # (n, K) p(S) of each member
         for task in [t for t in (2, 3) if t in tasks]:
             if task == 2:
                 def ev(w):
-                    return float(np.mean(np.tensordot(w, P, axes=1).argmax(1) == y))
+                    return float(np.mean(mix(P_fit, w).argmax(1) == y_fit))
                 per = {ms.names[j]: float(np.mean(ms.members[j].oof_probs.argmax(1) == y)) for j in prob_members}
             else:
                 def ev(w):
-                    return tune_task3_threshold(np.tensordot(w, P[:, :, 1], axes=1), is_sub)[1]
-                per = {ms.names[j]: tune_task3_threshold(ms.members[j].oof_probs[:, 1], is_sub)[1]
-                       for j in prob_members}
+                    return tune_task3_threshold(np.einsum("nk,k->n", PS_fit, w), y_fit == 1)[1]
+                member_thr = {ms.names[j]: tune_task3_threshold(ms.members[j].oof_probs[:, 1], is_sub)
+                              for j in prob_members}
+                per = {n: v[1] for n, v in member_thr.items()}
             mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[prob_members], f"Task {task}")
             corr = res.corr.to_numpy()[np.ix_(prob_members, prob_members)]
             w = _weights_for(mode, len(prob_members), ev, corr, shrink)
-            p_oof = np.tensordot(w, P, axes=1)
+            p_oof = mix(P, w)
             info = {"metric": "micro_f1", "members": [ms.names[j] for j in prob_members],
                     "weights": [float(x) for x in w], "oof_member": per}
             if task == 2:
                 b = np.zeros(4)
-                if prior_adjust:
-                    b, _ = tune_task2_bias(p_oof, y)
+                if prior_adjust:  # tuned on the fit rows, like the weights
+                    b, _ = tune_task2_bias(p_oof if sub.all() else p_oof[sub], y_fit)
                 pred = (np.log(np.clip(p_oof, 1e-12, None)) + b).argmax(1)
                 info.update(oof_ensemble=float(np.mean(pred == y)), oof_argmax=float(np.mean(p_oof.argmax(1) == y)),
                             log_prior_bias=dict(zip(ESCI_LABELS, map(float, b))))
                 res.oof[PROB_COLUMNS] = p_oof
                 res.oof["esci_pred"] = np.asarray(ESCI_LABELS)[pred]
                 if Pt is not None:
-                    pt = np.tensordot(w, Pt, axes=1)
+                    pt = mix(Pt, w)
                     res.test[PROB_COLUMNS] = pt
                     res.test["esci_pred"] = np.asarray(ESCI_LABELS)[(np.log(np.clip(pt, 1e-12, None)) + b).argmax(1)]
             else:
                 thr, f1 = tune_task3_threshold(p_oof[:, 1], is_sub)
                 info.update(oof_ensemble=f1, threshold=thr,
+                            member_threshold={n: v[0] for n, v in member_thr.items()},
                             oof_argmax=float(np.mean((p_oof.argmax(1) == 1) == is_sub)))
                 res.oof["p_sub"] = p_oof[:, 1]
                 res.oof["is_substitute"] = p_oof[:, 1] >= thr
                 if Pt is not None:
-                    pts = np.tensordot(w, Pt[:, :, 1], axes=1)
+                    pts = Pt[:, 1, :] @ w
                     res.test["p_sub"] = pts
                     res.test["is_substitute"] = pts >= thr
             res.tasks[task] = info
+    if _test_labelled(test):
+        _held_out_figures(res, ms, tasks)
     return res
+
+
+def _test_labelled(test: pd.DataFrame | None) -> bool:
+    """True when the test rows carry real ESCI labels (a held-out split, not the official test)."""
+    return (test is not None and "esci_label" in test.columns and len(test) > 0
+            and bool(test["esci_label"].isin(list(ESCI_LABELS)).all()))
+
+
+def _held_out_figures(res: EnsembleResult, ms: MemberSet, tasks) -> None:
+    """Add ``test_member`` / ``test_ensemble`` (metrics on labelled test rows) to ``res.tasks``.
+
+    Nothing is fitted on these rows: weights, the Task 3 thresholds (the ensemble's and each
+    member's own) and the Task 2 bias all come from OOF, so these are honest held-out figures.
+    """
+    t = res.test
+    tq, tl = t["query_id"].to_numpy(), t["esci_label"].to_numpy()
+    ty = _label_index(tl)
+    if 1 in res.tasks:
+        info = res.tasks[1]
+        ev = NdcgEvaluator(tq, tl)
+        info["test_member"] = {m.name: ev(m.test_score) for m in ms.members}
+        info["test_ensemble"] = ev(t["score"].to_numpy())
+    if 2 in res.tasks:
+        info = res.tasks[2]
+        byname = {m.name: m for m in ms.members}
+        info["test_member"] = {n: float(np.mean(byname[n].test_probs.argmax(1) == ty)) for n in info["members"]}
+        info["test_ensemble"] = float(np.mean(_label_index(t["esci_pred"].to_numpy()) == ty))
+    if 3 in res.tasks:
+        info = res.tasks[3]
+        byname = {m.name: m for m in ms.members}
+        member = {}
+        for n in info["members"]:
+            thr = info["member_threshold"][n]  # each member's own OOF-tuned threshold
+            member[n] = float(np.mean((byname[n].test_probs[:, 1] >= thr) == (ty == 1)))
+        info["test_member"] = member
+        info["test_ensemble"] = float(np.mean(t["is_substitute"].to_numpy() == (ty == 1)))
 
 
 def _renorm(w: np.ndarray, what: str) -> np.ndarray:

@@ -266,25 +266,33 @@ def validate_submission(path: str | Path, task: int, examples: pd.DataFrame | st
         qid = _ints(table["query_id"], "query_id", problems)
         pid = pc.utf8_trim_whitespace(table["product_id"].fill_null("")).to_numpy(zero_copy_only=False)
         if qid is not None and len(qid) == len(pid):
-            sub = pd.DataFrame({"query_id": qid, "product_id": pid})
-            dup = sub.duplicated()
+            # (query_id, product_id) pairs as int64 keys: product codes shared by both sides
+            codes, uniq = pd.factorize(np.concatenate([ex["product_id"].astype(str).to_numpy(), pid]))
+            n_p = max(len(uniq), 1)
+            want_q = ex["query_id"].to_numpy(np.int64)
+            want = want_q * n_p + codes[: len(ex)]
+            got = qid.astype(np.int64) * n_p + codes[len(ex):]
+            got_sorted = np.sort(got)
+            dup = got_sorted[1:] == got_sorted[:-1]
             if dup.any():
+                first = np.unique(got_sorted[1:][dup])[:_SHOW]
                 problems.append(f"{int(dup.sum())} duplicate (query_id, product_id) row(s), e.g. "
-                                + _show(f"({a}, {b})" for a, b in sub[dup].head(_SHOW).itertuples(index=False)))
-            want = pd.MultiIndex.from_arrays([ex["query_id"].to_numpy(np.int64), ex["product_id"].astype(str).to_numpy()])
-            got = pd.MultiIndex.from_arrays([qid, pid]).unique()
-            missing_q = np.setdiff1d(ex["query_id"].unique(), qid)
-            if len(missing_q):
-                problems.append(f"{len(missing_q)} test query(ies) missing (each would score 0), e.g. {_show(missing_q)}")
-            miss = want.difference(got)
-            extra = got.difference(want)
-            if len(miss):
-                problems.append(f"{len(miss)} test (query_id, product_id) pair(s) missing, e.g. "
-                                + _show(f"({a}, {b})" for a, b in miss[:_SHOW]))
-            if len(extra):
-                problems.append(f"{len(extra)} pair(s) not in the test examples, e.g. "
-                                + _show(f"({a}, {b})" for a, b in extra[:_SHOW]))
-            summary["queries"] = int(pd.unique(qid).size)
+                                + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in first))
+            want_sorted = np.sort(want)
+            if len(want_sorted) != len(got_sorted) or not np.array_equal(want_sorted, got_sorted):
+                missing_q = np.setdiff1d(want_q, qid)
+                if len(missing_q):
+                    problems.append(f"{len(missing_q)} test query(ies) missing (each would score 0), "
+                                    f"e.g. {_show(missing_q)}")
+                miss = np.setdiff1d(want_sorted, got_sorted)
+                extra = np.setdiff1d(got_sorted, want_sorted)
+                if len(miss):
+                    problems.append(f"{len(miss)} test (query_id, product_id) pair(s) missing, e.g. "
+                                    + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in miss[:_SHOW]))
+                if len(extra):
+                    problems.append(f"{len(extra)} pair(s) not in the test examples, e.g. "
+                                    + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in extra[:_SHOW]))
+            summary["queries"] = int(np.count_nonzero(np.diff(np.sort(qid))) + 1) if len(qid) else 0
     else:
         label_col = COLUMNS[task][1]
         labels = pc.utf8_trim_whitespace(table[label_col].fill_null(""))
@@ -296,17 +304,18 @@ def validate_submission(path: str | Path, task: int, examples: pd.DataFrame | st
                             f"(allowed: {', '.join(sorted(LABELS[task]))})")
         ids = _ints(table["example_id"], "example_id", problems)
         if ids is not None:
-            s = pd.Series(ids)
-            dup = s.duplicated()
+            got = np.sort(ids)
+            dup = got[1:] == got[:-1]
             if dup.any():
-                problems.append(f"{int(dup.sum())} duplicate example_id(s), e.g. {_show(s[dup].unique())}")
-            want = ex["example_id"].to_numpy(np.int64)
-            miss = np.setdiff1d(want, ids)
-            extra = np.setdiff1d(ids, want)
-            if len(miss):
-                problems.append(f"{len(miss)} test example_id(s) missing, e.g. {_show(miss)}")
-            if len(extra):
-                problems.append(f"{len(extra)} example_id(s) not in the test examples, e.g. {_show(extra)}")
+                problems.append(f"{int(dup.sum())} duplicate example_id(s), e.g. {_show(np.unique(got[1:][dup]))}")
+            want = np.sort(ex["example_id"].to_numpy(np.int64))
+            if len(want) != len(got) or not np.array_equal(want, got):
+                miss = np.setdiff1d(want, got)
+                extra = np.setdiff1d(got, want)
+                if len(miss):
+                    problems.append(f"{len(miss)} test example_id(s) missing, e.g. {_show(miss)}")
+                if len(extra):
+                    problems.append(f"{len(extra)} example_id(s) not in the test examples, e.g. {_show(extra)}")
     if problems:
         raise DataError(path, f"Task {task} submission invalid: " + "; ".join(problems))
     return summary

@@ -160,6 +160,11 @@ def test_fitted_weights_beat_equal_weights(fake_store):
     assert auto.tasks[1]["oof_ensemble"] == pytest.approx(mean_ndcg(oof["query_id"], oof["score"], oof["esci_label"]))
     assert auto.tasks[2]["oof_ensemble"] == pytest.approx(np.mean(oof["esci_pred"] == oof["esci_label"]))
     assert auto.tasks[3]["oof_ensemble"] == pytest.approx(np.mean(oof["is_substitute"] == (oof["esci_label"] == "S")))
+    # labelled test rows: held-out figures with the OOF-fitted weights
+    test = auto.test.merge(ex[["example_id", "esci_label"]], on="example_id", suffixes=("", "_true"))
+    assert auto.tasks[1]["test_ensemble"] == pytest.approx(mean_ndcg(test["query_id"], test["score"], test["esci_label_true"]))
+    assert auto.tasks[2]["test_ensemble"] == pytest.approx(np.mean(test["esci_pred"] == test["esci_label_true"]))
+    assert set(auto.tasks[3]["test_member"]) == {"run-good", "run-weak", "run-mid"}
 
 
 def test_members_align_on_example_id_and_weights_apply(fake_store):
@@ -225,6 +230,7 @@ def test_cli_build_writes_valid_files_manifest_and_record(fake_store):
                                  "--prior-adjust"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "ensemble" in r.output and "correlation" in r.output and "run-good" in r.output
+    assert "held-out test rows" in r.output
     manifest = json.loads((out / "e1" / "manifest.json").read_text())
     assert [m["name"] for m in manifest["members"]] == ["run-good", "run-mid", "bm25"]
     assert set(manifest["files"]) == {"1", "2", "3"}
@@ -260,3 +266,16 @@ def test_cli_build_errors_exit_2_one_line(fake_store, monkeypatch, capsys):
         err = capsys.readouterr().err.strip()
         assert part in err and len(err.splitlines()) == 1, err
     assert not (root / "subs").exists()
+
+
+def test_ndcg_evaluator_exact_on_near_ties_and_inf(sample_frames):
+    """Scores that differ by less than the scaled key's resolution fall back to the exact sort."""
+    ex = sample_frames[0]
+    q, lab = ex["query_id"].to_numpy(), ex["esci_label"]
+    ev = NdcgEvaluator(q, lab)
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2, len(ex)).astype(float)
+    near = base + rng.integers(0, 2, len(ex)) * 1e-14  # 1e-14 apart: same scaled key, different score
+    near[0] = 1e6  # a wide range makes the key coarser still
+    for s in (near, np.where(base > 0, np.inf, -np.inf)):
+        assert ev(s) == pytest.approx(mean_ndcg(q, s, lab), abs=1e-12)

@@ -69,6 +69,19 @@ def print_result(res, names: list[str]) -> None:
     t.add_row("[bold]ensemble", *[c for task in sorted(res.tasks)
                                   for c in (f"[bold]{res.tasks[task]['oof_ensemble']:.4f}", "")])
     console.print(t)
+    held = [task for task in sorted(res.tasks) if "test_member" in res.tasks[task]]
+    if held:
+        h = Table(title="held-out test rows (labelled; nothing fitted on them)", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        h.add_column("member", no_wrap=True)
+        for task in held:
+            h.add_column(f"T{task}", justify="right")
+        for name in names:
+            h.add_row(_short(name), *[f"{res.tasks[k]['test_member'][name]:.4f}"
+                                      if name in res.tasks[k]["test_member"] else "-" for k in held])
+        h.add_section()
+        h.add_row("[bold]ensemble", *[f"[bold]{res.tasks[k]['test_ensemble']:.4f}" for k in held])
+        console.print(h)
     if 3 in res.tasks:
         console.print(f"Task 3: substitute iff p(S) >= {res.tasks[3]['threshold']:.4f} (tuned on OOF; "
                       f"argmax rule {res.tasks[3]['oof_argmax']:.4f})")
