@@ -9,7 +9,8 @@ Every prediction artifact is keyed by ``example_id`` (``runs/<id>/oof.parquet`` 
 * a **scorer** with no class probabilities, such as ``bm25`` or ``dense``: its OOF score is the
   column of that name in a run member's ``oof.parquet`` (the zero-shot/BM25 members of the run's
   blend), its test score the same column of ``test.parquet`` or, when absent, recomputed on the
-  test examples with :func:`core.baselines.bm25_scores` / :func:`core.dense.dense_scores`.
+  test examples with :func:`core.baselines.bm25_scores` / :func:`core.dense.dense_scores` (BM25's
+  IDF then comes from the test products only; per-query standardisation makes the scale moot).
   Scorers join Task 1 only; Tasks 2 and 3 need class probabilities.
 
 Combination (weights ``w`` non-negative, summing to 1):

@@ -279,3 +279,24 @@ def test_ndcg_evaluator_exact_on_near_ties_and_inf(sample_frames):
     near[0] = 1e6  # a wide range makes the key coarser still
     for s in (near, np.where(base > 0, np.inf, -np.inf)):
         assert ev(s) == pytest.approx(mean_ndcg(q, s, lab), abs=1e-12)
+
+
+def test_scorer_test_scores_recomputed_when_the_run_lacks_them(tmp_path, sample_frames):
+    """A run whose test.parquet has no bm25 column: BM25 is recomputed on the test examples of
+    the run's data.dir (official layout)."""
+    from conftest import write_official
+    from core.baselines import bm25_scores
+    from core.data import load_esci
+
+    ex_full, pr = sample_frames
+    ex = _examples(sample_frames)
+    write_official(tmp_path / "data", ex_full.assign(split=ex["split"].to_numpy()), pr)
+    store = RunStore(tmp_path / "runs.db")
+    make_run(store, tmp_path, "run-a", ex, noise=1.0, seed=1, scorers={"bm25": _gainish})
+    test_path = Path(store.get_run("run-a")["run_dir"]) / "test.parquet"
+    pd.read_parquet(test_path).drop(columns="bm25").to_parquet(test_path, index=False)
+    ms = load_members(store, ["run-a", "bm25"])
+    got = ms.members[1].test_score
+    test_df = load_esci(tmp_path / "data", split="test").set_index("example_id").loc[ms.test["example_id"]]
+    assert np.allclose(got, bm25_scores(test_df.reset_index()))
+    assert mean_ndcg(ms.test["query_id"], got, ms.test["esci_label"]) > 0.8  # BM25-level ranking on real queries

@@ -68,7 +68,10 @@ async def test_one_key_build_writes_three_valid_files(store, tmp_path):
         await pilot.press("down", "down", "minus", "minus", "minus", "minus")  # run-weak down to 0
         await _settle(pilot)
         assert screen.weights[2] == pytest.approx(0.0, abs=1e-9)
-        assert screen.last_tasks[1]["members"] == ["run-good", "run-mid", "run-weak"]
+        assert screen.last_tasks[1]["weights"] == pytest.approx([0.5, 0.5, 0.0, 0.0])
+        assert set(screen.last_tasks[1]["oof_member"]) == {"run-good", "run-mid", "run-weak", "bm25"}
+        bm25_cell = screen.query_one(DataTable).get_row_at(3)[3]
+        assert bm25_cell != "-"  # unmarked members still show their own OOF figure
         assert screen.last_tasks[1]["oof_ensemble"] != equal_t1
         await pilot.press("a")  # fit on OOF
         await _settle(pilot)

@@ -190,8 +190,15 @@ class EnsembleScreen(Screen):
         if self.ms is None or not any(self.marked):
             return
         try:
-            sub, w = self._subset()
-            res = build_ensemble(sub, self._tasks(sub), "auto" if fit else w)
+            if fit:
+                sub, w = self._subset()
+                res = build_ensemble(sub, self._tasks(sub), "auto")
+            else:  # all members (unmarked ones with weight 0), so every member's own figure shows
+                w = np.where(self.marked, self.weights, 0.0)
+                if w.sum() <= 0:
+                    w = np.array(self.marked, dtype=float)
+                probs = any(m.has_probs and wi > 0 for m, wi in zip(self.ms.members, w))
+                res = build_ensemble(self.ms, (1, 2, 3) if probs else (1,), w / w.sum())
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self.app.call_from_thread(self.notify, f"ensemble: {exc}", severity="error")
             return
