@@ -23,6 +23,7 @@ class WorkbenchApp(App):
         clock: ``() -> unix seconds`` (tests freeze it).
         configs_dir: where ``n`` (new run) looks for configs.
         refresh_interval: seconds between database polls of the Runs screen.
+        host_stats: ``() -> (CPU %, RAM used GiB, RAM total GiB)`` (tests freeze it).
     """
 
     TITLE = "esci-workbench"
@@ -32,9 +33,10 @@ class WorkbenchApp(App):
     """
 
     def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
-                 configs_dir: str = "configs", refresh_interval: float = 2.0):
+                 configs_dir: str = "configs", refresh_interval: float = 2.0, host_stats=None):
         super().__init__()
-        self.services = Services(db_path, gpu_probe=gpu_probe, clock=clock, configs_dir=configs_dir)
+        self.services = Services(db_path, gpu_probe=gpu_probe, clock=clock, configs_dir=configs_dir,
+                                 host_stats=host_stats)
         self.refresh_interval = refresh_interval
         self.runs_screen: RunsScreen | None = None
 

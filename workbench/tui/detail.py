@@ -17,7 +17,7 @@ from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
 from core.launcher import ACTIVE, process_of
-from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds, host_stats
+from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float
 
 DETAIL_CURVES = ["train/loss", "eval/ndcg", "eval/task2_f1", "train/lr", "train/samples_per_s", "eval/task3_f1"]
@@ -128,7 +128,7 @@ class RunDetailScreen(Screen):
         gpus = probe.read()
         proc = process_of(run) if run["status"] in ACTIVE else None
         tree = self.sampler.sample(proc)
-        cpu, ram_used, ram_total = host_stats()
+        cpu, ram_used, ram_total = self.services.host_stats()
         out = []
         if gpus:
             for g in gpus:

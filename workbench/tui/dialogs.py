@@ -177,7 +177,7 @@ HELP = """\
   n  new run (config + overrides)         s      stop (confirm; SIGTERM, then SIGKILL)
   r  relaunch with the same config        space  mark / unmark
   c  compare marked runs                  /      filter (words, status:running, model:e5)
-  1-9, 0  sort by a column (again: reverse)  esc  clear filter
+  1-9  sort by a column (again: reverse)  esc    clear filter
   ctrl+p  command palette                 q      quit (runs keep going)
 [b]Run detail[/]
   m / M  next / previous metric curve     s  stop    r  relaunch    esc  back

@@ -15,7 +15,7 @@ from core.launcher import ACTIVE, refresh_statuses
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
 from workbench.tui.table import Column, VirtualTable
 
-#: sortable columns, in the order of the number keys 1..9, 0
+#: sortable columns, in the order of the number keys 1..9
 COLUMNS = [
     Column("mark", "", width=1, render=lambda v, r: ("", "")),
     Column("name", "name", min_width=8),
@@ -87,7 +87,7 @@ class RunsScreen(Screen):
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("escape", "clear_filter", "clear", show=False),
-        *[Binding(str((i + 1) % 10), f"sort({i})", show=False) for i in range(len(SORTABLE))],
+        *[Binding(str(i + 1), f"sort({i})", show=False) for i in range(len(SORTABLE))],
     ]
 
     DEFAULT_CSS = """

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.monitor import GpuProbe, GpuStats
+from core.monitor import GpuProbe, GpuStats, host_stats
 from core.runs import RunStore
 
 STATUS_STYLES = {
@@ -47,11 +47,13 @@ class Services:
             (default: a real NVML :class:`core.monitor.GpuProbe`, created lazily in a worker).
         clock: ``() -> unix seconds`` (default ``time.time``).
         configs_dir: where the New-run dialog finds configs.
+        host_stats: ``() -> (CPU %, RAM used GiB, RAM total GiB)`` (default psutil; tests freeze it).
     """
 
     def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
-                 configs_dir: str | Path = "configs"):
+                 configs_dir: str | Path = "configs", host_stats: Callable[[], tuple[float, float, float]] | None = None):
         self.db_path = db_path
+        self.host_stats = host_stats or globals()["host_stats"]
         self._probe = gpu_probe
         self._probe_lock = threading.Lock()
         self.clock = clock or time.time

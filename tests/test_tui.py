@@ -1,0 +1,306 @@
+"""The Textual app, driven with Pilot: every key of every screen, on a fixture runs.db."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from tui_fixture import NOW, RUNS, build_fixture_db, fixture_app
+from workbench.tui.compare import CompareScreen
+from workbench.tui.detail import RunDetailScreen
+from workbench.tui.dialogs import ConfirmScreen, HelpScreen, NewRunScreen, parse_overrides
+from workbench.tui.runs import RunsScreen, matches, sort_rows
+
+
+@pytest.fixture
+def fixture_db(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return build_fixture_db(tmp_path)
+
+
+async def wait_for(pilot, pred, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await pilot.pause(0.05)
+
+
+async def loaded(pilot) -> RunsScreen:
+    screen = pilot.app.screen
+    assert isinstance(screen, RunsScreen)
+    await wait_for(pilot, lambda: screen.loaded)
+    await pilot.pause()
+    return screen
+
+
+async def goto(pilot, screen: RunsScreen, pred) -> None:
+    """Move the cursor with the keyboard to the first row matching ``pred``."""
+    await pilot.press("home")
+    for _ in range(len(screen.table.rows)):
+        if pred(screen.table.current):
+            return
+        await pilot.press("down")
+    raise AssertionError("no such row")
+
+
+def ids(screen: RunsScreen) -> list[str]:
+    return [r["id"] for r in screen.table.rows]
+
+
+def test_filter_and_sort_helpers():
+    rows = [{"id": "a", "name": "x", "status": "running", "model": "minilm", "task": 1, "ndcg": 0.8},
+            {"id": "b", "name": "y", "status": "finished", "model": "e5", "task": 1, "ndcg": None},
+            {"id": "c", "name": "z", "status": "finished", "model": "minilm", "task": 1, "ndcg": 0.9}]
+    assert [r["id"] for r in rows if matches(r, "status:fin minilm")] == ["c"]
+    assert [r["id"] for r in rows if matches(r, "nosuchkey:1")] == []
+    assert [r["id"] for r in sort_rows(rows, "ndcg", True)] == ["c", "a", "b"]  # None last either way
+    assert [r["id"] for r in sort_rows(rows, "ndcg", False)] == ["a", "c", "b"]
+    assert parse_overrides("train.lr=1e-4 train.seed=3\n# comment\nname='a b'") == ["train.lr=1e-4", "train.seed=3", "name=a b"]
+    with pytest.raises(ValueError):
+        parse_overrides("train.lr")
+
+
+async def test_runs_screen_shows_best_values_and_header(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        assert ids(screen) == [r[0] for r in reversed(RUNS)]  # newest first
+        by_id = {r["id"]: r for r in screen.table.rows}
+        # best, not last: the finished run shows its CV value, the running one the mean of its folds' best evals
+        assert by_id["20261122-090000-aaaa"]["ndcg"] == pytest.approx(0.82)
+        assert by_id["20261122-113000-dddd"]["ndcg"] == pytest.approx((0.82 + 0.006 + 0.82 + 0.004 + 0.003) / 2)
+        assert by_id["20261122-113000-dddd"]["folds"] == "1/3"
+        assert by_id["20261122-113000-dddd"]["duration_s"] == pytest.approx(1200)  # frozen clock
+        top = str(screen.query_one("#topbar").render())
+        assert "runs.db" in top and "1 running / 5 total" in top and "1x NVIDIA H100" in top
+        lines = screen.table.plain_lines()
+        assert lines[0].split()[:3] == ["name", "status", "T"]
+        assert all(len(line) <= 80 for line in lines)
+
+
+async def test_cursor_keys_sort_keys_and_marks(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        t = screen.table
+        await pilot.press("down", "down")
+        assert t.cursor == 2
+        await pilot.press("k")
+        assert t.cursor == 1
+        await pilot.press("j", "end")
+        assert t.cursor == 4
+        await pilot.press("home")
+        assert t.cursor == 0
+        await pilot.press("pagedown")
+        assert t.cursor == 4
+        await pilot.press("pageup")
+        assert t.cursor == 0
+        # 6 = nDCG (name, status, T, model, folds, nDCG): descending first, None last
+        await pilot.press("6")
+        nd = [r["ndcg"] for r in t.rows]
+        assert t.sort_key == "ndcg" and nd[:-1] == sorted(nd[:-1], reverse=True) and nd[-1] is None
+        await pilot.press("6")
+        assert [r["ndcg"] for r in t.rows][:-1] == sorted(nd[:-1])
+        await pilot.press("1")  # name ascending
+        assert [r["name"] for r in t.rows] == sorted(r["name"] for r in t.rows)
+        await pilot.press("2")
+        assert [r["status"] for r in t.rows] == sorted(r["status"] for r in t.rows)
+        for key, col in zip("345789", ["task", "model", "folds_done", "f1", "duration_s", "started"]):
+            await pilot.press(key)
+            assert t.sort_key == col
+        assert t.sort_reverse is True  # started: newest first
+        await pilot.press("9")
+        assert t.sort_key == "started" and t.sort_reverse is False  # a second press flips
+        # the cursor stays on its run across a sort
+        await pilot.press("home", "down")
+        current = t.current_id
+        await pilot.press("1")
+        assert t.current_id == current
+        await pilot.press("space")  # marks and moves down
+        assert t.marked == {current} and t.current_id != current
+        await pilot.press("space")
+        assert current in t.marked and len(t.marked) == 2
+        await pilot.press("up", "space")  # unmark
+        assert current in t.marked and len(t.marked) == 1
+        assert "1 marked" in str(screen.query_one("#statusline").render())
+
+
+async def test_filter_key(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        await pilot.press("slash")
+        await pilot.press(*"status:finished")
+        assert {r["status"] for r in screen.table.rows} == {"finished"} and len(screen.table.rows) == 2
+        await pilot.press("enter")
+        assert screen.table.has_focus and len(screen.table.rows) == 2
+        await pilot.press("slash", *" minilm-lr3", "enter")
+        assert ids(screen) == ["20261122-100000-bbbb"]
+        await pilot.press("escape")
+        assert len(screen.table.rows) == 5 and screen.filter_text == ""
+
+
+async def test_enter_opens_detail_with_curves_log_and_system(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        target = "20261122-113000-dddd"  # running
+        await goto(pilot, screen, lambda r: r["id"] == target)
+        await pilot.press("enter")
+        detail = app.screen
+        assert isinstance(detail, RunDetailScreen)
+        await wait_for(pilot, lambda: detail.run is not None and detail.tail is not None and detail.tail.lines)
+        await pilot.pause()
+        info = str(detail.query_one("#info").render())
+        assert "minilm-seed3" in info and "running" in info and "folds 1/3" in info
+        assert len(detail.series["train/loss"]) == 80 and len(detail.tail.lines) == 12
+        assert detail.query_one("#log").line_count == 12
+        system = str(detail.query_one("#system").render())
+        assert "GPU0 87%" in system and "412W" in system and "host CPU 37%" in system
+        assert "step 80/120 (67%)" in system and "ETA 2:00" in system  # 40 steps left at 1 step / 3 s
+        assert detail.curve_name == "train/loss"
+        await pilot.press("m")
+        assert detail.curve_name == "eval/ndcg" and "eval/ndcg" in str(detail.query_one("#curve-title").render())
+        await pilot.press("M")
+        assert detail.curve_name == "train/loss"
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.press("s")  # no live process behind this fixture run: a confirm dialog still guards it
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert isinstance(app.screen, RunDetailScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+
+
+async def test_detail_log_follows_a_growing_file(fixture_db, tmp_path):
+    app = fixture_app(fixture_db)
+    RunDetailScreen_interval = 0.1
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        rid = RUNS[3][0]
+        app.push_screen(RunDetailScreen(app.services, rid, refresh_interval=RunDetailScreen_interval))
+        detail = app.screen
+        await wait_for(pilot, lambda: detail.tail is not None and len(detail.tail.lines) == 12)
+        with open(tmp_path / "runs" / rid / "train.log", "a") as fh:
+            fh.write("2026-11-22 12:00:01 INFO fold 1 step 10 epoch 0.25 loss 0.9000\npartial line without newline")
+        await wait_for(pilot, lambda: len(detail.tail.lines) == 13)
+        assert detail.tail.lines[-1].endswith("loss 0.9000")
+        with open(tmp_path / "runs" / rid / "train.log", "a") as fh:
+            fh.write(" completed\n")
+        await wait_for(pilot, lambda: len(detail.tail.lines) == 14)
+        assert detail.tail.lines[-1] == "partial line without newline completed"
+        assert detail.query_one("#log").line_count == 14
+
+
+async def test_stop_key_on_a_finished_run_warns(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        await goto(pilot, screen, lambda r: r["status"] == "finished")
+        await pilot.press("s")
+        assert isinstance(app.screen, RunsScreen)
+        assert any("nothing to stop" in n.message for n in app._notifications)
+
+
+async def test_compare_needs_two_marks_then_shows_metrics_diff_curves(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await loaded(pilot)
+        await pilot.press("c")
+        assert isinstance(app.screen, RunsScreen) and any("at least two" in n.message for n in app._notifications)
+        for rid in ("20261122-090000-aaaa", "20261122-100000-bbbb"):
+            await goto(pilot, screen, lambda r, rid=rid: r["id"] == rid)
+            await pilot.press("space")
+        await pilot.press("c")
+        cmp = app.screen
+        assert isinstance(cmp, CompareScreen)
+        await wait_for(pilot, lambda: cmp.loaded)
+        from textual.widgets import DataTable, TabbedContent
+
+        mt = cmp.query_one("#metrics-table", DataTable)
+        first = [str(c) for c in mt.get_row_at(0)]
+        assert first[0] == "CV nDCG"
+        # runs in table order (newest first): bbbb (CV 0.84, best) then aaaa (0.82); fold std of 0.006+0.004*k
+        assert first[1].startswith("[b green]0.84 ±0.003") and first[2].startswith("0.82 ±0.003")
+        ct = cmp.query_one("#config-table", DataTable)
+        keys = [str(ct.get_row_at(i)[0]) for i in range(ct.row_count)]
+        assert keys == ["name", "train.lr", "train.seed"]  # only what differs
+        await pilot.press("2")
+        assert cmp.query_one(TabbedContent).active == "config"
+        await pilot.press("3")
+        assert cmp.query_one(TabbedContent).active == "curves"
+        assert "train/loss (240 points)" in str(cmp.query_one("#curve-title").render())
+        await pilot.press("m")
+        assert "eval/ndcg (12 points)" in str(cmp.query_one("#curve-title").render())
+        await pilot.press("1")
+        assert cmp.query_one(TabbedContent).active == "metrics"
+        await pilot.press("r")
+        await wait_for(pilot, lambda: cmp.loaded)
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+
+
+async def test_new_run_dialog_validates_overrides(fixture_db, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "a.yaml").write_text("name: a\ndata: {dir: data/x}\nmodel: {name: all-MiniLM-L6-v2}\n")
+    app = fixture_app(fixture_db, configs_dir=str(configs))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("n")
+        dlg = app.screen
+        assert isinstance(dlg, NewRunScreen)
+        check = dlg.query_one("#check")
+        await wait_for(pilot, lambda: "ok" in str(check.render()))
+        dlg.query_one("#overrides").text = "train.nosuchkey=3"
+        await wait_for(pilot, lambda: "nosuchkey" in str(check.render()))
+        assert dlg.valid is False
+        dlg.query_one("#overrides").text = "train.epochs=3"
+        await wait_for(pilot, lambda: "3 epochs" in str(check.render()))
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+
+
+async def test_help_and_command_palette(fixture_db):
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        commands = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"New run", "Compare marked runs", "Filter runs"} <= set(commands)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        from textual.command import CommandPalette
+
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.press(*"Filter runs", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, RunsScreen) and app.screen.query_one("#filter").has_focus
+
+
+async def test_a_broken_database_becomes_a_notification(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "runs.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    app = fixture_app(bad)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: any("not a runs database" in n.message or "cannot open" in n.message
+                                          for n in app._notifications))
+        assert app.is_running and isinstance(app.screen, RunsScreen)
+
+
+def test_first_paint_and_frozen_clock_do_not_depend_on_wall_time(fixture_db):
+    # the fixture's durations are computed from the injected clock, not time.time()
+    from workbench.tui.services import Services
+
+    s = Services(str(fixture_db), clock=lambda: NOW + 60)
+    assert s.duration({"started": "2026-11-22T11:59:00+00:00", "ended": None}) == pytest.approx(120)
+    assert os.path.basename(s.display_path()) == "runs.db"
