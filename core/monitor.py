@@ -67,7 +67,7 @@ class GpuProbe:
         except ImportError:
             self.reason = "nvidia-ml-py not installed"
         except Exception as exc:  # noqa: BLE001 - pynvml.NVMLError and friends
-            self.reason = f"no NVIDIA driver: {type(exc).__name__}"
+            self.reason = "no NVIDIA driver" if "NotFound" in type(exc).__name__ else f"NVML: {type(exc).__name__}"
 
     def read(self) -> list[GpuStats]:
         """One :class:`GpuStats` per device (empty list without NVML)."""

@@ -122,3 +122,20 @@ def tiny_bert(tmp_path_factory, sample_frames) -> Path:
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(folder)
     return folder
+
+
+def tiny_config(tmp_path: Path, data_dir: Path, model_dir: Path, **train) -> str:
+    """A YAML config training the tiny BERT on ``data_dir`` (2 folds, logs every step); returns its path."""
+    import yaml
+
+    cfg = {
+        "name": "cli-tiny", "output_dir": str(tmp_path / "runs"),
+        "data": {"dir": str(data_dir)},
+        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "model": {"name": str(model_dir)},
+        "train": {"folds": 2, "epochs": 1, "batch_size": 32, "log_every": 1, "save_checkpoints": False, **train},
+        "blend": {"members": ["bm25"]},
+    }
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)

@@ -18,23 +18,10 @@ from typer.testing import CliRunner
 from core.runs import RunStore
 from workbench import cli
 from workbench.cli import app
+from conftest import tiny_config as _config
 
 runner = CliRunner()
 cli.console.width = 200  # tables as on a wide terminal
-
-
-def _config(tmp_path, data_dir, model_dir, **train) -> str:
-    cfg = {
-        "name": "cli-tiny", "output_dir": str(tmp_path / "runs"),
-        "data": {"dir": str(data_dir)},
-        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
-        "model": {"name": str(model_dir)},
-        "train": {"folds": 2, "epochs": 1, "batch_size": 32, "log_every": 1, "save_checkpoints": False, **train},
-        "blend": {"members": ["bm25"]},
-    }
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return str(p)
 
 
 @pytest.fixture(scope="module")

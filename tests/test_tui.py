@@ -161,7 +161,7 @@ async def test_enter_opens_detail_with_curves_log_and_system(fixture_db):
         assert detail.query_one("#log").line_count == 12
         system = str(detail.query_one("#system").render())
         assert "GPU0 87%" in system and "412W" in system and "host CPU 37%" in system
-        assert "step 80/120 (67%)" in system and "ETA 2:00" in system  # 40 steps left at 1 step / 3 s
+        assert "step 80/120 67%" in system and "ETA 2:00" in system  # 40 steps left at 1 step / 3 s
         assert detail.curve_name == "train/loss"
         await pilot.press("m")
         assert detail.curve_name == "eval/ndcg" and "eval/ndcg" in str(detail.query_one("#curve-title").render())

@@ -66,6 +66,8 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        plot = self.query_one("#curve", PlotWidget)
+        plot.margin_top, plot.margin_bottom = 1, 2
         self.load()
 
     @work(thread=True, exclusive=True, group="compare", exit_on_error=False)

@@ -43,7 +43,7 @@ class RunDetailScreen(Screen):
     RunDetailScreen #curve { height: 1fr; min-height: 6; }
     RunDetailScreen #bottom { height: 1fr; max-height: 14; }
     RunDetailScreen #log { width: 2fr; border: round $panel; border-title-color: $text-muted; }
-    RunDetailScreen #system { width: 1fr; min-width: 26; border: round $panel; padding: 0 1; }
+    RunDetailScreen #system { width: 1fr; min-width: 30; border: round $panel; padding: 0 1; }
     """
 
     def __init__(self, services, run_id: str, refresh_interval: float = 1.5):
@@ -77,6 +77,8 @@ class RunDetailScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        plot = self.query_one("#curve", PlotWidget)
+        plot.margin_top, plot.margin_bottom = 1, 2
         self.query_one("#log", Log).focus()
         self.poll()
         self.set_interval(self.refresh_interval, self.poll)
@@ -141,9 +143,9 @@ class RunDetailScreen(Screen):
         else:
             out.append(f"[dim]no GPU ({escape(probe.reason or 'NVML unavailable')})[/]")
         if tree:
-            out.append(f"run CPU {tree.cpu_percent:.0f}% RSS {tree.rss / 1024**3:.2f}G ({len(tree.pids)} proc)")
+            out.append(f"run: CPU {tree.cpu_percent:.0f}% RSS {tree.rss / 1024**3:.2f}G, {len(tree.pids)} proc")
         else:
-            out.append("run process: not running")
+            out.append("run: no live process")
         out.append(f"host CPU {cpu:.0f}% RAM {ram_used:.1f}/{ram_total:.0f}G")
         sps = self.series.get("train/samples_per_s")
         if sps:
@@ -154,7 +156,7 @@ class RunDetailScreen(Screen):
             rate, eta = estimate_eta(steps, total[-1][2])
             done = steps[-1][1] / total[-1][2] if total[-1][2] else 0.0
             eta_text = format_seconds(eta) if run["status"] in ACTIVE else "-"
-            out.append(f"step {steps[-1][1]:.0f}/{total[-1][2]:.0f} ({done:.0%}) ETA {eta_text}")
+            out.append(f"step {steps[-1][1]:.0f}/{total[-1][2]:.0f} {done:.0%} ETA {eta_text}")
         return "\n".join(out)
 
     # -- UI (event loop) -------------------------------------------------------------------------
@@ -212,9 +214,9 @@ class RunDetailScreen(Screen):
                 plot.plot(xs, ys, line_style=colour, hires_mode=HiResMode.BRAILLE, label=f"fold {fold}")
             else:
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=f"fold {fold}")
-        plot.set_xlabel("epoch (folds in sequence)")
-        title = f"[b]{name}[/]  {len(pts)} points" if pts else f"[b]{name}[/]  no points yet"
-        self.query_one("#curve-title", Static).update(f"{title}   [dim]m: next metric ({', '.join(DETAIL_CURVES)})[/]")
+        title = f"[b]{name}[/] {len(pts)} pts" if pts else f"[b]{name}[/] no points yet"
+        self.query_one("#curve-title", Static).update(
+            f"{title}  [dim]x: epoch, folds in sequence · m/M: {' '.join(DETAIL_CURVES)}[/]")
 
     # -- actions ---------------------------------------------------------------------------------
     def action_back(self) -> None:

@@ -78,14 +78,14 @@ class RunsScreen(Screen):
     database did not change (``PRAGMA data_version``) and only redraws durations."""
 
     BINDINGS = [
-        Binding("enter", "detail", "detail"),
+        Binding("enter", "detail", "open"),
         Binding("n", "new_run", "new"),
         Binding("s", "stop", "stop"),
-        Binding("r", "relaunch", "relaunch"),
-        Binding("space", "mark", "mark"),
-        Binding("c", "compare", "compare"),
+        Binding("r", "relaunch", "rerun"),
+        Binding("space", "mark", "mark", key_display="␣"),
+        Binding("c", "compare", "cmp"),
         Binding("slash", "filter", "filter", key_display="/"),
-        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("question_mark", "help", "keys", key_display="?"),
         Binding("escape", "clear_filter", "clear", show=False),
         *[Binding(str(i + 1), f"sort({i})", show=False) for i in range(len(SORTABLE))],
     ]
@@ -116,7 +116,7 @@ class RunsScreen(Screen):
         yield Static("loading runs…", id="statusline")
         yield Input(placeholder="filter: words or key:value (status:running model:minilm); Enter keeps, Esc clears",
                     id="filter")
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     @property
     def table(self) -> VirtualTable:

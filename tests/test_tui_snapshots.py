@@ -1,0 +1,83 @@
+"""Snapshot tests of every screen at 80x24 and 160x48: fixture runs.db, frozen clock, fake NVML.
+
+Update after an intended change with ``pytest tests/test_tui_snapshots.py --snapshot-update`` and
+look at the SVGs in tests/__snapshots__/ before committing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tui_fixture import build_fixture_db, fixture_app
+
+SIZES = [(80, 24), (160, 48)]
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = build_fixture_db(tmp_path)
+    return fixture_app(db, refresh_interval=3600)  # no refresh during the shot
+
+
+async def _settle(pilot, pred, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "screen did not load"
+        await pilot.pause(0.05)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def _runs_loaded(pilot) -> None:
+    await _settle(pilot, lambda: getattr(pilot.app.screen, "loaded", False))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_runs_screen(snap_compare, app, size):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("down", "space", "down")
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_run_detail_screen(snap_compare, app, size):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("down", "enter")  # the running run
+        await _settle(pilot, lambda: getattr(pilot.app.screen, "polls", 0) >= 1)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("tab", ["1", "2", "3"], ids=["metrics", "config", "curves"])
+def test_compare_screen(snap_compare, app, tab):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("end", "space", "up", "space", "up")
+        await pilot.press("space", "c")  # the two finished runs and the crashed one
+        await _settle(pilot, lambda: getattr(pilot.app.screen, "loaded", False))
+        await pilot.press(tab)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_help_screen(snap_compare, app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("question_mark")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_filter_screen(snap_compare, app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("slash", *"minilm")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
