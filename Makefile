@@ -26,6 +26,7 @@ bench: venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/load_scale.py
+	$(BIN)/python benchmarks/tui_runs.py
 
 clean:
 	rm -rf runs runs.db runs.db-* .cache
