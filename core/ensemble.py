@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -818,7 +821,7 @@ def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name
 
     Raises:
         WorkbenchError: the members have no test predictions.
-        DataError: a written file fails validation (it is removed again, so no invalid file stays).
+        DataError: a written file fails validation (nothing is moved into ``out_dir`` then).
     """
     from core.runs import now_iso
     from core.submission import TASK_FILES, atomic_write, validate_submission, write_task1, write_task2, write_task3
@@ -828,34 +831,41 @@ def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name
                              "nothing to submit")
     out = Path(out_dir)
     test = res.test
+    if 1 in res.tasks and "product_id" not in test.columns:
+        raise WorkbenchError("Task 1 needs product_id in the members' test.parquet")
     files = {}
-    for task in sorted(res.tasks):
-        path = out / TASK_FILES[task]
-        if task == 1:
-            if "product_id" not in test.columns:
-                raise WorkbenchError("Task 1 needs product_id in the members' test.parquet")
-            write_task1(path, test)
-        elif task == 2:
-            write_task2(path, test["example_id"].to_numpy(), test["esci_pred"].to_numpy())
-        else:
-            write_task3(path, test["example_id"].to_numpy(), test["is_substitute"].to_numpy())
-        ref = examples if examples is not None else test[["example_id", "query_id", "product_id"]]
-        try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:  # write + validate everything in a staging folder; move into place only when all pass
+        for task in sorted(res.tasks):
+            path = stage / TASK_FILES[task]
+            if task == 1:
+                write_task1(path, test)
+            elif task == 2:
+                write_task2(path, test["example_id"].to_numpy(), test["esci_pred"].to_numpy())
+            else:
+                write_task3(path, test["example_id"].to_numpy(), test["is_substitute"].to_numpy())
+            ref = examples if examples is not None else test[["example_id", "query_id", "product_id"]]
             summary = validate_submission(path, task, ref)
-        except DataError:
-            path.unlink(missing_ok=True)
-            raise
-        files[task] = {"path": str(path), "sha256": file_sha256(path), "rows": summary["rows"]}
-    manifest = {
-        "name": name, "created": now_iso(),
-        "members": [{"name": m.name, "kind": m.kind, "source": m.source} for m in ms.members],
-        "tasks": {t: info for t, info in res.tasks.items()},
-        "correlation": res.corr.round(6).to_dict() if res.corr is not None else None,
-        "notes": res.notes, "files": files, "oof_rows": int(len(ms.oof)), "test_rows": int(len(ms.test)),
-        **(extra or {}),
-    }
-    text = json.dumps(manifest, indent=1, default=float)
-    atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+            files[task] = {"path": str(out / TASK_FILES[task]), "sha256": file_sha256(path), "rows": summary["rows"]}
+        manifest = {
+            "name": name, "created": now_iso(),
+            "members": [{"name": m.name, "kind": m.kind, "source": m.source} for m in ms.members],
+            "tasks": {t: info for t, info in res.tasks.items()},
+            "correlation": res.corr.round(6).to_dict() if res.corr is not None else None,
+            "notes": res.notes, "files": files, "oof_rows": int(len(ms.oof)), "test_rows": int(len(ms.test)),
+            **(extra or {}),
+        }
+        text = json.dumps(manifest, indent=1, default=float)
+        atomic_write(stage / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+        out.mkdir(parents=True, exist_ok=True)
+        stale = out / "manifest.json"
+        stale.unlink(missing_ok=True)  # a rebuild: no old manifest next to new files, even briefly
+        for task in sorted(res.tasks):
+            os.replace(stage / TASK_FILES[task], out / TASK_FILES[task])
+        os.replace(stage / "manifest.json", out / "manifest.json")  # last: its presence = complete
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if store is not None:
         record_ensemble(store, name, manifest, out)
     return manifest

@@ -14,7 +14,7 @@ from core.ensemble import (
     NdcgEvaluator, build_ensemble, caruana_weights, correlation_matrix, file_sha256, load_members,
     parse_weights, shrink_correlated, tune_task2_bias, tune_task3_threshold,
 )
-from core.errors import WorkbenchError
+from core.errors import DataError, WorkbenchError
 from core.metrics import ESCI_GAINS, ESCI_LABELS, mean_ndcg
 from core.runs import RunStore
 
@@ -300,3 +300,17 @@ def test_scorer_test_scores_recomputed_when_the_run_lacks_them(tmp_path, sample_
     test_df = load_esci(tmp_path / "data", split="test").set_index("example_id").loc[ms.test["example_id"]]
     assert np.allclose(got, bm25_scores(test_df.reset_index()))
     assert mean_ndcg(ms.test["query_id"], got, ms.test["esci_label"]) > 0.8  # BM25-level ranking on real queries
+
+
+def test_build_that_fails_validation_writes_nothing(fake_store, sample_frames):
+    """Validating against a test set the members do not cover: no file, no manifest, no record."""
+    from core.ensemble import write_ensemble
+
+    store, ex, root = fake_store
+    ms = load_members(store, ["run-good", "run-mid"])
+    res = build_ensemble(ms, (1, 2, 3), "equal")
+    other = ex[ex["split"] == "test"].iloc[10:]  # 10 fewer test examples than predicted
+    with pytest.raises(DataError, match="not in the test examples"):
+        write_ensemble(res, ms, root / "subs" / "bad", "bad", store=store, examples=other)
+    assert sorted(p.name for p in (root / "subs").iterdir()) == []  # no folder, no staging left
+    assert "ensembles" not in store.db.table_names()
