@@ -314,3 +314,14 @@ def test_build_that_fails_validation_writes_nothing(fake_store, sample_frames):
         write_ensemble(res, ms, root / "subs" / "bad", "bad", store=store, examples=other)
     assert sorted(p.name for p in (root / "subs").iterdir()) == []  # no folder, no staging left
     assert "ensembles" not in store.db.table_names()
+
+
+def test_shrink_lowers_a_duplicated_run(fake_store):
+    store, ex, root = fake_store
+    make_run(store, root, "run-twin", ex, noise=0.8, seed=1, scorers={"bm25": _gainish})  # = run-good
+    ms = load_members(store, ["run-good", "run-twin", "run-mid"])
+    res = build_ensemble(ms, (1, 2), "equal", shrink=0.95)
+    assert res.corr.loc["run-good", "run-twin"] == pytest.approx(1.0)
+    for t in (1, 2):
+        w = res.tasks[t]["weights"]
+        assert w[0] == pytest.approx(w[1]) and w[0] == pytest.approx(w[2] / 2)  # the pair shares one share
