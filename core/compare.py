@@ -102,8 +102,19 @@ def config_diff(configs: dict[str, dict[str, Any]], ignore: Sequence[str] = ("ou
 
 
 def run_configs(store: RunStore, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """run id -> its stored config dict (``{}`` when none)."""
-    return {rid: json.loads(store.get_run(rid).get("config") or "{}") for rid in run_ids}
+    """run id -> its stored config dict (``{}`` when none), with today's defaults filled in
+    (through :func:`core.config.config_from_dict`) so that a section added since an older run
+    does not show up as a difference; a config that no longer validates is compared as stored."""
+    from core.config import config_from_dict
+
+    out = {}
+    for rid in run_ids:
+        raw = json.loads(store.get_run(rid).get("config") or "{}")
+        try:
+            out[rid] = config_from_dict(raw).to_dict() if raw else {}
+        except Exception:  # noqa: BLE001 - ConfigError and friends: compare what is stored
+            out[rid] = raw
+    return out
 
 
 def curve(store: RunStore, run_id: str, name: str) -> list[tuple[float, float, int]]:

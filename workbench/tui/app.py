@@ -52,6 +52,9 @@ class WorkbenchApp(App):
         yield SystemCommand("New run", "pick a config, edit overrides, launch detached", runs.action_new_run)
         yield SystemCommand("Compare marked runs", "metrics, config diff, curves", runs.action_compare)
         yield SystemCommand("Filter runs", "by words or key:value", runs.action_filter)
+        yield SystemCommand("Ensemble", "weights, OOF scores and one-key submission files for the marked runs",
+                            runs.action_ensemble)
+        yield SystemCommand("Review label issues", "the label-error queue of the current run", runs.action_labels)
         yield SystemCommand("Reload runs", "re-read runs.db now", lambda: runs.reload(force=True))
         yield SystemCommand("Keys", "all key bindings", runs.action_help)
 

@@ -178,6 +178,7 @@ HELP = """\
   r  relaunch with the same config        space  mark / unmark
   c  compare marked runs                  /      filter (words, status:running, model:e5)
   1-9  sort by a column (again: reverse)  esc    clear filter
+  e  ensemble of the marked runs          l      label review of this run
   ctrl+p  command palette                 q      quit (runs keep going)
 [b]Run detail[/]
   m / M  next / previous metric curve     s  stop    r  relaunch    esc  back

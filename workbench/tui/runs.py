@@ -85,6 +85,8 @@ class RunsScreen(Screen):
         Binding("space", "mark", "mark", key_display="␣"),
         Binding("c", "compare", "cmp"),
         Binding("slash", "filter", "filter", key_display="/"),
+        Binding("e", "ensemble", "ens"),
+        Binding("l", "labels", "labels", show=False),
         Binding("question_mark", "help", "keys", key_display="?"),
         Binding("escape", "clear_filter", "clear", show=False),
         *[Binding(str(i + 1), f"sort({i})", show=False) for i in range(len(SORTABLE))],
@@ -271,6 +273,26 @@ class RunsScreen(Screen):
         from workbench.tui.compare import CompareScreen
 
         self.app.push_screen(CompareScreen(self.services, ids))
+
+    def action_ensemble(self) -> None:
+        """Ensemble screen over the marked runs (or the current one)."""
+        ids = [r["id"] for r in self.all_rows if r["id"] in self.table.marked]
+        if not ids and self.table.current:
+            ids = [self.table.current_id]
+        if not ids:
+            self.notify("mark runs with space, then press e", severity="warning")
+            return
+        from workbench.tui.ensemble import EnsembleScreen
+
+        self.app.push_screen(EnsembleScreen(self.services.store(), ids))
+
+    def action_labels(self) -> None:
+        """Label-review queue of the current run (after `workbench labels find RUN`)."""
+        row = self._current()
+        if row:
+            from workbench.tui.review import ReviewScreen
+
+            self.app.push_screen(ReviewScreen(self.services.store(), row["id"]))
 
     def action_new_run(self) -> None:
         from workbench.tui.dialogs import NewRunScreen
