@@ -55,6 +55,15 @@ def build_db(path: Path, n_runs: int, seed: int = 0) -> None:
     store.close()
 
 
+async def _page_down_time(pilot, pages: int) -> float:
+    """Mean seconds per page-down, each followed by a redraw."""
+    t1 = time.perf_counter()
+    for _ in range(pages):
+        await pilot.press("pagedown")
+        await pilot.pause()
+    return (time.perf_counter() - t1) / pages
+
+
 async def time_workbench(db: Path, pages: int) -> tuple[float, float]:
     """(seconds to first paint of the Runs screen with all rows, seconds per page-down)."""
     from workbench.tui.app import WorkbenchApp
@@ -68,11 +77,7 @@ async def time_workbench(db: Path, pages: int) -> tuple[float, float]:
             screen = app.screen
         await pilot.pause()  # the frame with the rows is drawn
         first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(pages):
-            await pilot.press("pagedown")
-            await pilot.pause()
-        per_page = (time.perf_counter() - t1) / pages
+        per_page = await _page_down_time(pilot, pages)
         assert screen.table.cursor > 0
     return first, per_page
 
@@ -104,11 +109,7 @@ async def time_builtin_datatable(db: Path, pages: int) -> tuple[float, float]:
             await asyncio.sleep(0.005)
         await pilot.pause()
         first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(pages):
-            await pilot.press("pagedown")
-            await pilot.pause()
-        per_page = (time.perf_counter() - t1) / pages
+        per_page = await _page_down_time(pilot, pages)
     return first, per_page
 
 

@@ -6,7 +6,8 @@ runs.db, so ``stop`` signals the whole group), starts the trainer as its child a
 trainer exits and has not written a final status itself (SIGKILL by the OOM killer, a segfault,
 ``os._exit``), the supervisor marks the run ``crashed`` (killed by a signal) or ``failed`` (any other exit) with the exit code (``128 + signal`` for a
 signal, as a shell reports it). SIGTERM/SIGINT are passed on to the trainer, which writes
-``stopped`` itself. If the machine reboots nobody writes anything; a UI then finds the pid gone
+``stopped`` itself (or, if the stop came before the trainer could handle it, the supervisor
+writes ``stopped``). If the machine reboots nobody writes anything; a UI then finds the pid gone
 and marks the run ``crashed`` with no exit code (:func:`core.launcher.refresh_statuses`).
 """
 
@@ -33,7 +34,10 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
     env = {**os.environ, "WORKBENCH_SUPERVISOR_PID": str(os.getpid())}
     child = subprocess.Popen(cmd, env=env)
 
+    stop_requested: list[int] = []
+
     def _forward(signum, frame):
+        stop_requested.append(signum)
         try:
             child.send_signal(signum)
         except ProcessLookupError:
@@ -51,7 +55,10 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
     store = RunStore(db)
     try:
         run = store.get_run(run_id)
-        if run["status"] not in FINAL:
+        if run["status"] not in FINAL and stop_requested:
+            # stopped before the trainer installed its own handler (e.g. while importing torch)
+            store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=code)
+        elif run["status"] not in FINAL:
             store.update_run(run_id, status="crashed" if rc < 0 else "failed", ended=now_iso(), exit_code=code,
                              error=run.get("error") or f"trainer exited with code {code} without a final status")
         elif run.get("exit_code") is None:

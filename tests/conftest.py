@@ -139,3 +139,14 @@ def tiny_config(tmp_path: Path, data_dir: Path, model_dir: Path, **train) -> str
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return str(p)
+
+
+async def wait_until(pilot, pred, timeout: float = 15.0, what: str = "condition") -> None:
+    """Let a Textual app run (Pilot) until ``pred()`` holds; AssertionError after ``timeout`` s."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, f"timed out waiting for {what}"
+        await pilot.pause(0.05)

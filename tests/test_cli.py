@@ -96,13 +96,20 @@ def test_launch_detached_then_stop_leaves_no_process(tmp_path, small_dataset, ti
     assert run["status"] == "stopped" and run["exit_code"] == 143  # the trainer marked itself on SIGTERM
 
 
-def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
+def _launch_running(tmp_path, small_dataset, tiny_bert):
+    """Launch a long tiny training detached; wait until it runs. Returns (db path, store, run id)."""
     db = str(tmp_path / "runs.db")
     cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
     res = runner.invoke(app, ["launch", cfg, "--db", db])
+    assert res.exit_code == 0, res.output
     run_id = res.output.strip().splitlines()[0]
     store = RunStore(db)
     assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    return db, store, run_id
+
+
+def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
+    db, store, run_id = _launch_running(tmp_path, small_dataset, tiny_bert)
     pid = store.get_run(run_id)["pid"]
     os.killpg(pid, signal.SIGKILL)
     assert _wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
@@ -112,12 +119,7 @@ def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
 
 def test_trainer_killed_by_sigkill_gets_exit_code_from_supervisor(tmp_path, small_dataset, tiny_bert):
     """The OOM-killer case: only the trainer dies by SIGKILL; its supervisor records crashed / 137."""
-    db = str(tmp_path / "runs.db")
-    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
-    res = runner.invoke(app, ["launch", cfg, "--db", db])
-    run_id = res.output.strip().splitlines()[0]
-    store = RunStore(db)
-    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    db, store, run_id = _launch_running(tmp_path, small_dataset, tiny_bert)
     supervisor = psutil.Process(store.get_run(run_id)["pid"])
     trainer = supervisor.children()[0]
     assert "train" in trainer.cmdline()
@@ -143,7 +145,22 @@ def test_relaunch_uses_the_stored_config(tmp_path, small_dataset, tiny_bert):
         assert b == a and b["train"]["seed"] == 7
         assert (tmp_path / "runs" / second / "launch.yaml").is_file()
         assert _wait(lambda: store.get_run(second)["status"] == "running")
+        assert _wait(lambda: store.get_run(first)["status"] == "running")
     finally:
         for r in (first, second):
             stop_run(store, r, grace=20)
     assert {store.get_run(r)["status"] for r in (first, second)} == {"stopped"}
+
+
+def test_a_run_stopped_while_still_starting_is_stopped_not_crashed(tmp_path, small_dataset, tiny_bert):
+    """SIGTERM during the trainer's imports (before its own handler): the supervisor writes stopped."""
+    from core.launcher import stop_run
+
+    db = str(tmp_path / "runs.db")
+    cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
+    res = runner.invoke(app, ["launch", cfg, "--db", db])
+    run_id = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+    assert store.get_run(run_id)["status"] == "queued"
+    assert stop_run(store, run_id, grace=20) == "stopped"
+    assert store.get_run(run_id)["exit_code"] in (143, -9)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import pytest
 
+from conftest import wait_until as wait_for
 from tui_fixture import NOW, RUNS, build_fixture_db, fixture_app
 from workbench.tui.compare import CompareScreen
 from workbench.tui.detail import RunDetailScreen
@@ -18,15 +18,6 @@ from workbench.tui.runs import RunsScreen, matches, sort_rows
 def fixture_db(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return build_fixture_db(tmp_path)
-
-
-async def wait_for(pilot, pred, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await pilot.pause(0.05)
 
 
 async def loaded(pilot) -> RunsScreen:

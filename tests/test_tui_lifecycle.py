@@ -4,28 +4,19 @@ no process of the run is left."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 
 import psutil
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_until
 from core.runs import RunStore
 from tui_fixture import fake_gpu, frozen_host
 from workbench.tui.app import WorkbenchApp
 from workbench.tui.detail import RunDetailScreen
 from workbench.tui.dialogs import ConfirmScreen, NewRunScreen
 from workbench.tui.runs import RunsScreen
-
-
-async def wait_for(pilot, pred, timeout: float = 60.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await pilot.pause(0.1)
 
 
 def _alive(pids) -> list[int]:
@@ -57,22 +48,22 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
         app = _app(db)
         async with app.run_test(size=(80, 24)) as pilot:
             runs = app.screen
-            await wait_for(pilot, lambda: runs.loaded, what="first load")
+            await wait_until(pilot, lambda: runs.loaded, timeout=60, what="first load")
             await pilot.press("n")
             dlg = app.screen
             assert isinstance(dlg, NewRunScreen)
-            await wait_for(pilot, lambda: dlg.valid, what="config validation")
+            await wait_until(pilot, lambda: dlg.valid, timeout=60, what="config validation")
             dlg.query_one("#overrides").text = "train.seed=11"
             await pilot.press("ctrl+s")
-            await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, what="launch")
+            await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, timeout=60, what="launch")
             run_id = dlg.launched
-            await wait_for(pilot, lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
-                           what="running status in the table")
+            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
+                           timeout=60, what="running status in the table")
             await pilot.press("enter")  # watch it: metrics arrive from the detached trainer
             detail = app.screen
             assert isinstance(detail, RunDetailScreen)
-            await wait_for(pilot, lambda: len(detail.series.get("train/loss", [])) >= 2, what="live metrics")
-            await wait_for(pilot, lambda: detail.tail is not None and len(detail.tail.lines) > 0, what="log lines")
+            await wait_until(pilot, lambda: len(detail.series.get("train/loss", [])) >= 2, timeout=60, what="live metrics")
+            await wait_until(pilot, lambda: detail.tail is not None and len(detail.tail.lines) > 0, timeout=60, what="log lines")
             await pilot.press("q")
         run = store.get_run(run_id)
         assert run["status"] == "running" and run["config"] and '"seed": 11' in run["config"]
@@ -85,17 +76,17 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
         app = _app(db)
         async with app.run_test(size=(80, 24)) as pilot:
             runs = app.screen
-            await wait_for(pilot, lambda: runs.loaded, what="reload")
+            await wait_until(pilot, lambda: runs.loaded, timeout=60, what="reload")
             assert [r["status"] for r in runs.all_rows if r["id"] == run_id] == ["running"]
             await pilot.press("home")
             assert runs.table.current_id == run_id
             await pilot.press("s")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("y")
-            await wait_for(pilot, lambda: any(n.message == f"run {run_id}: stopped" for n in app._notifications),
-                           what="the stop to complete")  # stop_run returns once the group is gone
-            await wait_for(pilot, lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
-                           what="stopped status in the table")
+            await wait_until(pilot, lambda: any(n.message == f"run {run_id}: stopped" for n in app._notifications),
+                           timeout=60, what="the stop to complete")  # stop_run returns once the group is gone
+            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
+                           timeout=60, what="stopped status in the table")
         assert _alive(group) == []
         run = store.get_run(run_id)
         assert run["status"] == "stopped" and run["exit_code"] == 143

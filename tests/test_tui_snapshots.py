@@ -6,10 +6,9 @@ look at the SVGs in tests/__snapshots__/ before committing them.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
+from conftest import wait_until
 from tui_fixture import build_fixture_db, fixture_app
 
 SIZES = [(80, 24), (160, 48)]
@@ -22,12 +21,8 @@ def app(tmp_path, monkeypatch):
     return fixture_app(db, refresh_interval=3600)  # no refresh during the shot
 
 
-async def _settle(pilot, pred, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "screen did not load"
-        await pilot.pause(0.05)
+async def _settle(pilot, pred) -> None:
+    await wait_until(pilot, pred, what="the screen to load")
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
 
