@@ -116,6 +116,49 @@ class LabelsConfig:
 
 
 @dataclass
+class TricksConfig:
+    """The seeds' training techniques (core.tricks), each off by default and composable.
+
+    Sources and the exact formulas are in the docstrings of core.tricks; ``workbench ablate``
+    turns them on one after another (see the README's ablation section).
+    """
+
+    ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
+    ema_decay: float = 0.999  # with the TF warm-up min(decay, (1 + t) / (10 + t))
+    fgm: bool = False  # adversarial training on the word embeddings, one step of norm fgm_epsilon
+    fgm_epsilon: float = 1.0
+    pgd: bool = False  # K-step PGD on the word embeddings (not together with fgm)
+    pgd_steps: int = 3
+    pgd_alpha: float = 0.3
+    pgd_epsilon: float = 1.0
+    awp: bool = False  # adversarial weight perturbation
+    awp_lr: float = 1.0
+    awp_eps: float = 0.01
+    awp_start_epoch: float = 0.0  # start after this many epochs (fractional) ...
+    awp_start_loss: float | None = None  # ... and once the running training loss is <= this
+    rdrop: bool = False  # symmetric KL between two dropout passes
+    rdrop_alpha: float = 1.0
+    loss: Literal["ce", "poly1", "focal"] = "ce"
+    poly1_epsilon: float = 1.0
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None  # E, S, C, I
+    msd: bool = False  # multi-sample dropout head
+    msd_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    layer_pooling: bool = False  # learned weights over the last layer_pooling_last hidden layers
+    layer_pooling_last: int = 4
+    mixup: bool = False  # mixup of the pooled vectors, lam ~ Beta(alpha, alpha)
+    mixup_alpha: float = 0.4
+    self_distill: bool = False  # train the folds, then retrain on w * OOF + (1 - w) * hard labels
+    distill_weight: float = 0.3
+    pseudo_label: bool = False  # add test pairs with max probability >= threshold as soft labels
+    pseudo_threshold: float = 0.7
+    llrd: bool = False  # layer-wise learning-rate decay
+    llrd_decay: float = 0.9
+    grad_checkpointing: bool = False  # recompute activations in backward (large backbones on a GPU)
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; saved as ``runs/<run_id>/config.yaml``."""
 
@@ -127,6 +170,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    tricks: TricksConfig = field(default_factory=TricksConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML serialisable)."""

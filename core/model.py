@@ -67,6 +67,28 @@ def load_tokenizer(name: str):
         raise ConfigError(f"model.name={name}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
 
 
+class WeightedLayerPooling(nn.Module):
+    """Learned weighted average of the last ``k`` hidden layers: ``sum_i w_i h_i / sum_i w_i``.
+
+    ``forward(hidden_states)`` takes the backbone's tuple of (B, T, H) layer outputs (embeddings
+    first) and returns (B, T, H). Weights start equal (1.0). Source: the Kaggle CommonLit /
+    Feedback Prize "WeightedLayerPooling" used by the KDD Cup 2022 Task-1 winner; layer mixing as
+    in ELMo's scalar mix (Peters et al. 2018, arXiv:1802.05365).
+    """
+
+    def __init__(self, k: int):
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"tricks.layer_pooling_last={k}: expected >= 1")
+        self.k = k
+        self.layer_weights = nn.Parameter(torch.ones(k))
+
+    def forward(self, hidden_states) -> torch.Tensor:
+        layers = torch.stack(hidden_states[-self.k:], dim=0)  # (k, B, T, H)
+        w = self.layer_weights.to(layers.dtype).view(-1, 1, 1, 1)
+        return (w * layers).sum(0) / w.sum()
+
+
 class CrossEncoder(nn.Module):
     """Backbone + pooling + dropout + linear head over the 4 ESCI classes.
 
@@ -74,24 +96,35 @@ class CrossEncoder(nn.Module):
         backbone: a transformers ``PreTrainedModel`` returning ``last_hidden_state`` (B, T, H).
         pooling: ``"cls"`` (first token) or ``"mean"`` (masked mean over tokens).
         dropout: dropout rate before the head.
+        msd_rates: multi-sample dropout: one dropout per rate, the head's logits averaged over
+            them (Inoue 2019, arXiv:1905.09788); None = the single ``dropout``. Identical to the
+            plain head at evaluation (dropout off).
+        layer_pooling_last: weighted layer pooling over the last K hidden layers (K >= 1, clamped to
+            the backbone's layers + embeddings) before the token pooling; 0 = last layer only.
 
-    ``forward(input_ids, attention_mask, token_type_ids=None)`` -> logits (B, 4), float32.
+    ``forward(input_ids, attention_mask, token_type_ids=None, mix=None)`` -> logits (B, 4), float32;
+    ``features(...)`` -> pooled vectors (B, H) and ``classify(pooled)`` -> logits (used by mixup).
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str = "mean", dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, pooling: str = "mean", dropout: float = 0.1,
+                 msd_rates: list[float] | None = None, layer_pooling_last: int = 0):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.pooling={pooling}: expected cls or mean")
         self.backbone = backbone
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
+        self.msd = nn.ModuleList(nn.Dropout(r) for r in msd_rates) if msd_rates else None
+        n_hidden = int(getattr(backbone.config, "num_hidden_layers", 1) or 1) + 1
+        self.layer_pool = WeightedLayerPooling(min(layer_pooling_last, n_hidden)) if layer_pooling_last else None
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, N_CLASSES)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_pretrained(cls, name: str, pooling: str = "mean", dropout: float = 0.1) -> "CrossEncoder":
+    def from_pretrained(cls, name: str, pooling: str = "mean", dropout: float = 0.1,
+                        msd_rates: list[float] | None = None, layer_pooling_last: int = 0) -> "CrossEncoder":
         """Build from ``model.name`` (resolved by :func:`resolve_model_path`).
 
         Raises:
@@ -108,7 +141,8 @@ class CrossEncoder(nn.Module):
             backbone = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
-        return cls(backbone, pooling=pooling, dropout=dropout)
+        return cls(backbone, pooling=pooling, dropout=dropout, msd_rates=msd_rates,
+                   layer_pooling_last=layer_pooling_last)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, H)."""
@@ -117,13 +151,32 @@ class CrossEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Pooled vectors (B, H) of the pairs (before dropout and head)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and getattr(self.backbone.config, "type_vocab_size", 0) > 1:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state
-        pooled = self.pool(hidden, attention_mask)
-        return self.head(self.dropout(pooled)).float()
+        if self.layer_pool is not None:
+            out = self.backbone(**kwargs, output_hidden_states=True)
+            hidden = self.layer_pool(out.hidden_states)
+        else:
+            hidden = self.backbone(**kwargs).last_hidden_state
+        return self.pool(hidden, attention_mask)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled (B, H) -> logits (B, 4) float32 (dropout, or the multi-sample dropout average)."""
+        if self.msd is None:
+            return self.head(self.dropout(pooled)).float()
+        return torch.stack([self.head(d(pooled)) for d in self.msd], 0).mean(0).float()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, mix=None) -> torch.Tensor:
+        """Logits (B, 4). ``mix=(lam, perm)``: embedding mixup of the pooled vectors,
+        ``lam * x + (1 - lam) * x[perm]`` (core.tricks.mixup; mix the targets the same way)."""
+        pooled = self.features(input_ids, attention_mask, token_type_ids)
+        if mix is not None:
+            lam, perm = mix
+            pooled = lam * pooled + (1.0 - lam) * pooled[perm]
+        return self.classify(pooled)
 
 
 def collate(encoded, indices: np.ndarray | list[int], pad_id: int) -> dict[str, torch.Tensor]:

@@ -35,6 +35,8 @@ from core.folds import assign_folds
 from core.labels import apply_to_training
 from core.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
 from core.model import CrossEncoder, collate, load_tokenizer
+from core.tricks import (AWP, EMA, FGM, PGD, classification_loss, distill_targets, draw_mixup, param_groups,
+                         parse_class_weights, rdrop_kl, select_pseudo_labels)
 from core.report import PROB_COLUMNS
 from core.runs import RunStore, now_iso
 from core.text import EncodedPairs, encode_pairs_cached
@@ -168,24 +170,6 @@ def _eval_metrics(probs: np.ndarray, frame: pd.DataFrame) -> dict[str, float]:
         "task2_f1": micro_f1_task2(labels, pred),
         "task3_f1": micro_f1_task3(labels, pred == "S"),
     }
-
-
-def _param_groups(model: CrossEncoder, lr: float, head_lr: float, weight_decay: float):
-    decay, no_decay, head = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("head."):
-            head.append(p)
-        elif p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": head, "lr": head_lr, "weight_decay": 0.0},
-    ]
 
 
 def _setup_file_log(run_dir: Path) -> logging.Handler:
@@ -330,121 +314,249 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     log.info("device %s, mixed precision %s, processes %d", device, mp, accelerator.num_processes)
 
+    # ---- training techniques (core.tricks; config section ``tricks``, all off by default) -------
+    tk = cfg.tricks
+    if tk.fgm and tk.pgd:
+        raise ConfigError("tricks.fgm and tricks.pgd both perturb the word embeddings: turn on one of them")
+    class_weights = parse_class_weights(tk.class_weights)
+    # targets are class-probability rows (one-hot for hard labels; soft for distillation/pseudo-labels)
+    hard_targets = np.zeros((len(df), 4), dtype=np.float32)
+    codes = pd.Series(fit_labels).map(LABEL_TO_INDEX)
+    has_label = codes.notna().to_numpy()
+    hard_targets[np.flatnonzero(has_label), codes[has_label].astype(int).to_numpy()] = 1.0
+    two_stage = tk.self_distill or tk.pseudo_label  # a teacher k-fold pass first
+
     steps_per_epoch = {k: math.ceil(math.ceil(((folds != k) & fit_mask[train_idx]).sum() / tc.batch_size) / tc.grad_accum) for k in run_folds}
-    total_steps = sum(steps_per_epoch[k] * tc.epochs for k in run_folds)
+    total_steps = sum(steps_per_epoch[k] * tc.epochs for k in run_folds) * (2 if two_stage else 1)
     progress.start(total_steps, "training")
     # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
     store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(total_steps), "fold": -1}])
-
-    oof_probs = np.full((len(train_idx), 4), np.nan, dtype=np.float32)
-    test_probs = np.zeros((len(test_idx), 4), dtype=np.float64)
-    fold_metrics: list[dict[str, Any]] = []
     global_step = 0
 
-    for k in run_folds:
-        t_fold = time.time()
-        set_seed(tc.seed + k)
-        tr = train_idx[(folds != k) & fit_mask[train_idx]]  # rows of df trained on (dropped labels left out)
-        va_local = np.flatnonzero(folds == k)  # rows of train_df
-        va = train_idx[va_local]
-        va_frame = train_df.iloc[va_local]
-        model = CrossEncoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.dropout)
-        if cfg.model.freeze_embeddings:
-            model.backbone.get_input_embeddings().weight.requires_grad_(False)
-        optimizer = torch.optim.AdamW(_param_groups(model, tc.lr, tc.head_lr, tc.weight_decay))
-        n_steps = steps_per_epoch[k] * tc.epochs
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
-        sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
-        loader = torch.utils.data.DataLoader(
-            np.arange(len(encoded)), batch_sampler=sampler,  # the sampler yields rows of df
-            collate_fn=lambda idx: {**collate(encoded, idx, pad_id), "labels": torch.from_numpy(fit_targets[idx])},
-        )
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-        batches_per_epoch = len(sampler)
-        eval_points = {
-            min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
-            for j in range(tc.evals_per_epoch)
-        }
-        best = {"ndcg": -1.0}
-        best_state = None
-        window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
-        fold_step = 0
-        for epoch in range(tc.epochs):
-            model.train()
-            for b_i, batch in enumerate(loader, start=1):
-                with accelerator.accumulate(model):
-                    labels = batch.pop("labels")
-                    logits = model(**batch)
-                    loss = F.cross_entropy(logits, labels)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                window_loss += loss.item()
-                window_n += 1
-                window_pairs += len(labels)
-                if accelerator.sync_gradients:
-                    fold_step += 1
-                    global_step += 1
-                    progress.advance(1, description=f"fold {k} epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
-                    if fold_step % tc.log_every == 0:
-                        dt = time.time() - window_t
-                        ep = epoch + b_i / batches_per_epoch
-                        store.log_metrics(run_id, [
-                            {"name": "train/loss", "value": window_loss / window_n, "fold": k, "step": fold_step, "epoch": ep},
-                            {"name": "train/lr", "value": scheduler.get_last_lr()[0], "fold": k, "step": fold_step, "epoch": ep},
-                            {"name": "train/grad_norm", "value": float(grad_norm) if grad_norm is not None else float("nan"),
-                             "fold": k, "step": fold_step, "epoch": ep},
-                            {"name": "train/samples_per_s", "value": window_pairs / max(dt, 1e-9), "fold": k, "step": fold_step, "epoch": ep},
-                            {"name": "progress/step", "value": float(global_step), "fold": -1, "step": global_step},
-                        ])
-                        log.info("fold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s", k, fold_step, ep,
-                                 window_loss / window_n, scheduler.get_last_lr()[0], window_pairs / max(dt, 1e-9))
-                        window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
-                if b_i in eval_points:
-                    ep = epoch + b_i / batches_per_epoch
-                    probs = predict_proba(accelerator.unwrap_model(model), encoded, va, tc.eval_batch_size, pad_id,
-                                          device, autocast_dtype)
-                    m = _eval_metrics(probs, va_frame)
-                    m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), labels_all[va]], 1e-12, 1)).mean())
-                    store.log_metrics(run_id, [
-                        {"name": f"eval/{n}", "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in m.items()
-                    ])
-                    log.info("fold %d eval epoch %.2f: nDCG %.4f task2 F1 %.4f task3 F1 %.4f loss %.4f",
-                             k, ep, m["ndcg"], m["task2_f1"], m["task3_f1"], m["loss"])
-                    if m["ndcg"] > best["ndcg"]:
-                        best = {**m, "epoch": ep, "step": fold_step}
-                        best_state = {n: t.detach().to("cpu", copy=True)
-                                      for n, t in accelerator.unwrap_model(model).state_dict().items()}
-                        oof_probs[va_local] = probs
-                    model.train()
-        # best checkpoint -> test predictions and the saved weights
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.load_state_dict(best_state)
-        if len(test_idx):
-            test_probs += predict_proba(unwrapped, encoded, test_idx, tc.eval_batch_size, pad_id, device, autocast_dtype)
-        if tc.save_checkpoints and accelerator.is_main_process:
-            from safetensors.torch import save_file
+    def fit_folds(stage: str, targets_of) -> tuple[np.ndarray, dict[int, np.ndarray], list[dict[str, Any]]]:
+        """Train every fold of ``run_folds``; ``targets_of(k) -> (targets (len(df), 4), extra rows)``.
 
-            fold_dir = run_dir / f"fold{k}"
-            fold_dir.mkdir(exist_ok=True)
-            save_file({n: t.contiguous() for n, t in best_state.items()}, str(fold_dir / "model.safetensors"))
-            store.add_artifact(run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
-        fold_time = time.time() - t_fold
-        fold_metrics.append({"fold": k, **best, "seconds": fold_time})
-        store.log_metrics(run_id, [
-            {"name": "fold/ndcg", "value": best["ndcg"], "fold": k},
-            {"name": "fold/task2_f1", "value": best["task2_f1"], "fold": k},
-            {"name": "fold/task3_f1", "value": best["task3_f1"], "fold": k},
-            {"name": "fold/seconds", "value": fold_time, "fold": k},
-            {"name": "fold/done", "value": 1.0, "fold": k},
-        ])
-        log.info("fold %d done in %.0f s: best nDCG %.4f at epoch %.2f", k, fold_time, best["ndcg"], best["epoch"])
-        accelerator.free_memory()
-        del model, optimizer, loader, scheduler, best_state
+        Returns OOF probabilities (len(train_idx), 4) (NaN for folds not run), each fold's test
+        probabilities and the per-fold best metrics. The ``teacher`` stage of self-distillation /
+        pseudo-labelling logs under ``teacher/*`` and saves no checkpoints.
+        """
+        nonlocal global_step
+        final = stage == "final"
+
+        def mname(name: str) -> str:
+            return name if final else "teacher/" + name.replace("/", "_")
+
+        oof_probs = np.full((len(train_idx), 4), np.nan, dtype=np.float32)
+        test_by_fold: dict[int, np.ndarray] = {}
+        fold_metrics: list[dict[str, Any]] = []
+        for k in run_folds:
+            t_fold = time.time()
+            set_seed(tc.seed + k)
+            targets, extra = targets_of(k)
+            tr = train_idx[(folds != k) & fit_mask[train_idx]]  # rows of df trained on (dropped labels left out)
+            if len(extra):
+                tr = np.concatenate([tr, extra])
+            va_local = np.flatnonzero(folds == k)  # rows of train_df
+            va = train_idx[va_local]
+            va_frame = train_df.iloc[va_local]
+            model = CrossEncoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.dropout,
+                                                 msd_rates=tk.msd_rates if tk.msd else None,
+                                                 layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0)
+            if cfg.model.freeze_embeddings:
+                model.backbone.get_input_embeddings().weight.requires_grad_(False)
+            if tk.grad_checkpointing:
+                model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay,
+                                                       layer_decay=tk.llrd_decay if tk.llrd else 1.0))
+            trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            emb = model.backbone.get_input_embeddings().weight
+            attack_only_emb = (tk.fgm or tk.pgd) and not emb.requires_grad
+            if attack_only_emb:  # frozen embeddings still need their gradient for the attack (not optimised)
+                emb.requires_grad_(True)
+            n_steps = steps_per_epoch[k] * tc.epochs if not len(extra) else \
+                math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum) * tc.epochs
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
+            sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
+            loader = torch.utils.data.DataLoader(
+                np.arange(len(encoded)), batch_sampler=sampler,  # the sampler yields rows of df
+                collate_fn=lambda idx, t=targets: {**collate(encoded, idx, pad_id), "targets": torch.from_numpy(t[idx])},
+            )
+            model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+            unwrapped = accelerator.unwrap_model(model)
+            adversary = None
+            if tk.fgm:
+                adversary = FGM(unwrapped, tk.fgm_epsilon)
+            elif tk.pgd:
+                adversary = PGD(unwrapped, tk.pgd_epsilon, tk.pgd_alpha, tk.pgd_steps)
+            awp = AWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch,
+                      start_loss=tk.awp_start_loss) if tk.awp else None
+            ema = EMA(unwrapped, tk.ema_decay) if tk.ema else None
+            mix_rng = np.random.default_rng(tc.seed + k)
+
+            def compute_loss(batch, t, mix):
+                """Forward (twice with R-Drop) -> (loss, R-Drop KL or None)."""
+                logits = model(**batch, mix=mix)
+                if mix is not None:
+                    t = mix[0] * t + (1.0 - mix[0]) * t[mix[1]]
+                lossf = lambda z: classification_loss(  # noqa: E731
+                    z, t, tk.loss, label_smoothing=tk.label_smoothing, class_weights=class_weights,
+                    poly1_epsilon=tk.poly1_epsilon, focal_gamma=tk.focal_gamma)
+                if not tk.rdrop:
+                    return lossf(logits), None
+                logits2 = model(**batch, mix=mix)
+                kl = rdrop_kl(logits, logits2)
+                return 0.5 * (lossf(logits) + lossf(logits2)) + tk.rdrop_alpha * kl, kl
+
+            batches_per_epoch = len(sampler)
+            eval_points = {
+                min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
+                for j in range(tc.evals_per_epoch)
+            }
+            best = {"ndcg": -1.0}
+            best_state = None
+            window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
+            extras: dict[str, list[float]] = {}
+            running_loss = None
+            fold_step = 0
+            for epoch in range(tc.epochs):
+                model.train()
+                for b_i, batch in enumerate(loader, start=1):
+                    ep = epoch + b_i / batches_per_epoch
+                    with accelerator.accumulate(model):
+                        t = batch.pop("targets")
+                        mix = draw_mixup(len(t), tk.mixup_alpha, mix_rng) if tk.mixup else None
+                        mix = (mix[0], mix[1].to(t.device)) if mix is not None else None
+                        loss, kl = compute_loss(batch, t, mix)
+                        accelerator.backward(loss)
+                        if kl is not None:
+                            extras.setdefault("train/rdrop_kl", []).append(kl.item())
+                        if adversary is not None:
+                            adv = adversary.backward_adversarial(lambda: compute_loss(batch, t, mix)[0], accelerator.backward)
+                            extras.setdefault("train/adv_loss", []).append(adv.item())
+                        if awp is not None and awp.active(ep, running_loss):
+                            adv = awp.backward_adversarial(lambda: compute_loss(batch, t, mix)[0], accelerator.backward)
+                            extras.setdefault("train/awp_loss", []).append(adv.item())
+                        grad_norm = None
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                        if attack_only_emb and accelerator.sync_gradients:
+                            emb.grad = None
+                    running_loss = loss.item() if running_loss is None else 0.9 * running_loss + 0.1 * loss.item()
+                    window_loss += loss.item()
+                    window_n += 1
+                    window_pairs += len(t)
+                    if accelerator.sync_gradients:
+                        if ema is not None:
+                            ema.update(unwrapped)
+                        fold_step += 1
+                        global_step += 1
+                        progress.advance(1, description=f"{'' if final else 'teacher '}fold {k} epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                        if fold_step % tc.log_every == 0:
+                            dt = time.time() - window_t
+                            lr_now = scheduler.get_last_lr()[0]
+                            store.log_metrics(run_id, [
+                                {"name": mname("train/loss"), "value": window_loss / window_n, "fold": k, "step": fold_step, "epoch": ep},
+                                {"name": mname("train/lr"), "value": lr_now, "fold": k, "step": fold_step, "epoch": ep},
+                                {"name": mname("train/grad_norm"), "value": float(grad_norm) if grad_norm is not None else float("nan"),
+                                 "fold": k, "step": fold_step, "epoch": ep},
+                                {"name": mname("train/samples_per_s"), "value": window_pairs / max(dt, 1e-9), "fold": k, "step": fold_step, "epoch": ep},
+                                *[{"name": mname(n), "value": float(np.mean(v)), "fold": k, "step": fold_step, "epoch": ep}
+                                  for n, v in extras.items()],
+                                {"name": "progress/step", "value": float(global_step), "fold": -1, "step": global_step},
+                            ])
+                            log.info("%sfold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s%s", "" if final else "teacher ",
+                                     k, fold_step, ep, window_loss / window_n, lr_now, window_pairs / max(dt, 1e-9),
+                                     "".join(f" {n[6:]} {np.mean(v):.4f}" for n, v in extras.items()))
+                            window_loss, window_n, window_t, window_pairs = 0.0, 0, time.time(), 0
+                            extras = {}
+                    if b_i in eval_points:
+                        if ema is not None:  # evaluation and checkpoints use the EMA weights
+                            with ema.applied(unwrapped):
+                                probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device, autocast_dtype)
+                        else:
+                            probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device, autocast_dtype)
+                        m = _eval_metrics(probs, va_frame)
+                        m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), labels_all[va]], 1e-12, 1)).mean())
+                        store.log_metrics(run_id, [
+                            {"name": mname(f"eval/{n}"), "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in m.items()
+                        ])
+                        log.info("%sfold %d eval epoch %.2f: nDCG %.4f task2 F1 %.4f task3 F1 %.4f loss %.4f",
+                                 "" if final else "teacher ", k, ep, m["ndcg"], m["task2_f1"], m["task3_f1"], m["loss"])
+                        if m["ndcg"] > best["ndcg"]:
+                            best = {**m, "epoch": ep, "step": fold_step}
+                            weights = ema.state_dict() if ema is not None else {}
+                            best_state = {n: weights.get(n, t_).detach().to("cpu", copy=True)
+                                          for n, t_ in unwrapped.state_dict().items()}
+                            oof_probs[va_local] = probs
+                        model.train()
+            # best checkpoint -> test predictions and the saved weights
+            if attack_only_emb:
+                emb.requires_grad_(False)
+            unwrapped.load_state_dict(best_state)
+            if len(test_idx):
+                test_by_fold[k] = predict_proba(unwrapped, encoded, test_idx, tc.eval_batch_size, pad_id, device, autocast_dtype)
+            if final and tc.save_checkpoints and accelerator.is_main_process:
+                from safetensors.torch import save_file
+
+                fold_dir = run_dir / f"fold{k}"
+                fold_dir.mkdir(exist_ok=True)
+                save_file({n: t_.contiguous() for n, t_ in best_state.items()}, str(fold_dir / "model.safetensors"))
+                store.add_artifact(run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
+            fold_time = time.time() - t_fold
+            fold_metrics.append({"fold": k, **best, "seconds": fold_time})
+            store.log_metrics(run_id, [
+                {"name": mname("fold/ndcg"), "value": best["ndcg"], "fold": k},
+                {"name": mname("fold/task2_f1"), "value": best["task2_f1"], "fold": k},
+                {"name": mname("fold/task3_f1"), "value": best["task3_f1"], "fold": k},
+                {"name": mname("fold/seconds"), "value": fold_time, "fold": k},
+                *([{"name": "fold/done", "value": 1.0, "fold": k}] if final else []),
+                *([{"name": mname("tricks/pseudo_rows"), "value": float(len(extra)), "fold": k}] if len(extra) else []),
+            ])
+            log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", "" if final else "teacher ",
+                     k, fold_time, best["ndcg"], best["epoch"])
+            accelerator.free_memory()
+            del model, optimizer, loader, scheduler, best_state, unwrapped, adversary, awp, ema
+        return oof_probs, test_by_fold, fold_metrics
+
+    no_extra = np.zeros(0, dtype=np.int64)
+    if not two_stage:
+        oof_probs, test_by_fold, fold_metrics = fit_folds("final", lambda k: (hard_targets, no_extra))
+    else:
+        # teacher pass -> soft labels (self-distillation) and/or pseudo-labelled test rows
+        progress.message("teacher pass (self-distillation / pseudo-labels)")
+        t_oof, t_test, t_metrics = fit_folds("teacher", lambda k: (hard_targets, no_extra))
+        student = hard_targets.copy()
+        if tk.self_distill:
+            have = ~np.isnan(t_oof).any(1) & fit_mask[train_idx]
+            rows = train_idx[have]
+            student[rows] = distill_targets(t_oof[have], hard_targets[rows].argmax(1), tk.distill_weight)
+            log.info("self-distillation: %d training rows get %.2f * OOF + %.2f * hard labels",
+                     len(rows), tk.distill_weight, 1 - tk.distill_weight)
+
+        def student_targets(k):
+            if not (tk.pseudo_label and k in t_test):
+                return student, no_extra
+            # fold k's own teacher labels the test rows: no label of validation fold k leaks in
+            keep = select_pseudo_labels(t_test[k], tk.pseudo_threshold)
+            t = student.copy()
+            t[test_idx[keep]] = t_test[k][keep]
+            log.info("pseudo-labels for fold %d: %d of %d test pairs with max p >= %.2f", k, keep.sum(),
+                     len(keep), tk.pseudo_threshold)
+            return t, test_idx[keep]
+
+        if tk.pseudo_label:  # the student folds train on more rows: exact ETA total
+            extra_steps = sum(math.ceil(math.ceil((((folds != k) & fit_mask[train_idx]).sum()
+                                                  + select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum())
+                                                 / tc.batch_size) / tc.grad_accum) * tc.epochs
+                              for k in run_folds if k in t_test)
+            base = sum(steps_per_epoch[k] * tc.epochs for k in run_folds if k not in t_test)
+            store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(global_step + extra_steps + base),
+                                        "fold": -1}])
+        oof_probs, test_by_fold, fold_metrics = fit_folds("final", student_targets)
+    test_probs = sum(test_by_fold.values()) if test_by_fold else np.zeros((len(test_idx), 4))
 
     # ---- OOF frame, blend, CV metrics ----------------------------------------------------
     trained = np.isin(folds, run_folds)
