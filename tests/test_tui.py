@@ -295,3 +295,39 @@ def test_first_paint_and_frozen_clock_do_not_depend_on_wall_time(fixture_db):
     s = Services(str(fixture_db), clock=lambda: NOW + 60)
     assert s.duration({"started": "2026-11-22T11:59:00+00:00", "ended": None}) == pytest.approx(120)
     assert os.path.basename(s.display_path()) == "runs.db"
+
+
+async def test_relaunch_key_calls_the_launcher_with_the_current_run(fixture_db, monkeypatch):
+    import core.launcher
+
+    calls = []
+
+    def fake_relaunch(store, run_id):
+        calls.append(run_id)
+        return "20261122-120000-ffff", 99999
+
+    monkeypatch.setattr(core.launcher, "relaunch", fake_relaunch)
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        await goto(pilot, screen, lambda r: r["name"] == "minilm-lr3e-5")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: any("relaunched" in n.message for n in app._notifications))
+        assert calls == ["20261122-100000-bbbb"]
+        assert any("as 20261122-120000-ffff (pid 99999)" in n.message for n in app._notifications)
+
+
+async def test_ensemble_and_label_keys_open_their_screens(fixture_db):
+    from workbench.tui.ensemble import EnsembleScreen
+    from workbench.tui.review import ReviewScreen
+
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        await pilot.press("end", "space", "up", "space", "e")
+        assert isinstance(app.screen, EnsembleScreen)
+        assert sorted(app.screen.run_ids) == ["20261122-090000-aaaa", "20261122-100000-bbbb"]
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await pilot.press("l")
+        assert isinstance(app.screen, ReviewScreen)
