@@ -18,7 +18,10 @@ SIZES = [(80, 24), (160, 48)]
 def app(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = build_fixture_db(tmp_path)
-    return fixture_app(db, refresh_interval=3600)  # no refresh during the shot
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text(
+        "name: demo-minilm\ndata: {dir: data/esci_us_150q}\nmodel: {name: all-MiniLM-L6-v2}\ntrain: {folds: 5}\n")
+    return fixture_app(db, configs_dir="configs", refresh_interval=3600)  # no refresh during the shot
 
 
 async def _settle(pilot, pred) -> None:
@@ -74,5 +77,16 @@ def test_filter_screen(snap_compare, app):
     async def before(pilot):
         await _runs_loaded(pilot)
         await pilot.press("slash", *"minilm")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_new_run_dialog(snap_compare, app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("n")
+        await _settle(pilot, lambda: "ok" in str(pilot.app.screen.query_one("#check").render()))
+        await pilot.press("tab", *"train.epochs=2")
+        await _settle(pilot, lambda: "2 epochs" in str(pilot.app.screen.query_one("#check").render()))
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=before)
