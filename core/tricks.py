@@ -483,8 +483,10 @@ def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: floa
     """AdamW parameter groups: backbone at ``lr`` (optionally layer-wise decayed), the rest at ``head_lr``.
 
     Layer-wise LR decay (LLRD): a backbone parameter at depth ``d`` (:func:`layer_index`; embeddings
-    0, encoder layer i -> i + 1, top n_layers + 1) gets ``lr * layer_decay ** (n_layers + 1 - d)``,
-    so the top layer keeps ``lr`` and each layer below is multiplied by ``layer_decay``. Biases and
+    0, encoder layer i -> i + 1, above the encoder n_layers + 1) gets
+    ``lr * layer_decay ** max(0, n_layers - d)``, so the top encoder layer (and anything above it)
+    keeps ``lr``, each layer below is multiplied by ``layer_decay``, the embeddings get
+    ``lr * layer_decay ** n_layers``. Biases and
     LayerNorm weights get no weight decay; parameters outside ``backbone.`` (head, layer-pooling
     weights) get ``head_lr`` and no weight decay. Frozen parameters are left out.
 
@@ -499,19 +501,21 @@ def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: floa
         raise ConfigError(f"tricks.llrd_decay={layer_decay}: expected 0 < decay <= 1")
     if n_layers is None:
         n_layers = int(getattr(getattr(getattr(model, "backbone", None), "config", None), "num_hidden_layers", 0) or 0)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if not name.startswith("backbone."):
-            key = (head_lr, 0.0)
+            key = (True, head_lr, 0.0)
         else:
             depth = layer_index(name, n_layers)
-            g_lr = lr * layer_decay ** (n_layers + 1 - depth) if layer_decay < 1.0 else lr
+            g_lr = lr * layer_decay ** max(0, n_layers - depth) if layer_decay < 1.0 else lr
             wd = 0.0 if (p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name) else weight_decay
-            key = (g_lr, wd)
+            key = (False, g_lr, wd)
         groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+    # order: backbone groups from the top layer's lr down, the head last (group 0's lr is the logged train/lr)
+    order = sorted(groups, key=lambda k: (k[0], -k[1], -k[2]))
+    return [{"params": groups[k], "lr": k[1], "weight_decay": k[2]} for k in order]
 
 
 def parse_class_weights(weights: Iterable[float] | None) -> torch.Tensor | None:

@@ -346,12 +346,14 @@ def test_layerwise_lr_decay_groups(tiny_bert):
         for p in g["params"]:
             lr_of[id(p)] = (g["lr"], g["weight_decay"])
     got = {n: lr_of[id(p)] for n, p in m.named_parameters()}
-    assert got["backbone.encoder.layer.1.attention.self.query.weight"] == (pytest.approx(1e-4 * 0.5), 0.01)
-    assert got["backbone.encoder.layer.0.attention.self.query.weight"] == (pytest.approx(1e-4 * 0.25), 0.01)
-    assert got["backbone.encoder.layer.0.attention.self.query.bias"] == (pytest.approx(1e-4 * 0.25), 0.0)
-    assert got["backbone.embeddings.word_embeddings.weight"] == (pytest.approx(1e-4 * 0.125), 0.01)
+    assert got["backbone.encoder.layer.1.attention.self.query.weight"] == (pytest.approx(1e-4), 0.01)  # top layer
+    assert got["backbone.encoder.layer.0.attention.self.query.weight"] == (pytest.approx(1e-4 * 0.5), 0.01)
+    assert got["backbone.encoder.layer.0.attention.self.query.bias"] == (pytest.approx(1e-4 * 0.5), 0.0)
+    assert got["backbone.embeddings.word_embeddings.weight"] == (pytest.approx(1e-4 * 0.25), 0.01)
     assert got["head.weight"] == (1e-3, 0.0)
     assert layer_index("backbone.pooler.dense.weight", 2) == 3  # above the encoder: full lr
+    groups = param_groups(m, 1e-4, 1e-3, 0.01, layer_decay=0.5)
+    assert groups[0]["lr"] == 1e-4 and groups[-1]["lr"] == 1e-3  # the top backbone lr first (logged as train/lr)
     # no decay: every backbone parameter at lr, the groups cover each trainable parameter once
     groups = param_groups(m, 1e-4, 1e-3, 0.01)
     assert {g["lr"] for g in groups} == {1e-4, 1e-3}
