@@ -50,8 +50,8 @@ def _short(name: str) -> str:
 def print_result(res, names: list[str]) -> None:
     """Per-member OOF scores and weights per task, the ensemble's, and the correlation matrix
     (fits 80 columns)."""
-    t = Table(title="OOF scores (T1 nDCG, T2/T3 micro-F1) and weights", title_justify="left",
-              box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    console.print("[bold]OOF scores (T1 nDCG, T2/T3 micro-F1) and weights")
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     t.add_column("member", no_wrap=True)
     for task in sorted(res.tasks):
         t.add_column(f"T{task}", justify="right")
@@ -71,8 +71,8 @@ def print_result(res, names: list[str]) -> None:
     console.print(t)
     held = [task for task in sorted(res.tasks) if "test_member" in res.tasks[task]]
     if held:
-        h = Table(title="held-out test rows (labelled; nothing fitted on them)", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        console.print("[bold]held-out test rows (labelled; nothing fitted on them)")
+        h = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
         h.add_column("member", no_wrap=True)
         for task in held:
             h.add_column(f"T{task}", justify="right")
@@ -90,8 +90,8 @@ def print_result(res, names: list[str]) -> None:
         console.print("Task 2 log-prior bias: " + ", ".join(f"{k} {v:+.2f}" for k, v in b.items())
                       + f" (argmax without: {res.tasks[2]['oof_argmax']:.4f})")
     if res.corr is not None and len(names) > 1:
-        c = Table(title="correlation of per-query standardised OOF ranking scores", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        console.print("[bold]correlation of per-query standardised OOF ranking scores")
+        c = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
         c.add_column("", no_wrap=True)
         for j in range(len(names)):
             c.add_column(f"m{j + 1}", justify="right")
