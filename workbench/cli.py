@@ -27,6 +27,8 @@ from workbench.cli_ensemble import ensemble_app, submission_app  # noqa: E402
 app.add_typer(ensemble_app, name="ensemble"); app.add_typer(submission_app, name="submission")
 from workbench.cli_labels import labels_app  # noqa: E402
 app.add_typer(labels_app, name="labels")
+from workbench.cli_models import models_app  # noqa: E402
+app.add_typer(models_app, name="models")
 from workbench.cli_ablate import ablate  # noqa: E402
 app.command("ablate")(ablate)
 
