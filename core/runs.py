@@ -127,6 +127,9 @@ class RunStore:
                 if_not_exists=True,
             )
             self.db["metrics"].create_index(["run_id", "name"], if_not_exists=True)
+            # covering index for list_runs' per-name aggregates over all runs
+            self.db["metrics"].create_index(["name", "run_id", "fold", "value"], index_name="idx_metrics_name_run",
+                                            if_not_exists=True)
             self.db["artifacts"].create_index(["run_id"], if_not_exists=True)
 
     class _Tx:
@@ -255,7 +258,7 @@ class RunStore:
         ``best_ndcg``/``best_f1``: the run's final CV values if logged (``cv/ndcg``,
         ``cv/task2_f1``), else the mean over folds of each fold's best eval value so far;
         ``best_final_ndcg``: the final blended ranking's CV nDCG (``cv/final_ndcg``).
-        ``folds_done``: folds with a ``fold/done`` metric.
+        ``folds_done``: folds with a ``fold/done`` metric; ``n_folds``: the config's ``train.folds``.
         """
         sql = """
         WITH fold_best AS (
@@ -273,11 +276,13 @@ class RunStore:
                    MAX(CASE WHEN name = 'cv/task2_f1' THEN value END) AS cv_f1,
                    MAX(CASE WHEN name = 'cv/final_ndcg' THEN value END) AS final_ndcg,
                    SUM(CASE WHEN name = 'fold/done' THEN 1 ELSE 0 END) AS folds_done
-            FROM metrics WHERE fold = -1 OR name = 'fold/done' GROUP BY run_id
+            FROM metrics WHERE name IN ('cv/ndcg', 'cv/task2_f1', 'cv/final_ndcg', 'fold/done')
+                  AND (fold = -1 OR name = 'fold/done') GROUP BY run_id
         )
         SELECT r.*, COALESCE(cv.cv_ndcg, live.live_ndcg) AS best_ndcg,
                COALESCE(cv.cv_f1, live.live_f1) AS best_f1,
-               cv.final_ndcg AS best_final_ndcg, COALESCE(cv.folds_done, 0) AS folds_done
+               cv.final_ndcg AS best_final_ndcg, COALESCE(cv.folds_done, 0) AS folds_done,
+               json_extract(r.config, '$.train.folds') AS n_folds
         FROM runs r LEFT JOIN live ON live.run_id = r.id LEFT JOIN cv ON cv.run_id = r.id
         ORDER BY r.created DESC, r.id DESC
         """

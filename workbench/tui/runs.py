@@ -36,7 +36,7 @@ def run_rows(raw: list[dict], services) -> list[dict]:
     """runs.db rows (``RunStore.list_runs``) -> table rows with display and sort keys."""
     rows = []
     for r in raw:
-        k = n_folds(r)
+        k = r["n_folds"] if "n_folds" in r else n_folds(r)
         rows.append({
             "id": r["id"], "name": r["name"] or "", "status": r["status"] or "", "task": r["task"],
             "model": (r["model"] or "").rsplit("/", 1)[-1], "folds_done": r["folds_done"] or 0,
