@@ -43,7 +43,7 @@ def test_plan_is_cumulative_and_checked_before_training():
     assert t[2].ema and t[2].loss == "poly1" and not t[2].fgm
     assert t[4].ema and t[4].loss == "poly1" and t[4].fgm and t[4].label_smoothing == 0.1
     assert steps[3].config.name == "ablation-minilm+ema+poly1+fgm"
-    assert steps[0].config.train.folds == 3 and steps[0].config.data.max_queries == 60
+    assert steps[0].config.train.folds == 3 and steps[0].config.data.max_queries == 45
     with pytest.raises(ConfigError, match="tricks.loss"):
         plan_ablation("configs/ablation.yaml", ["ema", "loss=ghm"])
     with pytest.raises(ConfigError, match="repeated"):
