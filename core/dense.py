@@ -48,15 +48,32 @@ def embed_texts(texts: list[str], model_name: str, max_length: int = 64, batch_s
     return out
 
 
+def default_prefixes(model_name: str) -> tuple[str, str]:
+    """(query prefix, passage prefix) a model was trained with: ``("query: ", "passage: ")`` for the
+    E5 family (Wang et al. 2022, arXiv:2212.03533: without them E5 scores drop), ``("", "")`` otherwise."""
+    from core.e5convert import E5_ALIASES
+
+    name = model_name.lower().rstrip("/")
+    if name in E5_ALIASES or name.rsplit("/", 1)[-1].startswith(("e5-", "multilingual-e5-")):
+        return "query: ", "passage: "
+    return "", ""
+
+
 def dense_scores(df: pd.DataFrame, model_name: str = "all-MiniLM-L6-v2", fields=DENSE_FIELDS,
-                 query_prefix: str = "", passage_prefix: str = "", max_length: int = 64) -> np.ndarray:
+                 query_prefix: str | None = None, passage_prefix: str | None = None,
+                 max_length: int = 64) -> np.ndarray:
     """Cosine similarity of each row's query and product: float32 (N,).
 
     Args:
         df: N examples with ``query``, ``product_id`` and the ``fields`` columns.
+        query_prefix, passage_prefix: text put before each query / product text; None = the
+            model's own (:func:`default_prefixes`: E5 models get ``query: `` / ``passage: ``).
 
     Each distinct query and each distinct product is embedded once.
     """
+    auto_q, auto_p = default_prefixes(model_name)
+    query_prefix = auto_q if query_prefix is None else query_prefix
+    passage_prefix = auto_p if passage_prefix is None else passage_prefix
     queries = pd.unique(df["query"])
     q_pos = pd.Index(queries).get_indexer(df["query"])
     prods = df.drop_duplicates("product_id")
