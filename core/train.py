@@ -364,7 +364,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                                                  layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0)
             if cfg.model.freeze_embeddings:
                 model.backbone.get_input_embeddings().weight.requires_grad_(False)
-            if tk.grad_checkpointing:
+            if tk.grad_checkpointing:  # Chen et al. 2016 (arXiv:1604.06174): recompute activations in backward
                 model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay,
                                                        layer_decay=tk.llrd_decay if tk.llrd else 1.0))

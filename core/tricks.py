@@ -17,7 +17,9 @@ Sources (one per technique, repeated in each docstring):
   arXiv:1905.09788), mixup (Zhang et al. 2018, arXiv:1710.09412; on hidden vectors: Verma et al.
   2019, arXiv:1806.05236), self-distillation (Furlanello et al. 2018, arXiv:1805.04770),
   pseudo-labels (Lee 2013), LLRD (Howard & Ruder 2018, arXiv:1801.06146; Sun et al. 2019,
-  arXiv:1905.05583).
+  arXiv:1905.05583), gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear
+  Memory Cost", arXiv:1604.06174; transformers' ``gradient_checkpointing_enable``), weighted layer
+  pooling and multi-sample dropout (in core.model).
 """
 
 from __future__ import annotations
