@@ -513,7 +513,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                 {"name": mname("fold/task3_f1"), "value": best["task3_f1"], "fold": k},
                 {"name": mname("fold/seconds"), "value": fold_time, "fold": k},
                 *([{"name": "fold/done", "value": 1.0, "fold": k}] if final else []),
-                *([{"name": mname("tricks/pseudo_rows"), "value": float(len(extra)), "fold": k}] if len(extra) else []),
+                *([{"name": "tricks/pseudo_rows", "value": float(len(extra)), "fold": k}] if final and tk.pseudo_label else []),
             ])
             log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", "" if final else "teacher ",
                      k, fold_time, best["ndcg"], best["epoch"])

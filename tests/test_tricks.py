@@ -449,15 +449,17 @@ def test_self_distillation_and_pseudo_labels_run_a_teacher_pass(tmp_path, small_
     from core.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
-    cfg = _cfg(tmp_path, small_dataset, tiny_bert, self_distill=True, pseudo_label=True, pseudo_threshold=0.3)
+    cfg = _cfg(tmp_path, small_dataset, tiny_bert, self_distill=True, pseudo_label=True, pseudo_threshold=0.27,
+               pgd=True, pgd_steps=2, loss="focal")
     res = run_training(cfg, store)
     ms = store.metrics(res.run_id)
     names = {m["name"] for m in ms}
-    assert {"teacher/fold_ndcg", "teacher/train_loss", "teacher/eval_ndcg", "fold/ndcg", "tricks/pseudo_rows"} <= names
+    assert {"teacher/fold_ndcg", "teacher/train_loss", "teacher/eval_ndcg", "fold/ndcg", "tricks/pseudo_rows",
+            "train/adv_loss", "teacher/train_adv_loss"} <= names
     assert len([m for m in ms if m["name"] == "fold/done"]) == 2  # the student's folds only
     pseudo = [m["value"] for m in ms if m["name"] == "tricks/pseudo_rows"]
     n_test = len(res.test)
-    assert len(pseudo) == 2 and all(0 < v <= n_test for v in pseudo)
+    assert len(pseudo) == 2 and all(0 <= v <= n_test for v in pseudo) and sum(pseudo) > 0
     steps = [m for m in ms if m["name"] == "progress/step"]
     total = [m for m in ms if m["name"] == "progress/total_steps"]
     assert steps[-1]["value"] == total[-1]["value"]  # ETA total corrected for the pseudo-labelled rows
