@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import RunConfig, load_config
-from core.errors import ConfigError
+from core.errors import ConfigError, WorkbenchError
 from core.runs import RunStore
 
 #: ``--tricks`` names -> the ``tricks.*`` settings they turn on (their parameters come from the config)
@@ -101,6 +101,9 @@ def plan_ablation(config_path: str | Path, tricks: list[str], overrides: list[st
         if i:
             extra = extra + item_overrides(item)
         cfg = load_config(config_path, list(overrides or []) + extra)
+        if cfg.tricks.fgm and cfg.tricks.pgd:
+            raise ConfigError(f"--tricks step {i} ({item}): fgm and pgd both perturb the word embeddings; "
+                              "use one of them")
         items = list(tricks[:i])
         cfg.name = f"{cfg.name}+{'+'.join(items)}" if items else f"{cfg.name} (ablation baseline)"
         steps.append(AblationStep(i, item, items, list(extra), cfg))
@@ -171,7 +174,8 @@ def run_ablation(config_path: str | Path, tricks: list[str], store: RunStore, ov
     Returns the steps and :func:`ablation_table` of their runs.
 
     Raises:
-        ConfigError: a bad item (before anything is trained); DataError/ConfigError of a run.
+        ConfigError: a bad item (before anything is trained); WorkbenchError: a step's run failed or was
+        stopped (the message lists the finished runs).
     """
     from core.train import run_training
 
@@ -180,7 +184,11 @@ def run_ablation(config_path: str | Path, tricks: list[str], store: RunStore, ov
     for st in steps:
         if progress is not None:
             progress.message(f"ablation step {st.step}/{len(steps) - 1}: {st.config.name}")
-        res = run_training(st.config, store, progress=progress)
+        try:
+            res = run_training(st.config, store, progress=progress)
+        except WorkbenchError as exc:  # keep what was trained: the table can be rebuilt with --runs
+            raise WorkbenchError(f"ablation step {st.step} ({st.config.name}) did not finish: {exc}; finished runs: "
+                                 f"{','.join(run_ids) or 'none'} (rebuild the table with --runs)") from None
         run_ids.append(res.run_id)
     labels = ["baseline"] + [f"+ {s.added}" for s in steps[1:]]
     return steps, ablation_table(store, run_ids, labels)

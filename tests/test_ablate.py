@@ -46,6 +46,8 @@ def test_plan_is_cumulative_and_checked_before_training():
     assert steps[0].config.train.folds == 3 and steps[0].config.data.max_queries == 45
     with pytest.raises(ConfigError, match="tricks.loss"):
         plan_ablation("configs/ablation.yaml", ["ema", "loss=ghm"])
+    with pytest.raises(ConfigError, match="fgm and pgd"):
+        plan_ablation("configs/ablation.yaml", ["pgd", "fgm"])
     with pytest.raises(ConfigError, match="repeated"):
         plan_ablation("configs/ablation.yaml", ["ema", "ema"])
     with pytest.raises(ConfigError, match="at least one"):
