@@ -111,7 +111,7 @@ def compare(base: Annotated[str, typer.Argument(help="run trained on the labels 
 
     table = compare_runs(_store(db, readonly=True), base, cleaned)
     folds = [c for c in table.columns if c.startswith("fold") and c != "fold_std"]
-    runs = [r for r, _ in table.index.unique()]
+    runs = list(table.index.get_level_values(0).unique())
     out = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
                 title=f"OOF nDCG, original labels of all examples, same folds\nbase = {runs[0].split()[-1]}, "
                       f"cleaned = {runs[1].split()[-1]}; CE = cross-encoder")
