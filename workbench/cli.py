@@ -161,18 +161,27 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
             r["duration"] = _duration(r)
         print(json.dumps(rows, indent=1, default=str))
         return
-    table = Table(title=f"runs in {store.path}", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, title_justify="left")
-    table.add_column("id", no_wrap=True)
-    table.add_column("name", overflow="fold", ratio=1)
-    table.add_column("status", no_wrap=True)
-    table.add_column("model", overflow="fold", ratio=1)
-    for col in ("folds", "nDCG", "final", "F1", "time"):
-        table.add_column(col, justify="right", no_wrap=True)
+    table = Table(title=f"runs in {store.path}", box=box.SIMPLE_HEAD, padding=0, pad_edge=False, show_edge=False,
+                  title_justify="left")
+    table.add_column("id", no_wrap=True, min_width=20)
+    table.add_column("name", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=8)
+    table.add_column("model", no_wrap=True)
+    for col, width in (("folds", 5), ("nDCG", 5), ("final", 5), ("F1", 5), ("time", 7)):
+        table.add_column(col, justify="right", no_wrap=True, min_width=width)
+    # name and model share what the fixed columns leave (id 20, status 8, numbers 27, 9 gaps)
+    room = max(10, console.width - 68)
+    name_w = min(max((len(r["name"] or "") for r in rows), default=4), max(6, room * 3 // 5))
+    model_w = max(4, room - name_w)
+
+    def cut(text: str, width: int) -> str:
+        return text if len(text) <= width else text[: width - 1] + "…"
+
     colors = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
     for r in rows:
         n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
-        table.add_row(r["id"], r["name"], f"[{colors.get(r['status'], 'white')}]{r['status']}",
-                      str(r["model"]), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"], 3),
+        table.add_row(r["id"], cut(r["name"] or "", name_w), f"[{colors.get(r['status'], 'white')}]{r['status']}",
+                      cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"], 3),
                       _fmt(r["best_final_ndcg"], 3), _fmt(r["best_f1"], 3), _duration(r))
     console.print(table)
     console.print("nDCG / F1: the cross-encoder's CV (best, not last); final: the blended ranking's CV nDCG")
