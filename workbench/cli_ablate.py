@@ -53,8 +53,8 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
         return
     t = Table(title=f"cumulative ablation of {config} ({len(table)} runs in {store.path})", title_justify="left",
               padding=(0, 1), collapse_padding=True)
-    for col in ("step", "run", "CV nDCG", "± fold", "Δ", "± paired", "final", "T2 F1", "s/ep"):
-        t.add_column(col, justify="left" if col in ("step", "run") else "right", no_wrap=True)
+    for col in ("step", "CV nDCG", "± fold", "Δ", "± paired", "final", "T2 F1", "s/ep"):
+        t.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
 
     def f(v, d=4):
         return "-" if v is None or v != v else f"{v:.{d}f}"
@@ -62,9 +62,10 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
     for _, r in table.iterrows():
         delta = "-" if r["delta"] != r["delta"] else f"{r['delta']:+.4f}" + ("" if r["within_noise"] is None
                                                                             else " ~" if r["within_noise"] else " *")
-        t.add_row(str(r["added"]), r["run_id"], f(r["cv_ndcg"]), f(r["fold_std"], 3), delta, f(r["paired_std"], 3),
+        t.add_row(str(r["added"]), f(r["cv_ndcg"]), f(r["fold_std"], 3), delta, f(r["paired_std"], 3),
                   f(r["final_ndcg"]), f(r["task2_f1"]), f(r["sec_per_epoch"], 0))
     console.print(t)
+    console.print("runs (for --runs): " + ",".join(table["run_id"]), soft_wrap=True)
     console.print("CV nDCG: cross-encoder OOF nDCG over all queries; ± fold: std of the per-fold nDCG; Δ: change "
                   "from the previous step (~ within the paired fold std, * outside it); final: after the blend; "
                   "T2 F1: Task 2 micro-F1; s/ep: training seconds per fold and epoch")
