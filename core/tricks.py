@@ -265,7 +265,22 @@ def embedding_param_name(model: nn.Module) -> str:
     raise ConfigError("adversarial training: the model has no word_embeddings/embed_tokens matrix")
 
 
-class FGM:
+class _EmbeddingAttack:
+    """Shared state of FGM and PGD: the attacked parameters and their saved copies."""
+
+    params: list[tuple[str, nn.Parameter]]
+    backup: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every attacked matrix back bit for bit and forget the saved copies."""
+        for n, p in self.params:
+            if n in self.backup:
+                p.data.copy_(self.backup[n])
+        self.backup = {}
+
+
+class FGM(_EmbeddingAttack):
     """Fast Gradient Method on the word embeddings.
 
     ``attack()`` (after the clean backward) adds ``r = epsilon * g / ||g||_2`` to the embedding
@@ -298,12 +313,6 @@ class FGM:
                 total += float(torch.linalg.vector_norm(r.float())) ** 2
         return math.sqrt(total)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        for n, p in self.params:
-            if n in self.backup:
-                p.data.copy_(self.backup[n])
-        self.backup = {}
 
     def backward_adversarial(self, compute_loss: Callable[[], torch.Tensor],
                              backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -317,7 +326,7 @@ class FGM:
         return adv_loss.detach()
 
 
-class PGD:
+class PGD(_EmbeddingAttack):
     """Projected Gradient Descent on the word embeddings: K ascent steps inside an L2 ball.
 
     Each step adds ``alpha * g / ||g||`` and projects the total perturbation onto
@@ -358,12 +367,6 @@ class PGD:
             r = r * (self.epsilon / norm)
         return self.backup[name] + r
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        for n, p in self.params:
-            if n in self.backup:
-                p.data.copy_(self.backup[n])
-        self.backup = {}
 
     def backward_adversarial(self, compute_loss: Callable[[], torch.Tensor],
                              backward: Callable[[torch.Tensor], None]) -> torch.Tensor:

@@ -66,13 +66,19 @@ def _gainish(part, rng):
     return part["esci_label"].map(ESCI_GAINS).to_numpy() + rng.normal(0, 0.6, len(part))
 
 
-@pytest.fixture()
-def fake_store(tmp_path, sample_frames):
+def three_runs(tmp_path, sample_frames):
+    """A runs.db with three fake runs of decreasing quality (run-good also has a bm25 scorer)."""
     ex = _examples(sample_frames)
     store = RunStore(tmp_path / "runs.db")
     make_run(store, tmp_path, "run-good", ex, noise=0.8, seed=1, scorers={"bm25": _gainish})
     make_run(store, tmp_path, "run-mid", ex, noise=1.2, seed=2)
     make_run(store, tmp_path, "run-weak", ex, noise=2.0, seed=3)
+    return store, ex
+
+
+@pytest.fixture()
+def fake_store(tmp_path, sample_frames):
+    store, ex = three_runs(tmp_path, sample_frames)
     return store, ex, tmp_path
 
 

@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Static
 
 from core.runs import RunStore
 from core.submission import validate_submission
-from test_ensemble import _examples, _gainish, make_run
+from test_ensemble import three_runs
 from workbench.tui.ensemble import EnsembleScreen
 
 
@@ -41,12 +41,7 @@ async def _settle(pilot) -> None:
 
 @pytest.fixture()
 def store(tmp_path, sample_frames):
-    ex = _examples(sample_frames)
-    st = RunStore(tmp_path / "runs.db")
-    make_run(st, tmp_path, "run-good", ex, noise=0.8, seed=1, scorers={"bm25": _gainish})
-    make_run(st, tmp_path, "run-mid", ex, noise=1.2, seed=2)
-    make_run(st, tmp_path, "run-weak", ex, noise=2.0, seed=3)
-    return st, ex
+    return three_runs(tmp_path, sample_frames)
 
 
 @pytest.mark.asyncio

@@ -3,11 +3,10 @@ decisions written to label_decisions, undo, and resume after an app restart."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from core.labels import decision_log, effective_decisions, find_issues, load_issues
+from conftest import wait_until
 from core.runs import RunStore
 from test_labels import make_labelled_run
 from textual.widgets import Input, Static
@@ -25,17 +24,8 @@ def review_db(tmp_path, sample_frames):
     return str(tmp_path / "runs.db"), run_id, issues
 
 
-async def wait_for(pilot, pred, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await pilot.pause(0.05)
-
-
 async def opened(pilot) -> ReviewScreen:
-    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ReviewScreen) and pilot.app.screen.loaded)
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, ReviewScreen) and pilot.app.screen.loaded)
     await pilot.pause()
     return pilot.app.screen
 
@@ -193,9 +183,9 @@ async def test_product_panel_scrolls_and_screen_pops_inside_another_app(review_d
 async def test_unknown_run_becomes_a_notification(review_db):
     db, run_id, _ = review_db
     async with ReviewApp(db, "nope").run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(pilot.app.screen, ReviewScreen))
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ReviewScreen))
         s = pilot.app.screen
-        await wait_for(pilot, lambda: "cannot load" in text(s, "#rv-head"))
+        await wait_until(pilot, lambda: "cannot load" in text(s, "#rv-head"))
         assert any("no run nope" in n.message for n in pilot.app._notifications)
         await pilot.press("k", "u")  # keys do nothing before data is loaded
     log, _ = log_of(db, run_id)
