@@ -158,6 +158,57 @@ class TricksConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (large backbones on a GPU)
 
 
+#: fields an n-gram bag can read (``query`` and the product text fields of core.text.FIELD_COLUMNS)
+BAG_FIELDS = ("query", "title", "brand", "color", "bullet_point", "description")
+#: product attributes an ID embedding can read (columns product_locale, product_brand, product_color)
+ID_FIELDS = ("locale", "brand", "color")
+
+
+@dataclass
+class FeaturesConfig:
+    """Side features concatenated with the pooled vector before the head (core.features); all off.
+
+    Multi-granular semantic units (the ESCI MultiTask Pre-Training seed): a mean ``EmbeddingBag``
+    over the hashed word 1..``ngram``-grams of each of ``bag_fields`` (one shared table of
+    ``buckets`` rows + a padding row, one lookup per field; fastText-style hashing, Joulin et al.
+    2017), initialised randomly or from word2vec vectors trained on the catalogue (Mikolov et al.
+    2013; needs gensim). ID embeddings: one ``nn.Embedding`` per ``id_fields`` attribute over the
+    values seen on at least ``id_min_count`` products of the training fold (rare/unknown -> 0).
+    Classifier input = hidden + bag_dim * len(bag_fields) + id_dim * len(id_fields).
+
+    Raises (at load time): ConfigError for an unknown field, a non-positive size or count.
+    """
+
+    ngram_bags: bool = False  # hashed word n-gram bags (query, bullets, description by default)
+    ngram: int = 3  # word 1..ngram-grams
+    buckets: int = 65536  # hash buckets of the shared table (CPU-sized; 2**18-2**20 on a GPU)
+    bag_dim: int = 64
+    bag_fields: list[str] = field(default_factory=lambda: ["query", "bullet_point", "description"])
+    max_words: int = 64  # words read per field (before n-gram expansion)
+    init: Literal["random", "word2vec"] = "random"  # word2vec: trained on the run's product text (gensim)
+    w2v_epochs: int = 5
+    id_embeddings: bool = False  # locale / brand / colour embeddings
+    id_fields: list[str] = field(default_factory=lambda: ["locale", "brand", "color"])
+    id_dim: int = 16
+    id_min_count: int = 2  # values on fewer training-fold products share the unknown id 0
+
+    def __post_init__(self) -> None:
+        for key, known in (("bag_fields", BAG_FIELDS), ("id_fields", ID_FIELDS)):
+            values = getattr(self, key)
+            bad = [f for f in values if f not in known]
+            if bad:
+                raise ConfigError(f"features.{key}: unknown field(s) {bad}; known: {list(known)}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"features.{key}: a field is repeated in {values}")
+        for key in ("ngram", "buckets", "bag_dim", "max_words", "w2v_epochs", "id_dim", "id_min_count"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"features.{key}={getattr(self, key)}: expected a positive integer")
+        if self.ngram_bags and not self.bag_fields:
+            raise ConfigError("features.bag_fields: empty while features.ngram_bags is on")
+        if self.id_embeddings and not self.id_fields:
+            raise ConfigError("features.id_fields: empty while features.id_embeddings is on")
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as ``runs/<run_id>/config.yaml``."""
@@ -171,6 +222,7 @@ class RunConfig:
     blend: BlendConfig = field(default_factory=BlendConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML serialisable)."""

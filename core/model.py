@@ -109,13 +109,18 @@ class CrossEncoder(nn.Module):
             plain head at evaluation (dropout off).
         layer_pooling_last: weighted layer pooling over the last K hidden layers (K >= 1, clamped to
             the backbone's layers + embeddings) before the token pooling; 0 = last layer only.
+        semantic: side features (core.features.SemanticUnits: hashed n-gram bags and ID embeddings,
+            the ESCI MultiTask Pre-Training seed) whose ``out_dim`` vector is concatenated with the
+            pooled one before dropout and head; None = the plain cross-encoder (unchanged).
 
-    ``forward(input_ids, attention_mask, token_type_ids=None, mix=None)`` -> logits (B, 4), float32;
-    ``features(...)`` -> pooled vectors (B, H) and ``classify(pooled)`` -> logits (used by mixup).
+    ``forward(input_ids, attention_mask, token_type_ids=None, mix=None, bags=None, ids=None)`` ->
+    logits (B, 4), float32; the head reads ``hidden + semantic.out_dim`` features.
+    ``features(...)`` -> pooled vectors (B, H) and ``classify(x)`` -> logits (used by mixup).
     """
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean", dropout: float = 0.1,
-                 msd_rates: list[float] | None = None, layer_pooling_last: int = 0):
+                 msd_rates: list[float] | None = None, layer_pooling_last: int = 0,
+                 semantic: nn.Module | None = None):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.pooling={pooling}: expected cls or mean")
@@ -126,13 +131,16 @@ class CrossEncoder(nn.Module):
         n_hidden = int(getattr(backbone.config, "num_hidden_layers", 1) or 1) + 1
         self.layer_pool = WeightedLayerPooling(min(layer_pooling_last, n_hidden)) if layer_pooling_last else None
         hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, N_CLASSES)
+        self.semantic = semantic  # parameters named semantic.* (left out of AWP by core.train)
+        extra = int(semantic.out_dim) if semantic is not None else 0
+        self.head = nn.Linear(hidden + extra, N_CLASSES)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_pretrained(cls, name: str, pooling: str = "mean", dropout: float = 0.1,
-                        msd_rates: list[float] | None = None, layer_pooling_last: int = 0) -> "CrossEncoder":
+                        msd_rates: list[float] | None = None, layer_pooling_last: int = 0,
+                        semantic: nn.Module | None = None) -> "CrossEncoder":
         """Build from ``model.name`` (resolved by :func:`resolve_model_path`).
 
         Raises:
@@ -150,7 +158,7 @@ class CrossEncoder(nn.Module):
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
         return cls(backbone, pooling=pooling, dropout=dropout, msd_rates=msd_rates,
-                   layer_pooling_last=layer_pooling_last)
+                   layer_pooling_last=layer_pooling_last, semantic=semantic)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, H)."""
@@ -172,25 +180,35 @@ class CrossEncoder(nn.Module):
         return self.pool(hidden, attention_mask)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled (B, H) -> logits (B, 4) float32 (dropout, or the multi-sample dropout average)."""
+        """Classifier input (B, H + semantic.out_dim) -> logits (B, 4) float32 (dropout, or the
+        multi-sample dropout average)."""
         if self.msd is None:
             return self.head(self.dropout(pooled)).float()
         return torch.stack([self.head(d(pooled)) for d in self.msd], 0).mean(0).float()
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, mix=None) -> torch.Tensor:
-        """Logits (B, 4). ``mix=(lam, perm)``: embedding mixup of the pooled vectors,
-        ``lam * x + (1 - lam) * x[perm]`` (core.tricks.mixup; mix the targets the same way)."""
+    def forward(self, input_ids, attention_mask, token_type_ids=None, mix=None, bags=None, ids=None) -> torch.Tensor:
+        """Logits (B, 4). ``mix=(lam, perm)``: embedding mixup of the classifier input,
+        ``lam * x + (1 - lam) * x[perm]`` (core.tricks.mixup; mix the targets the same way).
+        ``bags`` int64 (B, F, L) and ``ids`` int64 (B, n_id_fields): the side features of
+        ``semantic`` (core.features.RowFeatures.batch), concatenated after the pooled vector.
+
+        Raises:
+            ValueError: the model has side features and the batch lacks them.
+        """
         pooled = self.features(input_ids, attention_mask, token_type_ids)
+        if self.semantic is not None:
+            pooled = torch.cat([pooled, self.semantic(bags, ids).to(pooled.dtype)], dim=-1)
         if mix is not None:
             lam, perm = mix
             pooled = lam * pooled + (1.0 - lam) * pooled[perm]
         return self.classify(pooled)
 
 
-def collate(encoded, indices: np.ndarray | list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(encoded, indices: np.ndarray | list[int], pad_id: int, features=None) -> dict[str, torch.Tensor]:
     """Dynamic padding: pad the sequences ``indices`` of ``encoded`` to the batch's longest.
 
-    Returns ``input_ids``, ``attention_mask``, ``token_type_ids``, each int64 (B, T_max).
+    Returns ``input_ids``, ``attention_mask``, ``token_type_ids``, each int64 (B, T_max), plus
+    ``features.batch(indices)`` when given (core.features.RowFeatures: ``bags`` (B, F, L), ``ids``).
     """
     seqs = [encoded.get(int(i)) for i in indices]
     t_max = max(len(s) for s, _ in seqs)
@@ -202,8 +220,11 @@ def collate(encoded, indices: np.ndarray | list[int], pad_id: int) -> dict[str, 
         ids[r, : len(s)] = s
         mask[r, : len(s)] = 1
         types[r, start : len(s)] = 1
-    return {
+    out = {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
         "token_type_ids": torch.from_numpy(types),
     }
+    if features is not None:
+        out.update(features.batch(indices))
+    return out

@@ -31,6 +31,8 @@ from core.config import RunConfig, save_config
 from core.dense import dense_scores
 from core.data import ESCI_LABELS, load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
+from core.features import (PARAM_PREFIX, RowFeatures, build_id_vocab, build_semantic, check_features, encode_ids,
+                           features_on, ngram_bags_cached, save_fold_features, word2vec_bucket_init)
 from core.folds import assign_folds
 from core.labels import apply_to_training
 from core.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
@@ -51,6 +53,17 @@ BLEND_MEMBERS = {
     "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
     "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
+
+
+class FeatureSafeAWP(AWP):
+    """AWP that leaves the side-feature tables (``semantic.*``: n-gram bags, ID embeddings) alone.
+
+    Only backbone and head matrices are perturbed, so adding the features does not change what the
+    adversary attacks (FGM/PGD never touch them: they attack the word-embedding matrix only).
+    """
+
+    def _targets(self):
+        return ((n, p) for n, p in super()._targets() if not n.startswith(PARAM_PREFIX))
 
 
 class RunStopped(WorkbenchError):
@@ -143,10 +156,12 @@ def resolve_mixed_precision(setting: str) -> str:
 
 @torch.inference_mode()
 def predict_proba(model: torch.nn.Module, encoded: EncodedPairs, indices: np.ndarray, batch_size: int,
-                  pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                  pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                  features: RowFeatures | None = None) -> np.ndarray:
     """Class probabilities for the sequences ``indices``: float32 (len(indices), 4), order kept.
 
     Batches are formed from length-sorted rows (little padding), then put back in order.
+    ``features``: the rows' side features (n-gram bags / ID ids) for a model with ``semantic``.
     """
     model.eval()
     indices = np.asarray(indices)
@@ -154,7 +169,7 @@ def predict_proba(model: torch.nn.Module, encoded: EncodedPairs, indices: np.nda
     order = np.argsort(-encoded.lengths[indices], kind="stable")
     for start in range(0, len(order), batch_size):
         pos = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(encoded, indices[pos], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(encoded, indices[pos], pad_id, features).items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(**batch)
         out[pos] = torch.softmax(logits.float(), -1).cpu().numpy()
@@ -281,6 +296,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
 
     t_run = time.time()
     tc = cfg.train
+    fc = cfg.features
+    check_features(fc)  # before anything heavy: a bad features section fails at once
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     progress.message("loading data")
@@ -307,6 +324,17 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     labels_all = df["esci_label"].map(LABEL_TO_INDEX).to_numpy()
     fit_targets = pd.Series(fit_labels).map(LABEL_TO_INDEX).to_numpy()  # training targets (cleaned)
     log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
+    # ---- side features (core.features; config section ``features``, all off by default) --------
+    bags, bag_init = None, None
+    if fc.ngram_bags:
+        t_feat = time.time()
+        bags = ngram_bags_cached(df, fc, cfg.text.cache_dir)
+        if fc.init == "word2vec":
+            bag_init = word2vec_bucket_init(df, fc, seed=tc.seed, cache_dir=cfg.text.cache_dir)
+        per = np.diff(bags.offsets).reshape(len(df), -1)
+        log.info("n-gram bags %s: word 1..%d-grams into %d buckets, mean %s per pair, init %s%s (%.1f s)",
+                 fc.bag_fields, fc.ngram, fc.buckets, np.round(per.mean(0), 1).tolist(), fc.init,
+                 f" ({len(bag_init[0])} buckets from word2vec)" if bag_init is not None else "", time.time() - t_feat)
 
     mp = resolve_mixed_precision(tc.mixed_precision)
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available())
@@ -359,9 +387,18 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
             va_local = np.flatnonzero(folds == k)  # rows of train_df
             va = train_idx[va_local]
             va_frame = train_df.iloc[va_local]
+            # ID vocabularies from this fold's training products only (saved with the checkpoint)
+            id_vocab = build_id_vocab(df.iloc[train_idx[(folds != k) & fit_mask[train_idx]]], fc.id_fields,
+                                      fc.id_min_count) if fc.id_embeddings else None
+            feats = RowFeatures(bags, encode_ids(df, id_vocab) if id_vocab is not None else None) \
+                if features_on(fc) else None
+            if id_vocab is not None:
+                log.info("fold %d ID vocabularies (min_count %d): %s", k, fc.id_min_count,
+                         {f: len(v) for f, v in id_vocab.items()})
             model = CrossEncoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.dropout,
                                                  msd_rates=tk.msd_rates if tk.msd else None,
-                                                 layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0)
+                                                 layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
+                                                 semantic=build_semantic(fc, id_vocab, bag_init))
             if cfg.model.freeze_embeddings:
                 model.backbone.get_input_embeddings().weight.requires_grad_(False)
             if tk.grad_checkpointing:  # Chen et al. 2016 (arXiv:1604.06174): recompute activations in backward
@@ -379,7 +416,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
             sampler = LengthGroupedBatchSampler(tr, encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
             loader = torch.utils.data.DataLoader(
                 np.arange(len(encoded)), batch_sampler=sampler,  # the sampler yields rows of df
-                collate_fn=lambda idx, t=targets: {**collate(encoded, idx, pad_id), "targets": torch.from_numpy(t[idx])},
+                collate_fn=lambda idx, t=targets, f=feats: {**collate(encoded, idx, pad_id, f), "targets": torch.from_numpy(t[idx])},
             )
             model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
             unwrapped = accelerator.unwrap_model(model)
@@ -388,7 +425,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                 adversary = FGM(unwrapped, tk.fgm_epsilon)
             elif tk.pgd:
                 adversary = PGD(unwrapped, tk.pgd_epsilon, tk.pgd_alpha, tk.pgd_steps)
-            awp = AWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch,
+            awp = FeatureSafeAWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch,
                       start_loss=tk.awp_start_loss) if tk.awp else None
             ema = EMA(unwrapped, tk.ema_decay) if tk.ema else None
             mix_rng = np.random.default_rng(tc.seed + k)
@@ -475,9 +512,11 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                     if b_i in eval_points:
                         if ema is not None:  # evaluation and checkpoints use the EMA weights
                             with ema.applied(unwrapped):
-                                probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device, autocast_dtype)
+                                probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device,
+                                                      autocast_dtype, feats)
                         else:
-                            probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device, autocast_dtype)
+                            probs = predict_proba(unwrapped, encoded, va, tc.eval_batch_size, pad_id, device,
+                                                  autocast_dtype, feats)
                         m = _eval_metrics(probs, va_frame)
                         m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), labels_all[va]], 1e-12, 1)).mean())
                         store.log_metrics(run_id, [
@@ -497,7 +536,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                 emb.requires_grad_(False)
             unwrapped.load_state_dict(best_state)
             if len(test_idx):
-                test_by_fold[k] = predict_proba(unwrapped, encoded, test_idx, tc.eval_batch_size, pad_id, device, autocast_dtype)
+                test_by_fold[k] = predict_proba(unwrapped, encoded, test_idx, tc.eval_batch_size, pad_id, device,
+                                                autocast_dtype, feats)
             if final and tc.save_checkpoints and accelerator.is_main_process:
                 from safetensors.torch import save_file
 
@@ -505,6 +545,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                 fold_dir.mkdir(exist_ok=True)
                 save_file({n: t_.contiguous() for n, t_ in best_state.items()}, str(fold_dir / "model.safetensors"))
                 store.add_artifact(run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
+                if features_on(fc):  # the shapes and ID vocabularies the checkpoint's tables belong to
+                    store.add_artifact(run_id, "features", save_fold_features(fold_dir, fc, id_vocab), fold=k)
             fold_time = time.time() - t_fold
             fold_metrics.append({"fold": k, **best, "seconds": fold_time})
             store.log_metrics(run_id, [
@@ -518,7 +560,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
             log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", "" if final else "teacher ",
                      k, fold_time, best["ndcg"], best["epoch"])
             accelerator.free_memory()
-            del model, optimizer, loader, scheduler, best_state, unwrapped, adversary, awp, ema
+            del model, optimizer, loader, scheduler, best_state, unwrapped, adversary, awp, ema, feats
         return oof_probs, test_by_fold, fold_metrics
 
     no_extra = np.zeros(0, dtype=np.int64)
