@@ -31,6 +31,8 @@ from workbench.cli_models import models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 from workbench.cli_ablate import ablate  # noqa: E402
 app.command("ablate")(ablate)
+from workbench.cli_pretrain import pretrain  # noqa: E402
+app.command("pretrain")(pretrain)
 
 console = Console()
 err_console = Console(stderr=True)
