@@ -183,7 +183,7 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
     for r in rows:
         n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
         table.add_row(r["id"], cut(r["name"] or "", name_w), f"[{colors.get(r['status'], 'white')}]{r['status']}",
-                      cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w), f"{r['folds_done']}/{n_folds}", _fmt(r["best_ndcg"], 3),
+                      cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w), f"{r['folds_done']}/{n_folds}" if n_folds else "-", _fmt(r["best_ndcg"], 3),
                       _fmt(r["best_final_ndcg"], 3), _fmt(r["best_f1"], 3), _duration(r))
     console.print(table)
     console.print("nDCG / F1: the cross-encoder's CV (best, not last); final: the blended ranking's CV nDCG")

@@ -40,7 +40,7 @@ def run_rows(raw: list[dict], services) -> list[dict]:
         rows.append({
             "id": r["id"], "name": r["name"] or "", "status": r["status"] or "", "task": r["task"],
             "model": (r["model"] or "").rsplit("/", 1)[-1], "folds_done": r["folds_done"] or 0,
-            "folds": f"{r['folds_done'] or 0}/{k if k is not None else '?'}",
+            "folds": f"{r['folds_done'] or 0}/{k}" if k else "-",  # no folds: a pre-training run
             "ndcg": r["best_ndcg"], "f1": r["best_f1"], "final": r["best_final_ndcg"],
             "duration_s": services.duration(r), "started": r["started"] or r["created"],
             "exit_code": r["exit_code"], "pid": r["pid"], "run_dir": r["run_dir"],
