@@ -319,3 +319,41 @@ def test_bad_configs_and_data(tmp_path, small_dataset, tiny_bert):
         empty / "shopping_queries_dataset_products.parquet")
     assert "no product has text" in run_on(empty)
     assert store.list_runs() == []
+
+
+def test_sigterm_marks_the_run_stopped_and_leaves_no_backbone(tmp_path, small_dataset, tiny_bert):
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    from core.errors import WorkbenchError
+
+    cfg = _pretrain_config(tmp_path, small_dataset, tiny_bert)
+    db = str(tmp_path / "runs.db")
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", str(cfg), "--db", db,
+                             "--set", "train.max_steps=100000", "--set", "train.epochs=100000"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        run = None
+        while time.time() < deadline:
+            try:  # the file exists a moment before its tables do
+                runs = RunStore(db, readonly=True).list_runs() if os.path.exists(db) else []
+                if runs and runs[0]["status"] == "running" and _metric_names(db, runs[0]["id"]) & {"train/loss"}:
+                    run = runs[0]
+                    break
+            except (sqlite3.Error, WorkbenchError):
+                pass
+            time.sleep(0.3)
+        assert run is not None, "the run never logged a step"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2  # RunStopped is a WorkbenchError: one line, exit 2
+    r = RunStore(db).get_run(run["id"])
+    assert r["status"] == "stopped" and r["exit_code"] == 143
+    assert not (Path(r["run_dir"]) / "backbone").exists()
+    assert not list(Path(r["run_dir"]).glob(".backbone.tmp*"))
