@@ -19,17 +19,49 @@ from pathlib import Path
 import psutil
 
 from core.config import config_from_dict, load_config, save_config
-from core.errors import WorkbenchError
+from core.errors import ConfigError, WorkbenchError
 from core.runs import RunStore, now_iso
 
 #: statuses of a run whose process may still be alive
 ACTIVE = ("queued", "running")
 
 
-def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str]) -> list[str]:
+def config_kind(path: str | Path) -> str:
+    """``"pretrain"`` when the config file's top level says ``kind: pretrain``, else ``"train"``.
+
+    An unreadable file gives ``"train"``: the loader then raises its own one-line ConfigError."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "train"
+    return "pretrain" if isinstance(data, dict) and data.get("kind") == "pretrain" else "train"
+
+
+def load_any_config(path: str | Path, overrides: list[str] | None = None):
+    """Load a training config (:class:`core.config.RunConfig`) or, for ``kind: pretrain``, a
+    pre-training config (:class:`core.pretrain.PretrainConfig`); the result's ``kind`` attribute
+    (``getattr(cfg, "kind", "train")``) tells them apart.
+
+    Raises:
+        ConfigError: as :func:`core.config.load_config` / :func:`core.pretrain.load_pretrain_config`.
+    """
+    if config_kind(path) == "pretrain":
+        from core.pretrain import load_pretrain_config
+
+        return load_pretrain_config(path, overrides)
+    return load_config(path, overrides)
+
+
+def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str],
+                    command: str = "train") -> list[str]:
     """The argument list of a detached trainer under its supervisor (same interpreter as the caller):
-    ``python -m core.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``."""
-    cmd = [sys.executable, "-m", "workbench", "train", str(config_path), "--run-id", run_id, "--db", db_path]
+    ``python -m core.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``
+    (``command="pretrain"``: ``workbench pretrain``)."""
+    if command not in ("train", "pretrain"):
+        raise ValueError(f"unknown trainer command {command!r}")
+    cmd = [sys.executable, "-m", "workbench", command, str(config_path), "--run-id", run_id, "--db", db_path]
     for o in overrides:
         cmd += ["--set", o]
     return [sys.executable, "-m", "core.supervise", "--run-id", run_id, "--db", db_path, "--", *cmd]
@@ -49,7 +81,7 @@ def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore
         ConfigError: bad config or override.
     """
     overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
+    cfg = load_any_config(config_path, overrides)
     return _start(cfg, config_path, overrides, store)
 
 
@@ -69,7 +101,18 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
     run = store.get_run(run_id)
     if not run.get("config"):
         raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
-    cfg = config_from_dict(json.loads(run["config"]))
+    data = json.loads(run["config"])
+    if data.get("kind") == "pretrain":
+        from core.config import _build
+        from core.pretrain import PretrainConfig, check_pretrain_config
+
+        try:
+            cfg = _build(PretrainConfig, data, "")
+            check_pretrain_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
+    else:
+        cfg = config_from_dict(data)
     return _start(cfg, None, [], store)
 
 
@@ -83,7 +126,8 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
     console = open(run_dir / "console.log", "ab")
     try:
         proc = subprocess.Popen(
-            trainer_command(config_path, run_id, os.path.abspath(store.path), overrides),
+            trainer_command(config_path, run_id, os.path.abspath(store.path), overrides,
+                            command=getattr(cfg, "kind", "train")),
             stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -53,5 +53,9 @@ def test_roundtrip_and_toml(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from core.launcher import load_any_config
+
+    kinds = {}
     for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"):
-        load_config(p)
+        kinds[p.name] = getattr(load_any_config(p), "kind", "train")
+    assert kinds["demo.yaml"] == "train" and kinds["pretrain.yaml"] == "pretrain"

@@ -357,3 +357,43 @@ def test_sigterm_marks_the_run_stopped_and_leaves_no_backbone(tmp_path, small_da
     assert r["status"] == "stopped" and r["exit_code"] == 143
     assert not (Path(r["run_dir"]) / "backbone").exists()
     assert not list(Path(r["run_dir"]).glob(".backbone.tmp*"))
+
+
+def test_launch_and_relaunch_a_pretrain_config_detached(tmp_path, small_dataset, tiny_bert):
+    """`workbench launch` / the app's new-run dialog / `r` start `workbench pretrain` for a
+    `kind: pretrain` config (the supervisor records exit 0, the backbone is written)."""
+    import json
+    import time
+
+    from core.launcher import config_kind, load_any_config, relaunch
+    from workbench.cli import app
+
+    cfg_path = _pretrain_config(tmp_path, small_dataset, tiny_bert)
+    data = yaml.safe_load(cfg_path.read_text())
+    data["kind"] = "pretrain"
+    cfg_path.write_text(yaml.safe_dump(data))
+    assert config_kind(cfg_path) == "pretrain" and config_kind(REPO / "configs" / "demo.yaml") == "train"
+    assert load_any_config(cfg_path).tasks.enabled() == list(TASKS)
+
+    db = str(tmp_path / "runs.db")
+    res = runner.invoke(app, ["launch", str(cfg_path), "--db", db, "--set", "train.max_steps=2"])
+    assert res.exit_code == 0, res.output
+    first = res.output.strip().splitlines()[0]
+    store = RunStore(db)
+
+    def finished(run_id: str) -> bool:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if store.get_run(run_id)["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.3)
+        run = store.get_run(run_id)
+        assert run["status"] == "finished", (run["status"], run.get("error"),
+                                             (Path(run["run_dir"]) / "console.log").read_text()[-2000:])
+        return (Path(run["run_dir"]) / "backbone" / "model.safetensors").is_file()
+
+    assert finished(first)
+    second, _ = relaunch(store, first)
+    assert finished(second)
+    a, b = (json.loads(store.get_run(r)["config"]) for r in (first, second))
+    assert a == b and b["kind"] == "pretrain" and b["train"]["max_steps"] == 2

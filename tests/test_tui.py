@@ -331,3 +331,33 @@ async def test_ensemble_and_label_keys_open_their_screens(fixture_db):
         await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen))
         await pilot.press("l")
         assert isinstance(app.screen, ReviewScreen)
+
+
+async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_path):
+    """A pre-training run (no folds) logs pretrain/<task>_loss: `m` reaches those curves."""
+    from core.runs import RunStore
+    from workbench.tui.detail import DETAIL_CURVES
+
+    db = tmp_path / "runs.db"
+    store = RunStore(db)
+    rid = store.create_run("pretrain-x", {"kind": "pretrain", "train": {"epochs": 1}}, status="finished")
+    rows = []
+    for step in (1, 2, 3):
+        for task, v in (("mlm", 9.0), ("brand", 6.0), ("contrastive", 0.1)):
+            rows.append({"name": f"pretrain/{task}_loss", "value": v - step, "fold": 0, "step": step, "epoch": step / 10})
+        rows.append({"name": "train/loss", "value": 15.0 - step, "fold": 0, "step": step, "epoch": step / 10})
+    store.log_metrics(rid, rows)
+    store.close()
+    app = fixture_app(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        app.push_screen(RunDetailScreen(app.services, rid, refresh_interval=0.2))
+        detail = app.screen
+        await wait_for(pilot, lambda: detail.run is not None, what="the run loaded")
+        assert "folds -/-" not in str(detail.query_one("#info").render())
+        assert detail.curves == DETAIL_CURVES + ["pretrain/brand_loss", "pretrain/contrastive_loss", "pretrain/mlm_loss"]
+        seen = []
+        for _ in range(len(detail.curves)):
+            seen.append(detail.curve_name)
+            await pilot.press("m")
+        assert seen[-1] == "pretrain/mlm_loss" and "3 pts" in str(detail.query_one("#curve-title").render())

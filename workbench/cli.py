@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
-from core.errors import WorkbenchError
+from core.errors import ConfigError, WorkbenchError
 
 app = typer.Typer(add_completion=False, invoke_without_command=True,
                   help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge. "
@@ -118,8 +118,11 @@ def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_
           run_id: Annotated[Optional[str], typer.Option("--run-id", help="a queued run (used by launch)")] = None):
     """Train a config in the foreground (k-fold CV) and record the run."""
     from core.config import load_config
+    from core.launcher import config_kind
     from core.train import run_training
 
+    if config_kind(config) == "pretrain":
+        raise ConfigError(f"{config}: a pre-training config (kind: pretrain): run `workbench pretrain {config}`")
     cfg = load_config(config, set_)
     store = _store(db)
     if sys.stderr.isatty():
@@ -132,7 +135,7 @@ def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_
 
 @app.command()
 def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_: SetOpt = None, db: DbOpt = None):
-    """Start training detached (own session); prints the run id."""
+    """Start training (or pre-training, for a `kind: pretrain` config) detached (own session); prints the run id."""
     from core.launcher import launch as _launch
 
     run_id, pid = _launch(config, set_, _store(db))

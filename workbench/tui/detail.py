@@ -84,8 +84,15 @@ class RunDetailScreen(Screen):
         self.set_interval(self.refresh_interval, self.poll)
 
     @property
+    def curves(self) -> list[str]:
+        """DETAIL_CURVES, then a pre-training run's per-task losses (``pretrain/*_loss``) once logged."""
+        extra = sorted(n for n in list(self.series) if n.startswith("pretrain/") and n.endswith("_loss"))
+        return DETAIL_CURVES + extra
+
+    @property
     def curve_name(self) -> str:
-        return DETAIL_CURVES[self.curve_index % len(DETAIL_CURVES)]
+        curves = self.curves
+        return curves[self.curve_index % len(curves)]
 
     # -- polling (worker thread) ----------------------------------------------------------------
     @work(thread=True, exclusive=True, group="detail-poll", exit_on_error=False)
@@ -167,7 +174,7 @@ class RunDetailScreen(Screen):
         best = self._best()
         exit_code = f" exit {run['exit_code']}" if run.get("exit_code") is not None else ""
         folds_done = len(self.series.get("fold/done", []))
-        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds", "?")
+        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds") or "-"  # pre-training: no folds
         self.query_one("#info", Static).update(
             f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  "
             f"{escape((run['model'] or '').rsplit('/', 1)[-1])}  pid {run['pid'] or '-'}\n"
@@ -216,7 +223,7 @@ class RunDetailScreen(Screen):
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=f"fold {fold}")
         title = f"[b]{name}[/] {len(pts)} pts" if pts else f"[b]{name}[/] no points yet"
         self.query_one("#curve-title", Static).update(
-            f"{title}  [dim]x: epoch, folds in sequence · m/M: {' '.join(DETAIL_CURVES)}[/]")
+            f"{title}  [dim]x: epoch, folds in sequence · m/M: {' '.join(self.curves)}[/]")
 
     # -- actions ---------------------------------------------------------------------------------
     def action_back(self) -> None:

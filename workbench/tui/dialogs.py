@@ -121,15 +121,20 @@ class NewRunScreen(ModalScreen[str | None]):
 
     @work(thread=True, exclusive=True, group="validate", exit_on_error=False)
     def validate_config(self) -> None:
-        from core.config import load_config
+        from core.launcher import load_any_config
 
         path, text = self._values()
         if not path:
             return
         try:
-            cfg = load_config(path, parse_overrides(text))
-            msg = (f"[green]ok[/]: {escape(cfg.name)} · {escape(cfg.model.name)} · {cfg.train.folds} folds × "
-                   f"{cfg.train.epochs} epochs · data {escape(str(cfg.data.dir))}")
+            cfg = load_any_config(path, parse_overrides(text))
+            if getattr(cfg, "kind", "train") == "pretrain":
+                tasks = ", ".join(cfg.tasks.enabled())
+                msg = (f"[green]ok[/]: pre-training {escape(cfg.name)} · {escape(cfg.model.name)} · "
+                       f"{escape(tasks)} · data {escape(str(cfg.data.dir))}")
+            else:
+                msg = (f"[green]ok[/]: {escape(cfg.name)} · {escape(cfg.model.name)} · {cfg.train.folds} folds × "
+                       f"{cfg.train.epochs} epochs · data {escape(str(cfg.data.dir))}")
             ok = True
         except Exception as exc:  # noqa: BLE001 - ConfigError, ValueError, yaml errors
             msg, ok = f"[red]{escape(str(exc))}[/]", False
