@@ -350,25 +350,33 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return _build(RunConfig, data, "")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML (or ``.toml``) config file.
+
+    Raises:
+        ConfigError: missing or unreadable file, bad syntax, not a mapping (one line, naming the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{p}: cannot parse config: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: config must be a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML/TOML config file (or the defaults when ``path`` is None) and apply overrides.
 
     Raises:
         ConfigError: missing or unreadable file, bad syntax, unknown keys, wrong types.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            text = p.read_text()
-            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{p}: cannot parse config: {first}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: config must be a mapping of sections")
+    data = read_config_file(path) if path is not None else {}
     try:
         return config_from_dict(data, overrides)
     except ConfigError as exc:

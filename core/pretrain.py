@@ -36,7 +36,6 @@ import shutil
 import signal
 import socket
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from core.config import _build, _set_dotted, parse_overrides
+from core.config import _build, _set_dotted, parse_overrides, read_config_file
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.runs import RunStore, now_iso
 
@@ -213,19 +212,7 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
         ConfigError: missing/unparsable file, unknown key (e.g. an unknown task name under
             ``tasks``), wrong type, all tasks off (one line, naming the file).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            text = p.read_text()
-            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{p}: cannot parse config: {first}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: config must be a mapping of sections")
+    data = read_config_file(path) if path is not None else {}
     try:
         for key, value in parse_overrides(overrides):
             _set_dotted(data, key, value)
@@ -643,24 +630,6 @@ class MultitaskModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- training
-def _setup_file_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger("esci")
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    return handler
-
-
-def _process_start_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - best effort
-        return None
-
-
 @dataclass
 class PretrainResult:
     """What a finished pre-training run produced: the backbone folder and the per-task losses
@@ -696,7 +665,7 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
         core.train.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
     from core.model import load_tokenizer, resolve_model_path
-    from core.train import NullProgress, RunStopped
+    from core.train import NullProgress, RunStopped, _process_start_time, _setup_file_log
 
     progress = progress or NullProgress()
     check_pretrain_config(cfg)

@@ -18,6 +18,7 @@ from core.features import (NgramBags, RowFeatures, SemanticUnits, build_id_vocab
                            compute_ngram_bags, encode_ids, load_fold_model, ngram_bucket, ngram_bags_cached, ngrams,
                            text_buckets, train_word2vec, word2vec_bucket_init, words)
 from core.model import CrossEncoder, collate, load_tokenizer
+from test_tricks import _cfg as tricks_cfg
 
 TEXTS = ["USB-C Cable, 6 ft &amp; <b>fast</b> charge", "zapatillas de running mujer", "ワイヤレスイヤホン", ""]
 
@@ -229,16 +230,7 @@ def test_awp_and_fgm_do_not_perturb_the_feature_tables(tiny_bert):
 
 
 def _cfg(tmp_path, data_dir, model_dir, features, **tricks):
-    return config_from_dict({
-        "name": "features", "output_dir": str(tmp_path / "runs"),
-        "data": {"dir": str(data_dir), "max_queries": 10},
-        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
-        "model": {"name": str(model_dir), "freeze_embeddings": True},
-        "train": {"folds": 2, "epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1, "num_threads": 1},
-        "blend": {"members": []},
-        "tricks": tricks,
-        "features": features,
-    })
+    return tricks_cfg(tmp_path, data_dir, model_dir, features=features, **tricks)
 
 
 def _reload_predictions(res, cfg, fold, rows):

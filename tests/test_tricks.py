@@ -395,7 +395,8 @@ def test_tricks_default_off_and_old_configs_load(tmp_path):
 # ---- composed in real k-fold runs (tiny BERT, real queries) ---------------------------------------------
 
 
-def _cfg(tmp_path, data_dir, model_dir, **tricks):
+def _cfg(tmp_path, data_dir, model_dir, features=None, **tricks):
+    """A 2-fold, 10-query tiny-BERT run config with these tricks (and ``features`` section)."""
     return config_from_dict({
         "name": "tricks", "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(data_dir), "max_queries": 10},
@@ -404,6 +405,7 @@ def _cfg(tmp_path, data_dir, model_dir, **tricks):
         "train": {"folds": 2, "epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1, "num_threads": 1},
         "blend": {"members": []},
         "tricks": tricks,
+        "features": features or {},
     })
 
 
