@@ -45,7 +45,7 @@ import pandas as pd
 
 from core.blend import standardize_per_query
 from core.errors import DataError, WorkbenchError
-from core.metrics import ESCI_LABELS, GAIN_VECTOR, expected_gain, mean_ndcg
+from core.metrics import ESCI_LABELS, GAIN_VECTOR, expected_gain
 from core.report import PROB_COLUMNS, read_predictions
 
 __all__ = [
@@ -679,7 +679,6 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
         twins = [ms.names[j] for j in range(M) if ms.members[j].has_probs and j not in prob_members]
         if twins:
             res.notes.append(f"Tasks 2/3: {', '.join(twins)} left out (same run's probabilities as another member)")
-        K = len(prob_members)
         P = np.stack([ms.members[j].oof_probs for j in prob_members], axis=-1)  # (N, 4, K)
         Pt = None if test is None else np.stack([ms.members[j].test_probs for j in prob_members], axis=-1)
 

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import yaml
 from torch import nn
 
 from core.config import _build, _set_dotted, parse_overrides, read_config_file
-from core.errors import ConfigError, DataError, WorkbenchError
+from core.errors import ConfigError, DataError
 from core.runs import RunStore, now_iso
 
 log = logging.getLogger("esci.pretrain")
@@ -665,7 +664,7 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
         core.train.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
     from core.model import load_tokenizer, resolve_model_path
-    from core.train import NullProgress, RunStopped, _process_start_time, _setup_file_log
+    from core.train import NullProgress, _process_start_time, _setup_file_log, recorded_run
 
     progress = progress or NullProgress()
     check_pretrain_config(cfg)
@@ -695,39 +694,14 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     store.add_artifact(run_id, "config", run_dir / "config.yaml")
     store.add_artifact(run_id, "log", run_dir / "train.log")
 
-    def _on_signal(signum, frame):
-        raise RunStopped(f"run {run_id}: stopped by signal {signum}")
-
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, _on_signal)
-    except ValueError:  # not the main thread
-        previous = {}
     tmp_dir = run_dir / f".backbone.tmp-{os.getpid()}"
     try:
-        result = _pretrain(cfg, store, run_id, run_dir, tmp_dir, tokenizer, corpus, backbone, progress)
-        store.update_run(run_id, status="finished", ended=now_iso(), exit_code=0)
-        log.info("run %s finished: backbone %s", run_id, result.backbone_dir)
-        return result
-    except RunStopped:
-        log.warning("run %s stopped", run_id)
-        store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=143)
-        raise
-    except WorkbenchError as exc:
-        log.error("run %s failed: %s", run_id, exc)
-        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=2, error=str(exc))
-        raise
-    except BaseException as exc:
-        log.exception("run %s crashed", run_id)
-        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=1, error=f"{type(exc).__name__}: {exc}"[:500])
-        raise
+        with recorded_run(store, run_id, handler):
+            result = _pretrain(cfg, store, run_id, run_dir, tmp_dir, tokenizer, corpus, backbone, progress)
+            log.info("run %s finished: backbone %s", run_id, result.backbone_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-        logging.getLogger("esci").removeHandler(handler)
-        handler.close()
+    return result
 
 
 def _load_backbone(name: str, resolve_model_path) -> nn.Module:

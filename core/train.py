@@ -10,6 +10,7 @@ artifacts under ``runs/<run_id>/`` and metrics in runs.db.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,7 +24,6 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from core.baselines import bm25_scores, random_scores
 from core.blend import nested_blend, standardize_per_query
@@ -254,6 +254,21 @@ def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
     store.add_artifact(run_id, "config", run_dir / "config.yaml")
     store.add_artifact(run_id, "log", run_dir / "train.log")
 
+    with recorded_run(store, run_id, handler):
+        result = _train(cfg, store, run_id, run_dir, progress)
+        log.info("run %s finished: %s", run_id, result.cv)
+    return result
+
+
+@contextlib.contextmanager
+def recorded_run(store: RunStore, run_id: str, handler: logging.Handler):
+    """The lifecycle of a run's body, shared by training and pre-training.
+
+    SIGTERM/SIGINT raise :class:`RunStopped` inside the body (main thread only). On exit the run
+    row gets its final status and exit code: finished/0, stopped/143 (RunStopped), failed/2 (any
+    other WorkbenchError, message kept), failed/1 (anything else, type and message kept). The
+    exception is re-raised; the signal handlers are restored and the file log ``handler`` closed.
+    """
     def _on_signal(signum, frame):
         raise RunStopped(f"run {run_id}: stopped by signal {signum}")
 
@@ -263,12 +278,9 @@ def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
             previous[sig] = signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread (e.g. a UI worker): no signal handling
         previous = {}
-
     try:
-        result = _train(cfg, store, run_id, run_dir, progress)
+        yield
         store.update_run(run_id, status="finished", ended=now_iso(), exit_code=0)
-        log.info("run %s finished: %s", run_id, result.cv)
-        return result
     except RunStopped:
         log.warning("run %s stopped", run_id)
         store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=143)
@@ -322,7 +334,6 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
     encoded = encode_pairs_cached(df, tokenizer, cfg.text)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     labels_all = df["esci_label"].map(LABEL_TO_INDEX).to_numpy()
-    fit_targets = pd.Series(fit_labels).map(LABEL_TO_INDEX).to_numpy()  # training targets (cleaned)
     log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
     # ---- side features (core.features; config section ``features``, all off by default) --------
     bags, bag_init = None, None
