@@ -407,6 +407,12 @@ class SemanticUnits(nn.Module):
         self.out_dim = n_bag_fields * bag_dim + len(id_sizes) * id_dim
 
     def forward(self, bags: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """bags int64 (B, F, W) bucket ids (0 = padding), ids int64 (B, len(id_fields)) ->
+        float (B, out_dim): each field's mean bag vector, then each ID vector, concatenated.
+
+        Raises:
+            ValueError: the model has bags / ID embeddings and the batch carries none.
+        """
         parts = []
         if self.bag is not None:
             if bags is None:
@@ -421,6 +427,7 @@ class SemanticUnits(nn.Module):
 
 
 def features_on(cfg: FeaturesConfig) -> bool:
+    """True when the ``features`` section turns on n-gram bags or ID embeddings."""
     return bool(cfg.ngram_bags or cfg.id_embeddings)
 
 

@@ -106,6 +106,8 @@ class PretrainTrainConfig:
 
 @dataclass
 class MLMTaskConfig:
+    """Masked LM on the product text (Devlin et al. 2019)."""
+
     enabled: bool = True
     weight: float = 1.0
     mask_probability: float = 0.15
@@ -113,6 +115,8 @@ class MLMTaskConfig:
 
 @dataclass
 class P2QTaskConfig:
+    """Product2Query: (query, product) -> relevant or not; fake queries are Poisson-length title spans (paper appendix)."""
+
     enabled: bool = True
     weight: float = 1.0
     positive_labels: list[str] = field(default_factory=lambda: ["E"])  # judged pairs used as positives
@@ -124,6 +128,8 @@ class P2QTaskConfig:
 
 @dataclass
 class AttributeTaskConfig:
+    """Product2Brand / Product2Color: the masked value predicted from the text; frequent values, the rest "other"."""
+
     enabled: bool = True
     weight: float = 1.0
     min_count: int = 2  # a value needs this many products to get its own class
@@ -132,6 +138,8 @@ class AttributeTaskConfig:
 
 @dataclass
 class ContrastiveTaskConfig:
+    """SimCSE dropout views with a momentum-encoder queue of negatives (ESimCSE / MoCo)."""
+
     enabled: bool = True
     weight: float = 1.0
     tau: float = 0.05  # InfoNCE temperature
@@ -141,6 +149,8 @@ class ContrastiveTaskConfig:
 
 @dataclass
 class TasksConfig:
+    """One section per pre-training task; each has ``enabled`` and ``weight`` (its loss is summed with that weight)."""
+
     mlm: MLMTaskConfig = field(default_factory=MLMTaskConfig)
     p2q: P2QTaskConfig = field(default_factory=P2QTaskConfig)
     brand: AttributeTaskConfig = field(default_factory=AttributeTaskConfig)
@@ -148,6 +158,7 @@ class TasksConfig:
     contrastive: ContrastiveTaskConfig = field(default_factory=ContrastiveTaskConfig)
 
     def enabled(self) -> list[str]:
+        """Names of the enabled tasks, in TASKS order."""
         return [t for t in TASKS if getattr(self, t).enabled]
 
 
