@@ -114,6 +114,15 @@ def test_ablation_end_to_end_through_the_cli(tmp_path, small_dataset, tiny_bert)
     res = runner.invoke(app, ["ablate", cfg, "--tricks", "ema,ls", "--db", db, "--runs", ids, "--markdown"])
     assert res.exit_code == 0, res.output
     assert "+ ls" in res.output and f"{rows[2]['cv_ndcg']:.4f}" in res.output and "| step |" in res.output
+    # any finished runs compared without --tricks (e.g. two backbones): labelled by run name, Δ paired
+    res = runner.invoke(app, ["ablate", cfg, "--db", db, "--runs", f"{rows[0]['run_id']},{rows[2]['run_id']}", "--json"])
+    assert res.exit_code == 0, res.output
+    pair = json.loads(res.output)
+    assert [p["run_id"] for p in pair] == [rows[0]["run_id"], rows[2]["run_id"]]
+    assert pair[0]["added"] == runs[rows[0]["run_id"]]["name"]
+    assert pair[1]["delta"] == pytest.approx(rows[2]["cv_ndcg"] - rows[0]["cv_ndcg"], abs=1e-9)
+    res = runner.invoke(app, ["ablate", cfg, "--db", db])  # main() turns this into one line + exit 2
+    assert isinstance(res.exception, ConfigError) and "--tricks is required" in str(res.exception)
     assert len(store.list_runs()) == 3
 
 

@@ -16,9 +16,10 @@ err_console = Console(stderr=True)
 
 
 def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the baseline (step 0)")],
-           tricks: Annotated[str, typer.Option("--tricks", help="techniques added one after another, comma-separated: "
-                                               "ema, fgm, pgd, awp, rdrop, poly1, focal, ls, msd, wlp, mixup, distill, "
-                                               "pseudo, llrd, gc, or key=value of the tricks section")],
+           tricks: Annotated[Optional[str], typer.Option("--tricks", help="techniques added one after another, "
+                                                         "comma-separated: ema, fgm, pgd, awp, rdrop, poly1, focal, ls, "
+                                                         "msd, wlp, mixup, distill, pseudo, llrd, gc, or key=value of a "
+                                                         "config section (required unless --runs)")] = None,
            set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
            db: Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")] = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="print the planned runs and exit")] = False,
@@ -30,8 +31,12 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
     from core.ablate import ablation_table, plan_ablation, run_ablation, split_items, to_markdown
     from core.runs import RunStore, default_db_path
 
-    items = split_items(tricks)
-    steps = plan_ablation(config, items, set_)  # every config checked before anything trains
+    from core.errors import ConfigError
+
+    if not tricks and not runs:
+        raise ConfigError("ablate: --tricks is required (or --runs to rebuild a table from finished runs)")
+    items = split_items(tricks) if tricks else []
+    steps = plan_ablation(config, items, set_) if items else []  # every config checked before anything trains
     if dry_run:
         for st in steps:
             console.print(f"step {st.step}: {st.config.name}  " + " ".join(f"--set {o}" for o in st.overrides))
@@ -39,7 +44,8 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
     store = RunStore(db or default_db_path())
     if runs:
         ids = [r.strip() for r in runs.split(",") if r.strip()]
-        labels = ["baseline"] + [f"+ {s.added}" for s in steps[1:]] if len(ids) == len(steps) else None
+        # step labels from --tricks when they match the runs, else each run's name
+        labels = ["baseline"] + [f"+ {s.added}" for s in steps[1:]] if tricks and len(ids) == len(steps) else None
         table = ablation_table(store, ids, labels)
     elif sys.stderr.isatty():
         from workbench.cli import RichProgress
