@@ -354,7 +354,7 @@ async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_pa
         app.push_screen(RunDetailScreen(app.services, rid, refresh_interval=0.2))
         detail = app.screen
         await wait_for(pilot, lambda: detail.run is not None, what="the run loaded")
-        assert "folds -/-" not in str(detail.query_one("#info").render())
+        assert "folds -  nDCG -" in str(detail.query_one("#info").render())
         assert detail.curves == DETAIL_CURVES + ["pretrain/brand_loss", "pretrain/contrastive_loss", "pretrain/mlm_loss"]
         seen = []
         for _ in range(len(detail.curves)):

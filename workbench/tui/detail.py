@@ -174,11 +174,12 @@ class RunDetailScreen(Screen):
         best = self._best()
         exit_code = f" exit {run['exit_code']}" if run.get("exit_code") is not None else ""
         folds_done = len(self.series.get("fold/done", []))
-        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds") or "-"  # pre-training: no folds
+        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds")
+        folds = f"{folds_done}/{k}" if k else "-"  # a pre-training run has no folds
         self.query_one("#info", Static).update(
             f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  "
             f"{escape((run['model'] or '').rsplit('/', 1)[-1])}  pid {run['pid'] or '-'}\n"
-            f"folds {folds_done}/{k}  nDCG {fmt_float(best.get('ndcg'))}  F1 {fmt_float(best.get('task2_f1'))}  "
+            f"folds {folds}  nDCG {fmt_float(best.get('ndcg'))}  F1 {fmt_float(best.get('task2_f1'))}  "
             f"final {fmt_float(best.get('final_ndcg'))}  time {fmt_duration(self.services.duration(run))}"
             + (f"  [red]{escape(run['error'][:80])}[/]" if run.get("error") else ""))
         if lines:
