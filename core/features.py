@@ -155,14 +155,13 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
     Raises:
         ConfigError: an unknown field or buckets <= 0.
     """
-    check_features(cfg, need_gensim=False)
     n_rows, fields = len(df), list(cfg.bag_fields)
     memo: dict[str, int] = {}
 
     def bucket(g: str) -> int:
         b = memo.get(g)
         if b is None:
-            b = memo[g] = zlib.crc32(g.encode("utf-8")) % cfg.buckets + 1
+            b = memo[g] = ngram_bucket(g, cfg.buckets)
         return b
 
     flats, lengths, starts, base = [], np.zeros((n_rows, len(fields)), np.int64), np.zeros((n_rows, len(fields)), np.int64), 0
@@ -307,7 +306,11 @@ def word2vec_bucket_init(df: pd.DataFrame, cfg: FeaturesConfig, seed: int = 42, 
 
 
 def _normalise_id(values: pd.Series) -> pd.Series:
-    return values.astype("string").fillna("").map(lambda v: clean_text(v).lower()).astype(object)
+    """Cleaned, lower-cased values ("" for missing); each distinct value is cleaned once (the
+    examples frame repeats a product's brand on every row, and this runs once per fold)."""
+    codes, uniques = pd.factorize(values.astype("string").fillna(""), use_na_sentinel=False)
+    cleaned = np.array([clean_text(v).lower() for v in uniques] or [""], dtype=object)
+    return pd.Series(cleaned[codes], index=values.index, dtype=object)
 
 
 def build_id_vocab(df: pd.DataFrame, fields: list[str], min_count: int = 2) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from core.config import config_from_dict, load_config, save_config
+from core.config import config_from_dict, load_config, read_config_file, save_config
 from core.errors import ConfigError, WorkbenchError
 from core.runs import RunStore, now_iso
 
@@ -29,13 +29,11 @@ def config_kind(path: str | Path) -> str:
     """``"pretrain"`` when the config file's top level says ``kind: pretrain``, else ``"train"``.
 
     An unreadable file gives ``"train"``: the loader then raises its own one-line ConfigError."""
-    import yaml
-
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = read_config_file(path)
+    except ConfigError:
         return "train"
-    return "pretrain" if isinstance(data, dict) and data.get("kind") == "pretrain" else "train"
+    return "pretrain" if data.get("kind") == "pretrain" else "train"
 
 
 def load_any_config(path: str | Path, overrides: list[str] | None = None):
@@ -102,12 +100,10 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
         raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
     data = json.loads(run["config"])
     if data.get("kind") == "pretrain":
-        from core.config import _build
-        from core.pretrain import PretrainConfig, check_pretrain_config
+        from core.pretrain import pretrain_config_from_dict
 
         try:
-            cfg = _build(PretrainConfig, data, "")
-            check_pretrain_config(cfg)
+            cfg = pretrain_config_from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
     else:

@@ -75,6 +75,36 @@ def load_tokenizer(name: str):
         raise ConfigError(f"model.name={name}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
 
 
+def load_backbone(name: str) -> nn.Module:
+    """The transformers AutoModel of ``model.name`` (resolved by :func:`resolve_model_path`), without
+    its pooling layer where the architecture has one (we pool ourselves).
+
+    Raises:
+        ConfigError: weights not found locally and no hub reachable (one line).
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected: we pool ourselves
+    path = resolve_model_path(name)
+    try:
+        try:
+            return AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooling layer argument
+            return AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Sequence vectors: hidden (B, T, H), attention_mask (B, T) -> (B, H); ``cls`` takes token 0,
+    ``mean`` averages the unmasked tokens (Sentence-BERT mean pooling, Reimers & Gurevych 2019)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 class WeightedLayerPooling(nn.Module):
     """Learned weighted average of the last ``k`` hidden layers: ``sum_i w_i h_i / sum_i w_i``.
 
@@ -146,26 +176,12 @@ class CrossEncoder(nn.Module):
         Raises:
             ConfigError: weights not found locally and no hub reachable.
         """
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # the unused pooler weights are expected: we pool ourselves
-        path = resolve_model_path(name)
-        try:
-            backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
-        except TypeError:  # architectures without a pooling layer argument
-            backbone = AutoModel.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
-        return cls(backbone, pooling=pooling, dropout=dropout, msd_rates=msd_rates,
+        return cls(load_backbone(name), pooling=pooling, dropout=dropout, msd_rates=msd_rates,
                    layer_pooling_last=layer_pooling_last, semantic=semantic)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H), (B, T) -> (B, H)."""
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        """(B, T, H), (B, T) -> (B, H) (:func:`pool_hidden`)."""
+        return pool_hidden(hidden, attention_mask, self.pooling)
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Pooled vectors (B, H) of the pairs (before dropout and head)."""

@@ -49,6 +49,7 @@ from torch import nn
 from core.config import _build, _set_dotted, parse_overrides, read_config_file
 from core.errors import ConfigError, DataError
 from core.runs import RunStore, now_iso
+from core.tricks import param_groups
 
 log = logging.getLogger("esci.pretrain")
 
@@ -215,6 +216,20 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
             raise ConfigError(f"tasks.{t}: min_count and max_size must be >= 1")
 
 
+def pretrain_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> PretrainConfig:
+    """A checked PretrainConfig from a nested dict (e.g. a run's stored config) plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a failed :func:`check_pretrain_config`.
+    """
+    data = json.loads(json.dumps(data or {}))  # deep copy
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    cfg = _build(PretrainConfig, data, "")
+    check_pretrain_config(cfg)
+    return cfg
+
+
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
     """Load a YAML/TOML pre-training config (defaults when ``path`` is None) plus ``key=value`` overrides.
 
@@ -224,13 +239,9 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
     """
     data = read_config_file(path) if path is not None else {}
     try:
-        for key, value in parse_overrides(overrides):
-            _set_dotted(data, key, value)
-        cfg = _build(PretrainConfig, data, "")
-        check_pretrain_config(cfg)
+        return pretrain_config_from_dict(data, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path or 'defaults'}: {exc}") from None
-    return cfg
 
 
 # ---------------------------------------------------------------------------------- data
@@ -521,7 +532,8 @@ def build_vocab(values: list[str], min_count: int, max_size: int) -> AttributeVo
 
     Product2Brand / Product2Color of the ESCI multitask pre-training paper.
     """
-    counts = pd.Series([normalize_value(v) for v in values if normalize_value(v)], dtype=object).value_counts()
+    keys = (normalize_value(v) for v in values)
+    counts = pd.Series([k for k in keys if k], dtype=object).value_counts()
     items = sorted(((int(c), v) for v, c in counts.items() if c >= min_count), key=lambda t: (-t[0], t[1]))
     return AttributeVocab(["<other>"] + [v for _, v in items[:max_size]])
 
@@ -633,10 +645,10 @@ class MultitaskModel(nn.Module):
         return bb(**kwargs).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        """(B, T, H), (B, T) -> (B, H): :func:`core.model.pool_hidden` with the config's pooling."""
+        from core.model import pool_hidden
+
+        return pool_hidden(hidden, attention_mask, self.pooling)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -674,7 +686,7 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
         ConfigError / DataError: bad config, data or model (nothing written).
         core.train.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
-    from core.model import load_tokenizer, resolve_model_path
+    from core.model import load_backbone, load_tokenizer
     from core.train import NullProgress, _process_start_time, _setup_file_log, recorded_run
 
     progress = progress or NullProgress()
@@ -690,7 +702,7 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     if cfg.tasks.p2q.enabled and not cfg.tasks.p2q.fake_queries and corpus.pairs.empty:
         raise DataError(cfg.data.dir, f"tasks.p2q: no judged train-split pairs with labels "
                                       f"{cfg.tasks.p2q.positive_labels} (and fake_queries is off)")
-    backbone = _load_backbone(cfg.model.name, resolve_model_path)
+    backbone = load_backbone(cfg.model.name)
 
     if run_id is None:
         run_id = store.create_run(cfg.name, cfg.to_dict())
@@ -713,21 +725,6 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return result
-
-
-def _load_backbone(name: str, resolve_model_path) -> nn.Module:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    path = resolve_model_path(name)
-    try:
-        try:
-            return AutoModel.from_pretrained(path, add_pooling_layer=False)
-        except TypeError:
-            return AutoModel.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
 
 
 def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tmp_dir: Path, tokenizer,
@@ -775,14 +772,8 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
             p.requires_grad_(False)
         queue = FeatureQueue(tk.contrastive.queue_size, backbone.config.hidden_size)
 
-    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
-    bb_params = [(nm, p) for nm, p in model.backbone.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for nm, p in bb_params if not any(k in nm for k in no_decay)], "lr": tc.lr, "weight_decay": tc.weight_decay},
-        {"params": [p for nm, p in bb_params if any(k in nm for k in no_decay)], "lr": tc.lr, "weight_decay": 0.0},
-        {"params": list(model.heads.parameters()), "lr": tc.head_lr, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    # backbone at lr (no decay on biases / LayerNorm), task heads at head_lr without decay
+    groups = param_groups(model, tc.lr, tc.head_lr, tc.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     steps_per_epoch = math.ceil(n / tc.batch_size)
     total = steps_per_epoch * tc.epochs

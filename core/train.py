@@ -55,17 +55,6 @@ BLEND_MEMBERS = {
 }
 
 
-class FeatureSafeAWP(AWP):
-    """AWP that leaves the side-feature tables (``semantic.*``: n-gram bags, ID embeddings) alone.
-
-    Only backbone and head matrices are perturbed, so adding the features does not change what the
-    adversary attacks (FGM/PGD never touch them: they attack the word-embedding matrix only).
-    """
-
-    def _targets(self):
-        return ((n, p) for n, p in super()._targets() if not n.startswith(PARAM_PREFIX))
-
-
 class RunStopped(WorkbenchError):
     """Raised inside the trainer when SIGTERM/SIGINT asks the run to stop."""
 
@@ -436,8 +425,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, progress
                 adversary = FGM(unwrapped, tk.fgm_epsilon)
             elif tk.pgd:
                 adversary = PGD(unwrapped, tk.pgd_epsilon, tk.pgd_alpha, tk.pgd_steps)
-            awp = FeatureSafeAWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch,
-                      start_loss=tk.awp_start_loss) if tk.awp else None
+            awp = AWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch, start_loss=tk.awp_start_loss,
+                      skip_prefixes=(PARAM_PREFIX,)) if tk.awp else None  # side-feature tables never perturbed
             ema = EMA(unwrapped, tk.ema_decay) if tk.ema else None
             mix_rng = np.random.default_rng(tc.seed + k)
 

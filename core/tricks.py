@@ -396,7 +396,8 @@ class AWP:
     One ascent step per ``adv_steps``: ``w += adv_lr * g / ||g|| * ||w||`` (per matrix), clipped
     element-wise to ``[w0 - adv_eps * |w0|, w0 + adv_eps * |w0|]`` around the saved weights ``w0``;
     the adversarial loss's gradient (taken at the perturbed weights) is added to the clean one and
-    ``restore()`` puts ``w0`` back exactly. Starts only once ``active(epoch, loss)`` says so
+    ``restore()`` puts ``w0`` back exactly. Parameters whose names start with one of
+    ``skip_prefixes`` are never perturbed (core.train passes the side-feature tables, ``semantic.``). Starts only once ``active(epoch, loss)`` says so
     (after ``start_epoch`` epochs and/or once the running training loss is below ``start_loss``).
 
     Source: Wu, Xia & Wang 2020, "Adversarial Weight Perturbation Helps Robust Generalization",
@@ -404,8 +405,10 @@ class AWP:
     """
 
     def __init__(self, model: nn.Module, adv_lr: float = 1.0, adv_eps: float = 0.01, adv_steps: int = 1,
-                 param_name: str = "weight", start_epoch: float = 0.0, start_loss: float | None = None):
+                 param_name: str = "weight", start_epoch: float = 0.0, start_loss: float | None = None,
+                 skip_prefixes: tuple[str, ...] = ()):
         self.model, self.adv_lr, self.adv_eps, self.adv_steps = model, adv_lr, adv_eps, adv_steps
+        self.skip_prefixes = tuple(skip_prefixes)
         self.param_name, self.start_epoch, self.start_loss = param_name, start_epoch, start_loss
         self.backup: dict[str, torch.Tensor] = {}
         self.bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -422,7 +425,8 @@ class AWP:
 
     def _targets(self):
         for n, p in self.model.named_parameters():
-            if p.requires_grad and p.grad is not None and self.param_name in n and p.ndim >= 2:
+            if (p.requires_grad and p.grad is not None and self.param_name in n and p.ndim >= 2
+                    and not n.startswith(self.skip_prefixes)):
                 yield n, p
 
     @torch.no_grad()

@@ -360,4 +360,6 @@ async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_pa
         for _ in range(len(detail.curves)):
             seen.append(detail.curve_name)
             await pilot.press("m")
-        assert seen[-1] == "pretrain/mlm_loss" and "3 pts" in str(detail.query_one("#curve-title").render())
+        assert seen[-1] == "pretrain/mlm_loss"
+        await pilot.press("M")  # back from train/loss to the last curve
+        assert "pretrain/mlm_loss 3 pts" in str(detail.query_one("#curve-title").render())
