@@ -359,6 +359,18 @@ def _check_unique_ids(ids: np.ndarray, path: Path) -> None:
         )
 
 
+def _check_queries(queries: pa.ChunkedArray, example_ids: pa.ChunkedArray, path: Path) -> None:
+    """A query that is missing, empty or only whitespace cannot be ranked for: one DataError
+    counting those examples and naming the first ids."""
+    blank = pc.fill_null(pc.match_substring_regex(queries, pattern=r"^[\s\p{Z}]*$"), True)
+    n = pc.sum(blank).as_py() or 0
+    if n:
+        ids = _to_int_array(example_ids)[np.asarray(blank.to_numpy(zero_copy_only=False), dtype=bool)][:_SHOW]
+        more = f" and {n - len(ids):,} more" if n > len(ids) else ""
+        raise DataError(path, f"{n:,} example{'' if n == 1 else 's'} with an empty or missing query "
+                              f"(example_id {', '.join(str(i) for i in ids)}{more})")
+
+
 # --------------------------------------------------------------------------- join
 _B36 = np.full(256, 255, dtype=np.uint8)
 _B36[48:58] = np.arange(10)
@@ -552,12 +564,13 @@ def load_esci(
         :data:`OUTPUT_COLUMNS` (``example_id``, ``query_id``, ``small_version``,
         ``large_version``: int64; all others: pandas ``str``, Arrow-backed) plus ``source``
         (``str``, NaN for query ids absent from the sources file) when the sources CSV exists.
-        Product text nulls are "" (``query`` nulls too).
+        Product text nulls are "".
 
     Raises:
         DataError: (one line ``"<path>: <problem>"``) invalid ``task``; folder or required file
             missing; unreadable or corrupt file; missing column(s); missing values in an
-            examples column (other than ``query``) or in a product key; non-integer ids; unknown
+            examples column or in a product key; a query that is empty, only whitespace or
+            missing (the count and the first example ids); non-integer ids; unknown
             ``esci_label`` values; duplicate ``example_id``; duplicate
             ``(product_id, product_locale)`` in products; examples whose product is missing from
             the products file; duplicate ``query_id`` in the sources file; no rows left after
@@ -577,6 +590,7 @@ def load_esci(
     for c in EXAMPLE_COLUMNS:
         ex[c] = (_as_int if c in _INT_COLUMNS else _as_text)(ex[c], files.examples, c)
     _check_no_nulls(ex, files.examples, [c for c in EXAMPLE_COLUMNS if c != "query"])
+    _check_queries(ex["query"], ex["example_id"], files.examples)
     _check_labels(ex["esci_label"], files.examples)
     _check_unique_ids(_to_int_array(ex["example_id"]), files.examples)
 

@@ -223,11 +223,19 @@ def test_parquet_with_other_types(tmp_path):
     assert "extra" not in df.columns
 
 
-def test_query_nulls_become_empty(tmp_path):
+def test_empty_or_missing_queries_are_a_data_error(tmp_path):
     ex = _examples()
-    ex.loc[0, "query"] = None
-    df = load_esci(_write(tmp_path / "q", examples=ex))
-    assert df.loc[0, "query"] == ""
+    ex.loc[0, "query"] = None  # example_id 10
+    ex.loc[5, "query"] = ""  # 30
+    ex.loc[7, "query"] = " \t\u3000"  # 40: whitespace only (an ideographic space too)
+    d = _write(tmp_path / "q", examples=ex)
+    # checked on the whole file, whatever the filters (example 40 is not in the Task 1 selection)
+    expect_data_error(tmp_path, lambda: load_esci(d, task=1, split="train"), f"{d / EXAMPLES_FILE}.parquet: "
+                      "3 examples with an empty or missing query (example_id 10, 30, 40)")
+    ex = _examples()
+    ex.loc[3, "query"] = None  # example_id 20; an empty CSV field reads as null
+    d = _write(tmp_path / "c", examples=ex, fmt="csv")
+    expect_data_error(tmp_path, lambda: load_esci(d), "1 example with an empty or missing query (example_id 20)")
 
 
 # --------------------------------------------------------------------------- fingerprint
