@@ -67,7 +67,8 @@ def trainer_command(config_path: str | Path, run_id: str, db_path: str, override
 def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
     """Create a queued run and start its trainer detached.
 
-    The config is validated here first (bad configs fail in the caller, nothing is started).
+    The config and its data selection are validated here first (:func:`validate_any`: bad input
+    fails in the caller, nothing is created or started).
     The run's pid is its supervisor (:mod:`core.supervise`), the leader of a new session; the
     child's stdout/stderr go to ``runs/<id>/console.log``.
 
@@ -75,7 +76,8 @@ def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore
         (run_id, pid).
 
     Raises:
-        ConfigError: bad config or override.
+        ConfigError: bad config or override; DataError: the data selection (e.g. fewer training
+            queries than ``train.folds``).
     """
     overrides = list(overrides or [])
     cfg = load_any_config(config_path, overrides)
@@ -91,7 +93,7 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
 
     Raises:
         WorkbenchError: unknown run, or a run without a stored config.
-        ConfigError: the stored config no longer validates.
+        ConfigError / DataError: the stored config or its data no longer validates (nothing is created).
     """
     import json
 
@@ -107,13 +109,34 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
         except ConfigError as exc:
             raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
     else:
-        cfg = config_from_dict(data)
+        try:
+            cfg = config_from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
     return _start(cfg, None, [], store)
 
 
+def validate_any(cfg) -> None:
+    """Check a config and its data before a run exists: :func:`core.validate.validate_run` for a
+    training config, :func:`core.pretrain.validate_pretrain` for a pre-training one.
+
+    Raises:
+        ConfigError / DataError: one line (nothing is created).
+    """
+    if getattr(cfg, "kind", "train") == "pretrain":
+        from core.pretrain import validate_pretrain
+
+        validate_pretrain(cfg)
+    else:
+        from core.validate import validate_run
+
+        validate_run(cfg)
+
+
 def _start(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, int]:
+    validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
     run_id = store.create_run(cfg.name, cfg.to_dict(), status="queued")
-    run_dir = Path(cfg.output_dir) / run_id
+    run_dir = Path(cfg.output_dir).expanduser().resolve() / run_id  # absolute: readable from any cwd
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_path is None:
         config_path = run_dir / "launch.yaml"
@@ -138,6 +161,86 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
     return run_id, proc.pid
 
 
+def resume_config(store: RunStore, run_id: str, all_folds: bool = False):
+    """The stored config of a run that ``workbench resume`` may continue.
+
+    Args:
+        run_id: a crashed, stopped, failed or partial run (id or unique prefix).
+        all_folds: drop ``train.run_folds`` so a partial run trains its remaining folds too.
+
+    Returns:
+        (run id, config): a :class:`core.config.RunConfig` or, for a pre-training run, a
+        :class:`core.pretrain.PretrainConfig`.
+
+    Raises:
+        WorkbenchError: unknown run, a run that is not resumable (one line with its status), no
+        stored config.
+        ConfigError: the stored config no longer validates.
+    """
+    import json
+
+    from core.lifecycle import RESUMABLE
+
+    refresh_statuses(store)  # a run whose process vanished reads crashed first
+    run = store.get_run(run_id)
+    if run["status"] not in RESUMABLE:
+        raise WorkbenchError(f"{store.path}: run {run['id']} is {run['status']}: only a crashed, stopped, failed "
+                             f"or partial run can be resumed")
+    if not run.get("config"):
+        raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
+    data = json.loads(run["config"])
+    try:
+        if data.get("kind") == "pretrain":
+            from core.pretrain import pretrain_config_from_dict
+
+            return run["id"], pretrain_config_from_dict(data)
+        if all_folds:
+            data.setdefault("train", {})["run_folds"] = None
+        return run["id"], config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
+
+
+def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tuple[str, int]:
+    """``workbench resume RUN`` in the background under a supervisor (own session), like
+    :func:`launch`: the run goes back to ``queued`` with the supervisor's pid.
+
+    Returns:
+        (run_id, pid).
+
+    Raises:
+        WorkbenchError / ConfigError: as :func:`resume_config` (nothing is started).
+    """
+    run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
+    run = store.get_run(run_id)
+    run_dir = store.run_dir(run) if hasattr(store, "run_dir") else Path(run["run_dir"])
+    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path)]
+    if all_folds:
+        cmd.append("--all-folds")
+    store.update_run(run_id, status="queued", ended=None, exit_code=None, error=None)
+    pid, create_time = _spawn([sys.executable, "-m", "core.supervise", "--run-id", run_id,
+                               "--db", os.path.abspath(store.path), "--", *cmd], Path(run_dir))
+    store.update_run(run_id, pid=pid, process_start_time=create_time)
+    return run_id, pid
+
+
+def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
+    """Start ``cmd`` in a new session, stdout/stderr appended to ``run_dir/console.log``;
+    returns (pid, process create time)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = open(run_dir / "console.log", "ab")
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        console.close()
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = None
+    return proc.pid, create_time
+
+
 def process_of(run: dict) -> psutil.Process | None:
     """The live process of a run row, or None (gone, or the pid was reused by another process)."""
     pid, started = run.get("pid"), run.get("process_start_time")
@@ -156,7 +259,10 @@ def process_of(run: dict) -> psutil.Process | None:
 
 def refresh_statuses(store: RunStore) -> list[str]:
     """Mark runs ``crashed`` whose status says active but whose process is gone
-    (SIGKILL, OOM, reboot: no one wrote a final status). Returns their ids."""
+    (SIGKILL, OOM, reboot: no one wrote a final status). Returns their ids; nothing on a store
+    opened read-only (statuses as stored)."""
+    if getattr(store, "readonly", False):
+        return []
     crashed = []
     for run in store.db.query("SELECT * FROM runs WHERE status IN ('queued', 'running')"):
         if run.get("pid") and process_of(run) is None:

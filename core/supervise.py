@@ -21,7 +21,7 @@ import sys
 
 from core.runs import RunStore, now_iso
 
-FINAL = ("finished", "failed", "stopped", "crashed")
+FINAL = ("finished", "partial", "failed", "stopped", "crashed")
 
 
 def exit_code_of(returncode: int) -> int:

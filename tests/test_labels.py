@@ -256,6 +256,7 @@ def test_apply_to_training_touches_only_training_rows(labelled):
 
 def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, small_dataset, tiny_bert,
                                                                       monkeypatch):
+    import core.fold_loop as fold_loop
     import core.train as train_mod
     from test_train import tiny_config
 
@@ -272,12 +273,12 @@ def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, 
     record_decision(store, src, relabel_id, "relabel", new_label)
     seen: list[np.ndarray] = []
 
-    class Recording(train_mod.LengthGroupedBatchSampler):
+    class Recording(fold_loop.LengthGroupedBatchSampler):
         def __init__(self, indices, *a, **k):
             seen.append(np.asarray(indices))
             super().__init__(indices, *a, **k)
 
-    monkeypatch.setattr(train_mod, "LengthGroupedBatchSampler", Recording)
+    monkeypatch.setattr(fold_loop, "LengthGroupedBatchSampler", Recording)
     cfg = tiny_config(tmp_path, small_dataset, tiny_bert, run_folds=[0], save_checkpoints=False)
     cfg.blend.members = []
     cfg.labels.decisions_from = src

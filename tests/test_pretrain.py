@@ -352,7 +352,8 @@ def test_sigterm_marks_the_run_stopped_and_leaves_no_backbone(tmp_path, small_da
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 2  # RunStopped is a WorkbenchError: one line, exit 2
+    stderr = proc.stderr.read()
+    assert proc.returncode == 2, f"rc {proc.returncode}, stderr:\n{stderr}"  # RunStopped: one line, exit 2
     r = RunStore(db).get_run(run["id"])
     assert r["status"] == "stopped" and r["exit_code"] == 143
     assert not (Path(r["run_dir"]) / "backbone").exists()

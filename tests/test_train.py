@@ -97,10 +97,11 @@ def test_run_folds_subset_and_bad_fold(tmp_path, small_dataset, tiny_bert):
     cfg = tiny_config(tmp_path, small_dataset, tiny_bert, run_folds=[1], save_checkpoints=False)
     cfg.blend.members = []
     result = run_training(cfg, store)
-    assert set(result.oof["fold"]) == {1}
-    with pytest.raises(ConfigError, match="run_folds"):  # refused when the config is built: no run row
-        tiny_config(tmp_path, small_dataset, tiny_bert, run_folds=[7])
-    assert [r["status"] for r in store.list_runs()] == ["finished"]
+    assert set(result.oof["fold"]) == {1} and result.partial
+    assert store.get_run(result.run_id)["status"] == "partial"  # never "finished" with a partial OOF
+    with pytest.raises(ConfigError, match="run_folds"):
+        run_training(tiny_config(tmp_path, small_dataset, tiny_bert, run_folds=[7]), store)
+    assert len(store.list_runs()) == 1  # refused before a run row exists
 
 
 def test_length_grouped_sampler_covers_each_index_once_with_less_padding():

@@ -74,6 +74,20 @@ def _store(db: str | None, readonly: bool = False):
     return RunStore(db or default_db_path(), readonly=readonly)
 
 
+def _reading_store(db: str | None):
+    """The store of a reading command: a writer that first marks runs whose process is gone as
+    crashed, or, for a database this process cannot write, a read-only one (statuses as stored)."""
+    from core.errors import ReadOnlyDatabaseError
+    from core.launcher import refresh_statuses
+
+    try:
+        store = _store(db)
+    except ReadOnlyDatabaseError:
+        return _store(db, readonly=True)
+    refresh_statuses(store)
+    return store
+
+
 def _fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "-"
@@ -130,7 +144,8 @@ def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_
             result = run_training(cfg, store, run_id=run_id, progress=progress)
     else:
         result = run_training(cfg, store, run_id=run_id)
-    console.print(f"run {result.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
+    console.print(f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
 
 
 @app.command()
@@ -141,6 +156,38 @@ def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set
     run_id, pid = _launch(config, set_, _store(db))
     console.print(run_id)
     err_console.print(f"launched pid {pid}; follow with `workbench runs show {run_id}`")
+
+
+@app.command()
+def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")], db: DbOpt = None,
+           all_folds: Annotated[bool, typer.Option("--all-folds", help="also train the folds a partial run left out")] = False,
+           detach: Annotated[bool, typer.Option("--detach", help="continue in the background (own session), like launch")] = False):
+    """Continue a crashed/stopped/failed/partial run under its id: finished folds are kept, the
+    interrupted fold restarts from its last step checkpoint."""
+    from core.launcher import resume_config, resume_detached
+
+    store = _store(db)
+    if detach:
+        run_id, pid = resume_detached(store, run, all_folds=all_folds)
+        console.print(run_id)
+        err_console.print(f"resumed in the background, pid {pid}; follow with `workbench runs show {run_id}`")
+        return
+    run_id, cfg = resume_config(store, run, all_folds=all_folds)
+    if getattr(cfg, "kind", "train") == "pretrain":
+        from core.pretrain import run_pretraining
+
+        res = run_pretraining(cfg, store, run_id=run_id, resume=True)
+        console.print(f"run {res.run_id} finished: backbone {res.backbone_dir}")
+        return
+    from core.train import run_training
+
+    if sys.stderr.isatty():
+        with RichProgress(err_console) as progress:
+            result = run_training(cfg, store, run_id=run_id, progress=progress, resume=True)
+    else:
+        result = run_training(cfg, store, run_id=run_id, resume=True)
+    console.print(f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
 
 
 @app.command()
@@ -155,10 +202,7 @@ def stop(run: str, db: DbOpt = None, grace: float = 10.0):
 def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
               limit: Optional[int] = None):
     """Runs, newest first, with status and best CV nDCG / F1 (best, not last)."""
-    from core.launcher import refresh_statuses
-
-    store = _store(db)
-    refresh_statuses(store)
+    store = _reading_store(db)
     rows = store.list_runs(limit)
     if as_json:
         for r in rows:
@@ -195,10 +239,7 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
 @runs_app.command("show")
 def runs_show(run: str, db: DbOpt = None):
     """One run: status, config, per-fold best metrics, CV, artifacts."""
-    from core.launcher import refresh_statuses
-
-    store = _store(db)
-    refresh_statuses(store)
+    store = _reading_store(db)
     r = store.get_run(run)
     console.print(f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
                   f"pid {r['pid']}  duration {_duration(r)}  git {r['git_commit']}")
@@ -233,11 +274,14 @@ def evaluate(run: str, db: DbOpt = None):
 
     store = _store(db, readonly=True)
     r = store.get_run(run)
-    oof = read_predictions(Path(r["run_dir"]) / "oof.parquet")
+    run_dir = store.run_dir(r)
+    if run_dir is None:
+        raise WorkbenchError(f"{store.path}: run {r['id']} has no run directory")
+    oof = read_predictions(run_dir / "oof.parquet")
     scorers = {"cross-encoder": "ce_score", "final": "score"} if "ce_score" in oof else {"final": "score"}
     labels = argmax_labels(oof)
     table = scorer_table(oof, scorers, {k: labels for k in scorers})
-    _print_table(table, f"run {r['id']}: metrics from {Path(r['run_dir']) / 'oof.parquet'} ({len(oof)} OOF rows)")
+    _print_table(table, f"run {r['id']}: metrics from {run_dir / 'oof.parquet'} ({len(oof)} OOF rows)")
 
 
 _SHORT = {"cv_ndcg": "CV", "fold_std": "±", "task2_f1": "T2F1", "task3_f1": "T3F1"}
