@@ -48,6 +48,7 @@ from torch import nn
 
 from core.config import _build, _set_dotted, check_ranges, parse_overrides, read_config_file
 from core.errors import ConfigError, DataError
+from core.lifecycle import check_stop
 from core.runs import RunStore, now_iso
 from core.tricks import param_groups
 
@@ -98,7 +99,7 @@ class PretrainTrainConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "seed": ">= 0", "epochs": ">= 1", "max_steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "head_lr": "> 0",
         "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "max_grad_norm": "> 0", "log_every": ">= 1",
-        "num_threads": ">= 1",
+        "num_threads": ">= 1", "checkpoint_every": ">= 0",
     }
 
     seed: int = 42  # >= 0
@@ -113,6 +114,7 @@ class PretrainTrainConfig:
     log_every: int = 1  # >= 1
     num_threads: int | None = None  # >= 1 or null
     freeze_embeddings: bool = False  # word embeddings not optimised (much faster AdamW steps on CPU)
+    checkpoint_every: int = 200  # >= 0; steps between step checkpoints (workbench resume); 0 = none
 
 
 @dataclass
@@ -330,6 +332,23 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
         for q, p in zip(pairs["query"], pairs["product"]):
             positives_of.setdefault(q, set()).add(int(p))
     return PretrainCorpus(out, pairs, positives_of)
+
+
+def validate_pretrain(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
+    """Everything about a pre-training config that can be checked before its run row or folder
+    exists (``workbench pretrain``, ``launch``, ``relaunch``, the app): :func:`check_pretrain_config`,
+    then the corpus (:func:`load_corpus`) and, with ``tasks.p2q`` on and ``fake_queries`` off, at
+    least one judged pair. Returns the corpus.
+
+    Raises:
+        ConfigError: as :func:`check_pretrain_config`. DataError: as :func:`load_corpus`, or no pairs for p2q.
+    """
+    check_pretrain_config(cfg)
+    corpus = load_corpus(cfg, separator=separator)
+    if cfg.tasks.p2q.enabled and not cfg.tasks.p2q.fake_queries and corpus.pairs.empty:
+        raise DataError(cfg.data.dir, f"tasks.p2q: no judged train-split pairs with labels "
+                                      f"{cfg.tasks.p2q.positive_labels} (and fake_queries is off)")
+    return corpus
 
 
 # ---------------------------------------------------------------------------------- MLM
@@ -669,7 +688,8 @@ class PretrainResult:
     seconds: float
 
 
-def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = None, progress=None) -> PretrainResult:
+def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = None, progress=None,
+                    resume: bool = False) -> PretrainResult:
     """Pre-train ``cfg.model.name`` on the enabled tasks; record the run in ``store``.
 
     Data, tokenizer and weights are loaded before the run is created, so bad input leaves no run
@@ -679,8 +699,10 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     Args:
         cfg: the resolved config (see :func:`load_pretrain_config`).
         store: runs.db connection of this process.
-        run_id: an existing ``queued`` run, or None for a new one.
+        run_id: an existing ``queued`` run, or None for a new one; with ``resume``, the crashed,
+            stopped or failed pre-training run to continue from its last step checkpoint.
         progress: a ``core.train.Progress`` (rich bar in the CLI) or None.
+        resume: continue ``run_id`` (``workbench resume``).
 
     Returns:
         PretrainResult.
@@ -690,7 +712,8 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
         core.train.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
     from core.model import load_backbone, load_tokenizer
-    from core.train import NullProgress, _process_start_time, _setup_file_log, recorded_run
+    from core.lifecycle import atomic_write, claim_run, mark_running, recorded_run, setup_file_log
+    from core.train import NullProgress
 
     progress = progress or NullProgress()
     check_pretrain_config(cfg)
@@ -701,29 +724,21 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     if cfg.tasks.mlm.enabled and tokenizer.mask_token_id is None:
         raise ConfigError(f"model.name={cfg.model.name}: tokenizer has no mask token (needed by tasks.mlm)")
     sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " | "
-    corpus = load_corpus(cfg, separator=sep)
-    if cfg.tasks.p2q.enabled and not cfg.tasks.p2q.fake_queries and corpus.pairs.empty:
-        raise DataError(cfg.data.dir, f"tasks.p2q: no judged train-split pairs with labels "
-                                      f"{cfg.tasks.p2q.positive_labels} (and fake_queries is off)")
+    corpus = validate_pretrain(cfg, separator=sep)
     backbone = load_backbone(cfg.model.name)
 
-    if run_id is None:
-        run_id = store.create_run(cfg.name, cfg.to_dict())
-    run_dir = Path(cfg.output_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    handler = _setup_file_log(run_dir)
-    supervised = os.environ.get("WORKBENCH_SUPERVISOR_PID") == str(os.getppid())
-    pid_fields = {} if supervised else {"pid": os.getpid(), "process_start_time": _process_start_time(os.getpid())}
-    store.update_run(run_id, status="running", **pid_fields, host=socket.gethostname(), started=now_iso(),
-                     run_dir=str(run_dir), config=cfg.to_json(), model=cfg.model.name, task=0)
-    store.add_artifact(run_id, "config", run_dir / "config.yaml")
-    store.add_artifact(run_id, "log", run_dir / "train.log")
+    run_id, run_dir = claim_run(store, cfg.name, cfg.to_dict(), cfg.output_dir, run_id=run_id, resume=resume)
+    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    handler = setup_file_log(run_dir)
+    mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=0)
+    if not resume:
+        store.add_artifact(run_id, "config", run_dir / "config.yaml")
+        store.add_artifact(run_id, "log", run_dir / "train.log")
 
     tmp_dir = run_dir / f".backbone.tmp-{os.getpid()}"
     try:
         with recorded_run(store, run_id, handler):
-            result = _pretrain(cfg, store, run_id, run_dir, tmp_dir, tokenizer, corpus, backbone, progress)
+            result = _pretrain(cfg, store, run_id, run_dir, tmp_dir, tokenizer, corpus, backbone, progress, resume)
             log.info("run %s finished: backbone %s", run_id, result.backbone_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -731,12 +746,21 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
 
 
 def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tmp_dir: Path, tokenizer,
-              corpus: PretrainCorpus, backbone: nn.Module, progress) -> PretrainResult:
+              corpus: PretrainCorpus, backbone: nn.Module, progress, resume: bool = False) -> PretrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     t0 = time.time()
     tc, tk = cfg.train, cfg.tasks
     enabled = tk.enabled()
+    ckpt = None
+    if resume:  # metric rows after the last step checkpoint are logged again: delete them first
+        from core.fold_loop import load_step_checkpoint
+
+        ckpt = load_step_checkpoint(run_dir / "resume.pt")
+        after = ckpt["global_step"] if ckpt else 0
+        store.delete_metrics(run_id, fold=0, after_step=after)
+        store.delete_metrics(run_id, fold=-1, names=["progress/step"], after_step=after)
+        store.delete_metrics(run_id, fold=-1, name_prefixes=["pretrain/", "progress/total_steps"])
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -842,11 +866,37 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
     last_losses: dict[str, float] = {}
     window_t, window_items = time.time(), 0
     trainable = [p for g in groups for p in g["params"]]
+    # ---- resume: the last step checkpoint (model, heads, momentum encoder, queue, optimiser,
+    # scheduler, every RNG, the epoch's order and position, the loss windows) ---------------
+    ckpt_path = run_dir / "resume.pt"
+    start_epoch, start_b = 0, 0
+    if resume:
+        from core.fold_loop import _set_rng_state
+
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if momentum_bb is not None:
+                momentum_bb.load_state_dict(ckpt["momentum"])
+                queue.buf = ckpt["queue"]
+            gen.set_state(ckpt["gen"])
+            if p2q is not None:
+                p2q.rng.bit_generator.state, p2q.order, p2q.pos = ckpt["p2q"]
+            rng.bit_generator.state = ckpt["epoch_rng"]
+            _set_rng_state(ckpt["rng"])
+            global_step, window, window_items = ckpt["global_step"], ckpt["window"], ckpt["window_items"]
+            first_losses, last_losses = ckpt["first_losses"], ckpt["last_losses"]
+            start_epoch, start_b = ckpt["epoch"], ckpt["b"]
+            progress.advance(global_step)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path.name, global_step, start_epoch, start_b)
     model.train()
     done = False
-    for epoch in range(tc.epochs):
+    for epoch in range(start_epoch, tc.epochs):
+        epoch_rng = rng.bit_generator.state
         order = rng.permutation(n)
-        for b in range(steps_per_epoch):
+        for b in range(start_b if epoch == start_epoch else 0, steps_per_epoch):
+            check_stop(f"pre-training step {global_step}")  # SIGTERM/SIGINT take effect here (core.lifecycle)
             idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
             if len(idx) < 2:  # in-batch negatives need two products
                 continue
@@ -892,6 +942,19 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
             if global_step >= total:
                 done = True
                 break
+            if tc.checkpoint_every and global_step % tc.checkpoint_every == 0:
+                from core.fold_loop import _rng_state, save_step_checkpoint
+
+                last_b = b + 1 == steps_per_epoch  # at an epoch's end the next epoch starts from rng's state now
+                save_step_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
+                    "queue": queue.buf if queue is not None else None, "gen": gen.get_state(),
+                    "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
+                    "epoch_rng": rng.bit_generator.state if last_b else epoch_rng, "rng": _rng_state(),
+                    "global_step": global_step, "window": window, "window_items": window_items,
+                    "first_losses": first_losses, "last_losses": last_losses,
+                    "epoch": epoch + 1 if last_b else epoch, "b": 0 if last_b else b + 1})
         if done:
             break
     if global_step == 0:
@@ -910,6 +973,7 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
         shutil.rmtree(final)
     tmp_dir.rename(final)
     store.add_artifact(run_id, "backbone", final)
+    ckpt_path.unlink(missing_ok=True)
     seconds = time.time() - t0
     store.log_metrics(run_id, [{"name": "pretrain/seconds", "value": seconds, "fold": -1},
                                *[{"name": f"pretrain/final_{t}_loss", "value": v, "fold": -1}

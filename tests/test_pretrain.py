@@ -398,3 +398,53 @@ def test_launch_and_relaunch_a_pretrain_config_detached(tmp_path, small_dataset,
     assert finished(second)
     a, b = (json.loads(store.get_run(r)["config"]) for r in (first, second))
     assert a == b and b["kind"] == "pretrain" and b["train"]["max_steps"] == 2
+
+
+def test_pretrain_resumes_from_its_step_checkpoint_bit_identical(tmp_path, small_dataset, tiny_bert, monkeypatch):
+    """A pre-training run that dies after step 7 (a step checkpoint every 3 steps) and is resumed
+    writes the same backbone as an uninterrupted run (CPU, one thread), with no metric row twice."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    import core.pretrain as pretrain_mod
+    from core.launcher import resume_config
+    from core.pretrain import load_pretrain_config, run_pretraining
+
+    path = _pretrain_config(tmp_path, small_dataset, tiny_bert)
+    sets = ["train.max_steps=10", "train.checkpoint_every=3", "train.num_threads=1", "train.epochs=3"]
+    ref_store = RunStore(tmp_path / "ref.db")
+    ref = run_pretraining(load_pretrain_config(path, sets + [f"output_dir={tmp_path / 'ref'}"]), ref_store)
+
+    class Crash(BaseException):
+        pass
+
+    calls = {"n": 0}
+    real = pretrain_mod.check_stop
+
+    def crash_at_step_8(where=""):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise Crash("simulated kill at step 8")
+        real(where)
+
+    store = RunStore(tmp_path / "runs.db")
+    monkeypatch.setattr(pretrain_mod, "check_stop", crash_at_step_8)
+    with pytest.raises(Crash):
+        run_pretraining(load_pretrain_config(path, sets), store)
+    monkeypatch.setattr(pretrain_mod, "check_stop", real)
+    run = store.list_runs()[0]
+    assert run["status"] == "failed"
+    run_dir = Path(run["run_dir"])
+    assert (run_dir / "resume.pt").is_file() and not (run_dir / "backbone").exists()
+    run_id, cfg = resume_config(store, run["id"])
+    res = run_pretraining(cfg, store, run_id=run_id, resume=True)
+    assert store.get_run(run_id)["status"] == "finished" and res.steps == ref.steps == 10
+    a = load_file(str(res.backbone_dir / "model.safetensors"))
+    b = load_file(str(ref.backbone_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert res.last_losses == ref.last_losses
+    rows = Counter((m["name"], m["fold"], m["step"]) for m in store.metrics(run_id))
+    assert rows == Counter((m["name"], m["fold"], m["step"]) for m in ref_store.metrics(ref.run_id))
+    assert "resumed from resume.pt at step 6" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "resume.pt").exists()
