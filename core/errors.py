@@ -27,3 +27,8 @@ class DataError(WorkbenchError):
 
 class ConfigError(WorkbenchError):
     """A bad config file or ``--set key=value`` override."""
+
+
+class ReadOnlyDatabaseError(WorkbenchError):
+    """A runs database that this process cannot write (read-only file, or a folder where SQLite
+    cannot create its ``-wal``/``-shm`` files); readers may still open it read-only."""
