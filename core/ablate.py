@@ -89,8 +89,11 @@ def plan_ablation(config_path: str | Path, tricks: list[str], overrides: list[st
     """The cumulative steps: baseline, +item1, +item1+item2, ... with every config resolved up front.
 
     Raises:
-        ConfigError: an unknown item, a bad value, an empty list, a repeated item (checked before any run).
+        ConfigError: an unknown item, a bad value or range, settings in conflict
+            (:func:`core.validate.check_run_config`), an empty list, a repeated item (checked before any run).
     """
+    from core.validate import check_run_config
+
     if not tricks:
         raise ConfigError("--tricks: give at least one technique, e.g. ema,fgm,rdrop")
     if len(set(tricks)) != len(tricks):
@@ -104,6 +107,10 @@ def plan_ablation(config_path: str | Path, tricks: list[str], overrides: list[st
         if cfg.tricks.fgm and cfg.tricks.pgd:
             raise ConfigError(f"--tricks step {i} ({item}): fgm and pgd both perturb the word embeddings; "
                               "use one of them")
+        try:
+            check_run_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"--tricks step {i} ({item}): {exc}") from None
         items = list(tricks[:i])
         cfg.name = f"{cfg.name}+{'+'.join(items)}" if items else f"{cfg.name} (ablation baseline)"
         steps.append(AblationStep(i, item, items, list(extra), cfg))
@@ -174,12 +181,20 @@ def run_ablation(config_path: str | Path, tricks: list[str], store: RunStore, ov
     Returns the steps and :func:`ablation_table` of their runs.
 
     Raises:
-        ConfigError: a bad item (before anything is trained); WorkbenchError: a step's run failed or was
-        stopped (the message lists the finished runs).
+        ConfigError / DataError: a bad item, config or data selection (every step checked before anything
+        is trained, nothing created); WorkbenchError: a step's run failed or was stopped (the message
+        lists the finished runs).
     """
     from core.train import run_training
+    from core.validate import validate_run
 
     steps = plan_ablation(config_path, tricks, overrides)
+    checked = set()  # the data selection is read once per distinct data section and fold count
+    for st in steps:
+        key = json.dumps([st.config.to_dict()["data"], st.config.train.folds], sort_keys=True)
+        if key not in checked:
+            validate_run(st.config)
+            checked.add(key)
     run_ids = []
     for st in steps:
         if progress is not None:
