@@ -221,9 +221,9 @@ def load_members(store, specs: list[str]) -> MemberSet:
         if col not in ("", "ce"):
             raise WorkbenchError(f"member {spec!r}: unknown score {col!r} (use RUN or RUN:ce)")
         run = store.get_run(run_id)
-        if not run.get("run_dir"):
+        run_dir = store.run_dir(run)  # absolute (older relative ones: from the db's folder)
+        if run_dir is None:
             raise WorkbenchError(f"run {run['id']} has no run directory")
-        run_dir = Path(run["run_dir"])
         oof = read_predictions(run_dir / "oof.parquet")
         test = read_predictions(run_dir / "test.parquet") if (run_dir / "test.parquet").is_file() else None
         loaded[spec] = (run, oof, test, run_dir)

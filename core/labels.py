@@ -140,7 +140,7 @@ def read_oof(store: RunStore, run_id: str) -> tuple[dict[str, Any], pd.DataFrame
     run = store.get_run(run_id)
     oof_path = next((a["path"] for a in reversed(store.artifacts(run["id"])) if a["kind"] == "oof"), None)
     if oof_path is None:
-        oof_path = str(Path(run.get("run_dir") or Path("runs") / run["id"]) / "oof.parquet")
+        oof_path = str((store.run_dir(run) or store.resolve_path(Path("runs") / run["id"])) / "oof.parquet")
     return run, read_predictions(oof_path)
 
 

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core.monitor import GpuProbe, GpuStats, host_stats
+from core.errors import ReadOnlyDatabaseError
 from core.runs import RunStore
 
 STATUS_STYLES = {
@@ -63,10 +64,14 @@ class Services:
         self._stores_lock = threading.Lock()
 
     def store(self) -> RunStore:
-        """This thread's runs.db connection (opened on first use; creates the db if absent)."""
+        """This thread's runs.db connection (opened on first use; creates the db if absent; a
+        database this process cannot write is opened read-only)."""
         st = getattr(self._local, "store", None)
         if st is None:
-            st = RunStore(self.db_path)
+            try:
+                st = RunStore(self.db_path)
+            except ReadOnlyDatabaseError:
+                st = RunStore(self.db_path, readonly=True)
             self._local.store = st
             with self._stores_lock:
                 self._stores.append(st)
