@@ -161,12 +161,13 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
     return run_id, proc.pid
 
 
-def resume_config(store: RunStore, run_id: str, all_folds: bool = False):
+def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued: bool = False):
     """The stored config of a run that ``workbench resume`` may continue.
 
     Args:
         run_id: a crashed, stopped, failed or partial run (id or unique prefix).
         all_folds: drop ``train.run_folds`` so a partial run trains its remaining folds too.
+        queued: also accept a ``queued`` run (the one :func:`resume_detached` queued for its child).
 
     Returns:
         (run id, config): a :class:`core.config.RunConfig` or, for a pre-training run, a
@@ -183,7 +184,7 @@ def resume_config(store: RunStore, run_id: str, all_folds: bool = False):
 
     refresh_statuses(store)  # a run whose process vanished reads crashed first
     run = store.get_run(run_id)
-    if run["status"] not in RESUMABLE:
+    if run["status"] not in RESUMABLE and not (queued and run["status"] == "queued"):
         raise WorkbenchError(f"{store.path}: run {run['id']} is {run['status']}: only a crashed, stopped, failed "
                              f"or partial run can be resumed")
     if not run.get("config"):
@@ -214,7 +215,7 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
     run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
     run = store.get_run(run_id)
     run_dir = store.run_dir(run) if hasattr(store, "run_dir") else Path(run["run_dir"])
-    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path)]
+    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
     if all_folds:
         cmd.append("--all-folds")
     store.update_run(run_id, status="queued", ended=None, exit_code=None, error=None)

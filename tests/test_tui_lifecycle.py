@@ -90,6 +90,28 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
         assert _alive(group) == []
         run = store.get_run(run_id)
         assert run["status"] == "stopped" and run["exit_code"] == 143
+
+        # 3. R resumes the stopped run under the same id (detached), s + y stops it again
+        app = _app(db)
+        async with app.run_test(size=(80, 24)) as pilot:
+            runs = app.screen
+            await wait_until(pilot, lambda: runs.loaded, timeout=60, what="reload")
+            await pilot.press("home")
+            await pilot.press("R")
+            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
+                           timeout=60, what="the resumed run running under the same id")
+            resumed = store.get_run(run_id)
+            group = [resumed["pid"]] + [c.pid for c in psutil.Process(resumed["pid"]).children(recursive=True)]
+            await wait_until(pilot, lambda: "resumed" in (tmp_path / "runs" / run_id / "train.log").read_text(),
+                           timeout=60, what="the resumed trainer's log")
+            await pilot.press("s")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: sum(n.message == f"run {run_id}: stopped" for n in app._notifications) >= 1,
+                           timeout=60, what="the second stop to complete")
+            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
+                           timeout=60, what="stopped again")
+        assert _alive(group) == []
+        assert len(store.list_runs()) == 1  # one run, never a copy
     finally:
         for p in _alive(group):
             os.kill(p, signal.SIGKILL)

@@ -161,7 +161,8 @@ def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set
 @app.command()
 def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")], db: DbOpt = None,
            all_folds: Annotated[bool, typer.Option("--all-folds", help="also train the folds a partial run left out")] = False,
-           detach: Annotated[bool, typer.Option("--detach", help="continue in the background (own session), like launch")] = False):
+           detach: Annotated[bool, typer.Option("--detach", help="continue in the background (own session), like launch")] = False,
+           queued: Annotated[bool, typer.Option("--queued", hidden=True, help="the run was queued by resume --detach")] = False):
     """Continue a crashed/stopped/failed/partial run under its id: finished folds are kept, the
     interrupted fold restarts from its last step checkpoint."""
     from core.launcher import resume_config, resume_detached
@@ -172,7 +173,7 @@ def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)"
         console.print(run_id)
         err_console.print(f"resumed in the background, pid {pid}; follow with `workbench runs show {run_id}`")
         return
-    run_id, cfg = resume_config(store, run, all_folds=all_folds)
+    run_id, cfg = resume_config(store, run, all_folds=all_folds, queued=queued)
     if getattr(cfg, "kind", "train") == "pretrain":
         from core.pretrain import run_pretraining
 
@@ -226,7 +227,7 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
     def cut(text: str, width: int) -> str:
         return text if len(text) <= width else text[: width - 1] + "…"
 
-    colors = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
+    colors = {"finished": "green", "partial": "yellow", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
     for r in rows:
         n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
         table.add_row(r["id"], cut(r["name"] or "", name_w), f"[{colors.get(r['status'], 'white')}]{r['status']}",

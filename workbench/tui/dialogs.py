@@ -181,6 +181,7 @@ HELP = """\
   ↑/↓ j/k PgUp/PgDn Home/End  move        enter  run detail
   n  new run (config + overrides)         s      stop (confirm; SIGTERM, then SIGKILL)
   r  relaunch with the same config        space  mark / unmark
+  R  resume a crashed/stopped run (same id, finished folds kept)
   c  compare marked runs                  /      filter (words, status:running, model:e5)
   1-9  sort by a column (again: reverse)  esc    clear filter
   e  ensemble of the marked runs          l      label review of this run

@@ -82,6 +82,7 @@ class RunsScreen(Screen):
         Binding("n", "new_run", "new"),
         Binding("s", "stop", "stop"),
         Binding("r", "relaunch", "rerun"),
+        Binding("R", "resume", "resume", show=False),
         Binding("space", "mark", "mark", key_display="␣"),
         Binding("c", "compare", "cmp"),
         Binding("slash", "filter", "filter", key_display="/"),
@@ -345,6 +346,24 @@ class RunsScreen(Screen):
             self.app.call_from_thread(self.notify, f"relaunched {run_id} as {new_id} (pid {pid})")
         except Exception as exc:  # noqa: BLE001
             self.app.call_from_thread(self.notify, f"relaunch {run_id}: {exc}", severity="error")
+        self.app.call_from_thread(self.reload, True)
+
+    def action_resume(self) -> None:
+        row = self._current()
+        if row:
+            self.resume_worker(row["id"], all_folds=row["status"] == "partial")
+
+    @work(thread=True, group="lifecycle", exit_on_error=False)
+    def resume_worker(self, run_id: str, all_folds: bool = False) -> None:
+        """``workbench resume RUN --detach`` (``--all-folds`` for a partial run): the same run id
+        continues in the background."""
+        from core.launcher import resume_detached
+
+        try:
+            _, pid = resume_detached(self.services.store(), run_id, all_folds=all_folds)
+            self.app.call_from_thread(self.notify, f"resumed {run_id} (pid {pid})")
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self.notify, f"resume {run_id}: {exc}", severity="error")
         self.app.call_from_thread(self.reload, True)
 
     def action_help(self) -> None:

@@ -20,7 +20,7 @@ from core.runs import RunStore
 
 STATUS_STYLES = {
     "running": "bold cyan", "queued": "cyan", "finished": "green", "failed": "bold red",
-    "crashed": "bold red", "stopped": "yellow",
+    "crashed": "bold red", "stopped": "yellow", "partial": "yellow",
 }
 
 
