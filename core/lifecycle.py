@@ -17,8 +17,11 @@ tokenizer call made the run exit 1 as ``failed`` instead of ``stopped`` (the fla
 landing in a ``__del__`` it is printed and ignored; landing between ``BEGIN IMMEDIATE`` and the
 end of ``__enter__`` it leaves a transaction open. So the handler only sets a flag, and the
 training loops call :func:`check_stop` at the top of every step, every prediction batch and
-between phases, where raising :class:`RunStopped` is safe. A second signal raises at once (the
-escape hatch when a phase runs long between checks).
+between phases, where raising :class:`RunStopped` is safe. A second signal at least
+:data:`SECOND_SIGNAL_AFTER_S` seconds after the first raises at once (the escape hatch when a phase
+runs long between checks, e.g. a second Ctrl+C); sooner it is a duplicate of the same stop, as
+when ``workbench stop`` signals the process group and the supervisor forwards the signal to the
+trainer as well, and is ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,10 @@ class RunStopped(WorkbenchError):
 
 
 _stop_signal: list[int] = []  # signals received while a recorded_run body runs
+_first_signal_at: list[float] = []
+
+#: a second stop signal this many seconds after the first raises RunStopped at once
+SECOND_SIGNAL_AFTER_S = 2.0
 
 
 def stop_requested() -> bool:
@@ -151,9 +159,13 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     ``handler`` closed.
     """
     def _on_signal(signum, frame):
+        now = time.monotonic()
         if _stop_signal:
-            raise RunStopped(f"run {run_id}: stopped by a second signal {signum}")
+            if now - _first_signal_at[0] >= SECOND_SIGNAL_AFTER_S:
+                raise RunStopped(f"run {run_id}: stopped by a second signal {signum}")
+            return  # the same stop delivered twice (process group + supervisor): already requested
         _stop_signal.append(signum)
+        _first_signal_at[:] = [now]
         log.warning("signal %d received: the run stops at the next step", signum)
 
     _stop_signal.clear()

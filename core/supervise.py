@@ -32,20 +32,28 @@ def exit_code_of(returncode: int) -> int:
 def supervise(run_id: str, db: str, cmd: list[str]) -> int:
     """Run ``cmd`` as a child, wait for it, record its end in ``db``. Returns the exit code."""
     env = {**os.environ, "WORKBENCH_SUPERVISOR_PID": str(os.getpid())}
-    child = subprocess.Popen(cmd, env=env)
-
     stop_requested: list[int] = []
+    children: list[subprocess.Popen] = []
 
     def _forward(signum, frame):
         stop_requested.append(signum)
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        for child in children:  # a stop before the child exists: the child is not started
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
 
+    # the handlers first, so a stop can never land between the child's start and them
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _forward)
-    while True:
+    if not stop_requested:
+        children.append(subprocess.Popen(cmd, env=env))
+        if stop_requested:  # the stop came while the child was being started: pass it on now
+            children[0].send_signal(stop_requested[0])
+    if not children:
+        rc = -signal.SIGTERM
+    child = children[0] if children else None
+    while child is not None:
         try:
             rc = child.wait()
             break

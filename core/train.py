@@ -27,9 +27,8 @@ import torch
 from core.baselines import bm25_scores, random_scores
 from core.blend import nested_blend, standardize_per_query
 from core.config import RunConfig, save_config
-from core.data import ESCI_LABELS, load_esci
+from core.data import ESCI_LABELS
 from core.dense import dense_scores
-from core.errors import DataError
 from core.features import ngram_bags_cached, word2vec_bucket_init
 from core.fold_loop import (STAGES, FoldResult, LengthGroupedBatchSampler, TrainContext, eval_metrics,  # noqa: F401
                             load_fold_result, load_step_checkpoint, predict_proba, train_fold)
@@ -42,6 +41,7 @@ from core.model import load_tokenizer
 from core.report import PROB_COLUMNS
 from core.runs import RunStore
 from core.text import encode_pairs_cached
+from core.validate import load_training_frame, validate_run  # noqa: F401 - load_training_frame: older imports
 from core.tricks import distill_targets, parse_class_weights, select_pseudo_labels
 
 log = logging.getLogger("esci.train")
@@ -108,30 +108,6 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def load_training_frame(cfg: RunConfig) -> pd.DataFrame:
-    """Examples of ``cfg.data`` (train and test split), with ``max_queries`` applied to train.
-
-    Raises:
-        DataError: see :func:`core.data.load_esci`.
-    """
-    df = load_esci(cfg.data.dir, task=cfg.data.task, locales=cfg.data.locales)
-    if cfg.data.max_queries:
-        train_q = pd.unique(df.loc[df["split"] == "train", "query_id"])
-        keep = set(train_q[: cfg.data.max_queries])
-        df = df[(df["split"] != "train") | df["query_id"].isin(keep)].reset_index(drop=True)
-    if not (df["split"] == "train").any():
-        raise DataError(cfg.data.dir, "no examples with split == 'train' to train on")
-    return df
-
-
-def _validate(cfg: RunConfig) -> pd.DataFrame:
-    try:
-        from core.validate import validate_run
-    except ImportError:  # pragma: no cover - during the move of the checks into core.validate
-        return load_training_frame(cfg)
-    return validate_run(cfg)
-
-
 def is_partial(cfg: RunConfig) -> bool:
     """True when ``train.run_folds`` leaves out some of the ``train.folds`` folds."""
     return cfg.train.run_folds is not None and set(cfg.train.run_folds) != set(range(cfg.train.folds))
@@ -162,7 +138,7 @@ def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
         RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``).
     """
     progress = progress or NullProgress()
-    df = _validate(cfg)
+    df = validate_run(cfg)
     run_id, run_dir = claim_run(store, cfg.name, cfg.to_dict(), cfg.output_dir, run_id=run_id, resume=resume)
     atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
     handler = setup_file_log(run_dir)

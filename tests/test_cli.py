@@ -87,13 +87,13 @@ def test_launch_detached_then_stop_leaves_no_process(tmp_path, small_dataset, ti
     proc = psutil.Process(run["pid"])
     assert os.getpgid(proc.pid) == proc.pid  # its own process group / session
     assert os.getsid(proc.pid) != os.getsid(0)
-    assert _wait(lambda: len(store.metrics(run_id, ["train/loss"])) > 0)  # the trainer writes its own metrics
+    assert _wait(lambda: len(store.metrics(run_id, ["train/loss"])) > 0), _console(tmp_path, run_id)  # its own metrics
     group = [proc.pid] + [c.pid for c in proc.children(recursive=True)]
     res = runner.invoke(app, ["stop", run_id, "--db", db, "--grace", "20"])
-    assert res.exit_code == 0 and "stopped" in res.output
+    assert res.exit_code == 0 and "stopped" in res.output, res.output + _console(tmp_path, run_id)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in group)
     run = store.get_run(run_id)
-    assert run["status"] == "stopped" and run["exit_code"] == 143  # the trainer marked itself on SIGTERM
+    assert run["status"] == "stopped" and run["exit_code"] == 143, _console(tmp_path, run_id)  # marked itself
 
 
 def _launch_running(tmp_path, small_dataset, tiny_bert):
@@ -104,8 +104,14 @@ def _launch_running(tmp_path, small_dataset, tiny_bert):
     assert res.exit_code == 0, res.output
     run_id = res.output.strip().splitlines()[0]
     store = RunStore(db)
-    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running"), _console(tmp_path, run_id)
     return db, store, run_id
+
+
+def _console(tmp_path, run_id: str) -> str:
+    """The detached trainer's stdout/stderr (runs/<id>/console.log), for assertion messages."""
+    p = tmp_path / "runs" / run_id / "console.log"
+    return p.read_text() if p.exists() else f"(no {p})"
 
 
 def test_killed_run_is_marked_crashed(tmp_path, small_dataset, tiny_bert):
@@ -124,7 +130,7 @@ def test_trainer_killed_by_sigkill_gets_exit_code_from_supervisor(tmp_path, smal
     trainer = supervisor.children()[0]
     assert "train" in trainer.cmdline()
     trainer.kill()
-    assert _wait(lambda: store.get_run(run_id)["status"] == "crashed")
+    assert _wait(lambda: store.get_run(run_id)["status"] == "crashed"), _console(tmp_path, run_id)
     run = store.get_run(run_id)
     assert run["exit_code"] == 128 + signal.SIGKILL and "137" in run["error"]
     assert _wait(lambda: not psutil.pid_exists(supervisor.pid) or supervisor.status() == psutil.STATUS_ZOMBIE)
@@ -144,8 +150,8 @@ def test_relaunch_uses_the_stored_config(tmp_path, small_dataset, tiny_bert):
         a, b = (json.loads(store.get_run(r)["config"]) for r in (first, second))
         assert b == a and b["train"]["seed"] == 7
         assert (tmp_path / "runs" / second / "launch.yaml").is_file()
-        assert _wait(lambda: store.get_run(second)["status"] == "running")
-        assert _wait(lambda: store.get_run(first)["status"] == "running")
+        assert _wait(lambda: store.get_run(second)["status"] == "running"), _console(tmp_path, second)
+        assert _wait(lambda: store.get_run(first)["status"] == "running"), _console(tmp_path, first)
     finally:
         for r in (first, second):
             stop_run(store, r, grace=20)
