@@ -25,8 +25,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.labels import find_issues  # noqa: E402
-from core.runs import RunStore  # noqa: E402
+from core.labels import find_issues
+from core.runs import RunStore
 
 
 def synth(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

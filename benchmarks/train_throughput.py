@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def main() -> None:
     from sentence_transformers.readers import InputExample
 
     from core.config import config_from_dict
-    from core.data import ESCI_LABELS, load_esci
+    from core.data import ESCI_LABELS
     from core.folds import assign_folds
     from core.model import resolve_model_path
     from core.opensearch import import_opensearch

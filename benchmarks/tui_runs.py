@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.runs import RunStore  # noqa: E402
-from workbench.tui.services import FakeGpuProbe  # noqa: E402
+from core.runs import RunStore
+from workbench.tui.services import FakeGpuProbe
 
 STATUSES = ["finished"] * 8 + ["failed", "crashed", "stopped", "running"]
 

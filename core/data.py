@@ -27,10 +27,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.errors import DataError
-from core.metrics import ESCI_LABELS  # noqa: F401  (re-exported: the class order E, S, C, I)
+from core.metrics import ESCI_LABELS  # re-exported: the class order E, S, C, I
 
 __all__ = [
     "ESCI_LABELS",

@@ -285,7 +285,7 @@ class CrossEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, pooling: str = "mean", dropout: float = 0.1,
                         msd_rates: list[float] | None = None, layer_pooling_last: int = 0,
-                        semantic: nn.Module | None = None) -> "CrossEncoder":
+                        semantic: nn.Module | None = None) -> CrossEncoder:
         """Build from ``model.name`` (resolved by :func:`resolve_model_path`).
 
         Raises:

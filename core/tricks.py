@@ -259,7 +259,7 @@ def _params_matching(model: nn.Module, name_part: str) -> list[tuple[str, nn.Par
 
 def embedding_param_name(model: nn.Module) -> str:
     """Name of the word-embedding matrix (V, H) of a transformers backbone inside ``model``."""
-    for n, p in model.named_parameters():
+    for n, _ in model.named_parameters():
         if n.endswith("word_embeddings.weight") or n.endswith("embed_tokens.weight"):
             return n
     raise ConfigError("adversarial training: the model has no word_embeddings/embed_tokens matrix")

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import tiny_config
 from core.ablate import ablation_table, item_overrides, plan_ablation, split_items, to_markdown
 from core.errors import ConfigError
 from core.metrics import mean_ndcg
 from core.runs import RunStore
-from conftest import tiny_config
 from workbench.cli import app
 
 runner = CliRunner()

@@ -12,13 +12,12 @@ import time
 
 import psutil
 import pytest
-import yaml
 from typer.testing import CliRunner
 
+from conftest import tiny_config as _config
 from core.runs import RunStore
 from workbench import cli
 from workbench.cli import app
-from conftest import tiny_config as _config
 
 runner = CliRunner()
 cli.console.width = 200  # tables as on a wide terminal

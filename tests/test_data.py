@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import expect_data_error
 from core.data import (
     ESCI_LABELS,
     EXAMPLE_COLUMNS,
@@ -26,7 +27,6 @@ from core.data import (
     load_esci,
 )
 from core.errors import DataError
-from conftest import expect_data_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VESPA = SHARED / "esci_vespa_sample"

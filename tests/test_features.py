@@ -14,9 +14,24 @@ import torch
 
 from core.config import FeaturesConfig, config_from_dict
 from core.errors import ConfigError
-from core.features import (NgramBags, RowFeatures, SemanticUnits, build_id_vocab, build_semantic, check_features,
-                           compute_ngram_bags, encode_ids, load_fold_model, ngram_bucket, ngram_bags_cached, ngrams,
-                           text_buckets, train_word2vec, word2vec_bucket_init, words)
+from core.features import (
+    NgramBags,
+    RowFeatures,
+    SemanticUnits,
+    build_id_vocab,
+    build_semantic,
+    check_features,
+    compute_ngram_bags,
+    encode_ids,
+    load_fold_model,
+    ngram_bags_cached,
+    ngram_bucket,
+    ngrams,
+    text_buckets,
+    train_word2vec,
+    word2vec_bucket_init,
+    words,
+)
 from core.model import CrossEncoder, collate, load_tokenizer
 from test_tricks import _cfg as tricks_cfg
 
@@ -94,9 +109,9 @@ def test_empty_bag_gives_zeros_no_nan_and_a_finite_gradient():
 
 
 def test_feature_shapes_and_classifier_input_dimension(small_dataset, tiny_bert):
+    from core.config import TextConfig
     from core.data import load_esci
     from core.text import encode_pairs
-    from core.config import TextConfig
 
     df = load_esci(small_dataset).head(40).reset_index(drop=True)
     fc = FeaturesConfig(ngram_bags=True, id_embeddings=True, buckets=512, bag_dim=8, id_dim=4, id_min_count=1)
@@ -184,7 +199,7 @@ def test_word2vec_init_bag_vector_is_the_mean_of_word_vectors(small_dataset):
     assert vecs.shape == (len(rows), 8) and 0 not in rows
     # which distinct n-grams of the bag fields land in each bucket
     grams: dict[int, set[str]] = {}
-    for f, col in (("query", "query"), ("bullet_point", "product_bullet_point"), ("description", "product_description")):
+    for col in ("query", "product_bullet_point", "product_description"):
         for t in pd.unique(df[col].astype("string").fillna("")):
             for g in ngrams(words(t, 16), 3):
                 grams.setdefault(ngram_bucket(g, fc.buckets), set()).add(g)

@@ -35,7 +35,7 @@ def test_logtail_skips_a_huge_backlog_to_its_tail(tmp_path):
     p.write_text("".join(f"line {i}\n" for i in range(10000)))
     tail = LogTail(p, max_bytes=100)
     lines = tail.poll()
-    assert lines[-1] == "line 9999" and len(lines) < 20 and all(l.startswith("line ") for l in lines)
+    assert lines[-1] == "line 9999" and len(lines) < 20 and all(line.startswith("line ") for line in lines)
 
 
 def test_estimate_eta_uses_recent_rate():

@@ -11,10 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from core.data import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE, load_esci
-from core.errors import DataError
-from core.opensearch import JUDGMENTS_FILE, PRODUCTS_ZIP, QUERYSET_FILE, import_opensearch
 from conftest import expect_data_error
+from core.data import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE, load_esci
+from core.opensearch import JUDGMENTS_FILE, PRODUCTS_ZIP, QUERYSET_FILE, import_opensearch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = SHARED / "esci_us_opensearch_150q"

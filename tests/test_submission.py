@@ -11,7 +11,12 @@ import pytest
 from conftest import snapshot, write_official
 from core.errors import DataError
 from core.submission import (
-    atomic_write, load_test_examples, validate_submission, write_task1, write_task2, write_task3,
+    atomic_write,
+    load_test_examples,
+    validate_submission,
+    write_task1,
+    write_task2,
+    write_task3,
 )
 
 

@@ -3,8 +3,6 @@ and the techniques composed in real k-fold runs of a tiny BERT on real ESCI quer
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -15,9 +13,23 @@ from torch import nn
 from core.config import config_from_dict, load_config
 from core.errors import ConfigError
 from core.model import CrossEncoder, WeightedLayerPooling, collate, load_tokenizer
-from core.tricks import (AWP, EMA, FGM, PGD, classification_loss, distill_targets, draw_mixup, layer_index,
-                         mixup, one_hot, param_groups, parse_class_weights, rdrop_kl, select_pseudo_labels,
-                         smooth_targets)
+from core.tricks import (
+    AWP,
+    EMA,
+    FGM,
+    PGD,
+    classification_loss,
+    distill_targets,
+    draw_mixup,
+    layer_index,
+    mixup,
+    one_hot,
+    param_groups,
+    parse_class_weights,
+    rdrop_kl,
+    select_pseudo_labels,
+    smooth_targets,
+)
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-3.0, 1.0, 1.0, 2.5]])
 LABELS = torch.tensor([0, 3, 1])
@@ -413,8 +425,8 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     from safetensors.torch import load_file
 
     from core.runs import RunStore
-    from core.train import predict_proba, run_training
     from core.text import encode_pairs_cached
+    from core.train import predict_proba, run_training
 
     store = RunStore(tmp_path / "runs.db")
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, ema=True, fgm=True, awp=True, rdrop=True, loss="poly1",

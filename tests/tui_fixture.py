@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.monitor import GpuStats
@@ -12,11 +12,11 @@ from core.runs import RunStore
 from workbench.tui.services import FakeGpuProbe
 
 #: the frozen "now" of the tests: 2026-11-22 12:00:00 UTC
-NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC).timestamp()
 
 
 def _iso(offset_s: float) -> str:
-    return datetime.fromtimestamp(NOW + offset_s, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(NOW + offset_s, UTC).isoformat(timespec="seconds")
 
 
 def _config(name: str, lr: float, seed: int, folds: int = 3, epochs: int = 2, model: str = "all-MiniLM-L6-v2") -> dict:
@@ -53,7 +53,7 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
                          exit_code=code, pid=None, host="gpu-box", git_commit="abc1234",
                          error="trainer exited with code 137 without a final status" if status == "crashed" else None)
         rows = []
-        k, epochs = cfg["train"]["folds"], cfg["train"]["epochs"]
+        k = cfg["train"]["folds"]
         t = NOW + start
         for fold in range(min(k, folds_done + (1 if status in ("running", "crashed") else 0))):
             for step in range(1, 41):
