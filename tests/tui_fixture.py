@@ -9,7 +9,6 @@ from pathlib import Path
 
 from core.monitor import GpuStats
 from core.runs import RunStore
-from workbench.tui.services import FakeGpuProbe
 
 #: the frozen "now" of the tests: 2026-11-22 12:00:00 UTC
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -93,6 +92,22 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
         (root / run_dir / "train.log").write_text("\n".join(log) + "\n")
     store.close()
     return db
+
+
+class FakeGpuProbe:
+    """A GPU probe with fixed readings, for the app's ``gpu_probe`` (the real one is
+    :class:`core.monitor.GpuProbe`): ``read() -> list[GpuStats]``, ``available``, ``reason``, ``close()``."""
+
+    def __init__(self, gpus: list[GpuStats] | None = None, reason: str = "fake NVML: no GPU"):
+        self.gpus = list(gpus or [])
+        self.available = bool(self.gpus)
+        self.reason = "" if self.gpus else reason
+
+    def read(self) -> list[GpuStats]:
+        return list(self.gpus)
+
+    def close(self) -> None:
+        pass
 
 
 def fake_gpu() -> FakeGpuProbe:

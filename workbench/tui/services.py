@@ -2,7 +2,7 @@
 
 Workers run in threads; each thread gets its own :class:`core.runs.RunStore` connection (SQLite
 connections are not shared across threads here). The clock and the GPU probe are injectable so
-tests and snapshots run with a frozen time and a fake NVML.
+tests and snapshots run with a frozen time and a fake NVML (``tests/tui_fixture.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.monitor import GpuProbe, GpuStats, host_stats
+from core.monitor import GpuProbe, host_stats
 from core.errors import ReadOnlyDatabaseError
 from core.runs import RunStore
 
@@ -22,21 +22,6 @@ STATUS_STYLES = {
     "running": "bold cyan", "queued": "cyan", "finished": "green", "failed": "bold red",
     "crashed": "bold red", "stopped": "yellow", "partial": "yellow",
 }
-
-
-class FakeGpuProbe:
-    """A GPU probe that returns fixed readings (tests, snapshots, demos without a GPU)."""
-
-    def __init__(self, gpus: list[GpuStats] | None = None, reason: str = "fake NVML: no GPU"):
-        self.gpus = list(gpus or [])
-        self.available = bool(self.gpus)
-        self.reason = "" if self.gpus else reason
-
-    def read(self) -> list[GpuStats]:
-        return list(self.gpus)
-
-    def close(self) -> None:
-        pass
 
 
 class Services:
