@@ -15,6 +15,7 @@ from rich import box
 from rich.table import Table
 
 from core.errors import ConfigError, WorkbenchError
+from workbench.cli_common import DbOpt, SetOpt, open_store
 
 app = typer.Typer(add_completion=False, invoke_without_command=True,
                   help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge. "
@@ -36,9 +37,6 @@ app.command("pretrain")(pretrain)
 
 console = Console()
 err_console = Console(stderr=True)
-
-DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")]
 
 
 class RichProgress:
@@ -68,12 +66,6 @@ class RichProgress:
         self.bar.console.log(text)
 
 
-def _store(db: str | None, readonly: bool = False):
-    from core.runs import RunStore, default_db_path
-
-    return RunStore(db or default_db_path(), readonly=readonly)
-
-
 def _reading_store(db: str | None):
     """The store of a reading command: a writer that first marks runs whose process is gone as
     crashed, or, for a database this process cannot write, a read-only one (statuses as stored)."""
@@ -81,9 +73,9 @@ def _reading_store(db: str | None):
     from core.launcher import refresh_statuses
 
     try:
-        store = _store(db)
+        store = open_store(db)
     except ReadOnlyDatabaseError:
-        return _store(db, readonly=True)
+        return open_store(db, readonly=True)
     refresh_statuses(store)
     return store
 
@@ -138,7 +130,7 @@ def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_
     if config_kind(config) == "pretrain":
         raise ConfigError(f"{config}: a pre-training config (kind: pretrain): run `workbench pretrain {config}`")
     cfg = load_config(config, set_)
-    store = _store(db)
+    store = open_store(db)
     if sys.stderr.isatty():
         with RichProgress(err_console) as progress:
             result = run_training(cfg, store, run_id=run_id, progress=progress)
@@ -153,7 +145,7 @@ def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set
     """Start training (or pre-training, for a `kind: pretrain` config) detached (own session); prints the run id."""
     from core.launcher import launch as _launch
 
-    run_id, pid = _launch(config, set_, _store(db))
+    run_id, pid = _launch(config, set_, open_store(db))
     console.print(run_id)
     err_console.print(f"launched pid {pid}; follow with `workbench runs show {run_id}`")
 
@@ -167,7 +159,7 @@ def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)"
     interrupted fold restarts from its last step checkpoint."""
     from core.launcher import resume_config, resume_detached
 
-    store = _store(db)
+    store = open_store(db)
     if detach:
         run_id, pid = resume_detached(store, run, all_folds=all_folds)
         console.print(run_id)
@@ -196,7 +188,7 @@ def stop(run: str, db: DbOpt = None, grace: float = 10.0):
     """Stop a launched run: SIGTERM to its process group, then SIGKILL after --grace seconds."""
     from core.launcher import stop_run
 
-    console.print(stop_run(_store(db), run, grace=grace))
+    console.print(stop_run(open_store(db), run, grace=grace))
 
 
 @runs_app.command("list")
@@ -273,7 +265,7 @@ def evaluate(run: str, db: DbOpt = None):
     """Recompute the run's metrics from its oof.parquet (independent of what the trainer logged)."""
     from core.report import argmax_labels, read_predictions, scorer_table
 
-    store = _store(db, readonly=True)
+    store = open_store(db, readonly=True)
     r = store.get_run(run)
     run_dir = store.run_dir(r)
     if run_dir is None:
@@ -330,7 +322,7 @@ def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample fol
     """Import the real ESCI sample, train a 5-fold cross-encoder, compare with BM25 and random."""
     from core.demo import DEFAULT_CONFIG, run_demo
 
-    store = _store(db)
+    store = open_store(db)
     t0 = time.time()
     with RichProgress(err_console) as progress:
         report = run_demo(data, store, data_dir=data_dir, config_path=config or DEFAULT_CONFIG,

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from workbench.cli_common import DbOpt, SetOpt, open_store
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -20,8 +22,8 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
                                                          "comma-separated: ema, fgm, pgd, awp, rdrop, poly1, focal, ls, "
                                                          "msd, wlp, mixup, distill, pseudo, llrd, gc, or key=value of a "
                                                          "config section (required unless --runs)")] = None,
-           set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
-           db: Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")] = None,
+           set_: SetOpt = None,
+           db: DbOpt = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="print the planned runs and exit")] = False,
            runs: Annotated[Optional[str], typer.Option("--runs", help="rebuild the table from these finished run ids "
                                                        "(comma-separated, baseline first) instead of training")] = None,
@@ -29,8 +31,6 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
            as_json: Annotated[bool, typer.Option("--json", help="print the table as JSON rows")] = False):
     """Cumulative ablation: baseline, then + each technique in turn; one run per step in runs.db."""
     from core.ablate import ablation_table, plan_ablation, run_ablation, split_items, to_markdown
-    from core.runs import RunStore, default_db_path
-
     from core.errors import ConfigError
 
     if not tricks and not runs:
@@ -41,7 +41,7 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
         for st in steps:
             console.print(f"step {st.step}: {st.config.name}  " + " ".join(f"--set {o}" for o in st.overrides))
         return
-    store = RunStore(db or default_db_path())
+    store = open_store(db)
     if runs:
         ids = [r.strip() for r in runs.split(",") if r.strip()]
         # step labels from --tricks when they match the runs, else each run's name

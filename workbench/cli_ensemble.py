@@ -13,19 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from workbench.cli_common import DbOpt, open_store
+
 ensemble_app = typer.Typer(no_args_is_help=True, help="Combine runs and baseline scorers; write submissions.")
 submission_app = typer.Typer(no_args_is_help=True, help="Check KDD Cup 2022 ESCI submission files.")
 
 console = Console()
 err_console = Console(stderr=True)
-
-DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
-
-
-def _store(db: str | None, readonly: bool = False):
-    from core.runs import RunStore, default_db_path
-
-    return RunStore(db or default_db_path(), readonly=readonly)
 
 
 def parse_tasks(task: str) -> tuple[int, ...]:
@@ -134,7 +128,7 @@ def ensemble_build(
     name = name or time.strftime("ens-%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise WorkbenchError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-    store = _store(db)
+    store = open_store(db)
     steps = 3 if no_write else 4
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
@@ -165,7 +159,7 @@ def ensemble_list(db: DbOpt = None):
     """Ensembles recorded in runs.db, newest first."""
     import json
 
-    store = _store(db, readonly=True)
+    store = open_store(db, readonly=True)
     if "ensembles" not in store.db.table_names():
         console.print("no ensembles recorded yet")
         return

@@ -11,19 +11,13 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from workbench.cli_common import DbOpt, open_store
+
 labels_app = typer.Typer(no_args_is_help=True,
                          help="Label errors: find them from a run's OOF probabilities, review, export.")
 
 console = Console()
 err_console = Console(stderr=True)
-
-DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
-
-
-def _store(db: str | None, readonly: bool = False):
-    from core.runs import RunStore, default_db_path
-
-    return RunStore(db or default_db_path(), readonly=readonly)
 
 
 @labels_app.command("find")
@@ -36,7 +30,7 @@ def find(run: Annotated[str, typer.Argument(help="run id (or unique prefix) with
     """Find label issues in RUN's OOF probabilities (cleanlab) and store them in runs.db."""
     from core.labels import find_issues
 
-    store = _store(db)
+    store = open_store(db)
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("labels find", total=None)
@@ -63,7 +57,7 @@ def review(run: Annotated[Optional[str], typer.Argument(help="run whose issues t
     from core.labels import default_issues_run
     from workbench.tui.review import run_review_app
 
-    store = _store(db)
+    store = open_store(db)
     run_id = store.get_run(run)["id"] if run else default_issues_run(store)
     store.close()
     run_review_app(db or _default_db(), run_id, reviewer=reviewer)
@@ -88,7 +82,7 @@ def export(out: Annotated[Path, typer.Argument(help="new folder for the cleaned 
 
     from core.labels import default_issues_run, export_cleaned
 
-    store = _store(db)
+    store = open_store(db)
     run_id = store.get_run(run)["id"] if run else default_issues_run(store)
     if data is None:
         cfg = json.loads(store.get_run(run_id).get("config") or "{}")
@@ -109,7 +103,7 @@ def compare(base: Annotated[str, typer.Argument(help="run trained on the labels 
     """Per-fold nDCG of BASE and CLEANED on the original labels of all examples, and the difference."""
     from core.labels import compare_runs
 
-    table = compare_runs(_store(db, readonly=True), base, cleaned)
+    table = compare_runs(open_store(db, readonly=True), base, cleaned)
     folds = [c for c in table.columns if c.startswith("fold") and c != "fold_std"]
     runs = list(table.index.get_level_values(0).unique())
     out = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),

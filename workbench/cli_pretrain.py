@@ -9,21 +9,22 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from workbench.cli_common import DbOpt, SetOpt, open_store
+
 console = Console()
 err_console = Console(stderr=True)
 
 
 def pretrain(config: Annotated[Path, typer.Argument(help="YAML/TOML pre-training config (see configs/pretrain.yaml)")],
-             set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override key=value (repeatable)")] = None,
-             db: Annotated[Optional[str], typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")] = None,
+             set_: SetOpt = None,
+             db: DbOpt = None,
              run_id: Annotated[Optional[str], typer.Option("--run-id", help="a queued run")] = None):
     """Multitask pre-training (MLM, Product2Query, Product2Brand/Color, contrastive): one summed loss per
     batch; writes runs/<id>/backbone for `model.name` of `workbench train`."""
     from core.pretrain import load_pretrain_config, run_pretraining
-    from core.runs import RunStore, default_db_path
 
     cfg = load_pretrain_config(config, set_)
-    store = RunStore(db or default_db_path())
+    store = open_store(db)
     if sys.stderr.isatty():
         from workbench.cli import RichProgress
 
