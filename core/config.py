@@ -23,6 +23,11 @@ import yaml
 
 from core.errors import ConfigError
 
+#: where `workbench demo` (and the configs in configs/) put the sample in the official layout
+DEFAULT_DATA_DIR = "data/esci_us_150q"
+#: where the demo finds the OpenSearch ESCI sample (beside the repo)
+DEFAULT_SAMPLE_DIR = "../shared/data/esci_us_opensearch_150q"
+
 
 @dataclass
 class DataConfig:
@@ -30,7 +35,7 @@ class DataConfig:
 
     RANGES: ClassVar[dict[str, str]] = {"task": "in {1, 2, 3}", "max_queries": ">= 1"}
 
-    dir: str = "data/esci_us_150q"
+    dir: str = DEFAULT_DATA_DIR
     task: int = 1  # in {1, 2, 3}; selection: 1 -> small_version == 1, 2/3 -> large_version == 1
     locales: list[str] | None = None
     max_queries: int | None = None  # >= 1 or null; keep only the first N training queries (quick runs)

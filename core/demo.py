@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.baselines import bm25_scores, random_scores
-from core.config import load_config
+from core.config import DEFAULT_DATA_DIR, load_config
 from core.data import find_dataset_files
 from core.errors import DataError
 from core.opensearch import import_opensearch
@@ -17,7 +17,6 @@ from core.report import argmax_labels, scorer_table
 from core.runs import RunStore
 from core.train import Progress, RunResult, load_training_frame, run_training
 
-DEFAULT_SAMPLE = "../shared/data/esci_us_opensearch_150q"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 WHERE_TO_GET = (
     "the real sample ships in shared/data/esci_us_opensearch_150q beside the repo; the official "
@@ -52,7 +51,7 @@ def prepare_sample(src: str | Path, data_dir: str | Path) -> Path:
     return data_dir
 
 
-def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = "data/esci_us_150q",
+def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = DEFAULT_DATA_DIR,
              config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None,
              progress: Progress | None = None) -> DemoReport:
     """Import the sample, train the demo config with k-fold CV, score it next to baselines.

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.metrics import ESCI_LABELS
 from core.runs import RunStore, now_iso
@@ -99,7 +100,7 @@ def training_example_ids(data: dict[str, Any]) -> np.ndarray:
     """
     from core.data import find_dataset_files
 
-    files = find_dataset_files(data.get("dir", "data/esci_us_150q"))
+    files = find_dataset_files(data.get("dir", DEFAULT_DATA_DIR))
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

@@ -47,6 +47,7 @@ import yaml
 from torch import nn
 
 from core.config import _build, _set_dotted, check_ranges, parse_overrides, read_config_file
+from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError
 from core.lifecycle import check_stop
 from core.runs import RunStore, now_iso
@@ -75,7 +76,7 @@ class PretrainDataConfig:
 
     RANGES: ClassVar[dict[str, str]] = {"max_products": ">= 1"}
 
-    dir: str = "data/esci_us_150q"
+    dir: str = DEFAULT_DATA_DIR
     locales: list[str] | None = None  # keep only these product_locale values
     max_products: int | None = None  # >= 1 or null; keep only the first N products with text (quick runs)
     text_fields: list[str] = field(default_factory=lambda: ["title", "bullet_point", "description"])

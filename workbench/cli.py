@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
+from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
 from workbench.cli_common import DbOpt, SetOpt, open_store
 
@@ -315,8 +316,8 @@ def data_check(data_dir: Path, task: Optional[int] = None, split: Optional[str] 
 
 
 @app.command()
-def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path("../shared/data/esci_us_opensearch_150q"),
-         data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path("data/esci_us_150q"),
+def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
+         data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(DEFAULT_DATA_DIR),
          config: Annotated[Optional[Path], typer.Option(help="config (default configs/demo.yaml)")] = None,
          set_: SetOpt = None, db: DbOpt = None):
     """Import the real ESCI sample, train a 5-fold cross-encoder, compare with BM25 and random."""
