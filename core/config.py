@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import json
 import math
 import operator
@@ -337,7 +338,7 @@ class _Range:
     test: Any  # value -> bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_range(spec: str) -> _Range:
     m = _RANGE_RE.fullmatch(spec.strip())
     cond = m["cond"].strip() if m else ""
@@ -500,16 +501,55 @@ def check_config(cfg: RunConfig) -> None:
                           "room for CLS, 3 SEP and some product text)")
 
 
+# ---------------------------------------------------------------------------------- bundled configs
+#: suffixes tried after a bare config name (``demo`` -> ``demo.yaml``)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+def bundled_configs_dir() -> Path:
+    """The configs shipped inside the package: ``core/bundled_configs/`` (package data, found through
+    :mod:`importlib.resources`; the repository's ``configs/`` is a link to it). pip installs a wheel
+    unpacked, so this is a plain folder."""
+    return Path(str(importlib.resources.files("core") / "bundled_configs"))
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Name (file stem) -> path of every bundled config, sorted by name."""
+    folder = bundled_configs_dir()
+    files = sorted(p for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file()) if folder.is_dir() else []
+    return {p.stem: p for p in files}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Where a config argument points: an existing file as given (an explicit path, or a file of that
+    name in the current folder); else, for a bare name (no folder part: ``demo``, ``demo.yaml``),
+    ``./configs/<name>`` when it exists, else the bundled config of that name
+    (:func:`bundled_configs_dir`); else the path as given (the reader then reports it missing)."""
+    p = Path(path)
+    if p.is_file() or p.parent != Path(".") or not p.name:
+        return p
+    names = [p.name] if p.suffix in CONFIG_SUFFIXES else [p.name + s for s in CONFIG_SUFFIXES]
+    for folder in (Path("configs"), bundled_configs_dir()):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return p
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML (or ``.toml``) config file.
+    """The top-level mapping of a YAML (or ``.toml``) config file; ``path`` goes through
+    :func:`resolve_config_path` (a bare name like ``demo.yaml`` also finds the bundled config).
 
     Raises:
         ConfigError: missing or unreadable file, bad syntax, empty (nothing but comments), not a
             mapping (one line, naming the file).
     """
-    p = Path(path)
+    p = resolve_config_path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        hint = ""
+        if p.parent == Path("."):
+            hint = f" (bundled: {', '.join(bundled_configs()) or 'none'}; `workbench configs list`)"
+        raise ConfigError(f"{p}: config file not found{hint}")
     try:
         text = p.read_text()
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)

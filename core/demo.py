@@ -17,7 +17,8 @@ from core.report import argmax_labels, scorer_table
 from core.runs import RunStore
 from core.train import Progress, RunResult, load_training_frame, run_training
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+#: ./configs/demo.yaml when it exists, else the bundled one (core.config.resolve_config_path)
+DEFAULT_CONFIG = "demo.yaml"
 WHERE_TO_GET = (
     "the real sample ships in shared/data/esci_us_opensearch_150q beside the repo; the official "
     "files are at github.com/amazon-science/esci-data (shopping_queries_dataset_*.parquet)"

@@ -35,6 +35,8 @@ from workbench.cli_ablate import ablate  # noqa: E402
 app.command("ablate")(ablate)
 from workbench.cli_pretrain import pretrain  # noqa: E402
 app.command("pretrain")(pretrain)
+from workbench.cli_configs import configs_app  # noqa: E402
+app.add_typer(configs_app, name="configs")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -110,6 +112,10 @@ def _open_app(db: str | None, configs: Path) -> None:
     from core.runs import default_db_path
     from workbench.tui.app import run_app
 
+    if configs == Path("configs") and not configs.is_dir():  # the default, outside a checkout
+        from core.config import bundled_configs_dir
+
+        configs = bundled_configs_dir()
     run_app(db or default_db_path(), configs_dir=str(configs))
 
 
@@ -318,7 +324,7 @@ def data_check(data_dir: Path, task: Optional[int] = None, split: Optional[str] 
 @app.command()
 def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
          data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(DEFAULT_DATA_DIR),
-         config: Annotated[Optional[Path], typer.Option(help="config (default configs/demo.yaml)")] = None,
+         config: Annotated[Optional[Path], typer.Option(help="config (default demo.yaml: ./configs/demo.yaml, else the bundled one)")] = None,
          set_: SetOpt = None, db: DbOpt = None):
     """Import the real ESCI sample, train a 5-fold cross-encoder, compare with BM25 and random."""
     from core.demo import DEFAULT_CONFIG, run_demo
