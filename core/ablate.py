@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import metric_names as mn
 from core.config import RunConfig, load_config
 from core.errors import ConfigError, WorkbenchError
 from core.runs import RunStore
@@ -143,20 +144,19 @@ def ablation_table(store: RunStore, run_ids: list[str], labels: list[str] | None
     prev_folds: dict[int, float] | None = None
     prev_cv = None
     for i, rid in enumerate(run_ids):
-        run = store.get_run(rid)
-        ms = store.metrics(run["id"])
-        cfg = json.loads(run["config"]) if run.get("config") else {}
-        epochs = cfg.get("train", {}).get("epochs", 1) or 1
-        folds = _per_fold(ms, "fold/ndcg")
-        secs = _per_fold(ms, "fold/seconds")
-        teacher = _per_fold(ms, "teacher/fold_seconds")
-        cv = _metric(ms, "cv/ndcg")
+        run = store.get_record(rid)
+        ms = store.metrics(run.id)
+        epochs = run.epochs
+        folds = _per_fold(ms, mn.FOLD_NDCG)
+        secs = _per_fold(ms, mn.FOLD_SECONDS)
+        teacher = _per_fold(ms, mn.TEACHER_FOLD_SECONDS)
+        cv = _metric(ms, mn.CV_NDCG)
         row = {
-            "run_id": run["id"],
-            "added": labels[i] if labels else run["name"],
+            "run_id": run.id,
+            "added": labels[i] if labels else run.name,
             "cv_ndcg": cv,
-            "final_ndcg": _metric(ms, "cv/final_ndcg"),
-            "task2_f1": _metric(ms, "cv/task2_f1"),
+            "final_ndcg": _metric(ms, mn.CV_FINAL_NDCG),
+            "task2_f1": _metric(ms, mn.CV_TASK2_F1),
             "fold_std": float(np.std(list(folds.values()), ddof=1)) if len(folds) > 1 else float("nan"),
             "delta": float("nan"),
             "paired_std": float("nan"),

@@ -11,48 +11,42 @@ from typing import Any
 
 import numpy as np
 
+from core import metric_names as mn
 from core.runs import RunStore
 
-#: (label, per-fold metric, run-level metric, higher is better)
+#: (label, per-fold metric, short name of the best value (:meth:`RunStore.best_values`) or None)
 COMPARE_METRICS = [
-    ("CV nDCG", "fold/ndcg", "cv/ndcg"),
-    ("final nDCG", "fold/final_ndcg", "cv/final_ndcg"),
-    ("Task 2 F1", "fold/task2_f1", "cv/task2_f1"),
-    ("Task 3 F1", "fold/task3_f1", "cv/task3_f1"),
-    ("fold seconds", "fold/seconds", None),
+    ("CV nDCG", mn.FOLD_NDCG, mn.NDCG),
+    ("final nDCG", mn.FOLD_FINAL_NDCG, mn.FINAL_NDCG),
+    ("Task 2 F1", mn.FOLD_TASK2_F1, mn.TASK2_F1),
+    ("Task 3 F1", mn.FOLD_TASK3_F1, mn.TASK3_F1),
+    ("fold seconds", mn.FOLD_SECONDS, None),
 ]
 
 #: metrics a curve can show (per fold, by step)
-CURVE_METRICS = ["train/loss", "eval/ndcg", "eval/task2_f1", "eval/task3_f1", "train/lr", "eval/loss",
-                 "train/samples_per_s", "train/grad_norm"]
+CURVE_METRICS = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.EVAL_TASK3_F1, mn.TRAIN_LR, mn.EVAL_LOSS,
+                 mn.TRAIN_SAMPLES_PER_S, mn.TRAIN_GRAD_NORM]
 
 
 def metric_summary(store: RunStore, run_id: str) -> dict[str, dict[str, float | None]]:
     """Per comparable metric of one run: ``best`` and the per-fold ``mean``, ``std``, ``min``,
     ``max``, ``n`` (folds).
 
-    ``best`` is the run-level CV value when logged (over all OOF rows), else the mean over folds
-    of each fold's best eval value so far (a running run), never the last value. The spread is
-    over the finished folds' best checkpoints (``fold/*``), std with ddof = 0.
+    ``best`` is :meth:`RunStore.best_values` (the run-level CV value when logged, else the mean
+    over folds of each fold's best eval value so far: never the last value); for fold seconds the
+    mean over folds. The spread is over the finished folds' best checkpoints (``fold/*``), std
+    with ddof = 0.
 
     Returns:
         {label: {"best", "mean", "std", "min", "max", "n"}} (None where unknown).
     """
-    rows = store.metrics(run_id)
+    rows = store.metrics(run_id, [fold for _, fold, _ in COMPARE_METRICS])
+    bests = store.best_values([run_id], [short for _, _, short in COMPARE_METRICS if short]).get(run_id, {})
     out: dict[str, dict[str, float | None]] = {}
-    for label, fold_name, cv_name in COMPARE_METRICS:
+    for label, fold_name, short in COMPARE_METRICS:
         per_fold = {m["fold"]: m["value"] for m in rows if m["name"] == fold_name and m["fold"] >= 0}
         vals = np.array(list(per_fold.values()), dtype=float)
-        best = next((m["value"] for m in rows if cv_name and m["name"] == cv_name and m["fold"] == -1), None)
-        if best is None and cv_name:
-            live: dict[int, float] = {}
-            eval_name = "eval/" + fold_name.split("/", 1)[1]
-            for m in rows:
-                if m["name"] == eval_name and m["fold"] >= 0:
-                    live[m["fold"]] = max(live.get(m["fold"], -np.inf), m["value"])
-            best = float(np.mean(list(live.values()))) if live else None
-        if best is None and not cv_name and len(vals):
-            best = float(vals.mean())
+        best = bests.get(short) if short else (float(vals.mean()) if len(vals) else None)
         out[label] = {
             "best": best,
             "mean": float(vals.mean()) if len(vals) else None,
@@ -109,7 +103,7 @@ def run_configs(store: RunStore, run_ids: Sequence[str]) -> dict[str, dict[str, 
 
     out = {}
     for rid in run_ids:
-        raw = json.loads(store.get_run(rid).get("config") or "{}")
+        raw = store.get_record(rid).config
         try:
             out[rid] = config_from_dict(raw).to_dict() if raw else {}
         except Exception:  # noqa: BLE001 - ConfigError and friends: compare what is stored
@@ -121,8 +115,7 @@ def curve(store: RunStore, run_id: str, name: str) -> list[tuple[float, float, i
     """One metric's curve over the whole run: [(x, value, fold)], x = the global position in
     epochs (fold k's epoch e is plotted at ``k * epochs + e``) so folds follow each other."""
     rows = store.metrics(run_id, [name])
-    cfg = json.loads(store.get_run(run_id).get("config") or "{}")
-    epochs = float(cfg.get("train", {}).get("epochs", 1) or 1)
+    epochs = store.get_record(run_id).epochs
     out = []
     for m in rows:
         if m["fold"] < 0:

@@ -213,17 +213,17 @@ def load_members(store, specs: list[str]) -> MemberSet:
     if len(set(specs)) != len(specs):
         dup = sorted({s for s in specs if specs.count(s) > 1})
         raise WorkbenchError(f"member(s) given twice: {', '.join(dup)}")
-    loaded: dict[str, tuple] = {}  # run spec -> (run row, oof, test)
+    loaded: dict[str, tuple] = {}  # run spec -> (run record, oof, test, run_dir)
     for spec in specs:
         if spec in SCORERS:
             continue
         run_id, _, col = spec.partition(":")
         if col not in ("", "ce"):
             raise WorkbenchError(f"member {spec!r}: unknown score {col!r} (use RUN or RUN:ce)")
-        run = store.get_run(run_id)
-        run_dir = store.run_dir(run)  # absolute (older relative ones: from the db's folder)
+        run = store.get_record(run_id)
+        run_dir = run.run_dir  # absolute (older relative ones: from the db's folder)
         if run_dir is None:
-            raise WorkbenchError(f"run {run['id']} has no run directory")
+            raise WorkbenchError(f"run {run.id} has no run directory")
         oof = read_predictions(run_dir / "oof.parquet")
         test = read_predictions(run_dir / "test.parquet") if (run_dir / "test.parquet").is_file() else None
         loaded[spec] = (run, oof, test, run_dir)
@@ -255,8 +255,7 @@ def load_members(store, specs: list[str]) -> MemberSet:
                 if spec in test.columns:
                     t_score = test[spec].to_numpy(np.float64)
                 else:
-                    cfg = json.loads(run["config"]) if run.get("config") else {}
-                    t_score = _scorer_test_scores(spec, test, cfg.get("data", {}).get("dir"))
+                    t_score = _scorer_test_scores(spec, test, run.data.get("dir"))
             members.append(Member(spec, "scorer", oof[spec].to_numpy(np.float64), None, t_score, None,
                                   str(run_dir / "oof.parquet")))
         else:
@@ -266,7 +265,7 @@ def load_members(store, specs: list[str]) -> MemberSet:
                 raise DataError(run_dir / "oof.parquet", f"missing column {col}")
             members.append(Member(spec, "run", oof[col].to_numpy(np.float64), _probs(oof),
                                   None if test is None else test[col].to_numpy(np.float64), _probs(test),
-                                  str(run_dir / "oof.parquet"), run["id"]))
+                                  str(run_dir / "oof.parquet"), run.id))
     return MemberSet(members, keys, test_keys)
 
 
@@ -788,20 +787,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def record_ensemble(store, name: str, manifest: dict, out_dir: str | Path) -> None:
-    """Insert the ensemble into runs.db table ``ensembles`` (created if missing).
+    """Record the ensemble in runs.db table ``ensembles`` (:meth:`core.runs.RunStore.put_ensemble`).
 
     Columns: name (primary key; a rebuild under the same name replaces the row), created, tasks,
     members (JSON), manifest (JSON), dir. One short ``BEGIN IMMEDIATE`` transaction.
     """
-    from core.runs import now_iso
-
-    row = (name, now_iso(), ",".join(str(t) for t in manifest.get("tasks", {})),
-           json.dumps(manifest.get("members", [])), json.dumps(manifest, default=float), str(out_dir))
-    with store._tx() as c:
-        c.execute("CREATE TABLE IF NOT EXISTS ensembles (name TEXT PRIMARY KEY, created TEXT, tasks TEXT, "
-                  "members TEXT, manifest TEXT, dir TEXT)")
-        c.execute("INSERT OR REPLACE INTO ensembles (name, created, tasks, members, manifest, dir) "
-                  "VALUES (?,?,?,?,?,?)", row)
+    store.put_ensemble(name, ",".join(str(t) for t in manifest.get("tasks", {})),
+                       json.dumps(manifest.get("members", [])), json.dumps(manifest, default=float), str(out_dir))
 
 
 def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name: str, store=None,

@@ -6,7 +6,7 @@ ESCI labels come from crowd workers and are noisy. Confident learning (Northcutt
 and flags the examples most likely mislabelled. The KDD Cup 2022 "MultiTask Pre-Training" seed
 removed ~4% of the training data found this way.
 
-Tables in runs.db (created on the RunStore's database):
+Tables in runs.db (created, read and written by :class:`core.runs.RunStore`):
 
 ``label_issues(run_id, example_id, given_label, suggested_label, label_quality, rank)``
     the issues ``find_label_issues`` flagged for one run's OOF, ``rank`` 1 = most likely wrong;
@@ -38,7 +38,7 @@ import pandas as pd
 from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.metrics import ESCI_LABELS
-from core.runs import RunStore, now_iso
+from core.runs import LABEL_DECISION_COLUMNS, LABEL_ISSUE_COLUMNS, RunRecord, RunStore
 
 log = logging.getLogger("esci.labels")
 
@@ -52,36 +52,10 @@ RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy"
 _PROBS = ["p_E", "p_S", "p_C", "p_I"]
 
 
-# --------------------------------------------------------------------------- schema
-def ensure_tables(store: RunStore) -> None:
-    """Create ``label_issues`` and ``label_decisions`` (and their indexes) if absent."""
-    with store._tx():
-        store.db["label_issues"].create(
-            {"run_id": str, "example_id": int, "given_label": str, "suggested_label": str,
-             "label_quality": float, "rank": int},
-            if_not_exists=True,
-        )
-        store.db["label_decisions"].create(
-            {"id": int, "example_id": int, "decision": str, "new_label": str, "reviewer": str,
-             "time": str, "source_run": str},
-            pk="id", if_not_exists=True,
-        )
-        store.db["label_issues"].create_index(["run_id", "rank"], if_not_exists=True)
-        store.db["label_decisions"].create_index(["source_run", "id"], if_not_exists=True)
-
-
-def _has_table(store: RunStore, name: str) -> bool:
-    return store.db[name].exists()
-
-
 # --------------------------------------------------------------------------- find
 def _run_config(store: RunStore, run: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(run.get("config") or "{}")
-    except ValueError:
-        raise WorkbenchError(f"{store.path}: run {run['id']} has an unreadable config") from None
+    """The run's parsed config (WorkbenchError naming the database when unreadable)."""
+    return RunRecord.from_row(run, store.path).config
 
 
 def training_example_ids(data: dict[str, Any]) -> np.ndarray:
@@ -267,13 +241,7 @@ def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_r
 
 def store_issues(store: RunStore, run_id: str, issues: pd.DataFrame) -> None:
     """Replace ``run_id``'s rows of ``label_issues`` with ``issues`` in one transaction."""
-    ensure_tables(store)
-    rows = zip(issues["run_id"].tolist(), issues["example_id"].tolist(), issues["given_label"].tolist(),
-               issues["suggested_label"].tolist(), issues["label_quality"].tolist(), issues["rank"].tolist())
-    with store._tx() as c:
-        c.execute("DELETE FROM label_issues WHERE run_id = ?", [run_id])
-        c.executemany("INSERT INTO label_issues (run_id, example_id, given_label, suggested_label, label_quality, rank)"
-                      " VALUES (?,?,?,?,?,?)", rows)
+    store.replace_label_issues(run_id, zip(*(issues[c].tolist() for c in LABEL_ISSUE_COLUMNS)))
 
 
 def load_issues(store: RunStore, run_id: str) -> pd.DataFrame:
@@ -283,12 +251,7 @@ def load_issues(store: RunStore, run_id: str) -> pd.DataFrame:
         WorkbenchError: unknown run.
     """
     run_id = store.get_run(run_id)["id"]
-    cols = ["run_id", "example_id", "given_label", "suggested_label", "label_quality", "rank"]
-    if not _has_table(store, "label_issues"):
-        return pd.DataFrame(columns=cols)
-    rows = store.conn.execute(f"SELECT {', '.join(cols)} FROM label_issues WHERE run_id = ? ORDER BY rank",
-                              [run_id]).fetchall()
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(store.label_issues(run_id), columns=list(LABEL_ISSUE_COLUMNS))
 
 
 # --------------------------------------------------------------------------- decisions
@@ -311,26 +274,13 @@ def record_decision(store: RunStore, source_run: str, example_id: int, decision:
         raise WorkbenchError(f"decision {decision}: new_label {new_label!r} is not one of {list(ESCI_LABELS)}")
     if decision not in ("relabel", "accept"):
         new_label = None
-    ensure_tables(store)
-    with store._tx() as c:
-        cur = c.execute("INSERT INTO label_decisions (example_id, decision, new_label, reviewer, time, source_run)"
-                        " VALUES (?,?,?,?,?,?)",
-                        [int(example_id), decision, new_label, reviewer or os.environ.get("USER") or "unknown",
-                         now_iso(), source_run])
-        return int(cur.lastrowid)
+    return store.add_label_decision(source_run, int(example_id), decision, new_label,
+                                    reviewer or os.environ.get("USER") or "unknown")
 
 
 def decision_log(store: RunStore, source_run: str | None = None) -> pd.DataFrame:
     """All ``label_decisions`` rows (of one source run, or all), in append order."""
-    cols = ["id", "example_id", "decision", "new_label", "reviewer", "time", "source_run"]
-    if not _has_table(store, "label_decisions"):
-        return pd.DataFrame(columns=cols)
-    sql = f"SELECT {', '.join(cols)} FROM label_decisions"
-    params: list[Any] = []
-    if source_run is not None:
-        sql += " WHERE source_run = ?"
-        params.append(source_run)
-    return pd.DataFrame(store.conn.execute(sql + " ORDER BY id", params).fetchall(), columns=cols)
+    return pd.DataFrame(store.label_decisions(source_run), columns=list(LABEL_DECISION_COLUMNS))
 
 
 def _replay(rows: pd.DataFrame) -> list[dict[str, Any]]:
@@ -530,14 +480,7 @@ def export_cleaned(store: RunStore, out_dir: str | Path, data_dir: str | Path, d
 
 def runs_with_issues(store: RunStore) -> list[dict[str, Any]]:
     """Runs that have stored label issues, newest first: ``{run_id, n_issues, decided}``."""
-    if not _has_table(store, "label_issues"):
-        return []
-    has_dec = _has_table(store, "label_decisions")
-    sql = ("SELECT i.run_id AS run_id, COUNT(*) AS n_issues, "
-           + ("(SELECT COUNT(DISTINCT example_id) FROM label_decisions d WHERE d.source_run = i.run_id)"
-              if has_dec else "0")
-           + " AS decided FROM label_issues i GROUP BY i.run_id ORDER BY i.run_id DESC")
-    return [dict(zip(("run_id", "n_issues", "decided"), r)) for r in store.conn.execute(sql).fetchall()]
+    return store.runs_with_issues()
 
 
 def default_issues_run(store: RunStore) -> str:

@@ -19,10 +19,7 @@ import psutil
 
 from core.config import config_from_dict, load_config, read_config_file, save_config
 from core.errors import ConfigError, WorkbenchError
-from core.runs import RunStore, now_iso
-
-#: statuses of a run whose process may still be alive
-ACTIVE = ("queued", "running")
+from core.runs import ACTIVE, RESUMABLE, RunRecord, RunStore, Status, now_iso
 
 
 def config_kind(path: str | Path) -> str:
@@ -95,25 +92,30 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
         WorkbenchError: unknown run, or a run without a stored config.
         ConfigError / DataError: the stored config or its data no longer validates (nothing is created).
     """
-    import json
+    return _start(stored_config(store, store.get_record(run_id)), None, [], store)
 
-    run = store.get_run(run_id)
-    if not run.get("config"):
-        raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
-    data = json.loads(run["config"])
-    if data.get("kind") == "pretrain":
-        from core.pretrain import pretrain_config_from_dict
 
-        try:
-            cfg = pretrain_config_from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
-    else:
-        try:
-            cfg = config_from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
-    return _start(cfg, None, [], store)
+def stored_config(store: RunStore, run: RunRecord, all_folds: bool = False):
+    """A run's stored config as a :class:`core.config.RunConfig` or, for a pre-training run, a
+    :class:`core.pretrain.PretrainConfig`; ``all_folds`` drops ``train.run_folds`` (training).
+
+    Raises:
+        WorkbenchError: the run has no stored config.
+        ConfigError: it no longer validates (one line naming the run).
+    """
+    if not run.config:
+        raise WorkbenchError(f"{store.path}: run {run.id} has no stored config")
+    try:
+        if run.kind == "pretrain":
+            from core.pretrain import pretrain_config_from_dict
+
+            return pretrain_config_from_dict(run.config)
+        data = run.config
+        if all_folds:
+            data = {**data, "train": {**data.get("train", {}), "run_folds": None}}
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{store.path}: run {run.id}: {exc}") from None
 
 
 def validate_any(cfg) -> None:
@@ -135,7 +137,7 @@ def validate_any(cfg) -> None:
 
 def _start(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, int]:
     validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
-    run_id = store.create_run(cfg.name, cfg.to_dict(), status="queued")
+    run_id = store.create_run(cfg.name, cfg.to_dict(), status=Status.QUEUED)
     run_dir = Path(cfg.output_dir).expanduser().resolve() / run_id  # absolute: readable from any cwd
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_path is None:
@@ -178,28 +180,12 @@ def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued:
         stored config.
         ConfigError: the stored config no longer validates.
     """
-    import json
-
-    from core.lifecycle import RESUMABLE
-
     refresh_statuses(store)  # a run whose process vanished reads crashed first
-    run = store.get_run(run_id)
-    if run["status"] not in RESUMABLE and not (queued and run["status"] == "queued"):
-        raise WorkbenchError(f"{store.path}: run {run['id']} is {run['status']}: only a crashed, stopped, failed "
+    run = store.get_record(run_id)
+    if run.status not in RESUMABLE and not (queued and run.status == Status.QUEUED):
+        raise WorkbenchError(f"{store.path}: run {run.id} is {run.status}: only a crashed, stopped, failed "
                              f"or partial run can be resumed")
-    if not run.get("config"):
-        raise WorkbenchError(f"{store.path}: run {run['id']} has no stored config")
-    data = json.loads(run["config"])
-    try:
-        if data.get("kind") == "pretrain":
-            from core.pretrain import pretrain_config_from_dict
-
-            return run["id"], pretrain_config_from_dict(data)
-        if all_folds:
-            data.setdefault("train", {})["run_folds"] = None
-        return run["id"], config_from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{store.path}: run {run['id']}: {exc}") from None
+    return run.id, stored_config(store, run, all_folds=all_folds)
 
 
 def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tuple[str, int]:
@@ -213,12 +199,11 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
         WorkbenchError / ConfigError: as :func:`resume_config` (nothing is started).
     """
     run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
-    run = store.get_run(run_id)
-    run_dir = store.run_dir(run) if hasattr(store, "run_dir") else Path(run["run_dir"])
+    run_dir = store.get_record(run_id).run_dir
     cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
     if all_folds:
         cmd.append("--all-folds")
-    store.update_run(run_id, status="queued", ended=None, exit_code=None, error=None)
+    store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
     pid, create_time = _spawn([sys.executable, "-m", "core.supervise", "--run-id", run_id,
                                "--db", os.path.abspath(store.path), "--", *cmd], Path(run_dir))
     store.update_run(run_id, pid=pid, process_start_time=create_time)
@@ -265,9 +250,9 @@ def refresh_statuses(store: RunStore) -> list[str]:
     if getattr(store, "readonly", False):
         return []
     crashed = []
-    for run in store.db.query("SELECT * FROM runs WHERE status IN ('queued', 'running')"):
+    for run in store.active_runs():
         if run.get("pid") and process_of(run) is None:
-            store.update_run(run["id"], status="crashed", ended=run.get("ended") or now_iso())
+            store.update_run(run["id"], status=Status.CRASHED, ended=run.get("ended") or now_iso())
             crashed.append(run["id"])
     return crashed
 
@@ -312,5 +297,5 @@ def stop_run(store: RunStore, run_id: str, grace: float = 10.0) -> str:
         psutil.wait_procs(alive, timeout=5)
     run = store.get_run(run["id"])
     if run["status"] in ACTIVE:  # killed before it could write its own status
-        store.update_run(run["id"], status="stopped", ended=now_iso(), exit_code=-9 if alive else 143)
+        store.update_run(run["id"], status=Status.STOPPED, ended=now_iso(), exit_code=-9 if alive else 143)
     return store.get_run(run["id"])["status"]

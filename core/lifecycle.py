@@ -38,12 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import WorkbenchError
-from core.runs import RunStore, now_iso
+from core.runs import RESUMABLE, RunStore, now_iso
 
 log = logging.getLogger("esci.lifecycle")
-
-#: statuses from which ``workbench resume`` may continue a run
-RESUMABLE = ("crashed", "stopped", "failed", "partial")
 
 
 class RunStopped(WorkbenchError):

@@ -19,9 +19,7 @@ import signal
 import subprocess
 import sys
 
-from core.runs import RunStore, now_iso
-
-FINAL = ("finished", "partial", "failed", "stopped", "crashed")
+from core.runs import FINAL, RunStore, Status, now_iso
 
 
 def exit_code_of(returncode: int) -> int:
@@ -65,9 +63,9 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
         run = store.get_run(run_id)
         if run["status"] not in FINAL and stop_requested:
             # stopped before the trainer installed its own handler (e.g. while importing torch)
-            store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=code)
+            store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=code)
         elif run["status"] not in FINAL:
-            store.update_run(run_id, status="crashed" if rc < 0 else "failed", ended=now_iso(), exit_code=code,
+            store.update_run(run_id, status=Status.CRASHED if rc < 0 else Status.FAILED, ended=now_iso(), exit_code=code,
                              error=run.get("error") or f"trainer exited with code {code} without a final status")
         elif run.get("exit_code") is None:
             store.update_run(run_id, exit_code=code)

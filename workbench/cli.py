@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
+from core import metric_names as mn
 from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
 from workbench.cli_common import DbOpt, SetOpt, open_store
@@ -202,11 +203,13 @@ def stop(run: str, db: DbOpt = None, grace: float = 10.0):
 def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
               limit: Optional[int] = None):
     """Runs, newest first, with status and best CV nDCG / F1 (best, not last)."""
+    from core.runs import RunRecord, Status
+
     store = _reading_store(db)
     rows = store.list_runs(limit)
     if as_json:
         for r in rows:
-            r["config"] = json.loads(r["config"]) if r.get("config") else None
+            r["config"] = RunRecord.from_row(r, store.path).config if r.get("config") else None
             r["duration"] = _duration(r)
         print(json.dumps(rows, indent=1, default=str))
         return
@@ -226,9 +229,10 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
     def cut(text: str, width: int) -> str:
         return text if len(text) <= width else text[: width - 1] + "…"
 
-    colors = {"finished": "green", "partial": "yellow", "running": "cyan", "failed": "red", "crashed": "red", "stopped": "yellow"}
+    colors = {Status.FINISHED: "green", Status.PARTIAL: "yellow", Status.RUNNING: "cyan", Status.FAILED: "red",
+              Status.CRASHED: "red", Status.STOPPED: "yellow"}
     for r in rows:
-        n_folds = json.loads(r["config"]).get("train", {}).get("folds") if r.get("config") else None
+        n_folds = r["n_folds"]
         table.add_row(r["id"], cut(r["name"] or "", name_w), f"[{colors.get(r['status'], 'white')}]{r['status']}",
                       cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w), f"{r['folds_done']}/{n_folds}" if n_folds else "-", _fmt(r["best_ndcg"], 3),
                       _fmt(r["best_final_ndcg"], 3), _fmt(r["best_f1"], 3), _duration(r))
@@ -251,16 +255,16 @@ def runs_show(run: str, db: DbOpt = None):
         folds.add_column(col)
     by_fold: dict[int, dict[str, float]] = {}
     for m in metrics:
-        if m["name"].startswith("fold/"):
-            by_fold.setdefault(m["fold"], {})[m["name"][5:]] = m["value"]
+        if m["name"].startswith(mn.FOLD_PREFIX):
+            by_fold.setdefault(m["fold"], {})[m["name"][len(mn.FOLD_PREFIX):]] = m["value"]
     for f, v in sorted(by_fold.items()):
         folds.add_row(str(f), _fmt(v.get("ndcg")), _fmt(v.get("final_ndcg")), _fmt(v.get("task2_f1")),
                       _fmt(v.get("task3_f1")), _fmt(v.get("seconds"), 0))
     console.print(folds)
-    cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1 and not m["name"].startswith("progress/")}
+    cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1 and not m["name"].startswith(mn.PROGRESS_PREFIX)}
     if cv:
         console.print("CV: " + "  ".join(f"{k} {_fmt(v)}" for k, v in cv.items()))
-    last = [m for m in metrics if m["name"] == "train/loss"][-1:]
+    last = [m for m in metrics if m["name"] == mn.TRAIN_LOSS][-1:]
     if last:
         console.print(f"last train loss {last[0]['value']:.4f} (fold {last[0]['fold']}, step {last[0]['step']})")
     for a in store.artifacts(r["id"]):

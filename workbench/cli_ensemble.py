@@ -160,13 +160,14 @@ def ensemble_list(db: DbOpt = None):
     import json
 
     store = open_store(db, readonly=True)
-    if "ensembles" not in store.db.table_names():
+    rows = store.ensembles()
+    if not rows:
         console.print("no ensembles recorded yet")
         return
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for col in ("name", "created", "tasks", "members", "T1 nDCG"):
         t.add_column(col, overflow="fold")
-    for r in store.db.query("SELECT * FROM ensembles ORDER BY created DESC"):
+    for r in rows:
         m = json.loads(r["manifest"])
         t1 = m.get("tasks", {}).get("1", {}).get("oof_ensemble")
         t.add_row(r["name"], r["created"], r["tasks"], str(len(json.loads(r["members"]))),

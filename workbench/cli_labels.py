@@ -78,16 +78,13 @@ def export(out: Annotated[Path, typer.Argument(help="new folder for the cleaned 
                                                                   "the top-ranked issues")] = 0.0,
            db: DbOpt = None):
     """Write the cleaned examples (drops removed, relabels applied, original_esci_label) plus products."""
-    import json
-
     from core.config import DEFAULT_DATA_DIR
     from core.labels import default_issues_run, export_cleaned
 
     store = open_store(db)
     run_id = store.get_run(run)["id"] if run else default_issues_run(store)
     if data is None:
-        cfg = json.loads(store.get_run(run_id).get("config") or "{}")
-        data = Path(cfg.get("data", {}).get("dir", DEFAULT_DATA_DIR))
+        data = Path(store.get_record(run_id).data.get("dir", DEFAULT_DATA_DIR))
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         bar.add_task(f"exporting {data} -> {out}", total=None)
