@@ -7,7 +7,6 @@ tests and snapshots run with a frozen time and a fake NVML (``tests/tui_fixture.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -15,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core.monitor import GpuProbe, host_stats
-from core.errors import ReadOnlyDatabaseError
-from core.runs import RunStore
+from core.errors import ReadOnlyDatabaseError, WorkbenchError
+from core.runs import RunRecord, RunStore, Status
 
 STATUS_STYLES = {
-    "running": "bold cyan", "queued": "cyan", "finished": "green", "failed": "bold red",
-    "crashed": "bold red", "stopped": "yellow", "partial": "yellow",
+    Status.RUNNING: "bold cyan", Status.QUEUED: "cyan", Status.FINISHED: "green", Status.FAILED: "bold red",
+    Status.CRASHED: "bold red", Status.STOPPED: "yellow", Status.PARTIAL: "yellow",
 }
 
 
@@ -115,7 +114,8 @@ def fmt_started(iso: str | None) -> str:
 
 
 def n_folds(run: dict) -> int | None:
+    """``train.folds`` of a runs row's config (None when absent or unreadable)."""
     try:
-        return json.loads(run.get("config") or "{}").get("train", {}).get("folds")
-    except json.JSONDecodeError:
+        return RunRecord.from_row(run).n_folds
+    except WorkbenchError:
         return None
