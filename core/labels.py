@@ -287,17 +287,7 @@ def _replay(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """Active decisions after replaying the log: ``undo`` pops the example's latest active one.
 
     Returns the active decision rows in the order they were made (latest last)."""
-    stacks: dict[int, list[dict[str, Any]]] = {}
-    order: list[dict[str, Any]] = []
-    for r in rows.to_dict("records"):
-        ex = int(r["example_id"])
-        if r["decision"] == "undo":
-            if stacks.get(ex):
-                order.remove(stacks[ex].pop())
-        else:
-            stacks.setdefault(ex, []).append(r)
-            order.append(r)
-    return order
+    return replay_decisions(rows.to_dict("records"))[1]
 
 
 def effective_decisions(store: RunStore, source_run: str) -> pd.DataFrame:
@@ -529,3 +519,83 @@ def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFra
     out = pd.concat({f"base {rb['id']}": tables["base"], f"cleaned {rc['id']}": tables["cleaned"],
                      "cleaned - base": diff})
     return out
+
+
+# --------------------------------------------------------------------------- review (the app's label-review screen)
+def replay_decisions(log: list[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Replay a decision log (rows of ``label_decisions``, oldest first): ``undo`` cancels the
+    example's latest still-active decision.
+
+    Returns:
+        ``(in_force, active)``: example_id -> the decision in force for it, and the active
+        decisions in the order they were made (latest last; an ``undo`` would cancel the last).
+    """
+    stacks: dict[int, list[dict[str, Any]]] = {}
+    active: list[dict[str, Any]] = []
+    for r in log:
+        ex = int(r["example_id"])
+        if r["decision"] == "undo":
+            if stacks.get(ex):
+                active.remove(stacks[ex].pop())
+        else:
+            stacks.setdefault(ex, []).append(r)
+            active.append(r)
+    return {ex: s[-1] for ex, s in stacks.items() if s}, active
+
+
+def undo_target(log: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The decision an ``undo`` appended to ``log`` would cancel (None if nothing to undo)."""
+    active = replay_decisions(log)[1]
+    return active[-1] if active else None
+
+
+@dataclass
+class ReviewData:
+    """What the label-review screen shows for one run (:func:`load_review_data`).
+
+    ``items``: one row per issue, ranked by label quality (lowest first): example_id,
+    given_label, suggested_label, label_quality, rank, p_E..p_I, query, query_id,
+    product_locale and the product text columns. ``query_labels``: query_id -> given-label
+    counts over all of the query's examples. ``log``: the decision log of this source run
+    (rows of ``label_decisions`` as dicts, oldest first).
+    """
+
+    run_id: str
+    items: pd.DataFrame
+    query_labels: dict[int, dict[str, int]]
+    log: list[dict[str, Any]]
+
+
+def load_review_data(db_path: str | Path, run_id: str) -> ReviewData:
+    """A run's issues joined with its OOF probabilities and the examples' text, and its decision
+    log, read through a read-only connection of its own (closed before returning).
+
+    Raises:
+        WorkbenchError: unknown run or no stored issues. DataError: OOF or data files.
+    """
+    from core.data import load_esci
+
+    store = RunStore(db_path, readonly=True)
+    try:
+        run, oof = read_oof(store, run_id)
+        issues = load_issues(store, run["id"])
+        if issues.empty:
+            raise WorkbenchError(f"run {run['id']}: no label issues stored (run `workbench labels find {run['id']}`)")
+        log = decision_log(store, run["id"]).to_dict("records")
+    finally:
+        store.close()
+    data = _run_config(store, run).get("data", {})
+    ex = load_esci(data.get("dir", DEFAULT_DATA_DIR), task=data.get("task"), locales=data.get("locales"))
+    text_cols = ["example_id", "query", "query_id", "product_id", "product_locale", "product_title",
+                 "product_brand", "product_color", "product_bullet_point", "product_description"]
+    items = (issues.merge(oof[["example_id", *_PROBS]], on="example_id", how="left")
+             .merge(ex[text_cols], on="example_id", how="left")
+             .sort_values(["label_quality", "rank"], kind="stable").reset_index(drop=True))
+    for c in text_cols[1:]:
+        if c != "query_id":
+            items[c] = items[c].fillna("").astype(str)
+    in_q = ex[ex["query_id"].isin(set(items["query_id"].dropna().astype(int)))]
+    query_labels: dict[int, dict[str, int]] = {}
+    for (qid, lab), n in in_q.groupby(["query_id", "esci_label"]).size().items():
+        query_labels.setdefault(int(qid), {})[str(lab)] = int(n)
+    return ReviewData(run["id"], items, query_labels, log)
