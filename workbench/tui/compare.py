@@ -12,6 +12,8 @@ from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
 from core.compare import CURVE_METRICS, COMPARE_METRICS, config_diff, curve, metric_summary, run_configs
+from workbench.tui.messages import CompareLoaded
+from workbench.tui.workers import WorkerErrors
 
 RUN_COLOURS = ["cyan", "magenta", "yellow", "green", "red", "blue", "bright_white", "bright_cyan"]
 
@@ -24,8 +26,10 @@ def _cell(v) -> str:
     return str(v)
 
 
-class CompareScreen(Screen):
+class CompareScreen(WorkerErrors, Screen):
     """Side by side for 2+ runs; everything is read once in a worker (``r`` reloads)."""
+
+    WORKER_TITLES = {"compare": "compare"}
 
     BINDINGS = [
         Binding("escape", "back", "back"),
@@ -72,19 +76,17 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare", exit_on_error=False)
     def load(self) -> None:
-        try:
-            store = self.services.store()
-            runs = [store.get_run(r) for r in self.run_ids]
-            names = {r["id"]: f"{r['name']} {r['id'][-4:]}" for r in runs}
-            summaries = {r["id"]: metric_summary(store, r["id"]) for r in runs}
-            diff = config_diff(run_configs(store, self.run_ids))
-            curves = {name: {r["id"]: curve(store, r["id"], name) for r in runs} for name in CURVE_METRICS}
-            self.app.call_from_thread(self._apply, runs, names, summaries, diff, curves)
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"compare: {exc}", severity="error")
+        store = self.services.store()
+        runs = [store.get_run(r) for r in self.run_ids]
+        names = {r["id"]: f"{r['name']} {r['id'][-4:]}" for r in runs}
+        summaries = {r["id"]: metric_summary(store, r["id"]) for r in runs}
+        diff = config_diff(run_configs(store, self.run_ids))
+        curves = {name: {r["id"]: curve(store, r["id"], name) for r in runs} for name in CURVE_METRICS}
+        self.post_message(CompareLoaded(runs, names, summaries, diff, curves))
 
-    def _apply(self, runs, names, summaries, diff, curves) -> None:
-        self.names, self.curves = names, curves
+    def on_compare_loaded(self, message: CompareLoaded) -> None:
+        runs, names, summaries, diff = message.runs, message.names, message.summaries, message.diff
+        self.names, self.curves = names, message.curves
         ids = [r["id"] for r in runs]
         mt = self.query_one("#metrics-table", DataTable)
         mt.clear(columns=True)

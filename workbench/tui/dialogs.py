@@ -13,6 +13,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Select, Static, TextArea
 
+from workbench.tui.messages import ConfigChecked, RunLaunched, WorkerFailed
+from workbench.tui.workers import WorkerErrors
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 
 
@@ -72,8 +75,10 @@ def list_configs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix in CONFIG_SUFFIXES and p.is_file()) if folder.is_dir() else []
 
 
-class NewRunScreen(ModalScreen[str | None]):
+class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
     """Pick a config, edit overrides, see it validate, launch detached. Dismisses with the run id."""
+
+    WORKER_TITLES = {"launch": "launch failed", "validate": "config check"}
 
     BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("ctrl+s", "launch", "launch")]
     DEFAULT_CSS = """
@@ -119,13 +124,17 @@ class NewRunScreen(ModalScreen[str | None]):
     def _changed(self) -> None:
         self.validate_config()
 
-    @work(thread=True, exclusive=True, group="validate", exit_on_error=False)
     def validate_config(self) -> None:
+        """Check the picked config with the typed overrides in a worker (ConfigChecked)."""
+        path, text = self._values()
+        if path:
+            self._check(path, text)
+
+    @work(thread=True, exclusive=True, group="validate", exit_on_error=False)
+    def _check(self, path: str, text: str) -> None:
+        from core.errors import WorkbenchError
         from core.launcher import load_any_config
 
-        path, text = self._values()
-        if not path:
-            return
         try:
             cfg = load_any_config(path, parse_overrides(text))
             if getattr(cfg, "kind", "train") == "pretrain":
@@ -136,13 +145,13 @@ class NewRunScreen(ModalScreen[str | None]):
                 msg = (f"[green]ok[/]: {escape(cfg.name)} · {escape(cfg.model.name)} · {cfg.train.folds} folds × "
                        f"{cfg.train.epochs} epochs · data {escape(str(cfg.data.dir))}")
             ok = True
-        except Exception as exc:  # noqa: BLE001 - ConfigError, ValueError, yaml errors
+        except (WorkbenchError, ValueError) as exc:  # a bad config or override is the answer, not a failure
             msg, ok = f"[red]{escape(str(exc))}[/]", False
-        self.app.call_from_thread(self._show_check, msg, ok)
+        self.post_message(ConfigChecked(msg, ok))
 
-    def _show_check(self, msg: str, ok: bool) -> None:
-        self.valid = ok
-        self.query_one("#check", Static).update(msg)
+    def on_config_checked(self, message: ConfigChecked) -> None:
+        self.valid = message.ok
+        self.query_one("#check", Static).update(message.text)
 
     @on(Button.Pressed, "#launch")
     def action_launch(self) -> None:
@@ -157,19 +166,18 @@ class NewRunScreen(ModalScreen[str | None]):
     def _launch(self, path: str, text: str) -> None:
         from core.launcher import launch
 
-        try:
-            run_id, pid = launch(path, parse_overrides(text), self.services.store())
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.launched = run_id
-        self.app.call_from_thread(self.notify, f"launched {run_id} (pid {pid}) from {Path(path).name}")
-        self.app.call_from_thread(self.dismiss, run_id)
+        run_id, pid = launch(path, parse_overrides(text), self.services.store())
+        self.post_message(RunLaunched(run_id, pid, Path(path).name))
 
-    def _failed(self, msg: str) -> None:
-        self.query_one("#check", Static).update(f"[red]{escape(msg)}[/]")
-        self.query_one("#launch", Button).disabled = False
-        self.notify(msg, severity="error", title="launch failed")
+    def on_run_launched(self, message: RunLaunched) -> None:
+        self.launched = message.run_id
+        self.notify(f"launched {message.run_id} (pid {message.pid}) from {message.config}")
+        self.dismiss(message.run_id)
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        if message.group == "launch":  # the toast (WorkerErrors) and the reason in the dialog
+            self.query_one("#check", Static).update(f"[red]{escape(str(message.error))}[/]")
+            self.query_one("#launch", Button).disabled = False
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:

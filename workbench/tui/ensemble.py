@@ -1,9 +1,10 @@
 """The Ensemble screen: mark members, change weights, watch the OOF scores, build submissions.
 
-Open it with the marked runs: ``app.push_screen(EnsembleScreen(store, run_ids))``. The runs' blend
+Open it with the marked runs: ``app.push_screen(EnsembleScreen(db_path, run_ids))``. The runs' blend
 scorers (``bm25``, ``dense``, from the first run's ``oof.parquet``) are offered as extra members
-(Task 1 only). All heavy work (parquet loading, fitting, writing) runs in thread workers; errors
-become error toasts. Fits 80x24.
+(Task 1 only). All heavy work (parquet loading, fitting, writing) runs in thread workers that post
+MembersLoaded / EnsembleComputed / EnsembleBuilt; each opens its own runs.db connection and closes
+it (the build's writable one only for its one write). Errors become error toasts. Fits 80x24.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from core.ensemble import SCORERS, MemberSet, build_ensemble, load_members, write_ensemble
+from core.runs import RunStore
+from workbench.tui.messages import EnsembleBuilt, EnsembleComputed, MembersLoaded, WorkerFailed
+from workbench.tui.workers import WorkerErrors
 
 STEP = 0.1
 
 
-class EnsembleScreen(Screen):
-    """Ensemble builder over ``run_ids`` (a :class:`core.runs.RunStore` and run ids).
+class EnsembleScreen(WorkerErrors, Screen):
+    """Ensemble builder over ``run_ids`` of the runs.db at ``store`` (a path, or a
+    :class:`core.runs.RunStore` whose ``path`` is used).
 
     Keys: space mark/unmark the highlighted member, ``+``/``-`` change its weight by 0.1 (the
     weights are renormalised over the marked members), ``a`` fit weights on OOF (Caruana
@@ -41,6 +46,7 @@ class EnsembleScreen(Screen):
         Binding("b", "build", "build"),
         Binding("escape", "back", "back"),
     ]
+    WORKER_TITLES = {"ens-load": "ensemble", "ens-fit": "ensemble", "ens-build": "build"}
     DEFAULT_CSS = """
     EnsembleScreen { layout: vertical; }
     EnsembleScreen #ens-title { height: 1; background: $boost; text-style: bold; }
@@ -51,7 +57,7 @@ class EnsembleScreen(Screen):
 
     def __init__(self, store, run_ids: list[str], out_dir: str | Path = "submissions", name: str | None = None):
         super().__init__(name=name)
-        self.store = store
+        self.db_path = str(getattr(store, "path", store))
         self.run_ids = list(run_ids)
         self.out_dir = Path(out_dir)
         self.ms: MemberSet | None = None
@@ -76,27 +82,32 @@ class EnsembleScreen(Screen):
     # -- loading ---------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="ens-load", exit_on_error=False)
     def _load(self) -> None:
-        try:
-            import pyarrow.parquet as pq
+        import pyarrow.parquet as pq
 
+        store = RunStore(self.db_path, readonly=True)
+        try:
             specs = list(self.run_ids)
             if specs:  # offer the first run's blend scorers (bm25, dense) as Task 1 members
-                oof_path = Path(self.store.get_run(specs[0])["run_dir"] or "") / "oof.parquet"
+                oof_path = Path(store.get_run(specs[0])["run_dir"] or "") / "oof.parquet"
                 if oof_path.is_file():
                     cols = set(pq.read_schema(oof_path).names)
                     specs += [s for s in SCORERS if s in cols]
-            ms = load_members(self.store, specs)
-        except Exception as exc:  # noqa: BLE001 - shown to the user
-            self.app.call_from_thread(self.notify, f"ensemble: {exc}", severity="error")
-            self.app.call_from_thread(self._set_title, f"Ensemble: cannot load ({exc})")
-            return
-        self.app.call_from_thread(self._loaded, ms)
+            ms = load_members(store, specs)
+        finally:
+            store.close()
+        self.post_message(MembersLoaded(ms))
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        if message.group == "ens-load":
+            self._set_title(f"Ensemble: cannot load ({message.error})")
+        elif message.group == "ens-build":
+            self.query_one("#ens-status", Static).update(f"build failed: {message.error}")
 
     def _set_title(self, text: str) -> None:
         self.query_one("#ens-title", Static).update(text)
 
-    def _loaded(self, ms: MemberSet) -> None:
-        self.ms = ms
+    def on_members_loaded(self, message: MembersLoaded) -> None:
+        self.ms = ms = message.members
         n = len(ms.members)
         self.marked = [m.kind == "run" for m in ms.members]
         self.weights = np.array([1.0 if mk else 0.0 for mk in self.marked])
@@ -185,28 +196,30 @@ class EnsembleScreen(Screen):
         self.app.pop_screen()
 
     # -- workers ---------------------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="ens-fit", exit_on_error=False)
     def _recompute(self, fit: bool = False) -> None:
+        """Score the ensemble with the shown weights (``fit``: fit them on OOF) in a worker."""
         if self.ms is None or not any(self.marked):
             return
-        try:
-            if fit:
-                sub, w = self._subset()
-                res = build_ensemble(sub, self._tasks(sub), "auto")
-            else:  # all members (unmarked ones with weight 0), so every member's own figure shows
-                w = np.where(self.marked, self.weights, 0.0)
-                if w.sum() <= 0:
-                    w = np.array(self.marked, dtype=float)
-                probs = any(m.has_probs and wi > 0 for m, wi in zip(self.ms.members, w))
-                res = build_ensemble(self.ms, (1, 2, 3) if probs else (1,), w / w.sum())
-        except Exception as exc:  # noqa: BLE001 - shown to the user
-            self.app.call_from_thread(self.notify, f"ensemble: {exc}", severity="error")
-            return
-        self.app.call_from_thread(self._show, res, fit)
+        if fit:
+            sub, _ = self._subset()
+            self._score(sub, self._tasks(sub), "auto", fit, list(self.marked))
+        else:  # all members (unmarked ones with weight 0), so every member's own figure shows
+            w = np.where(self.marked, self.weights, 0.0)
+            if w.sum() <= 0:
+                w = np.array(self.marked, dtype=float)
+            probs = any(m.has_probs and wi > 0 for m, wi in zip(self.ms.members, w))
+            self._score(self.ms, (1, 2, 3) if probs else (1,), w / w.sum(), fit, list(self.marked))
 
-    def _show(self, res, fit: bool) -> None:
+    @work(thread=True, exclusive=True, group="ens-fit", exit_on_error=False)
+    def _score(self, members: MemberSet, tasks: tuple[int, ...], weights, fit: bool, marked: list[bool]) -> None:
+        self.post_message(EnsembleComputed(build_ensemble(members, tasks, weights), fit, marked))
+
+    def on_ensemble_computed(self, message: EnsembleComputed) -> None:
+        self._show(message.result, message.fit, message.marked)
+
+    def _show(self, res, fit: bool, marked: list[bool] | None = None) -> None:
         if fit and 1 in res.tasks:
-            idx = [i for i, mk in enumerate(self.marked) if mk]
+            idx = [i for i, mk in enumerate(marked or self.marked) if mk]
             w = np.zeros(len(self.marked))
             w[idx] = res.tasks[1]["weights"]
             self.weights = w
@@ -222,26 +235,25 @@ class EnsembleScreen(Screen):
             self.notify("mark at least one member first", severity="warning")
             return
         self.query_one("#ens-status", Static).update("building…")
-        self._build()
+        sub, w = self._subset()
+        self._build(sub, w)
 
     @work(thread=True, exclusive=True, group="ens-build", exit_on_error=False)
-    def _build(self) -> None:
+    def _build(self, sub: MemberSet, w: np.ndarray) -> None:
+        """Worker: combine, write + validate the files, record the ensemble (its own writable
+        connection, closed after the one write)."""
+        res = build_ensemble(sub, self._tasks(sub), w)
+        name = time.strftime("ens-%Y%m%d-%H%M%S")
+        writer = RunStore(self.db_path)
         try:
-            sub, w = self._subset()
-            res = build_ensemble(sub, self._tasks(sub), w)
-            name = time.strftime("ens-%Y%m%d-%H%M%S")
-            from core.runs import RunStore
-
-            writer = RunStore(self.store.path)  # the app's store may be read-only; one short write
             manifest = write_ensemble(res, sub, self.out_dir / name, name, store=writer,
                                       extra={"options": {"weights": [float(x) for x in w], "source": "tui"}})
-        except Exception as exc:  # noqa: BLE001 - shown to the user
-            self.app.call_from_thread(self.notify, f"build: {exc}", severity="error")
-            self.app.call_from_thread(self.query_one("#ens-status", Static).update, f"build failed: {exc}")
-            return
-        self.app.call_from_thread(self._built, res, manifest)
+        finally:
+            writer.close()
+        self.post_message(EnsembleBuilt(res, manifest))
 
-    def _built(self, res, manifest: dict) -> None:
+    def on_ensemble_built(self, message: EnsembleBuilt) -> None:
+        res, manifest = message.result, message.manifest
         self._show(res, False)
         self.last_paths = [f["path"] for f in manifest["files"].values()]
         self.query_one("#ens-status", Static).update("written + valid: " + "  ".join(self.last_paths))
