@@ -14,9 +14,10 @@ from textual.screen import Screen
 
 from workbench.tui.runs import RunsScreen
 from workbench.tui.services import Services
+from workbench.tui.workers import RunLifecycle, WorkerErrors
 
 
-class WorkbenchApp(App):
+class WorkbenchApp(WorkerErrors, RunLifecycle, App):
     """Args:
         db_path: runs.db (created if absent).
         gpu_probe: NVML probe (default real; tests pass a fake).
@@ -24,6 +25,10 @@ class WorkbenchApp(App):
         configs_dir: where ``n`` (new run) looks for configs.
         refresh_interval: seconds between database polls of the Runs screen.
         host_stats: ``() -> (CPU %, RAM used GiB, RAM total GiB)`` (tests freeze it).
+
+    The screens read and write runs.db only in thread workers that post typed messages
+    (workbench.tui.messages); a worker's error becomes one toast (WorkerErrors). Stop, relaunch
+    and resume run here (RunLifecycle), so their outcome shows whichever screen is open.
     """
 
     TITLE = "esci-workbench"
@@ -57,6 +62,10 @@ class WorkbenchApp(App):
         yield SystemCommand("Review label issues", "the label-error queue of the current run", runs.action_labels)
         yield SystemCommand("Reload runs", "re-read runs.db now", lambda: runs.reload(force=True))
         yield SystemCommand("Keys", "all key bindings", runs.action_help)
+
+    def runs_changed(self) -> None:
+        if self.runs_screen is not None:
+            self.runs_screen.reload(force=True)
 
     def on_unmount(self) -> None:
         self.services.close()

@@ -16,17 +16,24 @@ from textual.widgets import Footer, Log, Static
 from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
-from core.launcher import ACTIVE, process_of
+from core.launcher import ACTIVE, process_of, refresh_statuses
 from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
+from workbench.tui.messages import DetailPolled, SystemReadings, WorkerFailed
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float
+from workbench.tui.workers import RunActions, WorkerErrors
 
 DETAIL_CURVES = ["train/loss", "eval/ndcg", "eval/task2_f1", "train/lr", "train/samples_per_s", "eval/task3_f1"]
 FOLD_COLOURS = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_cyan", "bright_magenta", "bright_yellow"]
 
 
-class RunDetailScreen(Screen):
+class RunDetailScreen(WorkerErrors, RunActions, Screen):
     """One run, refreshed every ``refresh_interval`` s by a worker that reads only new metric
-    rows (by rowid) and only the appended bytes of the log."""
+    rows (by rowid) and only the appended bytes of the log, and posts them (DetailPolled).
+
+    The poll worker alone touches ``tail`` and ``sampler``; the event loop alone ``series`` and
+    ``run``. A poll starts only when the previous one has been applied."""
+
+    WORKER_TITLES = {"detail-poll": "run detail"}
 
     BINDINGS = [
         Binding("escape", "back", "back"),
@@ -60,6 +67,7 @@ class RunDetailScreen(Screen):
         self.sampler = TreeSampler()
         self._plotted: tuple | None = None
         self.polls = 0
+        self._polling = False
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="info")
@@ -95,31 +103,41 @@ class RunDetailScreen(Screen):
         return curves[self.curve_index % len(curves)]
 
     # -- polling (worker thread) ----------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="detail-poll", exit_on_error=False)
     def poll(self) -> None:
-        try:
-            store = self.services.store()
-            run = store.get_run(self.run_id)
-            if run["status"] in ACTIVE:
-                from core.launcher import refresh_statuses
+        """Start a poll worker unless one is still running."""
+        if not self._polling:
+            self._polling = True
+            self._poll(self.last_rowid, self.epochs if self.run is not None else None)
 
-                refresh_statuses(store)
-                run = store.get_run(self.run_id)
-            if self.run is None:
-                cfg = json.loads(run.get("config") or "{}")
-                self.epochs = float(cfg.get("train", {}).get("epochs", 1) or 1)
-            new = store.metrics_since(run["id"], self.last_rowid)
-            if new:
-                self.last_rowid = new[-1]["rowid"]
-            for m in new:
-                x = m["fold"] * self.epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0)
-                self.series[m["name"]].append((m["fold"], x, m["value"], m["time"]))
-            lines = self._poll_log(run)
-            system = self._system_text(run)
-            self.app.call_from_thread(self._apply, run, bool(new) or self.polls == 0, lines, system)
-            self.polls += 1
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"run {self.run_id}: {exc}", severity="error")
+    @work(thread=True, exclusive=True, group="detail-poll", exit_on_error=False)
+    def _poll(self, after_rowid: int, epochs: float | None) -> None:
+        """Worker: the run row (an active run whose process vanished is marked crashed first), its
+        metric rows after ``after_rowid``, the new log lines and the system readings."""
+        store = self.services.store()
+        run = store.get_run(self.run_id)
+        if run["status"] in ACTIVE:
+            refresh_statuses(store)
+            run = store.get_run(self.run_id)
+        if epochs is None:
+            epochs = float(json.loads(run.get("config") or "{}").get("train", {}).get("epochs", 1) or 1)
+        new = store.metrics_since(run["id"], after_rowid)
+        points = [(m["name"], m["fold"], m["fold"] * epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0),
+                   m["value"], m["time"]) for m in new]
+        last = new[-1]["rowid"] if new else after_rowid
+        self.post_message(DetailPolled(run, points, last, self._poll_log(run), self._read_system(run), epochs))
+
+    def on_detail_polled(self, message: DetailPolled) -> None:
+        self._polling = False
+        self.epochs, self.last_rowid = message.epochs, message.last_rowid
+        for name, fold, x, value, t in message.points:
+            self.series[name].append((fold, x, value, t))
+        run = message.run
+        self._apply(run, bool(message.points) or self.polls == 0, message.lines, self._system_text(run, message.readings))
+        self.polls += 1
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        if message.group == "detail-poll":
+            self._polling = False
 
     def _poll_log(self, run: dict) -> list[str]:
         if self.tail is None:
@@ -132,12 +150,16 @@ class RunDetailScreen(Screen):
             self.tail = LogTail(path, max_lines=2000)
         return self.tail.poll()
 
-    def _system_text(self, run: dict) -> str:
+    def _read_system(self, run: dict) -> SystemReadings:
+        """Worker side of the system panel: NVML, the run's process tree, the host."""
         probe = self.services.gpu_probe
         gpus = probe.read()
         proc = process_of(run) if run["status"] in ACTIVE else None
-        tree = self.sampler.sample(proc)
-        cpu, ram_used, ram_total = self.services.host_stats()
+        return SystemReadings(gpus, probe.reason, self.sampler.sample(proc), self.services.host_stats())
+
+    def _system_text(self, run: dict, readings: SystemReadings) -> str:
+        gpus, tree = readings.gpus, readings.tree
+        cpu, ram_used, ram_total = readings.host
         out = []
         if gpus:
             for g in gpus:
@@ -148,7 +170,7 @@ class RunDetailScreen(Screen):
                 mine = sum(mem for g in gpus for pid, mem in g.processes.items() if pid in tree.pids)
                 out.append(f"run GPU mem {mine / 1024:.2f} GiB")
         else:
-            out.append(f"[dim]no GPU ({escape(probe.reason or 'NVML unavailable')})[/]")
+            out.append(f"[dim]no GPU ({escape(readings.gpu_reason or 'NVML unavailable')})[/]")
         if tree:
             out.append(f"run: CPU {tree.cpu_percent:.0f}% RSS {tree.rss / 1024**3:.2f}G, {len(tree.pids)} proc")
         else:
@@ -240,38 +262,10 @@ class RunDetailScreen(Screen):
         self._plotted = None
         self._plot()
 
-    def action_stop(self) -> None:
-        if not self.run or self.run["status"] not in ACTIVE:
-            self.notify("this run is not running", severity="warning")
-            return
-        from workbench.tui.dialogs import ConfirmScreen
-
-        def confirmed(yes: bool | None) -> None:
-            if yes:
-                self._stop()
-
-        self.app.push_screen(ConfirmScreen(f"Stop run {self.run['id']} (pid {self.run['pid']})?\n"
-                                           "SIGTERM to its process group, SIGKILL after 10 s."), confirmed)
-
-    @work(thread=True, group="lifecycle", exit_on_error=False)
-    def _stop(self) -> None:
-        from core.launcher import stop_run
-
-        try:
-            status = stop_run(self.services.store(), self.run_id, grace=10.0)
-            self.app.call_from_thread(self.notify, f"run {self.run_id}: {status}")
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"stop: {exc}", severity="error")
-
-    @work(thread=True, group="lifecycle", exit_on_error=False)
-    def action_relaunch(self) -> None:
-        from core.launcher import relaunch
-
-        try:
-            new_id, pid = relaunch(self.services.store(), self.run_id)
-            self.app.call_from_thread(self.notify, f"relaunched as {new_id} (pid {pid})")
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"relaunch: {exc}", severity="error")
+    def lifecycle_run(self) -> dict | None:
+        if self.run is None:
+            self.notify("the run is still loading", severity="warning")
+        return self.run
 
     def action_help(self) -> None:
         from workbench.tui.dialogs import HelpScreen

@@ -12,8 +12,10 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
 from core.launcher import ACTIVE, refresh_statuses
+from workbench.tui.messages import GpuRead, RunsLoaded, RunsUnchanged, WorkerFailed
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
 from workbench.tui.table import Column, VirtualTable
+from workbench.tui.workers import RunActions, WorkerErrors
 
 #: sortable columns, in the order of the number keys 1..9
 COLUMNS = [
@@ -73,9 +75,11 @@ def sort_rows(rows: list[dict], key: str | None, reverse: bool) -> list[dict]:
     return present + missing
 
 
-class RunsScreen(Screen):
+class RunsScreen(WorkerErrors, RunActions, Screen):
     """All runs. Refreshes every ``refresh_interval`` s in a worker; skips the query when the
     database did not change (``PRAGMA data_version``) and only redraws durations."""
+
+    WORKER_TITLES = {"runs-db": "runs.db"}
 
     BINDINGS = [
         Binding("enter", "detail", "open"),
@@ -133,35 +137,45 @@ class RunsScreen(Screen):
         self.set_interval(self.refresh_interval, self.poll_gpu)
 
     # -- data ---------------------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
     def reload(self, force: bool = False) -> None:
-        """Worker: statuses of vanished processes, then the runs list if the db changed."""
-        try:
-            store = self.services.store()
-            if any(r["status"] in ACTIVE for r in self.all_rows) or force:
-                refresh_statuses(store)
-            version = store.data_version()
-            if not force and version == self._data_version and self.loaded:
-                self.app.call_from_thread(self._retime)
-                return
-            raw = store.list_runs()
-            rows = run_rows(raw, self.services)
-            self._data_version = store.data_version()
-            self.app.call_from_thread(self._apply_rows, rows)
-        except Exception as exc:  # noqa: BLE001 - shown, never fatal
-            self.app.call_from_thread(self.notify, f"reading {self.services.db_path}: {exc}", severity="error",
-                                      title="runs.db")
+        """Re-read runs.db in a worker (every ``refresh_interval`` s; ``force``: even if unchanged)."""
+        active = any(r["status"] in ACTIVE for r in self.all_rows)
+        self._read_runs(force or not self.loaded, active or force, self._data_version)
+
+    @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
+    def _read_runs(self, force: bool, check_processes: bool, known_version: int | None) -> None:
+        """Worker: mark runs whose processes vanished ``crashed`` (a write, ``check_processes``),
+        then the runs list unless the database is still at ``known_version``."""
+        store = self.services.store()
+        if check_processes:
+            refresh_statuses(store)
+        if not force and store.data_version() == known_version:
+            self.post_message(RunsUnchanged())
+            return
+        rows = run_rows(store.list_runs(), self.services)
+        self.post_message(RunsLoaded(rows, store.data_version()))
+
+    def on_runs_loaded(self, message: RunsLoaded) -> None:
+        self._data_version = message.data_version
+        self._apply_rows(message.rows)
+
+    def on_runs_unchanged(self, message: RunsUnchanged) -> None:
+        self._retime()
 
     @work(thread=True, exclusive=True, group="gpu", exit_on_error=False)
     def poll_gpu(self) -> None:
         from core.monitor import gpu_summary
 
-        try:
-            probe = self.services.gpu_probe
-            line = gpu_summary(probe.read(), "" if probe.available else "no GPU")
-        except Exception as exc:  # noqa: BLE001
-            line = f"GPU: error {exc}"
-        self.app.call_from_thread(self._set_gpu, line)
+        probe = self.services.gpu_probe
+        self.post_message(GpuRead(gpu_summary(probe.read(), "" if probe.available else "no GPU")))
+
+    def on_gpu_read(self, message: GpuRead) -> None:
+        self._set_gpu(message.line)
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        if message.group == "gpu":  # shown in the top bar, not as a toast every refresh
+            message.prevent_default()
+            self._set_gpu(f"GPU: error {message.error}")
 
     def _set_gpu(self, line: str) -> None:
         self.gpu_line = line
@@ -285,7 +299,7 @@ class RunsScreen(Screen):
             return
         from workbench.tui.ensemble import EnsembleScreen
 
-        self.app.push_screen(EnsembleScreen(self.services.store(), ids))
+        self.app.push_screen(EnsembleScreen(self.services.db_path, ids))
 
     def action_labels(self) -> None:
         """Label-review queue of the current run (after `workbench labels find RUN`)."""
@@ -293,7 +307,7 @@ class RunsScreen(Screen):
         if row:
             from workbench.tui.review import ReviewScreen
 
-            self.app.push_screen(ReviewScreen(self.services.store(), row["id"]))
+            self.app.push_screen(ReviewScreen(self.services.db_path, row["id"]))
 
     def action_new_run(self) -> None:
         from workbench.tui.dialogs import NewRunScreen
@@ -304,67 +318,8 @@ class RunsScreen(Screen):
 
         self.app.push_screen(NewRunScreen(self.services), done)
 
-    def action_stop(self) -> None:
-        row = self._current()
-        if not row:
-            return
-        if row["status"] not in ACTIVE:
-            self.notify(f"run {row['id']} is {row['status']}, nothing to stop", severity="warning")
-            return
-        from workbench.tui.dialogs import ConfirmScreen
-
-        def confirmed(yes: bool | None) -> None:
-            if yes:
-                self.stop_worker(row["id"])
-
-        self.app.push_screen(ConfirmScreen(f"Stop run {row['id']} ({row['name']}, pid {row['pid']})?\n"
-                                           "SIGTERM to its process group, SIGKILL after 10 s."), confirmed)
-
-    @work(thread=True, group="lifecycle", exit_on_error=False)
-    def stop_worker(self, run_id: str) -> None:
-        from core.launcher import stop_run
-
-        try:
-            self.app.call_from_thread(self.notify, f"stopping {run_id}…")
-            status = stop_run(self.services.store(), run_id, grace=10.0)
-            self.app.call_from_thread(self.notify, f"run {run_id}: {status}")
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"stop {run_id}: {exc}", severity="error")
-        self.app.call_from_thread(self.reload, True)
-
-    def action_relaunch(self) -> None:
-        row = self._current()
-        if row:
-            self.relaunch_worker(row["id"])
-
-    @work(thread=True, group="lifecycle", exit_on_error=False)
-    def relaunch_worker(self, run_id: str) -> None:
-        from core.launcher import relaunch
-
-        try:
-            new_id, pid = relaunch(self.services.store(), run_id)
-            self.app.call_from_thread(self.notify, f"relaunched {run_id} as {new_id} (pid {pid})")
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"relaunch {run_id}: {exc}", severity="error")
-        self.app.call_from_thread(self.reload, True)
-
-    def action_resume(self) -> None:
-        row = self._current()
-        if row:
-            self.resume_worker(row["id"], all_folds=row["status"] == "partial")
-
-    @work(thread=True, group="lifecycle", exit_on_error=False)
-    def resume_worker(self, run_id: str, all_folds: bool = False) -> None:
-        """``workbench resume RUN --detach`` (``--all-folds`` for a partial run): the same run id
-        continues in the background."""
-        from core.launcher import resume_detached
-
-        try:
-            _, pid = resume_detached(self.services.store(), run_id, all_folds=all_folds)
-            self.app.call_from_thread(self.notify, f"resumed {run_id} (pid {pid})")
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.notify, f"resume {run_id}: {exc}", severity="error")
-        self.app.call_from_thread(self.reload, True)
+    def lifecycle_run(self) -> dict | None:
+        return self._current()
 
     def action_help(self) -> None:
         from workbench.tui.dialogs import HelpScreen
