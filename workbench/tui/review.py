@@ -11,114 +11,55 @@ undo; each decision is appended to ``label_decisions`` (core.labels) and advance
 undecided item, so a session resumes where it stopped. ``n``/``p`` skip forward/back, ``g``/``s``
 cycle the given/suggested-label filter, ``l`` the locale filter, ``/`` filters by query text.
 
-Loading (issues, OOF probabilities, example text) runs in a thread worker with its own runs.db
-connection; a decision is one short INSERT on the UI thread. Errors become notifications.
-Fits 80x24: six info lines, the product panel takes the rest and scrolls.
+Loading (issues, OOF probabilities, example text: ``core.labels.load_review_data``) runs in a
+thread worker with its own read-only runs.db connection (ReviewLoaded). A decision shows at once
+(the screen replays its log with ``core.labels.replay_decisions``) and is queued for a writer
+worker, which appends the queue in order through its own connection (DecisionSaved); if a write
+fails, the toast says so and the log is re-read from runs.db (DecisionLogLoaded). Closing the
+screen waits, off the event loop, for the queued decisions to be written. Errors become
+notifications. Fits 80x24: six info lines, the product panel takes the rest and scrolls.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
-from dataclasses import dataclass, field
+import queue
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from rich.markup import escape
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
+from core.labels import ReviewData, decision_log, load_review_data, record_decision, replay_decisions, undo_target
 from core.metrics import ESCI_LABELS
+from core.runs import RunStore, now_iso
+from workbench.tui.messages import DecisionLogLoaded, DecisionSaved, ReviewLoaded, WorkerFailed
+from workbench.tui.workers import WorkerErrors
 
 LABEL_NAMES = {"E": "Exact", "S": "Substitute", "C": "Complement", "I": "Irrelevant"}
 LABEL_STYLES = {"E": "bold green", "S": "bold yellow", "C": "bold cyan", "I": "bold red"}
 _PROBS = ["p_E", "p_S", "p_C", "p_I"]
+#: how long closing the screen waits for queued decisions to be written
+FLUSH_TIMEOUT_S = 60.0
 
 
-@dataclass
-class ReviewData:
-    """Everything the screen shows, loaded once in a worker.
-
-    ``items``: one row per issue, ranked by label quality (lowest first): example_id,
-    given_label, suggested_label, label_quality, rank, p_E..p_I, query, query_id,
-    product_locale and the product text columns. ``query_labels``: query_id -> given-label
-    counts over all of the query's examples. ``log``: the decision log of this source run.
-    """
-
-    run_id: str
-    items: pd.DataFrame
-    query_labels: dict[int, dict[str, int]]
-    log: list[dict[str, Any]] = field(default_factory=list)
-
-
-def load_review_data(db_path: str, run_id: str) -> ReviewData:
-    """Read a run's issues, OOF probabilities, example text and decisions (own connection).
-
-    Raises:
-        WorkbenchError: unknown run or no stored issues. DataError: OOF or data files.
-    """
-    from core.data import load_esci
-    from core.errors import WorkbenchError
-    from core.labels import decision_log, load_issues, read_oof
-    from core.runs import RunStore
-
-    store = RunStore(db_path, readonly=True)
-    try:
-        run, oof = read_oof(store, run_id)
-        issues = load_issues(store, run["id"])
-        if issues.empty:
-            raise WorkbenchError(f"run {run['id']}: no label issues stored (run `workbench labels find {run['id']}`)")
-        log = decision_log(store, run["id"]).to_dict("records")
-    finally:
-        store.close()
-    cfg = json.loads(run.get("config") or "{}").get("data", {})
-    ex = load_esci(cfg.get("dir", "data/esci_us_150q"), task=cfg.get("task"), locales=cfg.get("locales"))
-    text_cols = ["example_id", "query", "query_id", "product_id", "product_locale", "product_title",
-                 "product_brand", "product_color", "product_bullet_point", "product_description"]
-    items = (issues.merge(oof[["example_id", *_PROBS]], on="example_id", how="left")
-             .merge(ex[text_cols], on="example_id", how="left")
-             .sort_values(["label_quality", "rank"], kind="stable").reset_index(drop=True))
-    for c in text_cols[1:]:
-        if c != "query_id":
-            items[c] = items[c].fillna("").astype(str)
-    in_q = ex[ex["query_id"].isin(set(items["query_id"].dropna().astype(int)))]
-    counts = in_q.groupby(["query_id", "esci_label"]).size()
-    query_labels: dict[int, dict[str, int]] = {}
-    for (qid, lab), n in counts.items():
-        query_labels.setdefault(int(qid), {})[str(lab)] = int(n)
-    return ReviewData(run["id"], items, query_labels, log)
-
-
-def replay(log: list[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    """(example_id -> decision in force, active decisions oldest first) from a decision log;
-    ``undo`` cancels the example's latest active decision (as core.labels)."""
-    stacks: dict[int, list[dict[str, Any]]] = {}
-    active: list[dict[str, Any]] = []
-    for r in log:
-        ex = int(r["example_id"])
-        if r["decision"] == "undo":
-            if stacks.get(ex):
-                active.remove(stacks[ex].pop())
-        else:
-            stacks.setdefault(ex, []).append(r)
-            active.append(r)
-    return {ex: s[-1] for ex, s in stacks.items() if s}, active
-
-
-class ReviewScreen(Screen):
+class ReviewScreen(WorkerErrors, Screen):
     """Review the label issues of one run.
 
     Args:
         store: the app's runs.db, as a RunStore (its ``path`` is used) or a path. The screen opens
-            its own connections: a read-only one in the loading worker, a writable one for
-            decisions.
+            its own connections, in workers: a read-only one to load, a writable one per batch of
+            queued decisions.
         run_id: the run whose ``label_issues`` to review.
         reviewer: recorded with each decision (default ``$USER``).
     """
@@ -133,6 +74,8 @@ class ReviewScreen(Screen):
     ReviewScreen #rv-keys { height: 1; background: $panel; color: $text-muted; }
     """
 
+    WORKER_TITLES = {"review-load": "label review", "review-write": "decision not saved",
+                     "review-log": "label review"}
     BINDINGS = [
         Binding("1", "relabel('E')", "E", show=False),
         Binding("2", "relabel('S')", "S", show=False),
@@ -163,7 +106,8 @@ class ReviewScreen(Screen):
         self.pos = 0  # index into queue
         self.in_force: dict[int, dict[str, Any]] = {}
         self.active: list[dict[str, Any]] = []
-        self._writer = None
+        self._pending: queue.Queue[dict[str, Any]] = queue.Queue()  # decisions not yet written, in order
+        self._write_lock = threading.Lock()  # one writer worker at a time
 
     # -- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -176,27 +120,25 @@ class ReviewScreen(Screen):
                      id="rv-keys")
 
     def on_mount(self) -> None:
-        self.run_worker(self._load, thread=True, exclusive=True, group="review-load")
+        self._load()
 
+    @work(thread=True, exclusive=True, group="review-load", exit_on_error=False)
     def _load(self) -> None:
-        try:
-            data = load_review_data(self.db_path, self.run_id)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
-            self.app.call_from_thread(self._failed, exc)
-            return
-        self.app.call_from_thread(self._loaded, data)
+        self.post_message(ReviewLoaded(load_review_data(self.db_path, self.run_id)))
 
-    def _failed(self, exc: BaseException) -> None:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        self.query_one("#rv-head", Static).update(f" Label review - run {self.run_id} - cannot load")
-        self.notify(msg, title="label review", severity="error", timeout=10)
-
-    def _loaded(self, data: ReviewData) -> None:
+    def on_review_loaded(self, message: ReviewLoaded) -> None:
+        data: ReviewData = message.data
         self.data = data
         self.run_id = data.run_id
-        self.in_force, self.active = replay(data.log)
+        self.in_force, self.active = replay_decisions(data.log)
         self._refilter()
         self.loaded = True
+
+    def on_worker_failed(self, message: WorkerFailed) -> None:
+        if message.group == "review-load":
+            self.query_one("#rv-head", Static).update(f" Label review - run {self.run_id} - cannot load")
+        elif message.group == "review-write":  # show what runs.db holds
+            self._reload_log()
 
     # -- queue ----------------------------------------------------------------------------
     def _refilter(self, keep_example: int | None = None) -> None:
@@ -309,31 +251,75 @@ class ReviewScreen(Screen):
         self.query_one("#rv-product", VerticalScroll).scroll_home(animate=False)
 
     # -- decisions ------------------------------------------------------------------------
-    def _store(self):
-        from core.runs import RunStore
+    def _append(self, decision: str, example_id: int, new_label: str | None = None) -> dict[str, Any]:
+        """Add a decision to the shown log at once and queue it for the writer worker."""
+        row = {"id": None, "example_id": example_id, "decision": decision, "new_label": new_label,
+               "reviewer": self.reviewer, "time": now_iso(), "source_run": self.run_id}
+        self.data.log.append(row)
+        self.in_force, self.active = replay_decisions(self.data.log)
+        self._pending.put(row)
+        self._write_decisions()
+        return row
 
-        if self._writer is None:
-            self._writer = RunStore(self.db_path)
-        return self._writer
+    @work(thread=True, group="review-write", exit_on_error=False)
+    def _write_decisions(self) -> None:
+        """Worker: append the queued decisions to label_decisions, oldest first, through a
+        writable connection of its own. After a failure the rest of the queue is dropped (the
+        screen then re-reads the log)."""
+        with self._write_lock:
+            if self._pending.empty():
+                return
+            written = False
+            try:
+                store = RunStore(self.db_path)
+                try:
+                    while not self._pending.empty():
+                        row = self._pending.get()
+                        try:
+                            row_id = record_decision(store, self.run_id, row["example_id"], row["decision"],
+                                                     row["new_label"], self.reviewer)
+                        finally:
+                            self._pending.task_done()
+                        self.post_message(DecisionSaved(row, row_id))
+                finally:
+                    store.close()
+                written = True
+            finally:
+                while not written and not self._pending.empty():
+                    self._pending.get()
+                    self._pending.task_done()
+
+    def on_decision_saved(self, message: DecisionSaved) -> None:
+        message.row["id"] = message.row_id
+
+    @work(thread=True, exclusive=True, group="review-log", exit_on_error=False)
+    def _reload_log(self) -> None:
+        """Worker: the source run's decision log as stored (after the queued writes ended)."""
+        self._pending.join()
+        store = RunStore(self.db_path, readonly=True)
+        try:
+            log = decision_log(store, self.run_id).to_dict("records")
+        finally:
+            store.close()
+        self.post_message(DecisionLogLoaded(log))
+
+    def on_decision_log_loaded(self, message: DecisionLogLoaded) -> None:
+        if self.data is not None:
+            self.data.log = message.log
+            self.in_force, self.active = replay_decisions(self.data.log)
+            self._show()
+
+    async def on_unmount(self) -> None:
+        """Wait (without blocking the event loop) until the queued decisions are written."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while self._pending.unfinished_tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def _record(self, decision: str, new_label: str | None = None) -> None:
-        from core.labels import record_decision
-
         item = self.current
         if item is None or not self.loaded:
             return
-        ex = int(item["example_id"])
-        try:
-            row_id = record_decision(self._store(), self.run_id, ex, decision, new_label, self.reviewer)
-        except Exception as exc:  # noqa: BLE001
-            self.notify(str(exc).splitlines()[0], title="decision not saved", severity="error")
-            return
-        from core.runs import now_iso
-
-        row = {"id": row_id, "example_id": ex, "decision": decision, "new_label": new_label,
-               "reviewer": self.reviewer, "time": now_iso(), "source_run": self.run_id}
-        self.data.log.append(row)
-        self.in_force, self.active = replay(self.data.log)
+        self._append(decision, int(item["example_id"]), new_label)
         self.pos = self._next_undecided(self.pos + 1 if len(self.queue) else 0)
         self._show()
 
@@ -350,19 +336,11 @@ class ReviewScreen(Screen):
             self._record(decision)
 
     def action_undo(self) -> None:
-        from core.labels import record_decision
-
-        if not self.loaded or not self.active:
+        last = undo_target(self.data.log) if self.loaded else None
+        if last is None:
             self.notify("nothing to undo", title="label review")
             return
-        last = self.active[-1]
-        try:
-            record_decision(self._store(), self.run_id, int(last["example_id"]), "undo", reviewer=self.reviewer)
-        except Exception as exc:  # noqa: BLE001
-            self.notify(str(exc).splitlines()[0], title="undo not saved", severity="error")
-            return
-        self.data.log.append({"example_id": int(last["example_id"]), "decision": "undo", "new_label": None})
-        self.in_force, self.active = replay(self.data.log)
+        self._append("undo", int(last["example_id"]))
         j = self._locate(int(last["example_id"]))
         if j is not None:
             self.pos = j
@@ -410,9 +388,6 @@ class ReviewScreen(Screen):
         if box.has_class("visible"):
             self._hide_query()
             return
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
         if isinstance(self.app, ReviewApp):
             self.app.exit()
         else:  # pushed by the main app: back to its screen
