@@ -516,8 +516,9 @@ def bundled_configs_dir() -> Path:
 def bundled_configs() -> dict[str, Path]:
     """Name (file stem) -> path of every bundled config, sorted by name."""
     folder = bundled_configs_dir()
-    files = sorted(p for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file()) if folder.is_dir() else []
-    return {p.stem: p for p in files}
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in CONFIG_SUFFIXES and p.is_file()}
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -45,7 +45,8 @@ def test_the_wheel_runs_from_an_empty_folder(tmp_path):
     py = venv / "bin" / "python"
     res = _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "-q", wheel], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).stdout.strip())
+    res = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path)
+    site = Path(res.stdout.strip())
     (site / "_project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     work = tmp_path / "elsewhere"  # an empty folder: no configs/, no repository
