@@ -182,28 +182,9 @@ def import_opensearch(
 ) -> dict:
     """Convert the OpenSearch ESCI sample in ``src_dir`` into the official layout in ``out_dir``.
 
-    Mapping: rating 100/10/1/0 -> esci_label E/S/C/I (any other value: DataError);
-    ``product_locale`` "us"; product text from title/description/bullet_points/brand/color
-    (nulls kept as nulls, which :func:`core.data.load_esci` turns into ""). Each query's ESCI
-    ``query_id`` is the intersection of the ``query_id`` lists of its judged products (it must
-    be exactly one id). ``example_id`` numbers the examples sorted by (query_id, product_id), so
-    reruns give the same ids; ``split`` is "train" (the sample has no official split) except for
-    a held-out fraction of queries when ``test_fraction`` > 0; ``small_version`` and
-    ``large_version`` are 1 for all rows.
-
-    Held-out test split: ``round(test_fraction * n_queries)`` queries (at least 1 when
-    ``test_fraction`` > 0), drawn with ``numpy.random.default_rng(seed)`` from the sorted query
-    ids, get ``split == "test"`` for all of their products (grouped by query, so no query is
-    split across train and test). ``test_fraction`` 0 (default) leaves every row "train". The products file holds the judged
-    products only, one row per product_id, sorted by product_id.
-
-    Sources: ``sources_csv``, or when None the sibling
-    ``<src_dir>/../esci_query_sources/shopping_queries_dataset_sources.csv`` if it exists; only
-    the rows of the imported query ids are written. No sources file is written when none is
-    found (and a stale one in ``out_dir`` is removed).
-
-    The files are built in a temporary folder next to ``out_dir`` and moved into place only
-    when all are complete; on any error ``out_dir`` is left as it was.
+    One function per step, below: :func:`_read_sample`, :func:`_recover_query_ids` (each query's ESCI
+    ``query_id``), :func:`_draw_test_queries`, :func:`_examples_table`, :func:`_products_table`,
+    :func:`_source_rows`, :func:`_write_release` (all files at once: on any error ``out_dir`` is unchanged).
 
     Args:
         src_dir: the folder with the three sample files.
@@ -228,8 +209,33 @@ def import_opensearch(
     """
     if not 0.0 <= test_fraction < 1.0:
         raise WorkbenchError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    src = Path(src_dir)
-    out = Path(out_dir)
+    src, out = Path(src_dir), Path(out_dir)
+    paths = _sample_paths(src, sources_csv)
+    judgments, docs = _read_sample(paths)
+    query_ids = _recover_query_ids(judgments, docs, paths[PRODUCTS_ZIP])
+    test_qids = _draw_test_queries(set(query_ids.values()), test_fraction, seed)
+    rows, examples = _examples_table(judgments, query_ids, test_qids)
+    asins = sorted({asin for ratings in judgments.values() for asin in ratings})
+    products = _products_table(asins, docs)
+    source_rows = _source_rows(src, sources_csv, set(query_ids.values()))
+    files = _write_release(out, examples, products, source_rows)
+    counts = Counter(r[3] for r in rows)
+    return {
+        "n_queries": len(judgments),
+        "n_examples": len(rows),
+        "n_products": len(asins),
+        "labels": {label: counts.get(label, 0) for label in ESCI_LABELS},
+        "n_sources": len(source_rows) if source_rows is not None else 0,
+        "n_test_queries": len(test_qids),
+        "n_test_examples": sum(r[0] in test_qids for r in rows),
+        "unjudged_products": len(docs) - len(asins),
+        **files,  # examples, products (and sources) as str
+        "sources": files.get("sources"),  # None when not written
+    }
+
+
+def _sample_paths(src: Path, sources_csv: str | Path | None) -> dict[str, Path]:
+    """The three sample files in ``src`` (file name -> path), all present; a given sources CSV exists."""
     if not src.is_dir():
         raise DataError(src, "source folder does not exist")
     paths = {name: src / name for name in (JUDGMENTS_FILE, QUERYSET_FILE, PRODUCTS_ZIP)}
@@ -238,7 +244,12 @@ def import_opensearch(
         raise DataError(src, f"missing file(s): {', '.join(missing)}")
     if sources_csv is not None and not Path(sources_csv).is_file():
         raise DataError(sources_csv, "sources file does not exist")
+    return paths
 
+
+def _read_sample(paths: dict[str, Path]) -> tuple[dict[str, dict[str, str]], dict[str, dict]]:
+    """(query -> {asin: label}, asin -> product document); every judged query is in the queryset
+    and every judged ASIN has a document."""
     judgments = _read_judgments(paths[JUDGMENTS_FILE])
     queryset = set(_read_queryset(paths[QUERYSET_FILE]))
     unknown = [q for q in judgments if q not in queryset]
@@ -249,7 +260,6 @@ def import_opensearch(
             + ", ".join(repr(q) for q in unknown[:_SHOW]),
         )
     docs = _read_products(paths[PRODUCTS_ZIP])
-
     judged = {asin for ratings in judgments.values() for asin in ratings}
     no_doc = sorted(judged - docs.keys())
     if no_doc:
@@ -257,8 +267,12 @@ def import_opensearch(
             paths[PRODUCTS_ZIP],
             f"no product document for {len(no_doc)} judged docId(s), e.g. {', '.join(no_doc[:_SHOW])}",
         )
+    return judgments, docs
 
-    # recover the ESCI query_id of each query
+
+def _recover_query_ids(judgments: dict[str, dict[str, str]], docs: dict[str, dict], zip_path: Path) -> dict[str, int]:
+    """query -> its ESCI ``query_id``: the intersection of the ``query_id`` lists of its judged
+    products, which must be exactly one id, and no two queries may share one."""
     query_ids: dict[str, int] = {}
     owner: dict[int, str] = {}
     for query, ratings in judgments.items():
@@ -269,27 +283,41 @@ def import_opensearch(
         if not common or len(common) != 1:
             found = "none" if not common else ", ".join(str(i) for i in sorted(common)[:_SHOW])
             raise DataError(
-                paths[PRODUCTS_ZIP],
+                zip_path,
                 f"query {query!r}: the query_id lists of its {len(ratings)} judged products"
                 f" must share exactly one id (shared: {found})",
             )
         qid = common.pop()
         if qid in owner:
-            raise DataError(paths[PRODUCTS_ZIP], f"queries {owner[qid]!r} and {query!r} both map to query_id {qid}")
+            raise DataError(zip_path, f"queries {owner[qid]!r} and {query!r} both map to query_id {qid}")
         owner[qid] = query
         query_ids[query] = qid
+    return query_ids
 
+
+def _draw_test_queries(qids: set[int], test_fraction: float, seed: int) -> set[int]:
+    """The held-out query ids: ``round(test_fraction * n_queries)`` of them (at least 1 when
+    ``test_fraction`` > 0), drawn with ``numpy.random.default_rng(seed)`` from the sorted ids;
+    none when ``test_fraction`` is 0. All of a query's products share its split."""
+    if test_fraction <= 0:
+        return set()
+    all_qids = sorted(qids)
+    n_test = max(1, int(round(test_fraction * len(all_qids))))
+    pick = np.random.default_rng(seed).choice(len(all_qids), size=n_test, replace=False)
+    return {all_qids[i] for i in pick}
+
+
+def _examples_table(judgments: dict[str, dict[str, str]], query_ids: dict[str, int],
+                    test_qids: set[int]) -> tuple[list[tuple[int, str, str, str]], pa.Table]:
+    """The rows ``(query_id, product_id, query, esci_label)`` sorted, and the examples table.
+
+    ``example_id`` numbers the sorted rows, so reruns give the same ids; ``product_locale`` "us";
+    ``split`` "test" for the held-out queries, else "train" (the sample has no official split);
+    ``small_version`` and ``large_version`` 1 for all rows."""
     rows = sorted(
         (query_ids[q], asin, q, label) for q, ratings in judgments.items() for asin, label in ratings.items()
     )
     n = len(rows)
-    test_qids: set[int] = set()
-    if test_fraction > 0:
-        all_qids = sorted(owner)
-        n_test = max(1, int(round(test_fraction * len(all_qids))))
-        pick = np.random.default_rng(seed).choice(len(all_qids), size=n_test, replace=False)
-        test_qids = {all_qids[i] for i in pick}
-    splits = ["test" if r[0] in test_qids else "train" for r in rows]
     examples = pa.table({
         "example_id": pa.array(range(n), pa.int64()),
         "query": pa.array([r[2] for r in rows], pa.string()),
@@ -299,25 +327,40 @@ def import_opensearch(
         "esci_label": pa.array([r[3] for r in rows], pa.string()),
         "small_version": pa.array([1] * n, pa.int64()),
         "large_version": pa.array([1] * n, pa.int64()),
-        "split": pa.array(splits, pa.string()),
+        "split": pa.array(["test" if r[0] in test_qids else "train" for r in rows], pa.string()),
     })
-    asins = sorted(judged)
-    products = pa.table(
+    return rows, examples
+
+
+def _products_table(asins: list[str], docs: dict[str, dict]) -> pa.Table:
+    """The judged products, one row per product_id in ``asins`` order: text from
+    title/description/bullet_points/brand/color (nulls kept as nulls, which
+    :func:`core.data.load_esci` turns into "")."""
+    return pa.table(
         {"product_id": pa.array(asins, pa.string()),
          "product_locale": pa.array([LOCALE] * len(asins), pa.string())}
         | {col: pa.array([_text(docs[a].get(field)) for a in asins], pa.string())
            for col, field in PRODUCT_FIELDS.items()}
     )
 
-    # sources
+
+def _source_rows(src: Path, sources_csv: str | Path | None, wanted: set[int]) -> list[tuple[int, str]] | None:
+    """The sources rows of the imported query ids, from ``sources_csv``, or when None the sibling
+    ``<src>/../esci_query_sources/shopping_queries_dataset_sources.csv`` if it exists; None when
+    there is no sources table."""
     if sources_csv is None:
         candidate = src.resolve().parent / "esci_query_sources" / SOURCES_FILE
         sources_csv = candidate if candidate.is_file() else None
-    source_rows: list[tuple[int, str]] | None = None
-    if sources_csv is not None:
-        source_rows = _read_sources(Path(sources_csv), set(owner))
+    if sources_csv is None:
+        return None
+    return _read_sources(Path(sources_csv), wanted)
 
-    # write into a temp folder next to out_dir, then move into place
+
+def _write_release(out: Path, examples: pa.Table, products: pa.Table,
+                   source_rows: list[tuple[int, str]] | None) -> dict[str, str]:
+    """Write the release files into a temporary folder next to ``out``, then move them into place
+    (a stale sources file in ``out`` is removed when there are no sources). Returns
+    ``{"examples", "products"[, "sources"]}`` -> path as str."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     try:
@@ -340,21 +383,7 @@ def import_opensearch(
             (out / SOURCES_FILE).unlink()  # stale, from another import
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    counts = Counter(r[3] for r in rows)
-    return {
-        "n_queries": len(judgments),
-        "n_examples": n,
-        "n_products": len(asins),
-        "labels": {label: counts.get(label, 0) for label in ESCI_LABELS},
-        "n_sources": len(source_rows) if source_rows is not None else 0,
-        "n_test_queries": len(test_qids),
-        "n_test_examples": splits.count("test"),
-        "unjudged_products": len(docs) - len(judged),
-        "examples": str(out / names["examples"]),
-        "products": str(out / names["products"]),
-        "sources": str(out / SOURCES_FILE) if source_rows is not None else None,
-    }
+    return {key: str(out / name) for key, name in names.items()}
 
 
 def _read_sources(path: Path, wanted: set[int]) -> list[tuple[int, str]]:
