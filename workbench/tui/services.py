@@ -13,7 +13,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.monitor import GpuProbe, host_stats
+from core.monitor import GpuProbe
+from core.monitor import host_stats as psutil_host_stats
 from core.errors import ReadOnlyDatabaseError, WorkbenchError
 from core.runs import RunRecord, RunStore, Status
 
@@ -38,7 +39,7 @@ class Services:
     def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
                  configs_dir: str | Path = "configs", host_stats: Callable[[], tuple[float, float, float]] | None = None):
         self.db_path = db_path
-        self.host_stats = host_stats or globals()["host_stats"]
+        self.host_stats = host_stats or psutil_host_stats
         self._probe = gpu_probe
         self._probe_lock = threading.Lock()
         self.clock = clock or time.time
