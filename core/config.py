@@ -398,7 +398,13 @@ def check_ranges(obj: Any, prefix: str = "", recurse: bool = True) -> None:
             _check_range(prefix + f.name, value, ranges[f.name])
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A config dataclass ``cls`` (a section, or a whole config) from its nested dict, type- and
+    range-checked; ``prefix`` (``"train."``) names the keys in error messages.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or out of range.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -410,7 +416,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name}: expected a section (mapping)")
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_section(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, tp, prefix + name)
     obj = cls(**kwargs)
@@ -418,7 +424,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return obj
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key = "a.b"`` (a ``--set`` override), creating sections.
+
+    Raises:
+        ConfigError: a part of the key names a value, not a section.
+    """
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -463,8 +474,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     """
     data = json.loads(json.dumps(data or {}))  # deep copy
     for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, value)
-    cfg = _build(RunConfig, data, "")
+        set_dotted(data, key, value)
+    cfg = build_section(RunConfig, data, "")
     check_config(cfg)
     return cfg
 

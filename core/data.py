@@ -165,7 +165,7 @@ def _csv_header(path: Path) -> list[str]:
         raise DataError(path, f"cannot read: {_short(exc)}") from None
 
 
-class _TableFile:
+class TableFile:
     """A parquet or CSV file whose required columns are checked up front, then read on demand.
 
     Parquet columns are read lazily (column projection); a CSV file is parsed once, on the first
@@ -477,7 +477,7 @@ def _nulls_to_empty(arr: pa.Array) -> pa.Array:
     return pc.fill_null(arr, "")
 
 
-def _read_text_column(file: _TableFile, name: str) -> pa.Array:
+def _read_text_column(file: TableFile, name: str) -> pa.Array:
     """One product text column as a single contiguous large_string Array without nulls ("").
 
     Arrow's take on a string column of several chunks concatenates the chunks first (a full
@@ -585,7 +585,7 @@ def load_esci(
     files = find_dataset_files(data_dir)
 
     # examples: all required columns (small), validated whole
-    ex_file = _TableFile(files.examples, EXAMPLE_COLUMNS)
+    ex_file = TableFile(files.examples, EXAMPLE_COLUMNS)
     ex = ex_file.read(EXAMPLE_COLUMNS)
     for c in EXAMPLE_COLUMNS:
         ex[c] = (_as_int if c in _INT_COLUMNS else _as_text)(ex[c], files.examples, c)
@@ -595,7 +595,7 @@ def load_esci(
     _check_unique_ids(_to_int_array(ex["example_id"]), files.examples)
 
     # products: keys first, text later one column at a time
-    pr_file = _TableFile(files.products, PRODUCT_COLUMNS)
+    pr_file = TableFile(files.products, PRODUCT_COLUMNS)
     keys = pr_file.read(["product_id", "product_locale"])
     keys = {c: _as_text(v, files.products, c) for c, v in keys.items()}
     _check_no_nulls(keys, files.products, ["product_id", "product_locale"])
@@ -663,7 +663,7 @@ def load_esci(
 
 def _source_column(path: Path, query_ids: np.ndarray) -> pd.Series:
     """``source`` for each query id from the sources CSV (NaN where the id is absent)."""
-    src = _TableFile(path, SOURCE_COLUMNS)
+    src = TableFile(path, SOURCE_COLUMNS)
     cols = src.read(SOURCE_COLUMNS)
     qid = _as_int(cols["query_id"], path, "query_id")
     source = _as_text(cols["source"], path, "source")

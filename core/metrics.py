@@ -86,7 +86,7 @@ def _unknown_error(what: str, unknown: list, accepted: str) -> ValueError:
     return ValueError(f"unknown {what}: {shown}{more}; accepted: {accepted}")
 
 
-def _label_codes(labels, name: str = "labels") -> np.ndarray:
+def label_codes(labels, name: str = "labels") -> np.ndarray:
     """Map ESCI labels to class indices 0..3 (E, S, C, I); int8 array of shape (N,).
 
     Accepts E/S/C/I and exact/substitute/complement/irrelevant, case-insensitive. Work is done on
@@ -232,7 +232,7 @@ def ndcg_per_query(query_ids, scores, labels) -> pd.Series:
     q = _as_1d(query_ids, "query_ids")
     s = _scores_array(scores)
     n = _check_lengths(query_ids=q, scores=s, labels=_as_1d(labels, "labels"))
-    label_code = _label_codes(labels).astype(np.int64)
+    label_code = label_codes(labels).astype(np.int64)
     gains = GAIN_VECTOR[label_code]
     try:
         qcode, quniq = pd.factorize(q, sort=True, use_na_sentinel=False)
@@ -316,8 +316,8 @@ def micro_f1_task2(y_true, y_pred) -> float:
     ValueError
         Unequal lengths, empty input, unknown labels (named in the message).
     """
-    t = _label_codes(y_true, "y_true")
-    p = _label_codes(y_pred, "y_pred")
+    t = label_codes(y_true, "y_true")
+    p = label_codes(y_pred, "y_pred")
     n = _check_lengths(y_true=t, y_pred=p)
     if n == 0:
         raise ValueError("micro_f1_task2: no examples to evaluate")

@@ -46,7 +46,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from core.config import _build, _set_dotted, check_ranges, parse_overrides, read_config_file
+from core.config import check_ranges, parse_overrides, read_config_file
+from core.config import build_section as _build
+from core.config import set_dotted as _set_dotted
 from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError
 from core.lifecycle import check_stop
@@ -283,7 +285,8 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
         DataError: folder or file missing, missing column(s) in the products file, the
             examples file invalid (see :func:`core.data.load_esci`), no product with text.
     """
-    from core.data import PRODUCT_COLUMNS, _TableFile, find_dataset_files, load_esci
+    from core.data import PRODUCT_COLUMNS, find_dataset_files, load_esci
+    from core.data import TableFile as _TableFile
     from core.text import clean_text
 
     files = find_dataset_files(cfg.data.dir)

@@ -119,11 +119,11 @@ def write_task2(path: str | Path, example_ids, esci_labels) -> Path:
     Raises:
         DataError: unequal lengths or unknown labels.
     """
-    from core.metrics import _label_codes
+    from core.metrics import label_codes
 
     ids = np.asarray(example_ids)
     try:
-        codes = _label_codes(np.asarray(esci_labels), "esci_labels")
+        codes = label_codes(np.asarray(esci_labels), "esci_labels")
     except ValueError as exc:
         raise DataError(path, f"Task 2 labels: {exc}") from None
     if len(codes) != len(ids):
