@@ -118,7 +118,7 @@ def test_readonly_open_checks_the_file_at_once(tmp_path):
     with sqlite3.connect(other) as c:
         c.execute("CREATE TABLE t (x)")
     for ro in (True, False):  # a writer does not add our tables to someone else's database
-        _raises_one_line(WorkbenchError, lambda: RunStore(other, readonly=ro), str(other), "not a runs database")
+        _raises_one_line(WorkbenchError, lambda ro=ro: RunStore(other, readonly=ro), str(other), "not a runs database")
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()
     _raises_one_line(WorkbenchError, lambda: RunStore(empty, readonly=True), str(empty), "not a runs database")
@@ -210,7 +210,7 @@ def test_run_id_prefixes_are_literal(tmp_path):
     store.create_run("a", {}, run_id="20260101-000000-ab_1")
     store.create_run("b", {}, run_id="20260101-000000-abx1")
     for prefix in ("%", "_", "2026%", "20260101-000000-ab%", ""):
-        _raises_one_line(WorkbenchError, lambda: store.get_run(prefix), "no run")
+        _raises_one_line(WorkbenchError, lambda prefix=prefix: store.get_run(prefix), "no run")
     assert store.get_run("20260101-000000-ab_")["id"] == "20260101-000000-ab_1"
     assert store.get_run("20260101-000000-abx")["id"] == "20260101-000000-abx1"
     _raises_one_line(WorkbenchError, lambda: store.get_run("20260101"), "ambiguous (2 runs)")
@@ -284,7 +284,7 @@ def test_empty_model_folder_is_one_line_at_once(tmp_path, offline_state):
     (only_config / "config.json").write_text("{}")
     t = time.perf_counter()
     for fn in (load_tokenizer, load_backbone):
-        _raises_one_line(ConfigError, lambda: fn(str(tmp_path / "empty")),
+        _raises_one_line(ConfigError, lambda fn=fn: fn(str(tmp_path / "empty")),
                          f"model.name={tmp_path / 'empty'}: folder has no config.json (not a Hugging Face model folder)")
     _raises_one_line(ConfigError, lambda: load_tokenizer(str(only_config)), "folder has no tokenizer files")
     _raises_one_line(ConfigError, lambda: load_backbone(str(tmp_path / "missing" / "model")), "no such folder")
@@ -298,7 +298,7 @@ def test_unknown_hub_name_offline_is_one_line_at_once(offline_state, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
     for fn in (load_tokenizer, load_backbone):
-        _raises_one_line(ConfigError, lambda: fn("no-such-org/no-such-model-xyz"),
+        _raises_one_line(ConfigError, lambda fn=fn: fn("no-such-org/no-such-model-xyz"),
                          "model.name=no-such-org/no-such-model-xyz: not a local folder, not in the Hugging Face "
                          "cache, and the hub is unreachable (offline")
     assert time.perf_counter() - t < 3.0

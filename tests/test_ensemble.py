@@ -11,8 +11,16 @@ import pytest
 from sklearn.metrics import f1_score
 
 from core.ensemble import (
-    NdcgEvaluator, build_ensemble, caruana_weights, correlation_matrix, file_sha256, load_members,
-    parse_weights, shrink_correlated, tune_task2_bias, tune_task3_threshold,
+    NdcgEvaluator,
+    build_ensemble,
+    caruana_weights,
+    correlation_matrix,
+    file_sha256,
+    load_members,
+    parse_weights,
+    shrink_correlated,
+    tune_task2_bias,
+    tune_task3_threshold,
 )
 from core.errors import DataError, WorkbenchError
 from core.metrics import ESCI_GAINS, ESCI_LABELS, mean_ndcg

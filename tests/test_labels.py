@@ -7,8 +7,6 @@ unsure on 20%): the flipped examples must come out on top.
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,19 @@ import pytest
 from conftest import snapshot, write_official
 from core.data import load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
-from core.labels import (apply_to_training, cleaning_plan, compare_runs, decision_log, effective_decisions, export_cleaned,
-                         find_issues, load_issues, record_decision, store_issues, undo_last)
+from core.labels import (
+    apply_to_training,
+    cleaning_plan,
+    compare_runs,
+    decision_log,
+    effective_decisions,
+    export_cleaned,
+    find_issues,
+    load_issues,
+    record_decision,
+    store_issues,
+    undo_last,
+)
 from core.metrics import ESCI_LABELS
 from core.runs import RunStore
 
@@ -50,7 +59,7 @@ def make_labelled_run(root: Path, sample_frames, n_flip: int = N_FLIP, seed: int
     # an imperfect model that knows the true labels: confident on 80%, unsure on 20%
     tr = ex.iloc[train_rows]
     n = len(tr)
-    onehot = np.eye(4)[pd.Series(true[train_rows]).map({l: i for i, l in enumerate(ESCI_LABELS)}).to_numpy()]
+    onehot = np.eye(4)[pd.Series(true[train_rows]).map({label: i for i, label in enumerate(ESCI_LABELS)}).to_numpy()]
     conf = rng.uniform(0.55, 0.95, size=(n, 1))
     probs = conf * onehot + (1 - conf) * rng.dirichlet(np.ones(4), size=n)
     unsure = rng.random(n) < 0.2

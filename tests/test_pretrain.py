@@ -17,8 +17,21 @@ from typer.testing import CliRunner
 
 from conftest import REPO, snapshot, tiny_config
 from core.errors import ConfigError, DataError
-from core.pretrain import (IGNORE_INDEX, TASKS, FeatureQueue, build_vocab, fake_query, info_nce, load_pretrain_config,
-                           mask_tokens, mask_values, mlm_batch, momentum_update, poisson_span, run_pretraining)
+from core.pretrain import (
+    IGNORE_INDEX,
+    TASKS,
+    FeatureQueue,
+    build_vocab,
+    fake_query,
+    info_nce,
+    load_pretrain_config,
+    mask_tokens,
+    mask_values,
+    mlm_batch,
+    momentum_update,
+    poisson_span,
+    run_pretraining,
+)
 from core.runs import RunStore
 
 runner = CliRunner()

@@ -8,7 +8,6 @@ OOF probabilities are bit-identical to the reference's, and so is the CV figure.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +21,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
 from core.runs import RunStore
 
 PROBS = ["p_E", "p_S", "p_C", "p_I"]
@@ -156,7 +154,7 @@ def test_sigkill_in_fold_1_then_resume_gives_the_same_oof(reference, tmp_path, s
     ref_rows = Counter((m["name"], m["fold"], m["step"]) for m in ref_metrics)
     assert Counter(rows) == ref_rows
     log = (run_dir / "train.log").read_text()
-    assert f"fold 1 resumed from resume.pt" in log and "fold 0 already done" in log
+    assert "fold 1 resumed from resume.pt" in log and "fold 0 already done" in log
     assert killed_step >= 12
     assert not list(run_dir.glob("fold*/resume.pt"))  # checkpoints go once their fold is done
     assert store.list_runs()[0]["folds_done"] == 3

@@ -4,12 +4,12 @@ decisions written to label_decisions, undo, and resume after an app restart."""
 from __future__ import annotations
 
 import pytest
+from textual.widgets import Input, Static
 
-from core.labels import decision_log, effective_decisions, find_issues, load_issues
 from conftest import wait_until
+from core.labels import decision_log, effective_decisions, find_issues, load_issues
 from core.runs import RunStore
 from test_labels import make_labelled_run
-from textual.widgets import Input, Static
 from workbench.tui.review import ReviewApp, ReviewScreen
 
 SIZE = (80, 24)

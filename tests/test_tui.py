@@ -323,7 +323,7 @@ async def test_ensemble_and_label_keys_open_their_screens(fixture_db):
 
     app = fixture_app(fixture_db)
     async with app.run_test(size=(80, 24)) as pilot:
-        screen = await loaded(pilot)
+        await loaded(pilot)
         await pilot.press("end", "space", "up", "space", "e")
         assert isinstance(app.screen, EnsembleScreen)
         assert sorted(app.screen.run_ids) == ["20261122-090000-aaaa", "20261122-100000-bbbb"]
