@@ -34,6 +34,7 @@ def test_the_wheel_runs_from_an_empty_folder(tmp_path):
         shutil.copy2(REPO / name, src / name)
     for pkg in ("core", "workbench"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # --no-build-isolation: the build backend is the test venv's setuptools (>= 77: torch requires it)
     res = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                 tmp_path / "dist", src], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
