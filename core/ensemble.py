@@ -45,7 +45,7 @@ import pandas as pd
 
 from core.blend import standardize_per_query
 from core.errors import DataError, WorkbenchError
-from core.metrics import ESCI_LABELS, GAIN_VECTOR, expected_gain
+from core.metrics import ESCI_LABELS, GAIN_VECTOR
 from core.report import PROB_COLUMNS, read_predictions
 
 __all__ = [
@@ -601,6 +601,21 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
         WorkbenchError: unknown task or method; Task 2/3 or ``method="prob"`` with no run member;
             manual weights of the wrong length.
     """
+    tasks = _checked_tasks(ms, tasks, weights, method)
+    oof = _oof_arrays(ms, max_fit_queries, seed)
+    res = EnsembleResult(oof=ms.oof.copy(), test=None if ms.test is None else ms.test.copy())
+    res.corr = correlation_matrix(oof.q, oof.scores, ms.names, z=oof.z)
+    if 1 in tasks:
+        _build_task1(res, ms, oof, weights, method, shrink)
+    if {2, 3} & set(tasks):
+        _build_tasks23(res, ms, oof, tasks, weights, shrink, prior_adjust)
+    if _test_labelled(ms.test):
+        _held_out_figures(res, ms, tasks)
+    return res
+
+
+def _checked_tasks(ms: MemberSet, tasks, weights: str | np.ndarray, method: str) -> tuple[int, ...]:
+    """``tasks`` sorted and deduplicated, after checking them, the method and the weights' length."""
     tasks = tuple(sorted(set(int(t) for t in tasks)))
     if not tasks or any(t not in (1, 2, 3) for t in tasks):
         raise WorkbenchError(f"tasks must be among 1, 2, 3, got {tasks}")
@@ -609,129 +624,197 @@ def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "
     M = len(ms.members)
     if isinstance(weights, np.ndarray) and len(weights) != M:
         raise WorkbenchError(f"{len(weights)} weight(s) for {M} member(s)")
-    oof, test = ms.oof, ms.test
-    q = oof["query_id"].to_numpy()
-    labels = oof["esci_label"].to_numpy()
-    y = _label_index(labels)
-    res = EnsembleResult(oof=oof.copy(), test=None if test is None else test.copy())
+    return tasks
+
+
+@dataclass
+class _OofArrays:
+    """The OOF arrays every task is fitted on.
+
+    Attributes:
+        q, labels, y: query ids, ESCI labels and their class index (0..3) per OOF row.
+        scores: (N, M) the members' ranking scores; z: the same standardised per query.
+        sub: rows of the queries the weights are fitted on (:func:`_fit_subset`).
+    """
+
+    q: np.ndarray
+    labels: np.ndarray
+    y: np.ndarray
+    scores: np.ndarray
+    z: np.ndarray
+    sub: np.ndarray
+
+
+def _oof_arrays(ms: MemberSet, max_fit_queries: int | None, seed: int) -> _OofArrays:
+    q = ms.oof["query_id"].to_numpy()
+    labels = ms.oof["esci_label"].to_numpy()
     scores = np.column_stack([m.oof_score for m in ms.members])
-    z_all = np.column_stack([standardize_per_query(q, scores[:, j]) for j in range(M)])
-    res.corr = correlation_matrix(q, scores, ms.names, z=z_all)
-    sub = _fit_subset(q, max_fit_queries, seed)  # rows the weights are fitted on
+    z = np.column_stack([standardize_per_query(q, scores[:, j]) for j in range(len(ms.members))])
+    return _OofArrays(q, labels, _label_index(labels), scores, z, _fit_subset(q, max_fit_queries, seed))
 
-    if 1 in tasks:
-        t1_members = list(range(M))
-        if method == "prob":
-            t1_members = [j for j, m in enumerate(ms.members) if m.has_probs]
-            if not t1_members:
-                raise WorkbenchError("method 'prob' needs run members with class probabilities")
-            dropped = [ms.names[j] for j in range(M) if j not in t1_members]
-            if dropped:
-                res.notes.append(f"Task 1 (method prob): {', '.join(dropped)} left out (no class probabilities)")
-            X = [expected_gain(ms.members[j].oof_probs) for j in t1_members]
-            Xoof = np.column_stack(X)
-        elif method == "zscore":
-            Xoof = z_all
-        else:
-            Xoof = np.column_stack([_transform(q, scores[:, j], method) for j in t1_members])
-        ev_all = NdcgEvaluator(q, labels)
-        ev_fit = ev_all if sub.all() else NdcgEvaluator(q[sub], labels[sub])
-        if method == "prob":
-            P = np.stack([ms.members[j].oof_probs for j in t1_members])  # (K, N, 4)
 
-            def combine1(w, rows=slice(None)):
-                return np.tensordot(w, P[:, rows], axes=1) @ GAIN_VECTOR
-        else:
-            def combine1(w, rows=slice(None)):
-                return Xoof[rows] @ w
+# -- Task 1: a ranking score per row --------------------------------------------------------------
+def _build_task1(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, weights, method: str,
+                 shrink: float | None) -> None:
+    """Task 1: weights over the members' (transformed) scores, fitted on nDCG; ``score`` columns."""
+    members = _task1_members(ms, method, res.notes)
+    combine = _task1_combiner(ms, oof, members, method)
+    ev_all = NdcgEvaluator(oof.q, oof.labels)
+    ev_fit = ev_all if oof.sub.all() else NdcgEvaluator(oof.q[oof.sub], oof.labels[oof.sub])
+    mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[members], "Task 1")
+    w1 = _weights_for(mode, len(members), lambda w: ev_fit(combine(w, oof.sub)),
+                      res.corr.to_numpy()[np.ix_(members, members)], shrink)
+    s_oof = combine(w1)
+    res.oof["score"] = s_oof
+    per = {ms.names[j]: ev_all(oof.scores[:, j]) for j in range(len(ms.members))}
+    res.tasks[1] = {"metric": "ndcg", "method": method, "members": [ms.names[j] for j in members],
+                    "weights": [float(x) for x in w1], "oof_member": per, "oof_ensemble": ev_all(s_oof),
+                    "fit_queries": int(pd.unique(oof.q[oof.sub]).size)}
+    if ms.test is not None:
+        res.test["score"] = _task1_test_scores(ms, members, method, w1)
 
-        mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[t1_members], "Task 1")
-        w1 = _weights_for(mode, len(t1_members), lambda w: ev_fit(combine1(w, sub)),
-                          res.corr.to_numpy()[np.ix_(t1_members, t1_members)], shrink)
-        s_oof = combine1(w1)
-        res.oof["score"] = s_oof
-        per = {ms.names[j]: ev_all(scores[:, j]) for j in range(M)}
-        res.tasks[1] = {"metric": "ndcg", "method": method, "members": [ms.names[j] for j in t1_members],
-                        "weights": [float(x) for x in w1], "oof_member": per, "oof_ensemble": ev_all(s_oof),
-                        "fit_queries": int(pd.unique(q[sub]).size)}
-        if test is not None:
-            if method == "prob":
-                Pt = np.stack([ms.members[j].test_probs for j in t1_members])
-                res.test["score"] = np.tensordot(w1, Pt, axes=1) @ GAIN_VECTOR
-            else:
-                tq = test["query_id"].to_numpy()
-                Xt = np.column_stack([_transform(tq, ms.members[j].test_score, method) for j in t1_members])
-                res.test["score"] = Xt @ w1
 
-    prob_members, seen = [], set()
-    for j, m in enumerate(ms.members):  # RUN and RUN:ce share one run's probabilities: keep the first
+def _task1_members(ms: MemberSet, method: str, notes: list[str]) -> list[int]:
+    """Indices of the Task 1 members: all, or for ``method="prob"`` those with class
+    probabilities (a note names the others)."""
+    if method != "prob":
+        return list(range(len(ms.members)))
+    members = [j for j, m in enumerate(ms.members) if m.has_probs]
+    if not members:
+        raise WorkbenchError("method 'prob' needs run members with class probabilities")
+    dropped = [ms.names[j] for j in range(len(ms.members)) if j not in members]
+    if dropped:
+        notes.append(f"Task 1 (method prob): {', '.join(dropped)} left out (no class probabilities)")
+    return members
+
+
+def _task1_combiner(ms: MemberSet, oof: _OofArrays, members: list[int], method: str):
+    """``combine(w, rows=slice(None))``: the ensemble's OOF ranking score of ``rows`` for weights
+    ``w`` (the expected gain of the mixed probabilities, or the weighted transformed scores)."""
+    if method == "prob":
+        P = np.stack([ms.members[j].oof_probs for j in members])  # (K, N, 4)
+
+        def combine(w, rows=slice(None)):
+            return np.tensordot(w, P[:, rows], axes=1) @ GAIN_VECTOR
+        return combine
+    if method == "zscore":
+        X = oof.z
+    else:
+        X = np.column_stack([_transform(oof.q, oof.scores[:, j], method) for j in members])
+
+    def combine(w, rows=slice(None)):
+        return X[rows] @ w
+    return combine
+
+
+def _task1_test_scores(ms: MemberSet, members: list[int], method: str, w: np.ndarray) -> np.ndarray:
+    """The ensemble's Task 1 score of the test rows for weights ``w``."""
+    if method == "prob":
+        Pt = np.stack([ms.members[j].test_probs for j in members])
+        return np.tensordot(w, Pt, axes=1) @ GAIN_VECTOR
+    tq = ms.test["query_id"].to_numpy()
+    Xt = np.column_stack([_transform(tq, ms.members[j].test_score, method) for j in members])
+    return Xt @ w
+
+
+# -- Tasks 2 and 3: mixed class probabilities -----------------------------------------------------
+def _mix(arr: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(N, 4, K) @ (K,) -> (N, 4)."""
+    return np.einsum("nck,k->nc", arr, w)  # einsum: faster than BLAS gemv for tiny K
+
+
+def _prob_members(ms: MemberSet, notes: list[str]) -> list[int]:
+    """Indices of the Tasks 2/3 members: run members with class probabilities, one per run
+    (``RUN`` and ``RUN:ce`` share one run's probabilities: the first is kept); notes name the rest.
+
+    Raises:
+        WorkbenchError: no member has class probabilities.
+    """
+    members, seen = [], set()
+    for j, m in enumerate(ms.members):
         if m.has_probs and m.run_id not in seen:
-            prob_members.append(j)
+            members.append(j)
             seen.add(m.run_id)
-    if {2, 3} & set(tasks):
-        scorers = [ms.names[j] for j in range(M) if not ms.members[j].has_probs]
-        if not prob_members:
-            raise WorkbenchError(f"Tasks 2/3 need class probabilities: members {', '.join(ms.names)} are scorers "
-                                 "(bm25/dense rank products but do not classify them); add a run")
-        if scorers:
-            res.notes.append(f"Tasks 2/3: {', '.join(scorers)} left out (scorers have no class probabilities)")
-        twins = [ms.names[j] for j in range(M) if ms.members[j].has_probs and j not in prob_members]
-        if twins:
-            res.notes.append(f"Tasks 2/3: {', '.join(twins)} left out (same run's probabilities as another member)")
-        P = np.stack([ms.members[j].oof_probs for j in prob_members], axis=-1)  # (N, 4, K)
-        Pt = None if test is None else np.stack([ms.members[j].test_probs for j in prob_members], axis=-1)
+    M = len(ms.members)
+    scorers = [ms.names[j] for j in range(M) if not ms.members[j].has_probs]
+    if not members:
+        raise WorkbenchError(f"Tasks 2/3 need class probabilities: members {', '.join(ms.names)} are scorers "
+                             "(bm25/dense rank products but do not classify them); add a run")
+    if scorers:
+        notes.append(f"Tasks 2/3: {', '.join(scorers)} left out (scorers have no class probabilities)")
+    twins = [ms.names[j] for j in range(M) if ms.members[j].has_probs and j not in members]
+    if twins:
+        notes.append(f"Tasks 2/3: {', '.join(twins)} left out (same run's probabilities as another member)")
+    return members
 
-        def mix(arr: np.ndarray, w: np.ndarray) -> np.ndarray:  # (N, 4, K) @ (K,) -> (N, 4)
-            return np.einsum("nck,k->nc", arr, w)  # einsum: faster than BLAS gemv for tiny K
 
-        is_sub = y == 1
-        P_fit, y_fit = (P, y) if sub.all() else (np.ascontiguousarray(P[sub]), y[sub])
-        PS_fit = np.ascontiguousarray(P_fit[:, 1, :])  # (n, K) p(S) of each member
-        for task in [t for t in (2, 3) if t in tasks]:
-            if task == 2:
-                def ev(w):
-                    return float(np.mean(mix(P_fit, w).argmax(1) == y_fit))
-                per = {ms.names[j]: float(np.mean(ms.members[j].oof_probs.argmax(1) == y)) for j in prob_members}
-            else:
-                def ev(w):
-                    return tune_task3_threshold(np.einsum("nk,k->n", PS_fit, w), y_fit == 1)[1]
-                member_thr = {ms.names[j]: tune_task3_threshold(ms.members[j].oof_probs[:, 1], is_sub)
-                              for j in prob_members}
-                per = {n: v[1] for n, v in member_thr.items()}
-            mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[prob_members], f"Task {task}")
-            corr = res.corr.to_numpy()[np.ix_(prob_members, prob_members)]
-            w = _weights_for(mode, len(prob_members), ev, corr, shrink)
-            p_oof = mix(P, w)
-            info = {"metric": "micro_f1", "members": [ms.names[j] for j in prob_members],
-                    "weights": [float(x) for x in w], "oof_member": per}
-            if task == 2:
-                b = np.zeros(4)
-                if prior_adjust:  # tuned on the fit rows, like the weights
-                    b, _ = tune_task2_bias(p_oof if sub.all() else p_oof[sub], y_fit)
-                pred = (np.log(np.clip(p_oof, 1e-12, None)) + b).argmax(1)
-                info.update(oof_ensemble=float(np.mean(pred == y)), oof_argmax=float(np.mean(p_oof.argmax(1) == y)),
-                            log_prior_bias=dict(zip(ESCI_LABELS, map(float, b))))
-                res.oof[PROB_COLUMNS] = p_oof
-                res.oof["esci_pred"] = np.asarray(ESCI_LABELS)[pred]
-                if Pt is not None:
-                    pt = mix(Pt, w)
-                    res.test[PROB_COLUMNS] = pt
-                    res.test["esci_pred"] = np.asarray(ESCI_LABELS)[(np.log(np.clip(pt, 1e-12, None)) + b).argmax(1)]
-            else:
-                thr, f1 = tune_task3_threshold(p_oof[:, 1], is_sub)
-                info.update(oof_ensemble=f1, threshold=thr,
-                            member_threshold={n: v[0] for n, v in member_thr.items()},
-                            oof_argmax=float(np.mean((p_oof.argmax(1) == 1) == is_sub)))
-                res.oof["p_sub"] = p_oof[:, 1]
-                res.oof["is_substitute"] = p_oof[:, 1] >= thr
-                if Pt is not None:
-                    pts = Pt[:, 1, :] @ w
-                    res.test["p_sub"] = pts
-                    res.test["is_substitute"] = pts >= thr
-            res.tasks[task] = info
-    if _test_labelled(test):
-        _held_out_figures(res, ms, tasks)
-    return res
+def _build_tasks23(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, tasks, weights,
+                   shrink: float | None, prior_adjust: bool) -> None:
+    """Tasks 2 and 3: weights over the run members' class probabilities, fitted on micro-F1;
+    ``p_E..p_I``/``esci_pred`` (Task 2) and ``p_sub``/``is_substitute`` (Task 3) columns."""
+    members = _prob_members(ms, res.notes)
+    P = np.stack([ms.members[j].oof_probs for j in members], axis=-1)  # (N, 4, K)
+    Pt = None if ms.test is None else np.stack([ms.members[j].test_probs for j in members], axis=-1)
+    sub = oof.sub
+    P_fit, y_fit = (P, oof.y) if sub.all() else (np.ascontiguousarray(P[sub]), oof.y[sub])
+    for task in [t for t in (2, 3) if t in tasks]:
+        ev, per, member_thr = _task23_objective(task, ms, members, oof.y, P_fit, y_fit)
+        mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[members], f"Task {task}")
+        corr = res.corr.to_numpy()[np.ix_(members, members)]
+        w = _weights_for(mode, len(members), ev, corr, shrink)
+        p_oof = _mix(P, w)
+        info = {"metric": "micro_f1", "members": [ms.names[j] for j in members],
+                "weights": [float(x) for x in w], "oof_member": per}
+        if task == 2:
+            b = np.zeros(4)
+            if prior_adjust:  # tuned on the fit rows, like the weights
+                b, _ = tune_task2_bias(p_oof if sub.all() else p_oof[sub], y_fit)
+            _set_task2(res, info, p_oof, None if Pt is None else _mix(Pt, w), b, oof.y)
+        else:
+            _set_task3(res, info, p_oof, None if Pt is None else Pt[:, 1, :] @ w, member_thr, oof.y == 1)
+        res.tasks[task] = info
+
+
+def _task23_objective(task: int, ms: MemberSet, members: list[int], y: np.ndarray, P_fit: np.ndarray,
+                      y_fit: np.ndarray):
+    """``(evaluate(w) on the fit rows, {member: its own OOF micro-F1}, {member: (threshold, F1)}
+    for Task 3 else None)``."""
+    if task == 2:
+        def ev(w):
+            return float(np.mean(_mix(P_fit, w).argmax(1) == y_fit))
+        return ev, {ms.names[j]: float(np.mean(ms.members[j].oof_probs.argmax(1) == y)) for j in members}, None
+    PS_fit = np.ascontiguousarray(P_fit[:, 1, :])  # (n, K) p(S) of each member
+
+    def ev(w):
+        return tune_task3_threshold(np.einsum("nk,k->n", PS_fit, w), y_fit == 1)[1]
+    member_thr = {ms.names[j]: tune_task3_threshold(ms.members[j].oof_probs[:, 1], y == 1) for j in members}
+    return ev, {n: v[1] for n, v in member_thr.items()}, member_thr
+
+
+def _set_task2(res: EnsembleResult, info: dict, p_oof: np.ndarray, p_test: np.ndarray | None, b: np.ndarray,
+               y: np.ndarray) -> None:
+    """Task 2 predictions: argmax of the log-probabilities plus the bias ``b``."""
+    pred = (np.log(np.clip(p_oof, 1e-12, None)) + b).argmax(1)
+    info.update(oof_ensemble=float(np.mean(pred == y)), oof_argmax=float(np.mean(p_oof.argmax(1) == y)),
+                log_prior_bias=dict(zip(ESCI_LABELS, map(float, b))))
+    res.oof[PROB_COLUMNS] = p_oof
+    res.oof["esci_pred"] = np.asarray(ESCI_LABELS)[pred]
+    if p_test is not None:
+        res.test[PROB_COLUMNS] = p_test
+        res.test["esci_pred"] = np.asarray(ESCI_LABELS)[(np.log(np.clip(p_test, 1e-12, None)) + b).argmax(1)]
+
+
+def _set_task3(res: EnsembleResult, info: dict, p_oof: np.ndarray, ps_test: np.ndarray | None,
+               member_thr: dict, is_sub: np.ndarray) -> None:
+    """Task 3 predictions: p(S) at or above the threshold tuned on all OOF rows."""
+    thr, f1 = tune_task3_threshold(p_oof[:, 1], is_sub)
+    info.update(oof_ensemble=f1, threshold=thr, member_threshold={n: v[0] for n, v in member_thr.items()},
+                oof_argmax=float(np.mean((p_oof.argmax(1) == 1) == is_sub)))
+    res.oof["p_sub"] = p_oof[:, 1]
+    res.oof["is_substitute"] = p_oof[:, 1] >= thr
+    if ps_test is not None:
+        res.test["p_sub"] = ps_test
+        res.test["is_substitute"] = ps_test >= thr
 
 
 def _test_labelled(test: pd.DataFrame | None) -> bool:
