@@ -148,6 +148,8 @@ async def test_enter_opens_detail_with_curves_log_and_system(fixture_db):
         await pilot.pause()
         info = str(detail.query_one("#info").render())
         assert "minilm-seed3" in info and "running" in info and "folds 1/3" in info
+        listed = next(r for r in app.services.store().list_runs() if r["id"] == target)  # one best-not-last rule
+        assert listed["best_ndcg"] is not None and f"nDCG {listed['best_ndcg']:.3f}" in info
         assert len(detail.series["train/loss"]) == 80 and len(detail.tail.lines) == 12
         assert detail.query_one("#log").line_count == 12
         system = str(detail.query_one("#system").render())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,13 +15,15 @@ from textual.widgets import Footer, Log, Static
 from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
+from core import metric_names as mn
 from core.launcher import ACTIVE, process_of, refresh_statuses
 from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
+from core.runs import RunRecord
 from workbench.tui.messages import DetailPolled, SystemReadings, WorkerFailed
-from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float
+from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, n_folds
 from workbench.tui.workers import RunActions, WorkerErrors
 
-DETAIL_CURVES = ["train/loss", "eval/ndcg", "eval/task2_f1", "train/lr", "train/samples_per_s", "eval/task3_f1"]
+DETAIL_CURVES = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.TRAIN_LR, mn.TRAIN_SAMPLES_PER_S, mn.EVAL_TASK3_F1]
 FOLD_COLOURS = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_cyan", "bright_magenta", "bright_yellow"]
 
 
@@ -63,6 +64,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self.last_rowid = 0
         self.curve_index = 0
         self.epochs = 1.0
+        self.best: dict[str, float] = {}  # RunStore.best_values of the run, as of the last poll
         self.tail: LogTail | None = None
         self.sampler = TreeSampler()
         self._plotted: tuple | None = None
@@ -94,7 +96,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
     @property
     def curves(self) -> list[str]:
         """DETAIL_CURVES, then a pre-training run's per-task losses (``pretrain/*_loss``) once logged."""
-        extra = sorted(n for n in list(self.series) if n.startswith("pretrain/") and n.endswith("_loss"))
+        extra = sorted(n for n in list(self.series) if n.startswith(mn.PRETRAIN_PREFIX) and n.endswith("_loss"))
         return DETAIL_CURVES + extra
 
     @property
@@ -119,16 +121,17 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
             refresh_statuses(store)
             run = store.get_run(self.run_id)
         if epochs is None:
-            epochs = float(json.loads(run.get("config") or "{}").get("train", {}).get("epochs", 1) or 1)
+            epochs = RunRecord.from_row(run, store.path).epochs
         new = store.metrics_since(run["id"], after_rowid)
         points = [(m["name"], m["fold"], m["fold"] * epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0),
                    m["value"], m["time"]) for m in new]
         last = new[-1]["rowid"] if new else after_rowid
-        self.post_message(DetailPolled(run, points, last, self._poll_log(run), self._read_system(run), epochs))
+        best = store.best_values([run["id"]]).get(run["id"], {})
+        self.post_message(DetailPolled(run, points, last, self._poll_log(run), self._read_system(run), epochs, best))
 
     def on_detail_polled(self, message: DetailPolled) -> None:
         self._polling = False
-        self.epochs, self.last_rowid = message.epochs, message.last_rowid
+        self.epochs, self.last_rowid, self.best = message.epochs, message.last_rowid, message.best
         for name, fold, x, value, t in message.points:
             self.series[name].append((fold, x, value, t))
         run = message.run
@@ -176,11 +179,11 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         else:
             out.append("run: no live process")
         out.append(f"host CPU {cpu:.0f}% RAM {ram_used:.1f}/{ram_total:.0f}G")
-        sps = self.series.get("train/samples_per_s")
+        sps = self.series.get(mn.TRAIN_SAMPLES_PER_S)
         if sps:
             out.append(f"{sps[-1][2]:.1f} pairs/s")
-        total = self.series.get("progress/total_steps")
-        steps = [(t, v) for _, _, v, t in self.series.get("progress/step", [])]
+        total = self.series.get(mn.PROGRESS_TOTAL_STEPS)
+        steps = [(t, v) for _, _, v, t in self.series.get(mn.PROGRESS_STEP, [])]
         if total and steps:
             rate, eta = estimate_eta(steps, total[-1][2])
             done = steps[-1][1] / total[-1][2] if total[-1][2] else 0.0
@@ -193,10 +196,10 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self.run = run
         status = run["status"]
         style = STATUS_STYLES.get(status, "")
-        best = self._best()
+        best = self.best
         exit_code = f" exit {run['exit_code']}" if run.get("exit_code") is not None else ""
-        folds_done = len(self.series.get("fold/done", []))
-        k = json.loads(run.get("config") or "{}").get("train", {}).get("folds")
+        folds_done = len(self.series.get(mn.FOLD_DONE, []))
+        k = n_folds(run)
         folds = f"{folds_done}/{k}" if k else "-"  # a pre-training run has no folds
         self.query_one("#info", Static).update(
             f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  "
@@ -209,21 +212,6 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self.query_one("#system", Static).update(system)
         if metrics_changed or self._plotted is None:
             self._plot()
-
-    def _best(self) -> dict[str, float]:
-        """Best so far: the CV value if logged, else the mean over folds of each fold's best eval."""
-        out = {}
-        for name in ("ndcg", "task2_f1", "final_ndcg"):
-            cv = self.series.get(f"cv/{name}")
-            if cv:
-                out[name] = cv[-1][2]
-                continue
-            per_fold: dict[int, float] = {}
-            for fold, _, v, _ in self.series.get(f"eval/{name}", []):
-                per_fold[fold] = max(per_fold.get(fold, float("-inf")), v)
-            if per_fold:
-                out[name] = sum(per_fold.values()) / len(per_fold)
-        return out
 
     def _plot(self) -> None:
         name = self.curve_name
@@ -240,7 +228,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
             by_fold[fold][1].append(v)
         for fold, (xs, ys) in sorted(by_fold.items()):
             colour = FOLD_COLOURS[fold % len(FOLD_COLOURS)]
-            if len(xs) > 1 and not name.startswith("eval/"):
+            if len(xs) > 1 and not name.startswith(mn.EVAL_PREFIX):
                 plot.plot(xs, ys, line_style=colour, hires_mode=HiResMode.BRAILLE, label=f"fold {fold}")
             else:
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=f"fold {fold}")

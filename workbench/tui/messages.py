@@ -73,11 +73,13 @@ class SystemReadings:
 class DetailPolled(Message):
     """One poll of the run detail: the run row, its new metric points ``(name, fold, x, value,
     time)`` up to metric row ``last_rowid``, the log lines appended since the last poll, the
-    system readings, and the run's epochs per fold (the x axis)."""
+    system readings, the run's epochs per fold (the x axis) and its best values so far
+    (:meth:`core.runs.RunStore.best_values`)."""
 
     def __init__(self, run: dict, points: list[tuple], last_rowid: int, lines: list[str],
-                 readings: SystemReadings, epochs: float) -> None:
+                 readings: SystemReadings, epochs: float, best: dict[str, float] | None = None) -> None:
         super().__init__()
+        self.best = best or {}
         self.run = run
         self.points = points
         self.last_rowid = last_rowid
