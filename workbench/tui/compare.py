@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
+from core import metric_names as mn
 from core.compare import CURVE_METRICS, COMPARE_METRICS, config_diff, curve, metric_summary, run_configs
 from workbench.tui.messages import CompareLoaded
 from workbench.tui.workers import WorkerErrors
@@ -133,7 +134,7 @@ class CompareScreen(WorkerErrors, Screen):
             colour = RUN_COLOURS[i % len(RUN_COLOURS)]
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             n += len(pts)
-            if len(pts) > 1 and not name.startswith("eval/"):
+            if len(pts) > 1 and not name.startswith(mn.EVAL_PREFIX):
                 plot.plot(xs, ys, line_style=colour, hires_mode=HiResMode.BRAILLE, label=self.names.get(rid, rid))
             else:
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=self.names.get(rid, rid))

@@ -11,7 +11,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
-from core.launcher import ACTIVE, refresh_statuses
+from core.launcher import refresh_statuses
+from core.runs import ACTIVE, Status
 from workbench.tui.messages import GpuRead, RunsLoaded, RunsUnchanged, WorkerFailed
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
 from workbench.tui.table import Column, VirtualTable
@@ -206,7 +207,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self._update_bars()
 
     def _update_bars(self) -> None:
-        running = sum(r["status"] == "running" for r in self.all_rows)
+        running = sum(r["status"] == Status.RUNNING for r in self.all_rows)
         self.query_one("#topbar", Static).update(
             f"[b]{self.services.display_path()}[/b]  runs {running} running / {len(self.all_rows)} total  "
             f"{self.gpu_line}")

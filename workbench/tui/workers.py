@@ -17,6 +17,7 @@ from typing import ClassVar
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
+from core.runs import Status
 from workbench.tui.messages import RunRelaunched, RunResumed, RunStopped, WorkerFailed
 
 
@@ -79,7 +80,7 @@ class RunActions:
     def action_resume(self) -> None:
         run = self.lifecycle_run()
         if run is not None:
-            self.app.resume_run(run["id"], all_folds=run["status"] == "partial")
+            self.app.resume_run(run["id"], all_folds=run["status"] == Status.PARTIAL)
 
 
 class RunLifecycle:
