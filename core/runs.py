@@ -479,7 +479,7 @@ class RunStore:
 
     # -- writes ---------------------------------------------------------------------------
     def create_run(self, name: str, config: dict[str, Any], run_dir: str | None = None,
-                   run_id: str | None = None, status: str = "queued") -> str:
+                   run_id: str | None = None, status: str = Status.QUEUED) -> str:
         """Insert a run row and return its id."""
         run_id = run_id or new_run_id()
         row = {
