@@ -249,12 +249,14 @@ def load_fold_result(ctx: TrainContext, stage: str, k: int) -> FoldResult | None
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The torch, CUDA, NumPy and Python RNG states (a step checkpoint's ``rng``)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -292,49 +294,65 @@ def load_step_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------- one fold
-def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra: np.ndarray) -> FoldResult:
-    """Train fold ``k`` (continuing from its step checkpoint if one exists) and write its result.
+@dataclass
+class FoldSetup:
+    """Everything fold ``k`` trains with: the prepared model/optimizer/scheduler/loader (and the
+    raw optimizer and scheduler whose state a checkpoint saves), the tricks' objects, the fold's
+    validation rows ``va`` (rows of df, train order) and its side features."""
 
-    Args:
-        ctx: the run's shared state.
-        k: the validation fold.
-        stage: ``"final"``, or ``"teacher"`` (the first pass of self-distillation /
-            pseudo-labels: metrics logged as ``teacher/*``, no model checkpoint saved).
-        targets: (len(df), 4) float32 target distribution of every row (one-hot for hard labels).
-        extra: rows of df trained on in addition to the other folds (pseudo-labelled test rows).
+    k: int
+    stage: str
+    model: Any
+    unwrapped: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    raw_optimizer: torch.optim.Optimizer
+    raw_scheduler: Any
+    loader: Any
+    sampler: LengthGroupedBatchSampler
+    trainable: list[torch.nn.Parameter]
+    emb: torch.nn.Parameter
+    attack_only_emb: bool
+    adversary: Any
+    awp: AWP | None
+    ema: EMA | None
+    mix_rng: np.random.Generator
+    feats: RowFeatures | None
+    id_vocab: Any
+    va: np.ndarray
+    va_frame: pd.DataFrame
+    batches_per_epoch: int
+    eval_points: set[int]
+    extra: np.ndarray
 
-    Returns:
-        The fold's :class:`FoldResult` (also written to disk).
+    @property
+    def final(self) -> bool:
+        return self.stage == "final"
 
-    Raises:
-        core.lifecycle.RunStopped: a stop was requested (checked before every step).
-        WorkbenchError: a file cannot be written.
-    """
+    @property
+    def who(self) -> str:
+        return "" if self.final else "teacher "
+
+    def mname(self, name: str) -> str:
+        """The metric's name in this stage (``teacher/train_loss`` for the teacher pass)."""
+        return name if self.final else "teacher/" + name.replace("/", "_")
+
+
+def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra: np.ndarray) -> FoldSetup:
+    """Build fold ``k``'s model (fresh weights of ``model.name``), AdamW with its parameter groups,
+    the linear warm-up/decay schedule, the length-grouped batches of its training rows (+ ``extra``
+    rows) and the tricks' objects, prepared by ``accelerate``. Seeds ``train.seed + k`` first."""
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    cfg, store, run_id, acc = ctx.cfg, ctx.store, ctx.run_id, ctx.accelerator
+    cfg, acc = ctx.cfg, ctx.accelerator
     tc, tk, fc = cfg.train, cfg.tricks, cfg.features
-    final = stage == "final"
-    who = "" if final else "teacher "
-
-    def mname(name: str) -> str:
-        return name if final else "teacher/" + name.replace("/", "_")
-
-    fold_dir = ctx.fold_dir(stage, k)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = fold_dir / "resume.pt"
-    t_fold = time.time()
     set_seed(tc.seed + k)
-
-    # ---- this fold's rows, side features, model, optimiser, scheduler, batches -------------
     tr = ctx.train_rows(k)
     id_vocab = build_id_vocab(ctx.df.iloc[tr], fc.id_fields, fc.id_min_count) if fc.id_embeddings else None
     if len(extra):
         tr = np.concatenate([tr, extra])
-    va_local = np.flatnonzero(ctx.folds == k)  # positions in train order
-    va = ctx.train_idx[va_local]
-    va_frame = ctx.df.iloc[va]
+    va = ctx.train_idx[ctx.folds == k]
     feats = RowFeatures(ctx.bags, encode_ids(ctx.df, id_vocab) if id_vocab is not None else None) \
         if features_on(fc) else None
     if id_vocab is not None:
@@ -370,162 +388,233 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     awp = AWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch, start_loss=tk.awp_start_loss,
               skip_prefixes=(PARAM_PREFIX,)) if tk.awp else None  # side-feature tables never perturbed
     ema = EMA(unwrapped, tk.ema_decay) if tk.ema else None
-    mix_rng = np.random.default_rng(tc.seed + k)
     eval_points = {min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
                    for j in range(tc.evals_per_epoch)}
+    return FoldSetup(k, stage, model, unwrapped, optimizer, scheduler, raw_optimizer, raw_scheduler, loader, sampler,
+                     trainable, emb, attack_only_emb, adversary, awp, ema, np.random.default_rng(tc.seed + k), feats,
+                     id_vocab, va, ctx.df.iloc[va], batches_per_epoch, eval_points, extra)
 
-    def compute_loss(batch, t, mix):
-        """Forward (twice with R-Drop) -> (loss, R-Drop KL or None)."""
-        logits = model(**batch, mix=mix)
-        if mix is not None:
-            t = mix[0] * t + (1.0 - mix[0]) * t[mix[1]]
 
-        def lossf(z):
-            return classification_loss(z, t, tk.loss, label_smoothing=tk.label_smoothing,
-                                       class_weights=ctx.class_weights, poly1_epsilon=tk.poly1_epsilon,
-                                       focal_gamma=tk.focal_gamma)
+def new_loop_state(n_va: int) -> dict[str, Any]:
+    """The fold loop's mutable state (what a step checkpoint saves besides the objects' states):
+    position (epoch, batches done, optimiser steps), the best evaluation, its weights and OOF
+    probabilities (n_va, 4), the running loss and the logging window (loss sum, batches, pairs)."""
+    return {"epoch": 0, "batches_done": 0, "fold_step": 0, "best": {"ndcg": -1.0}, "best_state": None,
+            "oof": np.full((n_va, 4), np.nan, dtype=np.float32), "running_loss": None,
+            "window": [0.0, 0, 0], "extras": {}}
 
-        if not tk.rdrop:
-            return lossf(logits), None
-        logits2 = model(**batch, mix=mix)
-        kl = rdrop_kl(logits, logits2)
-        return 0.5 * (lossf(logits) + lossf(logits2)) + tk.rdrop_alpha * kl, kl
 
-    # ---- the loop's state (what a step checkpoint saves) ----------------------------------
-    s = {"epoch": 0, "batches_done": 0, "fold_step": 0, "best": {"ndcg": -1.0}, "best_state": None,
-         "oof": np.full((len(va), 4), np.nan, dtype=np.float32), "running_loss": None,
-         "window": [0.0, 0, 0], "extras": {}}
-    pending_rng = None
+def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra: np.ndarray) -> FoldResult:
+    """Train fold ``k`` (continuing from its step checkpoint if one exists) and write its result.
+
+    Args:
+        ctx: the run's shared state.
+        k: the validation fold.
+        stage: ``"final"``, or ``"teacher"`` (the first pass of self-distillation /
+            pseudo-labels: metrics logged as ``teacher/*``, no model checkpoint saved).
+        targets: (len(df), 4) float32 target distribution of every row (one-hot for hard labels).
+        extra: rows of df trained on in addition to the other folds (pseudo-labelled test rows).
+
+    Returns:
+        The fold's :class:`FoldResult` (also written to disk).
+
+    Raises:
+        core.lifecycle.RunStopped: a stop was requested (checked before every step).
+        WorkbenchError: a file cannot be written.
+    """
+    tc = ctx.cfg.train
+    fold_dir = ctx.fold_dir(stage, k)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = fold_dir / "resume.pt"
+    t_fold = time.time()
+    fs = setup_fold(ctx, k, stage, targets, extra)
+    s, pending_rng = new_loop_state(len(fs.va)), None
     ckpt = load_step_checkpoint(ckpt_path)
     if ckpt is not None:
-        unwrapped.load_state_dict(ckpt["model"])
-        raw_optimizer.load_state_dict(ckpt["optimizer"])
-        raw_scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.shadow, ema.num_updates = ckpt["ema"]["shadow"], ckpt["ema"]["num_updates"]
-        if awp is not None:
-            awp.started = ckpt["awp_started"]
-        mix_rng.bit_generator.state = ckpt["mix_rng"]
-        acc.step = ckpt["accelerator_step"]
-        s = ckpt["loop"]
-        sampler.resume_at(ckpt["sampler_epoch_state"], s["batches_done"])
-        if s["batches_done"]:  # mid-epoch: restored after the epoch's new loader iterator draws its
-            pending_rng = ckpt["rng"]  # base seed from the torch RNG (the saved state already had it drawn)
-        else:  # at an epoch boundary: before the next epoch's iterator, as in an uninterrupted run
-            _set_rng_state(ckpt["rng"])
-        ctx.global_step = ckpt["global_step"]
-        if ctx.progress is not None:
-            ctx.progress.advance(0, description=f"{who}fold {k} resumed at step {s['fold_step']}")
-        log.info("%sfold %d resumed from %s at epoch %d, batch %d, step %d", who, k, ckpt_path.name, s["epoch"],
+        s, pending_rng = restore_step_checkpoint(ctx, fs, ckpt)
+        log.info("%sfold %d resumed from %s at epoch %d, batch %d, step %d", fs.who, k, ckpt_path.name, s["epoch"],
                  s["batches_done"], s["fold_step"])
     window_t = time.time()
-
-    # ---- train ---------------------------------------------------------------------------
     for epoch in range(s["epoch"], tc.epochs):
         s["epoch"] = epoch
-        model.train()
-        for b_i, batch in enumerate(loader, start=s["batches_done"] + 1):
+        fs.model.train()
+        for b_i, batch in enumerate(fs.loader, start=s["batches_done"] + 1):
             if pending_rng is not None:
-                _set_rng_state(pending_rng)
+                set_rng_state(pending_rng)
                 pending_rng = None
-            check_stop(f"{who}fold {k} step {s['fold_step']}")
-            ep = epoch + b_i / batches_per_epoch
-            with acc.accumulate(model):
-                t = batch.pop("targets")
-                mix = draw_mixup(len(t), tk.mixup_alpha, mix_rng) if tk.mixup else None
-                mix = (mix[0], mix[1].to(t.device)) if mix is not None else None
-                loss, kl = compute_loss(batch, t, mix)
-                acc.backward(loss)
-                if kl is not None:
-                    s["extras"].setdefault("train/rdrop_kl", []).append(kl.item())
-                if adversary is not None:
-                    adv = adversary.backward_adversarial(lambda: compute_loss(batch, t, mix)[0], acc.backward)
-                    s["extras"].setdefault("train/adv_loss", []).append(adv.item())
-                if awp is not None and awp.active(ep, s["running_loss"]):
-                    adv = awp.backward_adversarial(lambda: compute_loss(batch, t, mix)[0], acc.backward)
-                    s["extras"].setdefault("train/awp_loss", []).append(adv.item())
-                grad_norm = acc.clip_grad_norm_(trainable, tc.max_grad_norm) if acc.sync_gradients else None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                if attack_only_emb and acc.sync_gradients:
-                    emb.grad = None
+            check_stop(f"{fs.who}fold {k} step {s['fold_step']}")
+            ep = epoch + b_i / fs.batches_per_epoch
+            loss, grad_norm = train_step(ctx, fs, batch, s, ep)
             s["batches_done"] = b_i
             lv = loss.item()
             s["running_loss"] = lv if s["running_loss"] is None else 0.9 * s["running_loss"] + 0.1 * lv
             s["window"][0] += lv
             s["window"][1] += 1
-            s["window"][2] += len(t)
-            if acc.sync_gradients:
-                if ema is not None:
-                    ema.update(unwrapped)
+            s["window"][2] += len(batch["input_ids"])
+            sync = ctx.accelerator.sync_gradients
+            if sync:
+                if fs.ema is not None:
+                    fs.ema.update(fs.unwrapped)
                 s["fold_step"] += 1
                 ctx.global_step += 1
                 if ctx.progress is not None:
-                    ctx.progress.advance(1, description=f"{who}fold {k} epoch {epoch + 1}/{tc.epochs} loss {lv:.3f}")
+                    ctx.progress.advance(1, description=f"{fs.who}fold {k} epoch {epoch + 1}/{tc.epochs} loss {lv:.3f}")
                 if s["fold_step"] % tc.log_every == 0:
-                    dt = max(time.time() - window_t, 1e-9)
-                    w_loss, w_n, w_pairs = s["window"]
-                    lr_now = scheduler.get_last_lr()[0]
-                    step, fold_step = ctx.global_step, s["fold_step"]
-                    store.log_metrics(run_id, [
-                        *[{"name": mname(n), "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in (
-                            ("train/loss", w_loss / w_n), ("train/lr", lr_now),
-                            ("train/grad_norm", float(grad_norm) if grad_norm is not None else float("nan")),
-                            ("train/samples_per_s", w_pairs / dt),
-                            *[(n, float(np.mean(v))) for n, v in s["extras"].items()])],
-                        {"name": "progress/step", "value": float(step), "fold": -1, "step": step},
-                    ])
-                    log.info("%sfold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s%s", who, k, fold_step, ep,
-                             w_loss / w_n, lr_now, w_pairs / dt,
-                             "".join(f" {n[6:]} {np.mean(v):.4f}" for n, v in s["extras"].items()))
-                    s["window"], s["extras"], window_t = [0.0, 0, 0], {}, time.time()
-            if b_i in eval_points:
-                _evaluate(ctx, k, stage, unwrapped, ema, va, va_frame, feats, s, ep)
-                model.train()
-            if acc.sync_gradients and tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0:
-                save_step_checkpoint(ckpt_path, {
-                    "model": unwrapped.state_dict(), "optimizer": raw_optimizer.state_dict(),
-                    "scheduler": raw_scheduler.state_dict(),
-                    "ema": {"shadow": ema.shadow, "num_updates": ema.num_updates} if ema is not None else None,
-                    "awp_started": awp.started if awp is not None else None,
-                    "mix_rng": mix_rng.bit_generator.state, "rng": _rng_state(), "accelerator_step": acc.step,
-                    # at an epoch's end the generator's current state is where the next epoch starts
-                    "sampler_epoch_state": sampler.epoch_state if b_i < batches_per_epoch
-                    else sampler.rng.bit_generator.state, "global_step": ctx.global_step,
-                    "loop": {**s, "epoch": epoch if b_i < batches_per_epoch else epoch + 1,
-                             "batches_done": b_i if b_i < batches_per_epoch else 0},
-                })
+                    log_window(ctx, fs, s, ep, grad_norm, time.time() - window_t)
+                    window_t = time.time()
+            if b_i in fs.eval_points:
+                _evaluate(ctx, k, stage, fs.unwrapped, fs.ema, fs.va, fs.va_frame, fs.feats, s, ep)
+                fs.model.train()
+            if sync and tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0:
+                save_step_checkpoint(ckpt_path, checkpoint_state(ctx, fs, s, epoch, b_i))
         s["batches_done"] = 0
+    result = finish_fold(ctx, fs, s, t_fold)
+    ckpt_path.unlink(missing_ok=True)
+    return result
 
-    # ---- best checkpoint -> test predictions, saved weights, the fold's files -------------
-    if attack_only_emb:
-        emb.requires_grad_(False)
+
+def compute_loss(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], t: torch.Tensor, mix
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward (twice with R-Drop) -> (loss, R-Drop KL or None); ``t`` (B, 4) target rows,
+    ``mix`` the mixup draw (lam, permutation) or None (:mod:`core.tricks` for the formulas)."""
+    tk = ctx.cfg.tricks
+    logits = fs.model(**batch, mix=mix)
+    if mix is not None:
+        t = mix[0] * t + (1.0 - mix[0]) * t[mix[1]]
+
+    def lossf(z):
+        return classification_loss(z, t, tk.loss, label_smoothing=tk.label_smoothing, class_weights=ctx.class_weights,
+                                   poly1_epsilon=tk.poly1_epsilon, focal_gamma=tk.focal_gamma)
+
+    if not tk.rdrop:
+        return lossf(logits), None
+    logits2 = fs.model(**batch, mix=mix)
+    kl = rdrop_kl(logits, logits2)
+    return 0.5 * (lossf(logits) + lossf(logits2)) + tk.rdrop_alpha * kl, kl
+
+
+def train_step(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], s: dict[str, Any], ep: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch under ``accelerator.accumulate``: loss (+ FGM/PGD and AWP adversarial passes),
+    backward, gradient clipping on sync steps, optimizer and scheduler step. Extra losses go to
+    ``s["extras"]``. Returns (loss, grad norm or None when gradients are still accumulating)."""
+    acc, tc, tk = ctx.accelerator, ctx.cfg.train, ctx.cfg.tricks
+    with acc.accumulate(fs.model):
+        t = batch.pop("targets")
+        mix = draw_mixup(len(t), tk.mixup_alpha, fs.mix_rng) if tk.mixup else None
+        mix = (mix[0], mix[1].to(t.device)) if mix is not None else None
+        loss, kl = compute_loss(ctx, fs, batch, t, mix)
+        acc.backward(loss)
+        if kl is not None:
+            s["extras"].setdefault("train/rdrop_kl", []).append(kl.item())
+        if fs.adversary is not None:
+            adv = fs.adversary.backward_adversarial(lambda: compute_loss(ctx, fs, batch, t, mix)[0], acc.backward)
+            s["extras"].setdefault("train/adv_loss", []).append(adv.item())
+        if fs.awp is not None and fs.awp.active(ep, s["running_loss"]):
+            adv = fs.awp.backward_adversarial(lambda: compute_loss(ctx, fs, batch, t, mix)[0], acc.backward)
+            s["extras"].setdefault("train/awp_loss", []).append(adv.item())
+        grad_norm = acc.clip_grad_norm_(fs.trainable, tc.max_grad_norm) if acc.sync_gradients else None
+        fs.optimizer.step()
+        fs.scheduler.step()
+        fs.optimizer.zero_grad()
+        if fs.attack_only_emb and acc.sync_gradients:
+            fs.emb.grad = None
+    return loss, grad_norm
+
+
+def log_window(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], ep: float, grad_norm, seconds: float) -> None:
+    """Log the window's mean loss, lr, grad norm, pairs/s and extra losses (``train/*``) and the
+    run's ``progress/step``; reset the window."""
+    dt = max(seconds, 1e-9)
+    w_loss, w_n, w_pairs = s["window"]
+    lr_now = fs.scheduler.get_last_lr()[0]
+    step, fold_step, k = ctx.global_step, s["fold_step"], fs.k
+    ctx.store.log_metrics(ctx.run_id, [
+        *[{"name": fs.mname(n), "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in (
+            ("train/loss", w_loss / w_n), ("train/lr", lr_now),
+            ("train/grad_norm", float(grad_norm) if grad_norm is not None else float("nan")),
+            ("train/samples_per_s", w_pairs / dt),
+            *[(n, float(np.mean(v))) for n, v in s["extras"].items()])],
+        {"name": "progress/step", "value": float(step), "fold": -1, "step": step},
+    ])
+    log.info("%sfold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s%s", fs.who, k, fold_step, ep,
+             w_loss / w_n, lr_now, w_pairs / dt, "".join(f" {n[6:]} {np.mean(v):.4f}" for n, v in s["extras"].items()))
+    s["window"], s["extras"] = [0.0, 0, 0], {}
+
+
+def checkpoint_state(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], epoch: int, b_i: int) -> dict[str, Any]:
+    """What ``resume.pt`` holds after batch ``b_i`` of ``epoch``: model, optimizer, scheduler, EMA,
+    AWP, every RNG, the accelerator's accumulation counter, the sampler's position and the loop
+    state ``s`` (at an epoch's end: the next epoch, batch 0, and the generator's current state)."""
+    last = b_i >= fs.batches_per_epoch
+    return {
+        "model": fs.unwrapped.state_dict(), "optimizer": fs.raw_optimizer.state_dict(),
+        "scheduler": fs.raw_scheduler.state_dict(),
+        "ema": {"shadow": fs.ema.shadow, "num_updates": fs.ema.num_updates} if fs.ema is not None else None,
+        "awp_started": fs.awp.started if fs.awp is not None else None,
+        "mix_rng": fs.mix_rng.bit_generator.state, "rng": rng_state(), "accelerator_step": ctx.accelerator.step,
+        "sampler_epoch_state": fs.sampler.rng.bit_generator.state if last else fs.sampler.epoch_state,
+        "global_step": ctx.global_step,
+        "loop": {**s, "epoch": epoch + 1 if last else epoch, "batches_done": 0 if last else b_i},
+    }
+
+
+def restore_step_checkpoint(ctx: TrainContext, fs: FoldSetup, ckpt: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Load a ``resume.pt`` into the fold's objects. Returns (loop state, the RNG state still to
+    restore after the epoch's loader iterator draws its base seed, or None when it was restored
+    here, at an epoch boundary, as an uninterrupted run has it before the next iterator)."""
+    fs.unwrapped.load_state_dict(ckpt["model"])
+    fs.raw_optimizer.load_state_dict(ckpt["optimizer"])
+    fs.raw_scheduler.load_state_dict(ckpt["scheduler"])
+    if fs.ema is not None:
+        fs.ema.shadow, fs.ema.num_updates = ckpt["ema"]["shadow"], ckpt["ema"]["num_updates"]
+    if fs.awp is not None:
+        fs.awp.started = ckpt["awp_started"]
+    fs.mix_rng.bit_generator.state = ckpt["mix_rng"]
+    ctx.accelerator.step = ckpt["accelerator_step"]
+    s = ckpt["loop"]
+    fs.sampler.resume_at(ckpt["sampler_epoch_state"], s["batches_done"])
+    ctx.global_step = ckpt["global_step"]
+    if ctx.progress is not None:
+        ctx.progress.advance(0, description=f"{fs.who}fold {fs.k} resumed at step {s['fold_step']}")
+    if s["batches_done"]:  # mid-epoch: the saved state already had this epoch's base seed drawn
+        return s, ckpt["rng"]
+    set_rng_state(ckpt["rng"])
+    return s, None
+
+
+def finish_fold(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], t_fold: float) -> FoldResult:
+    """The best weights -> test predictions, ``model.safetensors`` (final stage), the fold's files
+    and its ``fold/*`` metric rows (``fold/seconds``: since ``t_fold``, a ``time.time()``)."""
+    tc, fc, k = ctx.cfg.train, ctx.cfg.features, fs.k
+    if fs.attack_only_emb:
+        fs.emb.requires_grad_(False)
     if s["best_state"] is None:
         raise WorkbenchError(f"fold {k}: no evaluation ran (no training batch?)")
-    unwrapped.load_state_dict(s["best_state"])
-    test_probs = predict_proba(unwrapped, ctx.encoded, ctx.test_idx, tc.eval_batch_size, ctx.pad_id, ctx.device,
-                               ctx.autocast_dtype, feats) if len(ctx.test_idx) else None
-    if final and tc.save_checkpoints and acc.is_main_process:
+    fs.unwrapped.load_state_dict(s["best_state"])
+    test_probs = predict_proba(fs.unwrapped, ctx.encoded, ctx.test_idx, tc.eval_batch_size, ctx.pad_id, ctx.device,
+                               ctx.autocast_dtype, fs.feats) if len(ctx.test_idx) else None
+    fold_dir = ctx.fold_dir(fs.stage, k)
+    if fs.final and tc.save_checkpoints and ctx.accelerator.is_main_process:
         from safetensors.torch import save_file
 
         atomic_write(fold_dir / "model.safetensors", lambda p: save_file(
             {n: t_.contiguous() for n, t_ in s["best_state"].items()}, str(p)))
-        store.add_artifact(run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
+        ctx.store.add_artifact(ctx.run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
         if features_on(fc):  # the shapes and ID vocabularies the checkpoint's tables belong to
-            store.add_artifact(run_id, "features", save_fold_features(fold_dir, fc, id_vocab), fold=k)
+            ctx.store.add_artifact(ctx.run_id, "features", save_fold_features(fold_dir, fc, fs.id_vocab), fold=k)
     seconds = time.time() - t_fold
     best = s["best"]
-    rows = [{"name": mname(f"fold/{n}"), "value": best[n], "fold": k} for n in ("ndcg", "task2_f1", "task3_f1")]
-    rows += [{"name": mname("fold/seconds"), "value": seconds, "fold": k}]
-    rows += [{"name": "fold/done", "value": 1.0, "fold": k}] if final else []
-    rows += [{"name": "tricks/pseudo_rows", "value": float(len(extra)), "fold": k}] if final and tk.pseudo_label else []
-    result = FoldResult(k, stage, s["oof"], test_probs, best, seconds, ctx.global_step, rows)
+    rows = [{"name": fs.mname(f"fold/{n}"), "value": best[n], "fold": k} for n in ("ndcg", "task2_f1", "task3_f1")]
+    rows += [{"name": fs.mname("fold/seconds"), "value": seconds, "fold": k}]
+    rows += [{"name": "fold/done", "value": 1.0, "fold": k}] if fs.final else []
+    rows += [{"name": "tricks/pseudo_rows", "value": float(len(fs.extra)), "fold": k}] \
+        if fs.final and ctx.cfg.tricks.pseudo_label else []
+    result = FoldResult(k, fs.stage, s["oof"], test_probs, best, seconds, ctx.global_step, rows)
     write_fold_result(ctx, result)
-    store.log_metrics(run_id, rows)
-    ckpt_path.unlink(missing_ok=True)
-    log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", who, k, seconds, best["ndcg"], best["epoch"])
-    acc.free_memory()
+    ctx.store.log_metrics(ctx.run_id, rows)
+    log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", fs.who, k, seconds, best["ndcg"], best["epoch"])
+    ctx.accelerator.free_memory()
     return result
 
 

@@ -875,7 +875,7 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
     ckpt_path = run_dir / "resume.pt"
     start_epoch, start_b = 0, 0
     if resume:
-        from core.fold_loop import _set_rng_state
+        from core.fold_loop import set_rng_state
 
         if ckpt:
             model.load_state_dict(ckpt["model"])
@@ -888,7 +888,7 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
             if p2q is not None:
                 p2q.rng.bit_generator.state, p2q.order, p2q.pos = ckpt["p2q"]
             rng.bit_generator.state = ckpt["epoch_rng"]
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
             global_step, window, window_items = ckpt["global_step"], ckpt["window"], ckpt["window_items"]
             first_losses, last_losses = ckpt["first_losses"], ckpt["last_losses"]
             start_epoch, start_b = ckpt["epoch"], ckpt["b"]
@@ -947,7 +947,7 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
                 done = True
                 break
             if tc.checkpoint_every and global_step % tc.checkpoint_every == 0:
-                from core.fold_loop import _rng_state, save_step_checkpoint
+                from core.fold_loop import rng_state, save_step_checkpoint
 
                 last_b = b + 1 == steps_per_epoch  # at an epoch's end the next epoch starts from rng's state now
                 save_step_checkpoint(ckpt_path, {
@@ -955,7 +955,7 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
                     "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
                     "queue": queue.buf if queue is not None else None, "gen": gen.get_state(),
                     "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
-                    "epoch_rng": rng.bit_generator.state if last_b else epoch_rng, "rng": _rng_state(),
+                    "epoch_rng": rng.bit_generator.state if last_b else epoch_rng, "rng": rng_state(),
                     "global_step": global_step, "window": window, "window_items": window_items,
                     "first_losses": first_losses, "last_losses": last_losses,
                     "epoch": epoch + 1 if last_b else epoch, "b": 0 if last_b else b + 1})
