@@ -751,236 +751,281 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
 
 def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tmp_dir: Path, tokenizer,
               corpus: PretrainCorpus, backbone: nn.Module, progress, resume: bool = False) -> PretrainResult:
-    from transformers import get_linear_schedule_with_warmup
+    """The run's body: [delete the metric rows a resume logs again] -> build the loop -> [restore
+    the step checkpoint] -> train -> write the backbone folder (temp folder, then rename)."""
+    from core.fold_loop import load_step_checkpoint
 
     t0 = time.time()
-    tc, tk = cfg.train, cfg.tasks
-    enabled = tk.enabled()
     ckpt = None
     if resume:  # metric rows after the last step checkpoint are logged again: delete them first
-        from core.fold_loop import load_step_checkpoint
-
         ckpt = load_step_checkpoint(run_dir / "resume.pt")
         after = ckpt["global_step"] if ckpt else 0
         store.delete_metrics(run_id, fold=0, after_step=after)
         store.delete_metrics(run_id, fold=-1, names=["progress/step"], after_step=after)
         store.delete_metrics(run_id, fold=-1, name_prefixes=["pretrain/", "progress/total_steps"])
-    torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    gen = torch.Generator().manual_seed(tc.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prods = corpus.products
-    n = len(prods)
+    loop = PretrainLoop(cfg, store, run_id, run_dir, tokenizer, corpus, backbone, progress)
+    if ckpt:
+        loop.restore(ckpt)
+    loop.train()
+    if loop.global_step == 0:
+        raise DataError(cfg.data.dir, "no pre-training step could run (fewer than 2 products with text?)")
+    final = loop.save_backbone(tmp_dir)
+    loop.ckpt_path.unlink(missing_ok=True)
+    seconds = time.time() - t0
+    store.log_metrics(run_id, [{"name": "pretrain/seconds", "value": seconds, "fold": -1},
+                               *[{"name": f"pretrain/final_{t}_loss", "value": v, "fold": -1}
+                                 for t, v in loop.last_losses.items() if t != "total"]])
+    log.info("backbone written to %s (%d steps, %.0f s)", final, loop.global_step, seconds)
+    return PretrainResult(run_id, run_dir, final, loop.first_losses, loop.last_losses, loop.global_step, seconds)
 
-    brand_vocab = build_vocab(prods["brand"].tolist(), tk.brand.min_count, tk.brand.max_size) if tk.brand.enabled else None
-    color_vocab = build_vocab(prods["color"].tolist(), tk.color.min_count, tk.color.max_size) if tk.color.enabled else None
-    brand_y = brand_vocab.encode(prods["brand"].tolist()) if brand_vocab else None
-    color_y = color_vocab.encode(prods["color"].tolist()) if color_vocab else None
-    attr_text = None
-    if brand_vocab or color_vocab:
-        mask_tok = tokenizer.mask_token or tokenizer.unk_token or ""
-        attr_text = [mask_values(t, [b if brand_vocab else "", c if color_vocab else ""], mask_tok)
-                     for t, b, c in zip(prods["text"], prods["brand"], prods["color"])]
-    p2q = P2QSampler(corpus, tk.p2q, tc.seed + 1) if tk.p2q.enabled else None
-    log.info("pre-training %s on %s: %d products, %d judged positive pairs, tasks %s%s%s", cfg.model.name,
-             cfg.data.dir, n, len(corpus.pairs), enabled,
-             f", brand classes {len(brand_vocab)} ({(brand_y > 0).sum()} products in, {(brand_y == 0).sum()} other, "
-             f"{(brand_y < 0).sum()} empty)" if brand_vocab else "",
-             f", colour classes {len(color_vocab)} ({(color_y > 0).sum()} in, {(color_y == 0).sum()} other, "
-             f"{(color_y < 0).sum()} empty)" if color_vocab else "")
 
-    model = MultitaskModel(backbone, cfg.model.pooling, len(brand_vocab) if brand_vocab else None,
-                           len(color_vocab) if color_vocab else None, tk.mlm.enabled, tk.p2q.enabled).to(device)
-    emb = backbone.get_input_embeddings().weight
-    if tc.freeze_embeddings:
-        emb.requires_grad_(False)
-    momentum_bb = None
-    queue = None
-    if tk.contrastive.enabled:
-        momentum_bb = copy.deepcopy(backbone).to(device)
-        momentum_bb.eval()
-        for p in momentum_bb.parameters():
-            p.requires_grad_(False)
-        queue = FeatureQueue(tk.contrastive.queue_size, backbone.config.hidden_size)
+class PretrainLoop:
+    """Multitask pre-training of one backbone (Algorithm 1 of the MultiTask Pre-Training seed):
+    every step draws one batch of products and adds the weighted losses of the enabled tasks.
 
-    # backbone at lr (no decay on biases / LayerNorm), task heads at head_lr without decay
-    groups = param_groups(model, tc.lr, tc.head_lr, tc.weight_decay)
-    optimizer = torch.optim.AdamW(groups)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
-    total = steps_per_epoch * tc.epochs
-    if tc.max_steps:
-        total = min(total, tc.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total), total)
-    store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(total), "fold": -1},
-                               *[{"name": f"pretrain/{t}_on", "value": 1.0, "fold": -1} for t in enabled]])
-    progress.start(total, "pre-training")
-    pos_per_step = max(1, tc.batch_size // (1 + tk.p2q.negatives_per_positive))
+    Built in the order that fixes the random draws (``torch.manual_seed(train.seed)`` first):
+    brand/colour vocabularies, the Product2Query sampler, the model and its heads, the momentum
+    encoder and queue (contrastive), AdamW and the linear schedule. ``restore``/``checkpoint``
+    read and write the step checkpoint (``resume.pt``); ``train`` runs the steps; ``save_backbone``
+    writes ``runs/<id>/backbone``.
+    """
 
-    def tok(texts, pairs=None) -> dict[str, torch.Tensor]:
-        enc = tokenizer(texts, pairs, truncation="longest_first" if pairs is not None else True,
-                        max_length=cfg.model.max_length, padding=True, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    def __init__(self, cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tokenizer,
+                 corpus: PretrainCorpus, backbone: nn.Module, progress):
+        from transformers import get_linear_schedule_with_warmup
 
-    state: dict[str, torch.Tensor] = {}  # the momentum encoder's keys of the batch, enqueued after the step
+        self.cfg, self.store, self.run_id, self.run_dir = cfg, store, run_id, run_dir
+        self.tokenizer, self.corpus, self.progress = tokenizer, corpus, progress
+        tc, tk = cfg.train, cfg.tasks
+        self.enabled = tk.enabled()
+        torch.manual_seed(tc.seed)
+        self.rng = np.random.default_rng(tc.seed)
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        prods = self.prods = corpus.products
+        self.n = len(prods)
+        self._build_targets()
+        self.model = MultitaskModel(backbone, cfg.model.pooling, len(self.brand_vocab) if self.brand_vocab else None,
+                                    len(self.color_vocab) if self.color_vocab else None, tk.mlm.enabled,
+                                    tk.p2q.enabled).to(self.device)
+        if tc.freeze_embeddings:
+            backbone.get_input_embeddings().weight.requires_grad_(False)
+        self.momentum_bb, self.queue = None, None
+        if tk.contrastive.enabled:
+            self.momentum_bb = copy.deepcopy(backbone).to(self.device)
+            self.momentum_bb.eval()
+            for p in self.momentum_bb.parameters():
+                p.requires_grad_(False)
+            self.queue = FeatureQueue(tk.contrastive.queue_size, backbone.config.hidden_size)
+        # backbone at lr (no decay on biases / LayerNorm), task heads at head_lr without decay
+        groups = param_groups(self.model, tc.lr, tc.head_lr, tc.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.steps_per_epoch = math.ceil(self.n / tc.batch_size)
+        total = self.steps_per_epoch * tc.epochs
+        self.total = min(total, tc.max_steps) if tc.max_steps else total
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * self.total), self.total)
+        store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(self.total), "fold": -1},
+                                   *[{"name": f"pretrain/{t}_on", "value": 1.0, "fold": -1} for t in self.enabled]])
+        progress.start(self.total, "pre-training")
+        self.pos_per_step = max(1, tc.batch_size // (1 + tk.p2q.negatives_per_positive))
+        self.weights = {t: getattr(tk, t).weight for t in TASKS}
+        self.keys: torch.Tensor | None = None  # the momentum encoder's keys of the batch, enqueued after the step
+        self.ckpt_path = run_dir / "resume.pt"
+        self.global_step, self.window, self.window_items = 0, {}, 0
+        self.first_losses: dict[str, float] = {}
+        self.last_losses: dict[str, float] = {}
+        self.start_epoch, self.start_b = 0, 0
 
-    def step_losses(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """One batch of every enabled task (Algorithm 1) -> {task: scalar loss}."""
+    def _build_targets(self) -> None:
+        """Brand/colour vocabularies and class ids, their masked texts, the Product2Query sampler."""
+        cfg, tk, prods = self.cfg, self.cfg.tasks, self.prods
+        self.brand_vocab = build_vocab(prods["brand"].tolist(), tk.brand.min_count, tk.brand.max_size) \
+            if tk.brand.enabled else None
+        self.color_vocab = build_vocab(prods["color"].tolist(), tk.color.min_count, tk.color.max_size) \
+            if tk.color.enabled else None
+        brand_y = self.brand_y = self.brand_vocab.encode(prods["brand"].tolist()) if self.brand_vocab else None
+        color_y = self.color_y = self.color_vocab.encode(prods["color"].tolist()) if self.color_vocab else None
+        self.attr_text = None
+        if self.brand_vocab or self.color_vocab:
+            mask_tok = self.tokenizer.mask_token or self.tokenizer.unk_token or ""
+            self.attr_text = [mask_values(t, [b if self.brand_vocab else "", c if self.color_vocab else ""], mask_tok)
+                              for t, b, c in zip(prods["text"], prods["brand"], prods["color"])]
+        self.p2q = P2QSampler(self.corpus, tk.p2q, cfg.train.seed + 1) if tk.p2q.enabled else None
+        log.info("pre-training %s on %s: %d products, %d judged positive pairs, tasks %s%s%s", cfg.model.name,
+                 cfg.data.dir, self.n, len(self.corpus.pairs), self.enabled,
+                 f", brand classes {len(self.brand_vocab)} ({(brand_y > 0).sum()} products in, "
+                 f"{(brand_y == 0).sum()} other, {(brand_y < 0).sum()} empty)" if self.brand_vocab else "",
+                 f", colour classes {len(self.color_vocab)} ({(color_y > 0).sum()} in, {(color_y == 0).sum()} other, "
+                 f"{(color_y < 0).sum()} empty)" if self.color_vocab else "")
+
+    def tok(self, texts, pairs=None) -> dict[str, torch.Tensor]:
+        """Tokenize texts (or text pairs) to ``model.max_length``, padded, on the device."""
+        enc = self.tokenizer(texts, pairs, truncation="longest_first" if pairs is not None else True,
+                             max_length=self.cfg.model.max_length, padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def step_losses(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """One batch of every enabled task (Algorithm 1): ``idx`` (B,) product rows -> {task: scalar loss}."""
+        tk, model, device, prods = self.cfg.tasks, self.model, self.device, self.prods
         losses: dict[str, torch.Tensor] = {}
         texts = prods["text"].iloc[idx].tolist()
         if tk.mlm.enabled:
             batch = {k: v.to(device) for k, v in
-                     mlm_batch(tokenizer, texts, cfg.model.max_length, tk.mlm.mask_probability, gen).items()}
+                     mlm_batch(self.tokenizer, texts, self.cfg.model.max_length, tk.mlm.mask_probability, self.gen).items()}
             labels = batch.pop("labels")
             sel = labels != IGNORE_INDEX
             if sel.any():
                 h = model.encode(batch)[sel]
                 logits = model.heads["mlm"](h, model.backbone.get_input_embeddings().weight)
                 losses["mlm"] = F.cross_entropy(logits.float(), labels[sel])
-        if p2q is not None:
-            queries, rows, y = p2q.draw(pos_per_step)
-            batch = tok(queries, prods["text"].iloc[rows].tolist())
+        if self.p2q is not None:
+            queries, rows, y = self.p2q.draw(self.pos_per_step)
+            batch = self.tok(queries, prods["text"].iloc[rows].tolist())
             pooled = model.pool(model.encode(batch), batch["attention_mask"])
             logit = model.heads["p2q"](pooled).squeeze(-1).float()
             losses["p2q"] = F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y).to(device))
-        if attr_text is not None:
-            yb = brand_y[idx] if brand_y is not None else None
-            yc = color_y[idx] if color_y is not None else None
+        if self.attr_text is not None:
+            yb = self.brand_y[idx] if self.brand_y is not None else None
+            yc = self.color_y[idx] if self.color_y is not None else None
             if (yb is not None and (yb != IGNORE_INDEX).any()) or (yc is not None and (yc != IGNORE_INDEX).any()):
-                batch = tok([attr_text[i] for i in idx])
+                batch = self.tok([self.attr_text[i] for i in idx])
                 pooled = model.pool(model.encode(batch), batch["attention_mask"])
                 for name, y_ in (("brand", yb), ("color", yc)):
                     if y_ is not None and (y_ != IGNORE_INDEX).any():
                         losses[name] = F.cross_entropy(model.heads[name](pooled).float(),
                                                        torch.from_numpy(y_).to(device), ignore_index=IGNORE_INDEX)
-        if momentum_bb is not None:
-            batch = tok(texts)
+        if self.momentum_bb is not None:
+            batch = self.tok(texts)
             two = {k: torch.cat([v, v], 0) for k, v in batch.items()}  # two dropout views in one pass
             z = model.pool(model.encode(two), two["attention_mask"])
             z1, z2 = z[: len(idx)], z[len(idx):]
-            losses["contrastive"] = info_nce(z1, z2, queue.tensor.to(device) if len(queue) else None, tk.contrastive.tau)
+            losses["contrastive"] = info_nce(z1, z2, self.queue.tensor.to(device) if len(self.queue) else None,
+                                             tk.contrastive.tau)
             with torch.no_grad():
-                keys = model.pool(model.encode(batch, backbone=momentum_bb), batch["attention_mask"])
-            state["keys"] = F.normalize(keys.float(), dim=-1)
+                keys = model.pool(model.encode(batch, backbone=self.momentum_bb), batch["attention_mask"])
+            self.keys = F.normalize(keys.float(), dim=-1)
         return losses
 
-    weights = {t: getattr(tk, t).weight for t in TASKS}
-    global_step = 0
-    window: dict[str, list[float]] = {}
-    first_losses: dict[str, float] = {}
-    last_losses: dict[str, float] = {}
-    window_t, window_items = time.time(), 0
-    trainable = [p for g in groups for p in g["params"]]
-    # ---- resume: the last step checkpoint (model, heads, momentum encoder, queue, optimiser,
-    # scheduler, every RNG, the epoch's order and position, the loss windows) ---------------
-    ckpt_path = run_dir / "resume.pt"
-    start_epoch, start_b = 0, 0
-    if resume:
+    def train(self) -> None:
+        """Steps until ``total`` (epochs x batches, capped by ``max_steps``); a requested stop
+        takes effect before each step (:func:`core.lifecycle.check_stop`)."""
+        tc, tk = self.cfg.train, self.cfg.tasks
+        self.model.train()
+        window_t = time.time()
+        for epoch in range(self.start_epoch, tc.epochs):
+            epoch_rng = self.rng.bit_generator.state
+            order = self.rng.permutation(self.n)
+            for b in range(self.start_b if epoch == self.start_epoch else 0, self.steps_per_epoch):
+                check_stop(f"pre-training step {self.global_step}")  # SIGTERM/SIGINT take effect here
+                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
+                if len(idx) < 2:  # in-batch negatives need two products
+                    continue
+                losses = self.step_losses(idx)
+                if not losses:
+                    continue
+                loss = sum(self.weights[t] * v for t, v in losses.items())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.momentum_bb is not None:
+                    momentum_update(self.momentum_bb, self.model.backbone, tk.contrastive.momentum)
+                    self.queue.enqueue(self.keys.cpu())
+                    self.keys = None
+                self.global_step += 1
+                self.window_items += len(idx)
+                for t, v in losses.items():
+                    self.window.setdefault(t, []).append(float(v.item()))
+                self.window.setdefault("total", []).append(float(loss.item()))
+                ep = epoch + (b + 1) / self.steps_per_epoch
+                self.progress.advance(1, description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                if self.global_step % tc.log_every == 0 or self.global_step == self.total:
+                    self.log_window(ep, time.time() - window_t)
+                    window_t = time.time()
+                if self.global_step >= self.total:
+                    return
+                if tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
+                    self.checkpoint(epoch, b, epoch_rng)
+
+    def log_window(self, ep: float, seconds: float) -> None:
+        """Per-task and total mean losses, lr and products/s of the window (``pretrain/*_loss``,
+        ``train/*``, ``progress/step``); keeps the first and last window's means."""
+        dt, step = max(seconds, 1e-9), self.global_step
+        means = {t: float(np.mean(v)) for t, v in self.window.items()}
+        lr_now = self.scheduler.get_last_lr()[0]
+        rows = [{"name": f"pretrain/{t}_loss", "value": v, "fold": 0, "step": step, "epoch": ep}
+                for t, v in means.items() if t != "total"]
+        rows += [
+            {"name": "train/loss", "value": means["total"], "fold": 0, "step": step, "epoch": ep},
+            {"name": "train/lr", "value": lr_now, "fold": 0, "step": step, "epoch": ep},
+            {"name": "train/samples_per_s", "value": self.window_items / dt, "fold": 0, "step": step, "epoch": ep},
+            {"name": "progress/step", "value": float(step), "fold": -1, "step": step},
+        ]
+        self.store.log_metrics(self.run_id, rows)
+        if not self.first_losses:
+            self.first_losses = dict(means)
+        self.last_losses = dict(means)
+        log.info("step %d/%d epoch %.2f loss %.4f (%s) lr %.2e %.1f products/s", step, self.total, ep,
+                 means["total"], " ".join(f"{t} {v:.4f}" for t, v in means.items() if t != "total"),
+                 lr_now, self.window_items / dt)
+        self.window, self.window_items = {}, 0
+
+    def checkpoint(self, epoch: int, b: int, epoch_rng: dict) -> None:
+        """Write ``resume.pt`` after batch ``b`` of ``epoch`` (``epoch_rng``: the order generator's
+        state when the epoch began; at an epoch's end the next epoch starts from its state now)."""
+        from core.fold_loop import rng_state, save_step_checkpoint
+
+        last_b = b + 1 == self.steps_per_epoch
+        p2q, queue, momentum_bb = self.p2q, self.queue, self.momentum_bb
+        save_step_checkpoint(self.ckpt_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
+            "queue": queue.buf if queue is not None else None, "gen": self.gen.get_state(),
+            "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
+            "epoch_rng": self.rng.bit_generator.state if last_b else epoch_rng, "rng": rng_state(),
+            "global_step": self.global_step, "window": self.window, "window_items": self.window_items,
+            "first_losses": self.first_losses, "last_losses": self.last_losses,
+            "epoch": epoch + 1 if last_b else epoch, "b": 0 if last_b else b + 1})
+
+    def restore(self, ckpt: dict) -> None:
+        """Load a ``resume.pt``: weights, heads, momentum encoder, queue, optimizer, scheduler,
+        every generator, the epoch's order and position, the loss windows."""
         from core.fold_loop import set_rng_state
 
-        if ckpt:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if momentum_bb is not None:
-                momentum_bb.load_state_dict(ckpt["momentum"])
-                queue.buf = ckpt["queue"]
-            gen.set_state(ckpt["gen"])
-            if p2q is not None:
-                p2q.rng.bit_generator.state, p2q.order, p2q.pos = ckpt["p2q"]
-            rng.bit_generator.state = ckpt["epoch_rng"]
-            set_rng_state(ckpt["rng"])
-            global_step, window, window_items = ckpt["global_step"], ckpt["window"], ckpt["window_items"]
-            first_losses, last_losses = ckpt["first_losses"], ckpt["last_losses"]
-            start_epoch, start_b = ckpt["epoch"], ckpt["b"]
-            progress.advance(global_step)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path.name, global_step, start_epoch, start_b)
-    model.train()
-    done = False
-    for epoch in range(start_epoch, tc.epochs):
-        epoch_rng = rng.bit_generator.state
-        order = rng.permutation(n)
-        for b in range(start_b if epoch == start_epoch else 0, steps_per_epoch):
-            check_stop(f"pre-training step {global_step}")  # SIGTERM/SIGINT take effect here (core.lifecycle)
-            idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
-            if len(idx) < 2:  # in-batch negatives need two products
-                continue
-            losses = step_losses(idx)
-            if not losses:
-                continue
-            loss = sum(weights[t] * v for t, v in losses.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if momentum_bb is not None:
-                momentum_update(momentum_bb, model.backbone, tk.contrastive.momentum)
-                queue.enqueue(state.pop("keys").cpu())
-            global_step += 1
-            window_items += len(idx)
-            for t, v in losses.items():
-                window.setdefault(t, []).append(float(v.item()))
-            window.setdefault("total", []).append(float(loss.item()))
-            ep = epoch + (b + 1) / steps_per_epoch
-            progress.advance(1, description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
-            if global_step % tc.log_every == 0 or global_step == total:
-                dt = max(time.time() - window_t, 1e-9)
-                means = {t: float(np.mean(v)) for t, v in window.items()}
-                lr_now = scheduler.get_last_lr()[0]
-                rows = [{"name": f"pretrain/{t}_loss", "value": v, "fold": 0, "step": global_step, "epoch": ep}
-                        for t, v in means.items() if t != "total"]
-                rows += [
-                    {"name": "train/loss", "value": means["total"], "fold": 0, "step": global_step, "epoch": ep},
-                    {"name": "train/lr", "value": lr_now, "fold": 0, "step": global_step, "epoch": ep},
-                    {"name": "train/samples_per_s", "value": window_items / dt, "fold": 0, "step": global_step, "epoch": ep},
-                    {"name": "progress/step", "value": float(global_step), "fold": -1, "step": global_step},
-                ]
-                store.log_metrics(run_id, rows)
-                if not first_losses:
-                    first_losses = dict(means)
-                last_losses = dict(means)
-                log.info("step %d/%d epoch %.2f loss %.4f (%s) lr %.2e %.1f products/s", global_step, total, ep,
-                         means["total"], " ".join(f"{t} {v:.4f}" for t, v in means.items() if t != "total"),
-                         lr_now, window_items / dt)
-                window, window_t, window_items = {}, time.time(), 0
-            if global_step >= total:
-                done = True
-                break
-            if tc.checkpoint_every and global_step % tc.checkpoint_every == 0:
-                from core.fold_loop import rng_state, save_step_checkpoint
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.momentum_bb is not None:
+            self.momentum_bb.load_state_dict(ckpt["momentum"])
+            self.queue.buf = ckpt["queue"]
+        self.gen.set_state(ckpt["gen"])
+        if self.p2q is not None:
+            self.p2q.rng.bit_generator.state, self.p2q.order, self.p2q.pos = ckpt["p2q"]
+        self.rng.bit_generator.state = ckpt["epoch_rng"]
+        set_rng_state(ckpt["rng"])
+        self.global_step, self.window, self.window_items = ckpt["global_step"], ckpt["window"], ckpt["window_items"]
+        self.first_losses, self.last_losses = ckpt["first_losses"], ckpt["last_losses"]
+        self.start_epoch, self.start_b = ckpt["epoch"], ckpt["b"]
+        self.progress.advance(self.global_step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.ckpt_path.name, self.global_step,
+                 self.start_epoch, self.start_b)
 
-                last_b = b + 1 == steps_per_epoch  # at an epoch's end the next epoch starts from rng's state now
-                save_step_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
-                    "queue": queue.buf if queue is not None else None, "gen": gen.get_state(),
-                    "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
-                    "epoch_rng": rng.bit_generator.state if last_b else epoch_rng, "rng": rng_state(),
-                    "global_step": global_step, "window": window, "window_items": window_items,
-                    "first_losses": first_losses, "last_losses": last_losses,
-                    "epoch": epoch + 1 if last_b else epoch, "b": 0 if last_b else b + 1})
-        if done:
-            break
-    if global_step == 0:
-        raise DataError(cfg.data.dir, "no pre-training step could run (fewer than 2 products with text?)")
-
-    # ---- the backbone folder: temp folder, then rename ----------------------------------------
-    progress.message("saving the backbone")
-    model.backbone.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    (tmp_dir / "pretrain.json").write_text(json.dumps({
-        "run_id": run_id, "tasks": enabled, "steps": global_step, "source_model": cfg.model.name,
-        "brand_vocab": brand_vocab.values if brand_vocab else None,
-        "color_vocab": color_vocab.values if color_vocab else None}, indent=1))
-    final = run_dir / "backbone"
-    if final.exists():
-        shutil.rmtree(final)
-    tmp_dir.rename(final)
-    store.add_artifact(run_id, "backbone", final)
-    ckpt_path.unlink(missing_ok=True)
-    seconds = time.time() - t0
-    store.log_metrics(run_id, [{"name": "pretrain/seconds", "value": seconds, "fold": -1},
-                               *[{"name": f"pretrain/final_{t}_loss", "value": v, "fold": -1}
-                                 for t, v in last_losses.items() if t != "total"]])
-    log.info("backbone written to %s (%d steps, %.0f s)", final, global_step, seconds)
-    return PretrainResult(run_id, run_dir, final, first_losses, last_losses, global_step, seconds)
+    def save_backbone(self, tmp_dir: Path) -> Path:
+        """The backbone, tokenizer and ``pretrain.json`` (tasks, steps, vocabularies) into
+        ``tmp_dir``, renamed to ``runs/<id>/backbone``; returns that folder."""
+        self.progress.message("saving the backbone")
+        self.model.backbone.save_pretrained(tmp_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / "pretrain.json").write_text(json.dumps({
+            "run_id": self.run_id, "tasks": self.enabled, "steps": self.global_step, "source_model": self.cfg.model.name,
+            "brand_vocab": self.brand_vocab.values if self.brand_vocab else None,
+            "color_vocab": self.color_vocab.values if self.color_vocab else None}, indent=1))
+        final = self.run_dir / "backbone"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp_dir.rename(final)
+        self.store.add_artifact(self.run_id, "backbone", final)
+        return final
