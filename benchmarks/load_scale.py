@@ -1,4 +1,4 @@
-"""Load the ESCI release at full scale: ``core.data.load_esci`` against plain pandas.
+"""Load the ESCI release at full scale: ``core.data.esci.load_esci`` against plain pandas.
 
 Generates official-layout parquet files of the full release's size (2.6M examples,
 1.8M products, about 1.2 GB of product text; random words, for scale only) into a temporary
@@ -7,7 +7,7 @@ RSS (``ru_maxrss`` of that process):
 
 * ``baseline``: ``pd.read_parquet(examples)``, ``pd.read_parquet(products)``, ``merge`` on
   ``(product_id, product_locale)`` (left join, examples on the left);
-* ``load_esci``: ``core.data.load_esci(dir)`` (read, validate, join, nulls -> "").
+* ``load_esci``: ``core.data.esci.load_esci(dir)`` (read, validate, join, nulls -> "").
 
 Usage::
 
@@ -158,7 +158,7 @@ def _child(kind: str, data_dir: str) -> None:
     import pyarrow  # noqa: F401
 
     sys.path.insert(0, str(REPO))
-    from core.data import load_esci
+    from core.data.esci import load_esci
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, after imports
     d = Path(data_dir)
@@ -179,7 +179,7 @@ def _child(kind: str, data_dir: str) -> None:
         "import_rss_mb": round(rss0), "rows": len(df), "result_mb": round(result_mb),
     }
     if kind == "load_esci":  # not part of the timed load
-        from core.data import data_fingerprint
+        from core.data.esci import data_fingerprint
 
         t0 = time.perf_counter()
         data_fingerprint(df)

@@ -37,13 +37,13 @@ def main() -> None:
     from sentence_transformers.readers import InputExample
 
     from core.config import config_from_dict
-    from core.data import ESCI_LABELS
-    from core.folds import assign_folds
-    from core.model import resolve_model_path
-    from core.opensearch import import_opensearch
-    from core.runs import RunStore
-    from core.text import clean_text
-    from core.train import load_training_frame, run_training
+    from core.data.esci import ESCI_LABELS
+    from core.data.folds import assign_folds
+    from core.modeling.model import resolve_model_path
+    from core.data.opensearch import import_opensearch
+    from core.runs.store import RunStore
+    from core.data.text import clean_text
+    from core.training.train import load_training_frame, run_training
 
     tmp = Path(tempfile.mkdtemp(prefix="esci-bench-"))
     import_opensearch(args.sample, tmp / "data")

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test double FakeGpuProbe
 
-from core.runs import RunStore
+from core.runs.store import RunStore
 from tui_fixture import FakeGpuProbe
 
 STATUSES = ["finished"] * 8 + ["failed", "crashed", "stopped", "running"]

@@ -131,7 +131,7 @@ class BlendConfig:
 
 @dataclass
 class LabelsConfig:
-    """Label cleaning applied to the training rows (core.labels); everything off by default.
+    """Label cleaning applied to the training rows (core.cleaning.labels); everything off by default.
 
     Dropped examples are not trained on but still scored out-of-fold and evaluated on their
     original labels; relabelled ones are trained on the new label. Test examples are never touched.
@@ -146,9 +146,9 @@ class LabelsConfig:
 
 @dataclass
 class TricksConfig:
-    """The seeds' training techniques (core.tricks), each off by default and composable.
+    """The seeds' training techniques (core.modeling.tricks), each off by default and composable.
 
-    Sources and the exact formulas are in the docstrings of core.tricks; ``workbench ablate``
+    Sources and the exact formulas are in the docstrings of core.modeling.tricks; ``workbench ablate``
     turns them on one after another (see the README's ablation section).
     """
 
@@ -195,7 +195,7 @@ class TricksConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (large backbones on a GPU)
 
 
-#: fields an n-gram bag can read (``query`` and the product text fields of core.text.FIELD_COLUMNS)
+#: fields an n-gram bag can read (``query`` and the product text fields of core.data.text.FIELD_COLUMNS)
 BAG_FIELDS = ("query", "title", "brand", "color", "bullet_point", "description")
 #: product attributes an ID embedding can read (columns product_locale, product_brand, product_color)
 ID_FIELDS = ("locale", "brand", "color")
@@ -203,7 +203,7 @@ ID_FIELDS = ("locale", "brand", "color")
 
 @dataclass
 class FeaturesConfig:
-    """Side features concatenated with the pooled vector before the head (core.features); all off.
+    """Side features concatenated with the pooled vector before the head (core.modeling.features); all off.
 
     Multi-granular semantic units (the ESCI MultiTask Pre-Training seed): a mean ``EmbeddingBag``
     over the hashed word 1..``ngram``-grams of each of ``bag_fields`` (one shared table of
@@ -484,7 +484,7 @@ def check_config(cfg: RunConfig) -> None:
     """Every range of :func:`check_ranges` and the rules that tie settings together: ``train.run_folds``
     within ``0..train.folds-1`` without repeats; known ``text.fields`` / ``text.budgets`` keys;
     ``text.budgets.query`` in ``1..text.max_length-5`` (room for CLS, 3 SEP and product text).
-    Done by :func:`config_from_dict`; again by :func:`core.validate.validate_run` (configs changed in code).
+    Done by :func:`config_from_dict`; again by :func:`core.training.validate.validate_run` (configs changed in code).
 
     Raises:
         ConfigError: one line naming the key, the value and what it must be.
@@ -506,7 +506,7 @@ def check_config(cfg: RunConfig) -> None:
     bad = [k for k in tx.budgets if k not in BAG_FIELDS]
     if bad:
         raise ConfigError(f"text.budgets: unknown field(s) {bad}; known: {list(BAG_FIELDS)}")
-    query = tx.budgets.get("query", 32)  # core.text's default when the key is left out
+    query = tx.budgets.get("query", 32)  # core.data.text's default when the key is left out
     if not 1 <= query <= tx.max_length - 5:
         raise ConfigError(f"text.budgets.query={query}: must be in 1..{tx.max_length - 5} (text.max_length - 5: "
                           "room for CLS, 3 SEP and some product text)")

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.baselines import bm25_scores, random_scores
+from core.scoring.baselines import bm25_scores, random_scores
 from core.config import DEFAULT_DATA_DIR, load_config
-from core.data import find_dataset_files
+from core.data.esci import find_dataset_files
 from core.errors import DataError
-from core.opensearch import import_opensearch
-from core.report import argmax_labels, scorer_table
-from core.runs import RunStore
-from core.train import Progress, RunResult, load_training_frame, run_training
+from core.data.opensearch import import_opensearch
+from core.scoring.report import argmax_labels, scorer_table
+from core.runs.store import RunStore
+from core.training.train import Progress, RunResult, load_training_frame, run_training
 
 #: ./configs/demo.yaml when it exists, else the bundled one (core.config.resolve_config_path)
 DEFAULT_CONFIG = "demo.yaml"
@@ -27,7 +27,7 @@ WHERE_TO_GET = (
 
 @dataclass
 class DemoReport:
-    """The demo's run and its comparison table (see :func:`core.report.scorer_table`)."""
+    """The demo's run and its comparison table (see :func:`core.scoring.report.scorer_table`)."""
 
     result: RunResult
     table: pd.DataFrame

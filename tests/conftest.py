@@ -44,7 +44,7 @@ def _require_sample() -> None:
 @pytest.fixture(scope="session")
 def sample_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     """(examples, products) of the real 150-query sample in the official columns, parsed here
-    independently of core.opensearch. Query ids are the row order of the judgments file."""
+    independently of core.data.opensearch. Query ids are the row order of the judgments file."""
     _require_sample()
     judg = json.loads((SAMPLE / "esci_us_judgments.json").read_text())["judgmentRatings"]
     rows = []

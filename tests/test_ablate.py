@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from core.ablate import ablation_table, item_overrides, plan_ablation, split_items, to_markdown
+from core.training.ablate import ablation_table, item_overrides, plan_ablation, split_items, to_markdown
 from core.errors import ConfigError
-from core.metrics import mean_ndcg
-from core.runs import RunStore
+from core.scoring.metrics import mean_ndcg
+from core.runs.store import RunStore
 from workbench.cli import app
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Tests of core.baselines on the real 150-query ESCI sample and on small synthetic tables."""
+"""Tests of core.scoring.baselines on the real 150-query ESCI sample and on small synthetic tables."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.baselines import DEFAULT_BM25_FIELDS, bm25_scores, product_text, random_scores
-from core.metrics import mean_ndcg
+from core.scoring.baselines import DEFAULT_BM25_FIELDS, bm25_scores, product_text, random_scores
+from core.scoring.metrics import mean_ndcg
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "esci_us_opensearch_150q"
 

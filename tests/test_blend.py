@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.blend import fit_blend_weights, nested_blend, simplex_grid, standardize_per_query
-from core.metrics import mean_ndcg
+from core.scoring.blend import fit_blend_weights, nested_blend, simplex_grid, standardize_per_query
+from core.scoring.metrics import mean_ndcg
 
 
 def test_standardize_per_query():

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.runs import RunStore
+from core.runs.store import RunStore
 
 pytestmark = pytest.mark.chaos
 PROBS = ["p_E", "p_S", "p_C", "p_I"]
@@ -48,7 +48,7 @@ def chaos_config(tmp: Path, data_dir: Path, model_dir: Path, cache: Path, name: 
 def chaos_reference(tmp_path_factory, small_dataset, tiny_bert):
     """One uninterrupted run in this process: (config, cache, result, Counter of (name, fold, step), rows before the run-level ones)."""
     from core.config import load_config
-    from core.train import run_training
+    from core.training.train import run_training
 
     tmp = tmp_path_factory.mktemp("chaos_ref")
     cache = tmp / "cache"
@@ -136,8 +136,8 @@ def test_concurrent_writers_lose_no_metric_row(chaos_reference, tmp_path, small_
 def test_sigkill_at_random_moments_always_resumes_to_the_same_oof(chaos_reference, tmp_path, small_dataset, tiny_bert):
     """10 trials (seeded): a `workbench train` killed with SIGKILL at a random moment after its
     run row exists reads `crashed`, and `resume` reproduces the uninterrupted OOF bit for bit."""
-    from core.launcher import refresh_statuses, resume_config
-    from core.train import run_training
+    from core.runs.launcher import refresh_statuses, resume_config
+    from core.training.train import run_training
 
     path, cache, ref, ref_rows, n_before_end = chaos_reference
     rng = random.Random(12)

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config as _config
-from core.runs import RunStore
+from core.runs.store import RunStore
 from workbench import cli
 from workbench.cli import app
 
@@ -136,7 +136,7 @@ def test_trainer_killed_by_sigkill_gets_exit_code_from_supervisor(tmp_path, smal
 
 
 def test_relaunch_uses_the_stored_config(tmp_path, small_dataset, tiny_bert):
-    from core.launcher import relaunch, stop_run
+    from core.runs.launcher import relaunch, stop_run
 
     db = str(tmp_path / "runs.db")
     cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)
@@ -159,7 +159,7 @@ def test_relaunch_uses_the_stored_config(tmp_path, small_dataset, tiny_bert):
 
 def test_a_run_stopped_while_still_starting_is_stopped_not_crashed(tmp_path, small_dataset, tiny_bert):
     """SIGTERM during the trainer's imports (before its own handler): the supervisor writes stopped."""
-    from core.launcher import stop_run
+    from core.runs.launcher import stop_run
 
     db = str(tmp_path / "runs.db")
     cfg = _config(tmp_path, small_dataset, tiny_bert, epochs=200)

@@ -53,7 +53,7 @@ def test_roundtrip_and_toml(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from core.launcher import load_any_config
+    from core.runs.launcher import load_any_config
 
     kinds = {}
     for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"):

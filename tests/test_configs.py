@@ -16,7 +16,7 @@ from conftest import REPO
 from core.config import bundled_configs, bundled_configs_dir, load_config, read_config_file, resolve_config_path
 from core.demo import DEFAULT_CONFIG
 from core.errors import ConfigError
-from workbench import cli_configs
+from workbench.cli import configs as cli_configs
 from workbench.cli import app
 
 runner = CliRunner()

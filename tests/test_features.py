@@ -1,4 +1,4 @@
-"""Multi-granular semantic units (hashed word n-gram bags) and ID embeddings (core.features)."""
+"""Multi-granular semantic units (hashed word n-gram bags) and ID embeddings (core.modeling.features)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from core.config import FeaturesConfig, config_from_dict
 from core.errors import ConfigError
-from core.features import (
+from core.modeling.features import (
     NgramBags,
     RowFeatures,
     SemanticUnits,
@@ -32,7 +32,7 @@ from core.features import (
     word2vec_bucket_init,
     words,
 )
-from core.model import CrossEncoder, collate, load_tokenizer
+from core.modeling.model import CrossEncoder, collate, load_tokenizer
 from test_tricks import _cfg as tricks_cfg
 
 TEXTS = ["USB-C Cable, 6 ft &amp; <b>fast</b> charge", "zapatillas de running mujer", "ワイヤレスイヤホン", ""]
@@ -57,7 +57,7 @@ def test_ngrams_of_a_known_string_are_word_uni_bi_trigrams():
 
 def test_hashing_is_deterministic_across_processes():
     here = {t: text_buckets(t, 3, 2**18) for t in TEXTS}
-    code = ("import json, sys; from core.features import text_buckets; "
+    code = ("import json, sys; from core.modeling.features import text_buckets; "
             f"print(json.dumps({{t: text_buckets(t, 3, 2**18) for t in {TEXTS!r}}}))")
     for seed in ("1", "2"):  # str hash() differs between these two processes; our buckets must not
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -69,7 +69,7 @@ def test_hashing_is_deterministic_across_processes():
 
 
 def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dataset):
-    from core.data import load_esci
+    from core.data.esci import load_esci
 
     df = load_esci(small_dataset)
     df.loc[0, "product_description"] = None  # an empty field gives an empty bag
@@ -110,8 +110,8 @@ def test_empty_bag_gives_zeros_no_nan_and_a_finite_gradient():
 
 def test_feature_shapes_and_classifier_input_dimension(small_dataset, tiny_bert):
     from core.config import TextConfig
-    from core.data import load_esci
-    from core.text import encode_pairs
+    from core.data.esci import load_esci
+    from core.data.text import encode_pairs
 
     df = load_esci(small_dataset).head(40).reset_index(drop=True)
     fc = FeaturesConfig(ngram_bags=True, id_embeddings=True, buckets=512, bag_dim=8, id_dim=4, id_min_count=1)
@@ -188,7 +188,7 @@ def test_bad_features_config_is_one_line_error_and_exit_2(tmp_path, monkeypatch)
 
 def test_word2vec_init_bag_vector_is_the_mean_of_word_vectors(small_dataset):
     pytest.importorskip("gensim")
-    from core.data import load_esci
+    from core.data.esci import load_esci
 
     df = load_esci(small_dataset)
     fc = FeaturesConfig(ngram_bags=True, buckets=2**16, bag_dim=8, init="word2vec", w2v_epochs=1, max_words=16)
@@ -224,8 +224,8 @@ def test_word2vec_init_bag_vector_is_the_mean_of_word_vectors(small_dataset):
 
 
 def test_awp_and_fgm_do_not_perturb_the_feature_tables(tiny_bert):
-    from core.features import PARAM_PREFIX
-    from core.tricks import AWP, FGM
+    from core.modeling.features import PARAM_PREFIX
+    from core.modeling.tricks import AWP, FGM
 
     model = CrossEncoder.from_pretrained(str(tiny_bert), semantic=SemanticUnits(2, 64, 4, {"brand": 3}, 2))
     ids = torch.randint(0, 50, (3, 8))
@@ -233,7 +233,7 @@ def test_awp_and_fgm_do_not_perturb_the_feature_tables(tiny_bert):
              "ids": torch.randint(0, 4, (3, 1))}
     model(**batch).sum().backward()
     assert model.semantic.bag.weight.grad is not None
-    awp = AWP(model, 1.0, 0.01, skip_prefixes=(PARAM_PREFIX,))  # as core.train builds it
+    awp = AWP(model, 1.0, 0.01, skip_prefixes=(PARAM_PREFIX,))  # as core.training.train builds it
     awp.save()
     assert awp.backup and not [n for n in awp.backup if n.startswith("semantic.")]
     assert "head.weight" in awp.backup
@@ -250,8 +250,8 @@ def _cfg(tmp_path, data_dir, model_dir, features, **tricks):
 
 def _reload_predictions(res, cfg, fold, rows):
     """Predict df rows with fold ``fold``'s saved checkpoint and features.json (a fresh process would)."""
-    from core.text import encode_pairs_cached
-    from core.train import load_training_frame, predict_proba
+    from core.data.text import encode_pairs_cached
+    from core.training.train import load_training_frame, predict_proba
 
     df = load_training_frame(cfg)
     tok = load_tokenizer(cfg.model.name)
@@ -264,8 +264,8 @@ def _reload_predictions(res, cfg, fold, rows):
 
 
 def test_training_with_both_features_and_tricks_writes_oof_test_and_reloadable_checkpoints(tmp_path, small_dataset, tiny_bert):
-    from core.runs import RunStore
-    from core.train import run_training
+    from core.runs.store import RunStore
+    from core.training.train import run_training
 
     pytest.importorskip("gensim")
     store = RunStore(tmp_path / "runs.db")
@@ -299,8 +299,8 @@ def test_training_with_both_features_and_tricks_writes_oof_test_and_reloadable_c
 
 
 def test_features_compose_with_the_other_tricks_and_a_teacher_pass(tmp_path, small_dataset, tiny_bert):
-    from core.runs import RunStore
-    from core.train import run_training
+    from core.runs.store import RunStore
+    from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, {"ngram_bags": True, "id_embeddings": True, "buckets": 1024,
@@ -320,8 +320,8 @@ def test_features_off_checkpoint_is_the_plain_cross_encoder(tmp_path, small_data
     by hand at commit time, see the README section)."""
     from safetensors.torch import load_file
 
-    from core.runs import RunStore
-    from core.train import run_training
+    from core.runs.store import RunStore
+    from core.training.train import run_training
 
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, {}, ema=True, fgm=True)
     cfg.train.save_checkpoints = True

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.folds import assign_folds
+from core.data.folds import assign_folds
 
 
 def test_folds_grouped_balanced_deterministic():

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from conftest import snapshot, write_official
-from core.data import load_esci
+from core.data.esci import load_esci
 from core.errors import ConfigError, DataError, WorkbenchError
-from core.labels import (
+from core.cleaning.labels import (
     apply_to_training,
     cleaning_plan,
     compare_runs,
@@ -29,8 +29,8 @@ from core.labels import (
     store_issues,
     undo_last,
 )
-from core.metrics import ESCI_LABELS
-from core.runs import RunStore
+from core.scoring.metrics import ESCI_LABELS
+from core.runs.store import RunStore
 
 N_FLIP = 40
 N_TEST_QUERIES = 10
@@ -265,8 +265,8 @@ def test_apply_to_training_touches_only_training_rows(labelled):
 
 def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, small_dataset, tiny_bert,
                                                                       monkeypatch):
-    import core.fold_loop as fold_loop
-    import core.train as train_mod
+    import core.training.fold_loop as fold_loop
+    import core.training.train as train_mod
     from test_train import tiny_config
 
     store = RunStore(tmp_path / "runs.db")
@@ -310,7 +310,7 @@ def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, 
 def test_cli_find_and_export(labelled, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from workbench import cli_labels
+    from workbench.cli import labels as cli_labels
     from workbench.cli import app
 
     monkeypatch.setattr(cli_labels.console, "width", 120)
@@ -351,7 +351,7 @@ def test_cli_errors_are_one_line_with_exit_2(labelled, tmp_path, monkeypatch, ca
 
 
 def test_compare_runs_on_original_labels(labelled, tmp_path):
-    from core.metrics import mean_ndcg
+    from core.scoring.metrics import mean_ndcg
 
     store, run_id, info = labelled
     base = pd.read_parquet(Path(store.get_run(run_id)["run_dir"]) / "oof.parquet")

@@ -15,8 +15,8 @@ import torch
 
 from conftest import REPO
 from core.errors import WorkbenchError
-from core.lifecycle import RunStopped, atomic_write, check_stop, recorded_run, stop_requested
-from core.runs import RunStore
+from core.runs.lifecycle import RunStopped, atomic_write, check_stop, recorded_run, stop_requested
+from core.runs.store import RunStore
 
 
 def test_sigterm_inside_a_library_try_except_still_stops_the_run(tmp_path, tiny_bert, monkeypatch):
@@ -57,7 +57,7 @@ def test_a_duplicate_signal_is_ignored_a_later_second_one_stops_at_once(tmp_path
     second signal after SECOND_SIGNAL_AFTER_S (a second Ctrl+C) raises at once."""
     import time
 
-    import core.lifecycle as lifecycle
+    import core.runs.lifecycle as lifecycle
 
     monkeypatch.setattr(lifecycle, "SECOND_SIGNAL_AFTER_S", 0.2)
     store = RunStore(tmp_path / "runs.db")
@@ -110,7 +110,7 @@ def test_full_disk_while_writing_fold_predictions(tmp_path):
         import resource, signal, sys
         import numpy as np, pandas as pd
         from core.errors import WorkbenchError
-        from core.lifecycle import atomic_write
+        from core.runs.lifecycle import atomic_write
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
         big = pd.DataFrame({{"example_id": np.arange(400_000), "p_E": np.random.default_rng(0).random(400_000)}})
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))

@@ -1,4 +1,4 @@
-"""Tests of core.metrics: nDCG against sklearn and brute force, micro-F1 against sklearn, errors."""
+"""Tests of core.scoring.metrics: nDCG against sklearn and brute force, micro-F1 against sklearn, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, ndcg_score
 
-from core.metrics import (
+from core.scoring.metrics import (
     ESCI_GAINS,
     ESCI_LABELS,
     GAIN_VECTOR,

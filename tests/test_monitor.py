@@ -1,4 +1,4 @@
-"""core.monitor (log tail, ETA, process tree, NVML probe) and core.compare (summaries, config diff)."""
+"""core.runs.monitor (log tail, ETA, process tree, NVML probe) and core.runs.compare (summaries, config diff)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from core.compare import config_diff, flatten, metric_summary
-from core.monitor import GpuProbe, GpuStats, LogTail, TreeSampler, estimate_eta, format_seconds, gpu_summary
-from core.runs import RunStore
+from core.runs.compare import config_diff, flatten, metric_summary
+from core.runs.monitor import GpuProbe, GpuStats, LogTail, TreeSampler, estimate_eta, format_seconds, gpu_summary
+from core.runs.store import RunStore
 
 
 def test_logtail_reads_only_appended_complete_lines(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of core.opensearch: importing the real OpenSearch ESCI sample into the official layout."""
+"""Tests of core.data.opensearch: importing the real OpenSearch ESCI sample into the official layout."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import expect_data_error
-from core.data import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE, load_esci
-from core.opensearch import JUDGMENTS_FILE, PRODUCTS_ZIP, QUERYSET_FILE, import_opensearch
+from core.data.esci import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE, load_esci
+from core.data.opensearch import JUDGMENTS_FILE, PRODUCTS_ZIP, QUERYSET_FILE, import_opensearch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = SHARED / "esci_us_opensearch_150q"

@@ -1,4 +1,4 @@
-"""Multitask pre-training (core.pretrain): each task's mathematics on small inputs, then the
+"""Multitask pre-training (core.pretrain.multitask): each task's mathematics on small inputs, then the
 whole command on the tiny BERT, whose backbone folder fine-tunes with the existing trainer."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO, snapshot, tiny_config
 from core.errors import ConfigError, DataError
-from core.pretrain import (
+from core.pretrain.multitask import (
     IGNORE_INDEX,
     TASKS,
     FeatureQueue,
@@ -32,7 +32,7 @@ from core.pretrain import (
     poisson_span,
     run_pretraining,
 )
-from core.runs import RunStore
+from core.runs.store import RunStore
 
 runner = CliRunner()
 
@@ -217,7 +217,7 @@ def _metric_names(db: str, run_id: str) -> set[str]:
 
 def test_pretrain_end_to_end_then_finetune(tmp_path, small_dataset, tiny_bert):
     from core.config import load_config
-    from core.train import run_training
+    from core.training.train import run_training
     from workbench.cli import app
 
     db = str(tmp_path / "runs.db")
@@ -379,7 +379,7 @@ def test_launch_and_relaunch_a_pretrain_config_detached(tmp_path, small_dataset,
     import json
     import time
 
-    from core.launcher import config_kind, load_any_config, relaunch
+    from core.runs.launcher import config_kind, load_any_config, relaunch
     from workbench.cli import app
 
     cfg_path = _pretrain_config(tmp_path, small_dataset, tiny_bert)
@@ -420,9 +420,9 @@ def test_pretrain_resumes_from_its_step_checkpoint_bit_identical(tmp_path, small
 
     from safetensors.torch import load_file
 
-    import core.pretrain as pretrain_mod
-    from core.launcher import resume_config
-    from core.pretrain import load_pretrain_config, run_pretraining
+    import core.pretrain.multitask as pretrain_mod
+    from core.runs.launcher import resume_config
+    from core.pretrain.multitask import load_pretrain_config, run_pretraining
 
     path = _pretrain_config(tmp_path, small_dataset, tiny_bert)
     sets = ["train.max_steps=10", "train.checkpoint_every=3", "train.num_threads=1", "train.epochs=3"]

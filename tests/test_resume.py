@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.runs import RunStore
+from core.runs.store import RunStore
 
 PROBS = ["p_E", "p_S", "p_C", "p_I"]
 
@@ -48,7 +48,7 @@ def resume_config(tmp_path: Path, data_dir: Path, model_dir: Path, cache: Path, 
 def reference(tmp_path_factory, small_dataset, tiny_bert):
     """The uninterrupted run: (config path, cache dir, result, metric rows)."""
     from core.config import load_config
-    from core.train import run_training
+    from core.training.train import run_training
 
     tmp = tmp_path_factory.mktemp("resume_ref")
     cache = tmp / "cache"
@@ -126,7 +126,7 @@ def test_sigkill_in_fold_1_then_resume_gives_the_same_oof(reference, tmp_path, s
     assert not (run_dir / "oof.parquet").exists()
     killed_step = _fold_step(db, run_id, 1)
 
-    from core.launcher import refresh_statuses
+    from core.runs.launcher import refresh_statuses
 
     store = RunStore(db)
     assert refresh_statuses(store) == [run_id]
@@ -163,8 +163,8 @@ def test_sigkill_in_fold_1_then_resume_gives_the_same_oof(reference, tmp_path, s
 def test_only_a_queued_run_starts_by_id_and_finished_runs_are_not_resumed(reference, tmp_path):
     from core.config import load_config
     from core.errors import WorkbenchError
-    from core.launcher import resume_config as stored_config
-    from core.train import run_training
+    from core.runs.launcher import resume_config as stored_config
+    from core.training.train import run_training
 
     path, cache, ref, _ = reference
     store = RunStore(tmp_path / "runs.db")
@@ -184,8 +184,8 @@ def test_only_a_queued_run_starts_by_id_and_finished_runs_are_not_resumed(refere
 
 def test_run_folds_alone_is_partial_and_resume_all_folds_completes_it(reference, tmp_path):
     from core.config import load_config
-    from core.launcher import resume_config as stored_config
-    from core.train import run_training
+    from core.runs.launcher import resume_config as stored_config
+    from core.training.train import run_training
 
     path, cache, ref, _ = reference
     store = RunStore(tmp_path / "runs.db")

@@ -7,8 +7,8 @@ import pytest
 from textual.widgets import Input, Static
 
 from conftest import wait_until
-from core.labels import decision_log, effective_decisions, find_issues, load_issues
-from core.runs import RunStore
+from core.cleaning.labels import decision_log, effective_decisions, find_issues, load_issues
+from core.runs.store import RunStore
 from test_labels import make_labelled_run
 from workbench.tui.review import ReviewApp, ReviewScreen
 

@@ -7,7 +7,7 @@ import multiprocessing as mp
 import pytest
 
 from core.errors import WorkbenchError
-from core.runs import RunStore
+from core.runs.store import RunStore
 
 
 def _writer(path: str, run_id: str, n: int) -> None:

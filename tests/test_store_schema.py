@@ -1,4 +1,4 @@
-"""runs.db's schema owned by core.runs: versioning, migration of old files, typed records, the
+"""runs.db's schema owned by core.runs.store: versioning, migration of old files, typed records, the
 "best, not last" rule (RunStore.best_values), and the label/ensemble tables behind the store."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import WorkbenchError
-from core.runs import (
+from core.runs.store import (
     ACTIVE,
     FINAL,
     LABEL_DECISION_COLUMNS,
@@ -24,8 +24,8 @@ from core.runs import (
 )
 
 #: a runs.db as the code before the schema was versioned made it (user_version 0): the tables
-#: runs/metrics/artifacts by RunStore (sqlite-utils), label_issues/label_decisions by core.labels
-#: and ensembles by core.ensemble, each when first used; dumped from that code with one row each
+#: runs/metrics/artifacts by RunStore (sqlite-utils), label_issues/label_decisions by core.cleaning.labels
+#: and ensembles by core.scoring.ensemble, each when first used; dumped from that code with one row each
 V0_CORE = """
 CREATE TABLE "runs" (
    "id" TEXT PRIMARY KEY, "name" TEXT, "status" TEXT, "task" INTEGER, "model" TEXT, "config" TEXT,

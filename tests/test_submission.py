@@ -1,4 +1,4 @@
-"""Tests of core.submission: writers, the validator (every error), atomic writes, the CLI."""
+"""Tests of core.scoring.submission: writers, the validator (every error), atomic writes, the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import snapshot, write_official
 from core.errors import DataError
-from core.submission import (
+from core.scoring.submission import (
     atomic_write,
     load_test_examples,
     validate_submission,

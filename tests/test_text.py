@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from core.config import TextConfig
-from core.text import clean_text, encode_pairs, encode_pairs_cached
+from core.data.text import clean_text, encode_pairs, encode_pairs_cached
 
 
 def test_clean_text():

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from core.config import config_from_dict
-from core.data import load_esci
-from core.metrics import expected_gain, mean_ndcg
-from core.runs import RunStore
-from core.train import LengthGroupedBatchSampler, run_training
+from core.data.esci import load_esci
+from core.scoring.metrics import expected_gain, mean_ndcg
+from core.runs.store import RunStore
+from core.training.train import LengthGroupedBatchSampler, run_training
 
 
 def tiny_config(tmp_path, data_dir, model_dir, **train):
@@ -78,7 +78,7 @@ def test_artifacts_and_runs_db(trained):
 
 
 def test_final_score_is_the_fold_nested_blend(trained):
-    from core.blend import nested_blend, standardize_per_query
+    from core.scoring.blend import nested_blend, standardize_per_query
 
     cfg, store, result = trained
     oof = result.oof

@@ -1,4 +1,4 @@
-"""The mathematics of each training technique (core.tricks) on tiny models against hand computations,
+"""The mathematics of each training technique (core.modeling.tricks) on tiny models against hand computations,
 and the techniques composed in real k-fold runs of a tiny BERT on real ESCI queries."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from torch import nn
 
 from core.config import config_from_dict, load_config
 from core.errors import ConfigError
-from core.model import CrossEncoder, WeightedLayerPooling, collate, load_tokenizer
-from core.tricks import (
+from core.modeling.model import CrossEncoder, WeightedLayerPooling, collate, load_tokenizer
+from core.modeling.tricks import (
     AWP,
     EMA,
     FGM,
@@ -179,7 +179,7 @@ def test_ema_applied_swaps_in_and_restores_exactly(tiny_bert):
 @pytest.fixture(scope="module")
 def tiny_batch(tiny_bert, sample_frames):
     from core.config import TextConfig
-    from core.text import encode_pairs
+    from core.data.text import encode_pairs
 
     ex, pr = sample_frames
     df = ex.head(12).merge(pr, on=["product_id", "product_locale"], how="left")
@@ -424,9 +424,9 @@ def _cfg(tmp_path, data_dir, model_dir, features=None, **tricks):
 def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     from safetensors.torch import load_file
 
-    from core.runs import RunStore
-    from core.text import encode_pairs_cached
-    from core.train import predict_proba, run_training
+    from core.runs.store import RunStore
+    from core.data.text import encode_pairs_cached
+    from core.training.train import predict_proba, run_training
 
     store = RunStore(tmp_path / "runs.db")
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, ema=True, fgm=True, awp=True, rdrop=True, loss="poly1",
@@ -440,7 +440,7 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     assert all(m["value"] >= 0 for m in store.metrics(res.run_id, ["train/rdrop_kl"]))
     np.testing.assert_allclose(res.oof[["p_E", "p_S", "p_C", "p_I"]].sum(axis=1), 1.0, atol=1e-5)
     # the saved checkpoint (EMA weights) reproduces the fold's OOF predictions
-    from core.train import load_training_frame
+    from core.training.train import load_training_frame
 
     df = load_training_frame(cfg)
     tok = load_tokenizer(str(tiny_bert))
@@ -459,8 +459,8 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
 
 
 def test_self_distillation_and_pseudo_labels_run_a_teacher_pass(tmp_path, small_dataset, tiny_bert):
-    from core.runs import RunStore
-    from core.train import run_training
+    from core.runs.store import RunStore
+    from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, self_distill=True, pseudo_label=True, pseudo_threshold=0.27,
@@ -481,10 +481,10 @@ def test_self_distillation_and_pseudo_labels_run_a_teacher_pass(tmp_path, small_
 
 
 def test_fgm_and_pgd_together_is_a_config_error(tmp_path, small_dataset, tiny_bert):
-    from core.runs import RunStore
-    from core.train import run_training
+    from core.runs.store import RunStore
+    from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
     with pytest.raises(ConfigError, match="fgm and tricks.pgd"):
         run_training(_cfg(tmp_path, small_dataset, tiny_bert, fgm=True, pgd=True), store)
-    assert store.list_runs() == []  # refused by core.validate before a run row exists
+    assert store.list_runs() == []  # refused by core.training.validate before a run row exists

@@ -300,7 +300,7 @@ def test_first_paint_and_frozen_clock_do_not_depend_on_wall_time(fixture_db):
 
 
 async def test_relaunch_key_calls_the_launcher_with_the_current_run(fixture_db, monkeypatch):
-    import core.launcher
+    import core.runs.launcher
 
     calls = []
 
@@ -308,7 +308,7 @@ async def test_relaunch_key_calls_the_launcher_with_the_current_run(fixture_db, 
         calls.append(run_id)
         return "20261122-120000-ffff", 99999
 
-    monkeypatch.setattr(core.launcher, "relaunch", fake_relaunch)
+    monkeypatch.setattr(core.runs.launcher, "relaunch", fake_relaunch)
     app = fixture_app(fixture_db)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await loaded(pilot)
@@ -337,7 +337,7 @@ async def test_ensemble_and_label_keys_open_their_screens(fixture_db):
 
 async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_path):
     """A pre-training run (no folds) logs pretrain/<task>_loss: `m` reaches those curves."""
-    from core.runs import RunStore
+    from core.runs.store import RunStore
     from workbench.tui.detail import DETAIL_CURVES
 
     db = tmp_path / "runs.db"

@@ -11,7 +11,7 @@ import signal
 import psutil
 
 from conftest import tiny_config, wait_until
-from core.runs import RunStore
+from core.runs.store import RunStore
 from tui_fixture import fake_gpu, frozen_host
 from workbench.tui.app import WorkbenchApp
 from workbench.tui.detail import RunDetailScreen

@@ -12,11 +12,11 @@ import threading
 import pytest
 from textual.app import App
 
-import core.launcher
+import core.runs.launcher
 from conftest import wait_until
 from core.errors import WorkbenchError
-from core.labels import decision_log, find_issues
-from core.runs import RunStore
+from core.cleaning.labels import decision_log, find_issues
+from core.runs.store import RunStore
 from test_ensemble import three_runs
 from test_labels import make_labelled_run
 from tui_fixture import RUNS, build_fixture_db, fixture_app
@@ -80,9 +80,9 @@ async def test_runs_detail_compare_new_run_stop_relaunch_off_the_event_loop(tmp_
         store.update_run(run_id, status="stopped")
         return "stopped"
 
-    monkeypatch.setattr(core.launcher, "launch", fake_launch)
-    monkeypatch.setattr(core.launcher, "relaunch", fake_relaunch)
-    monkeypatch.setattr(core.launcher, "stop_run", fake_stop)
+    monkeypatch.setattr(core.runs.launcher, "launch", fake_launch)
+    monkeypatch.setattr(core.runs.launcher, "relaunch", fake_relaunch)
+    monkeypatch.setattr(core.runs.launcher, "stop_run", fake_stop)
     running = RUNS[3][0]
     app = fixture_app(db, configs_dir="configs", refresh_interval=0.2)
     calls.armed = True

@@ -25,11 +25,11 @@ import yaml
 
 from conftest import tiny_config, wait_until, write_official
 from core import config as config_mod
-from core import pretrain as pretrain_mod
+from core.pretrain import multitask as pretrain_mod
 from core.config import RunConfig, config_from_dict, load_config
 from core.errors import ConfigError, DataError, WorkbenchError
-from core.pretrain import PretrainConfig, load_pretrain_config, pretrain_config_from_dict
-from core.runs import RunStore
+from core.pretrain.multitask import PretrainConfig, load_pretrain_config, pretrain_config_from_dict
+from core.runs.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_range_and_cross_field_messages(override, message):
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# nothing but a comment\n", "{}\n"])
 def test_an_empty_config_file_is_refused(tmp_path, text):
-    from core.launcher import load_any_config
+    from core.runs.launcher import load_any_config
 
     p = tmp_path / "c.yaml"
     p.write_text(text)
@@ -246,27 +246,27 @@ def test_cli_refuses_bad_input_with_one_line_and_creates_nothing(tmp_path, small
 @pytest.fixture
 def no_starts(monkeypatch):
     """Fail loudly instead of starting a process, training or pre-training anything."""
-    import core.launcher
-    import core.train
+    import core.runs.launcher
+    import core.training.train
 
     def refuse(*a, **k):
         raise AssertionError("bad input was not refused: something started")
 
-    monkeypatch.setattr(core.launcher, "subprocess", types.SimpleNamespace(
+    monkeypatch.setattr(core.runs.launcher, "subprocess", types.SimpleNamespace(
         Popen=refuse, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
-    monkeypatch.setattr(core.train, "run_training", refuse)
+    monkeypatch.setattr(core.training.train, "run_training", refuse)
     monkeypatch.setattr(pretrain_mod, "_pretrain", refuse)
 
 
 def _train_in_process(path, overrides, store):
     """``workbench train``: load the config, then what run_training checks before its run exists."""
-    from core.validate import validate_run
+    from core.training.validate import validate_run
 
     validate_run(load_config(path, overrides))
 
 
 def _launch_in_process(path, overrides, store):
-    from core.launcher import launch
+    from core.runs.launcher import launch
 
     launch(path, overrides, store)
 
@@ -276,7 +276,7 @@ def _pretrain_in_process(path, overrides, store):
 
 
 def _ablate_in_process(path, overrides, store):
-    from core.ablate import run_ablation
+    from core.training.ablate import run_ablation
 
     run_ablation(path, ["ema", "ls"], store, overrides)
 
@@ -299,7 +299,7 @@ def test_core_refuses_bad_input_and_creates_nothing(tmp_path, small_dataset, tin
 
 def test_relaunch_of_a_stored_config_that_no_longer_validates_creates_nothing(tmp_path, small_dataset, tiny_bert,
                                                                              no_starts):
-    from core.launcher import relaunch
+    from core.runs.launcher import relaunch
 
     store = RunStore(tmp_path / "runs.db")
     good = load_config(tiny_config(tmp_path, small_dataset, tiny_bert)).to_dict()
@@ -316,8 +316,8 @@ def test_relaunch_of_a_stored_config_that_no_longer_validates_creates_nothing(tm
 
 
 def test_static_conflicts_are_refused_before_the_data_is_read(tmp_path):
-    from core.train import BLEND_MEMBERS
-    from core.validate import BLEND_MEMBER_NAMES, validate_run
+    from core.training.train import BLEND_MEMBERS
+    from core.training.validate import BLEND_MEMBER_NAMES, validate_run
 
     assert set(BLEND_MEMBER_NAMES) == set(BLEND_MEMBERS)
     missing = str(tmp_path / "no-such-data")  # never read: the static checks fail first
@@ -335,7 +335,7 @@ def test_static_conflicts_are_refused_before_the_data_is_read(tmp_path):
 
 
 def test_max_queries_counts_for_the_folds(small_dataset):
-    from core.validate import validate_run
+    from core.training.validate import validate_run
 
     df = validate_run(config_from_dict({"data": {"dir": str(small_dataset), "max_queries": 3}, "train": {"folds": 3}}))
     assert df.loc[df["split"] == "train", "query_id"].nunique() == 3
@@ -346,7 +346,7 @@ def test_max_queries_counts_for_the_folds(small_dataset):
 
 
 def test_an_empty_query_is_refused_before_a_run_exists(tmp_path, small_dataset, tiny_bert, no_starts):
-    from core.launcher import launch
+    from core.runs.launcher import launch
 
     ex = pd.read_parquet(small_dataset / "shopping_queries_dataset_examples.parquet")
     pr = pd.read_parquet(small_dataset / "shopping_queries_dataset_products.parquet")

@@ -7,8 +7,8 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.monitor import GpuStats
-from core.runs import RunStore
+from core.runs.monitor import GpuStats
+from core.runs.store import RunStore
 
 #: the frozen "now" of the tests: 2026-11-22 12:00:00 UTC
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -96,7 +96,7 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
 
 class FakeGpuProbe:
     """A GPU probe with fixed readings, for the app's ``gpu_probe`` (the real one is
-    :class:`core.monitor.GpuProbe`): ``read() -> list[GpuStats]``, ``available``, ``reason``, ``close()``."""
+    :class:`core.runs.monitor.GpuProbe`): ``read() -> list[GpuStats]``, ``available``, ``reason``, ``close()``."""
 
     def __init__(self, gpus: list[GpuStats] | None = None, reason: str = "fake NVML: no GPU"):
         self.gpus = list(gpus or [])

@@ -1,6 +1,6 @@
 """The Textual workbench: ``workbench`` (or ``workbench tui``) opens it on ./runs.db.
 
-Quitting never stops a run: trainers are detached (own session, see core.launcher), and a
+Quitting never stops a run: trainers are detached (own session, see core.runs.launcher), and a
 reopened app re-attaches through runs.db (pid + process create time).
 """
 

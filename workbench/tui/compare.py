@@ -11,8 +11,8 @@ from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
-from core import metric_names as mn
-from core.compare import CURVE_METRICS, COMPARE_METRICS, config_diff, curve, metric_summary, run_configs
+from core.runs import metric_names as mn
+from core.runs.compare import CURVE_METRICS, COMPARE_METRICS, config_diff, curve, metric_summary, run_configs
 from workbench.tui.messages import CompareLoaded
 from workbench.tui.workers import WorkerErrors
 

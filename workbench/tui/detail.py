@@ -15,10 +15,10 @@ from textual.widgets import Footer, Log, Static
 from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
-from core import metric_names as mn
-from core.launcher import ACTIVE, process_of, refresh_statuses
-from core.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
-from core.runs import RunRecord
+from core.runs import metric_names as mn
+from core.runs.launcher import ACTIVE, process_of, refresh_statuses
+from core.runs.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
+from core.runs.store import RunRecord
 from workbench.tui.messages import DetailPolled, SystemReadings, WorkerFailed
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, n_folds
 from workbench.tui.workers import RunActions, WorkerErrors

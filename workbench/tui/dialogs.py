@@ -133,7 +133,7 @@ class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
     @work(thread=True, exclusive=True, group="validate", exit_on_error=False)
     def _check(self, path: str, text: str) -> None:
         from core.errors import WorkbenchError
-        from core.launcher import load_any_config
+        from core.runs.launcher import load_any_config
 
         try:
             cfg = load_any_config(path, parse_overrides(text))
@@ -164,7 +164,7 @@ class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
     def _launch(self, path: str, text: str) -> None:
-        from core.launcher import launch
+        from core.runs.launcher import launch
 
         run_id, pid = launch(path, parse_overrides(text), self.services.store())
         self.post_message(RunLaunched(run_id, pid, Path(path).name))

@@ -19,8 +19,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from core.ensemble import SCORERS, MemberSet, build_ensemble, load_members, write_ensemble
-from core.runs import RunStore
+from core.scoring.ensemble import SCORERS, MemberSet, build_ensemble, load_members, write_ensemble
+from core.runs.store import RunStore
 from workbench.tui.messages import EnsembleBuilt, EnsembleComputed, MembersLoaded, WorkerFailed
 from workbench.tui.workers import WorkerErrors
 
@@ -29,7 +29,7 @@ STEP = 0.1
 
 class EnsembleScreen(WorkerErrors, Screen):
     """Ensemble builder over ``run_ids`` of the runs.db at ``store`` (a path, or a
-    :class:`core.runs.RunStore` whose ``path`` is used).
+    :class:`core.runs.store.RunStore` whose ``path`` is used).
 
     Keys: space mark/unmark the highlighted member, ``+``/``-`` change its weight by 0.1 (the
     weights are renormalised over the marked members), ``a`` fit weights on OOF (Caruana

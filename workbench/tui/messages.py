@@ -62,7 +62,7 @@ class GpuRead(Message):
 @dataclass
 class SystemReadings:
     """What the system panel shows, read in the poll worker: the GPUs (and why none), the run's
-    process tree (``core.monitor.TreeSample`` or None) and the host's CPU %, RAM used/total GiB."""
+    process tree (``core.runs.monitor.TreeSample`` or None) and the host's CPU %, RAM used/total GiB."""
 
     gpus: list
     gpu_reason: str
@@ -74,7 +74,7 @@ class DetailPolled(Message):
     """One poll of the run detail: the run row, its new metric points ``(name, fold, x, value,
     time)`` up to metric row ``last_rowid``, the log lines appended since the last poll, the
     system readings, the run's epochs per fold (the x axis) and its best values so far
-    (:meth:`core.runs.RunStore.best_values`)."""
+    (:meth:`core.runs.store.RunStore.best_values`)."""
 
     def __init__(self, run: dict, points: list[tuple], last_rowid: int, lines: list[str],
                  readings: SystemReadings, epochs: float, best: dict[str, float] | None = None) -> None:
@@ -103,7 +103,7 @@ class CompareLoaded(Message):
 
 # -- Label review ---------------------------------------------------------------------------------
 class ReviewLoaded(Message):
-    """A run's issues, OOF probabilities, example text and decision log (``core.labels.ReviewData``)."""
+    """A run's issues, OOF probabilities, example text and decision log (``core.cleaning.labels.ReviewData``)."""
 
     def __init__(self, data: Any) -> None:
         super().__init__()
@@ -129,7 +129,7 @@ class DecisionLogLoaded(Message):
 
 # -- Ensemble -------------------------------------------------------------------------------------
 class MembersLoaded(Message):
-    """The ensemble's candidate members and their OOF/test predictions (``core.ensemble.MemberSet``)."""
+    """The ensemble's candidate members and their OOF/test predictions (``core.scoring.ensemble.MemberSet``)."""
 
     def __init__(self, members: Any) -> None:
         super().__init__()
@@ -137,7 +137,7 @@ class MembersLoaded(Message):
 
 
 class EnsembleComputed(Message):
-    """An ensemble result (``core.ensemble.build_ensemble``); ``fit``: weights were fitted over
+    """An ensemble result (``core.scoring.ensemble.build_ensemble``); ``fit``: weights were fitted over
     the members that were ``marked`` when it started."""
 
     def __init__(self, result: Any, fit: bool, marked: list[bool]) -> None:

@@ -7,13 +7,13 @@ product's title, brand, color, bullet points and description (scrollable panel),
 suggested label, the four OOF probabilities and how the query's other products are labelled.
 
 Keys: ``1``-``4`` relabel E/S/C/I, ``k`` keep, ``a`` accept the suggestion, ``d`` drop, ``u``
-undo; each decision is appended to ``label_decisions`` (core.labels) and advances to the next
+undo; each decision is appended to ``label_decisions`` (core.cleaning.labels) and advances to the next
 undecided item, so a session resumes where it stopped. ``n``/``p`` skip forward/back, ``g``/``s``
 cycle the given/suggested-label filter, ``l`` the locale filter, ``/`` filters by query text.
 
-Loading (issues, OOF probabilities, example text: ``core.labels.load_review_data``) runs in a
+Loading (issues, OOF probabilities, example text: ``core.cleaning.labels.load_review_data``) runs in a
 thread worker with its own read-only runs.db connection (ReviewLoaded). A decision shows at once
-(the screen replays its log with ``core.labels.replay_decisions``) and is queued for a writer
+(the screen replays its log with ``core.cleaning.labels.replay_decisions``) and is queued for a writer
 worker, which appends the queue in order through its own connection (DecisionSaved); if a write
 fails, the toast says so and the log is re-read from runs.db (DecisionLogLoaded). Closing the
 screen waits, off the event loop, for the queued decisions to be written. Errors become
@@ -40,9 +40,9 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
-from core.labels import ReviewData, decision_log, load_review_data, record_decision, replay_decisions, undo_target
-from core.metrics import ESCI_LABELS
-from core.runs import RunStore, now_iso
+from core.cleaning.labels import ReviewData, decision_log, load_review_data, record_decision, replay_decisions, undo_target
+from core.scoring.metrics import ESCI_LABELS
+from core.runs.store import RunStore, now_iso
 from workbench.tui.messages import DecisionLogLoaded, DecisionSaved, ReviewLoaded, WorkerFailed
 from workbench.tui.workers import WorkerErrors
 

@@ -11,8 +11,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
-from core.launcher import refresh_statuses
-from core.runs import ACTIVE, Status
+from core.runs.launcher import refresh_statuses
+from core.runs.store import ACTIVE, Status
 from workbench.tui.messages import GpuRead, RunsLoaded, RunsUnchanged, WorkerFailed
 from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
 from workbench.tui.table import Column, VirtualTable
@@ -165,7 +165,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
     @work(thread=True, exclusive=True, group="gpu", exit_on_error=False)
     def poll_gpu(self) -> None:
-        from core.monitor import gpu_summary
+        from core.runs.monitor import gpu_summary
 
         probe = self.services.gpu_probe
         self.post_message(GpuRead(gpu_summary(probe.read(), "" if probe.available else "no GPU")))

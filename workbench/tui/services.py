@@ -1,6 +1,6 @@
 """What the app's screens share: per-thread runs.db connections, the clock, the GPU probe.
 
-Workers run in threads; each thread gets its own :class:`core.runs.RunStore` connection (SQLite
+Workers run in threads; each thread gets its own :class:`core.runs.store.RunStore` connection (SQLite
 connections are not shared across threads here). The clock and the GPU probe are injectable so
 tests and snapshots run with a frozen time and a fake NVML (``tests/tui_fixture.py``).
 """
@@ -13,10 +13,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.monitor import GpuProbe
-from core.monitor import host_stats as psutil_host_stats
+from core.runs.monitor import GpuProbe
+from core.runs.monitor import host_stats as psutil_host_stats
 from core.errors import ReadOnlyDatabaseError, WorkbenchError
-from core.runs import RunRecord, RunStore, Status
+from core.runs.store import RunRecord, RunStore, Status
 
 STATUS_STYLES = {
     Status.RUNNING: "bold cyan", Status.QUEUED: "cyan", Status.FINISHED: "green", Status.FAILED: "bold red",
@@ -30,7 +30,7 @@ class Services:
     Args:
         db_path: runs.db path.
         gpu_probe: object with ``read() -> list[GpuStats]``, ``available``, ``reason``
-            (default: a real NVML :class:`core.monitor.GpuProbe`, created lazily in a worker).
+            (default: a real NVML :class:`core.runs.monitor.GpuProbe`, created lazily in a worker).
         clock: ``() -> unix seconds`` (default ``time.time``).
         configs_dir: where the New-run dialog finds configs.
         host_stats: ``() -> (CPU %, RAM used GiB, RAM total GiB)`` (default psutil; tests freeze it).

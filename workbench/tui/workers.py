@@ -17,7 +17,7 @@ from typing import ClassVar
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from core.runs import Status
+from core.runs.store import Status
 from workbench.tui.messages import RunRelaunched, RunResumed, RunStopped, WorkerFailed
 
 
@@ -54,7 +54,7 @@ class RunActions:
         raise NotImplementedError
 
     def action_stop(self) -> None:
-        from core.launcher import ACTIVE
+        from core.runs.launcher import ACTIVE
         from workbench.tui.dialogs import ConfirmScreen
 
         run = self.lifecycle_run()
@@ -84,7 +84,7 @@ class RunActions:
 
 
 class RunLifecycle:
-    """App mixin: the stop / relaunch / resume workers (``core.launcher`` through the services'
+    """App mixin: the stop / relaunch / resume workers (``core.runs.launcher`` through the services'
     per-thread runs.db connection). Each posts RunStopped / RunRelaunched / RunResumed; the
     handlers here show the outcome and call :meth:`runs_changed`."""
 
@@ -93,15 +93,15 @@ class RunLifecycle:
                         name=f"{what} {run_id}", exit_on_error=False)
 
     def stop_run(self, run_id: str) -> None:
-        """SIGTERM to the run's process group, SIGKILL after 10 s (``core.launcher.stop_run``)."""
-        import core.launcher as launcher
+        """SIGTERM to the run's process group, SIGKILL after 10 s (``core.runs.launcher.stop_run``)."""
+        import core.runs.launcher as launcher
 
         self._lifecycle("stop", run_id,
                         lambda: RunStopped(run_id, launcher.stop_run(self.services.store(), run_id, grace=10.0)))
 
     def relaunch_run(self, run_id: str) -> None:
-        """A new run with the run's stored config, detached (``core.launcher.relaunch``)."""
-        import core.launcher as launcher
+        """A new run with the run's stored config, detached (``core.runs.launcher.relaunch``)."""
+        import core.runs.launcher as launcher
 
         self._lifecycle("relaunch", run_id,
                         lambda: RunRelaunched(run_id, *launcher.relaunch(self.services.store(), run_id)))
@@ -109,7 +109,7 @@ class RunLifecycle:
     def resume_run(self, run_id: str, all_folds: bool = False) -> None:
         """``workbench resume RUN --detach`` (``--all-folds`` for a partial run): the same run id
         continues in the background."""
-        import core.launcher as launcher
+        import core.runs.launcher as launcher
 
         def resume() -> RunResumed:
             _, pid = launcher.resume_detached(self.services.store(), run_id, all_folds=all_folds)

@@ -1,0 +1,1 @@
+"""Label cleaning by confident learning (cleanlab)."""

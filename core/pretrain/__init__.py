@@ -1,0 +1,1 @@
+"""Multitask pre-training (MLM, Product2Query, Product2Brand/Color, contrastive)."""

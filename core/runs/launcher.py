@@ -1,0 +1,301 @@
+"""Detached training subprocesses: launch, check, stop.
+
+A run started with :func:`launch` is ``workbench train CONFIG --run-id ID`` in its own session
+(``start_new_session=True``: its own process group, no controlling terminal), so a UI can quit
+and come back. runs.db keeps its pid and the process's create time, so a restarted UI never
+mistakes a reused pid for the run. Stop = SIGTERM to the process group, a grace period, then
+SIGKILL. Processes are started from argument lists, never through a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from core.config import config_from_dict, load_config, read_config_file, save_config
+from core.errors import ConfigError, WorkbenchError
+from core.runs.store import ACTIVE, RESUMABLE, RunRecord, RunStore, Status, now_iso
+
+
+def config_kind(path: str | Path) -> str:
+    """``"pretrain"`` when the config file's top level says ``kind: pretrain``, else ``"train"``.
+
+    An unreadable file gives ``"train"``: the loader then raises its own one-line ConfigError."""
+    try:
+        data = read_config_file(path)
+    except ConfigError:
+        return "train"
+    return "pretrain" if data.get("kind") == "pretrain" else "train"
+
+
+def load_any_config(path: str | Path, overrides: list[str] | None = None):
+    """Load a training config (:class:`core.config.RunConfig`) or, for ``kind: pretrain``, a
+    pre-training config (:class:`core.pretrain.multitask.PretrainConfig`); the result's ``kind`` attribute
+    (``getattr(cfg, "kind", "train")``) tells them apart.
+
+    Raises:
+        ConfigError: as :func:`core.config.load_config` / :func:`core.pretrain.multitask.load_pretrain_config`.
+    """
+    if config_kind(path) == "pretrain":
+        from core.pretrain.multitask import load_pretrain_config
+
+        return load_pretrain_config(path, overrides)
+    return load_config(path, overrides)
+
+
+def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str],
+                    command: str = "train") -> list[str]:
+    """The argument list of a detached trainer under its supervisor (same interpreter as the caller):
+    ``python -m core.runs.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``
+    (``command="pretrain"``: ``workbench pretrain``)."""
+    if command not in ("train", "pretrain"):
+        raise ValueError(f"unknown trainer command {command!r}")
+    cmd = [sys.executable, "-m", "workbench", command, str(config_path), "--run-id", run_id, "--db", db_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    return [sys.executable, "-m", "core.runs.supervise", "--run-id", run_id, "--db", db_path, "--", *cmd]
+
+
+def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
+    """Create a queued run and start its trainer detached.
+
+    The config and its data selection are validated here first (:func:`validate_any`: bad input
+    fails in the caller, nothing is created or started).
+    The run's pid is its supervisor (:mod:`core.runs.supervise`), the leader of a new session; the
+    child's stdout/stderr go to ``runs/<id>/console.log``.
+
+    Returns:
+        (run_id, pid).
+
+    Raises:
+        ConfigError: bad config or override; DataError: the data selection (e.g. fewer training
+            queries than ``train.folds``).
+    """
+    overrides = list(overrides or [])
+    cfg = load_any_config(config_path, overrides)
+    return _start(cfg, config_path, overrides, store)
+
+
+def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
+    """Launch a new run with exactly the resolved config of ``run_id`` (its runs.db config JSON,
+    overrides included), written to ``runs/<new id>/launch.yaml``.
+
+    Returns:
+        (new run_id, pid).
+
+    Raises:
+        WorkbenchError: unknown run, or a run without a stored config.
+        ConfigError / DataError: the stored config or its data no longer validates (nothing is created).
+    """
+    return _start(stored_config(store, store.get_record(run_id)), None, [], store)
+
+
+def stored_config(store: RunStore, run: RunRecord, all_folds: bool = False):
+    """A run's stored config as a :class:`core.config.RunConfig` or, for a pre-training run, a
+    :class:`core.pretrain.multitask.PretrainConfig`; ``all_folds`` drops ``train.run_folds`` (training).
+
+    Raises:
+        WorkbenchError: the run has no stored config.
+        ConfigError: it no longer validates (one line naming the run).
+    """
+    if not run.config:
+        raise WorkbenchError(f"{store.path}: run {run.id} has no stored config")
+    try:
+        if run.kind == "pretrain":
+            from core.pretrain.multitask import pretrain_config_from_dict
+
+            return pretrain_config_from_dict(run.config)
+        data = run.config
+        if all_folds:
+            data = {**data, "train": {**data.get("train", {}), "run_folds": None}}
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{store.path}: run {run.id}: {exc}") from None
+
+
+def validate_any(cfg) -> None:
+    """Check a config and its data before a run exists: :func:`core.training.validate.validate_run` for a
+    training config, :func:`core.pretrain.multitask.validate_pretrain` for a pre-training one.
+
+    Raises:
+        ConfigError / DataError: one line (nothing is created).
+    """
+    if getattr(cfg, "kind", "train") == "pretrain":
+        from core.pretrain.multitask import validate_pretrain
+
+        validate_pretrain(cfg)
+    else:
+        from core.training.validate import validate_run
+
+        validate_run(cfg)
+
+
+def _start(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, int]:
+    validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
+    run_id = store.create_run(cfg.name, cfg.to_dict(), status=Status.QUEUED)
+    run_dir = Path(cfg.output_dir).expanduser().resolve() / run_id  # absolute: readable from any cwd
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_path is None:
+        config_path = run_dir / "launch.yaml"
+        save_config(cfg, config_path)
+    console = open(run_dir / "console.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            trainer_command(config_path, run_id, os.path.abspath(store.path), overrides,
+                            command=getattr(cfg, "kind", "train")),
+            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        console.close()
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = None
+    store.update_run(run_id, pid=proc.pid, process_start_time=create_time, run_dir=str(run_dir))
+    store.add_artifact(run_id, "console", run_dir / "console.log")
+    return run_id, proc.pid
+
+
+def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued: bool = False):
+    """The stored config of a run that ``workbench resume`` may continue.
+
+    Args:
+        run_id: a crashed, stopped, failed or partial run (id or unique prefix).
+        all_folds: drop ``train.run_folds`` so a partial run trains its remaining folds too.
+        queued: also accept a ``queued`` run (the one :func:`resume_detached` queued for its child).
+
+    Returns:
+        (run id, config): a :class:`core.config.RunConfig` or, for a pre-training run, a
+        :class:`core.pretrain.multitask.PretrainConfig`.
+
+    Raises:
+        WorkbenchError: unknown run, a run that is not resumable (one line with its status), no
+        stored config.
+        ConfigError: the stored config no longer validates.
+    """
+    refresh_statuses(store)  # a run whose process vanished reads crashed first
+    run = store.get_record(run_id)
+    if run.status not in RESUMABLE and not (queued and run.status == Status.QUEUED):
+        raise WorkbenchError(f"{store.path}: run {run.id} is {run.status}: only a crashed, stopped, failed "
+                             f"or partial run can be resumed")
+    return run.id, stored_config(store, run, all_folds=all_folds)
+
+
+def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tuple[str, int]:
+    """``workbench resume RUN`` in the background under a supervisor (own session), like
+    :func:`launch`: the run goes back to ``queued`` with the supervisor's pid.
+
+    Returns:
+        (run_id, pid).
+
+    Raises:
+        WorkbenchError / ConfigError: as :func:`resume_config` (nothing is started).
+    """
+    run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
+    run_dir = store.get_record(run_id).run_dir
+    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
+    if all_folds:
+        cmd.append("--all-folds")
+    store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
+    pid, create_time = _spawn([sys.executable, "-m", "core.runs.supervise", "--run-id", run_id,
+                               "--db", os.path.abspath(store.path), "--", *cmd], Path(run_dir))
+    store.update_run(run_id, pid=pid, process_start_time=create_time)
+    return run_id, pid
+
+
+def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
+    """Start ``cmd`` in a new session, stdout/stderr appended to ``run_dir/console.log``;
+    returns (pid, process create time)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = open(run_dir / "console.log", "ab")
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        console.close()
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        create_time = None
+    return proc.pid, create_time
+
+
+def process_of(run: dict) -> psutil.Process | None:
+    """The live process of a run row, or None (gone, or the pid was reused by another process)."""
+    pid, started = run.get("pid"), run.get("process_start_time")
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        if started is not None and abs(proc.create_time() - float(started)) > 1.0:
+            return None  # pid reused
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def refresh_statuses(store: RunStore) -> list[str]:
+    """Mark runs ``crashed`` whose status says active but whose process is gone
+    (SIGKILL, OOM, reboot: no one wrote a final status). Returns their ids; nothing on a store
+    opened read-only (statuses as stored)."""
+    if getattr(store, "readonly", False):
+        return []
+    crashed = []
+    for run in store.active_runs():
+        if run.get("pid") and process_of(run) is None:
+            store.update_run(run["id"], status=Status.CRASHED, ended=run.get("ended") or now_iso())
+            crashed.append(run["id"])
+    return crashed
+
+
+def stop_run(store: RunStore, run_id: str, grace: float = 10.0) -> str:
+    """Stop a run: SIGTERM to its process group, wait ``grace`` seconds, then SIGKILL.
+
+    Returns the run's status afterwards.
+
+    Raises:
+        WorkbenchError: unknown run id.
+    """
+    run = store.get_run(run_id)
+    proc = process_of(run)
+    if proc is None:
+        refresh_statuses(store)
+        return store.get_run(run["id"])["status"]
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    members = [proc] + proc.children(recursive=True)
+    try:
+        if pgid is not None and pgid == proc.pid:
+            os.killpg(pgid, signal.SIGTERM)
+        else:
+            proc.terminate()
+    except ProcessLookupError:
+        pass
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    if alive:
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if pgid is not None and pgid == proc.pid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        psutil.wait_procs(alive, timeout=5)
+    run = store.get_run(run["id"])
+    if run["status"] in ACTIVE:  # killed before it could write its own status
+        store.update_run(run["id"], status=Status.STOPPED, ended=now_iso(), exit_code=-9 if alive else 143)
+    return store.get_run(run["id"])["status"]

@@ -1,0 +1,1 @@
+"""Metrics, baselines (BM25, dense), blends, ensembles, submission files, reports."""

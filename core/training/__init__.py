@@ -1,0 +1,1 @@
+"""K-fold training: checks before a run (validate), the run (train), one fold (fold_loop), ablations."""

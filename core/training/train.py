@@ -1,0 +1,408 @@
+"""K-fold cross-encoder training on ESCI with OOF and test predictions.
+
+Reads top to bottom like the transformers ``examples/`` scripts (:func:`run_training`):
+validate the config and data -> claim the run -> label cleaning, query-grouped folds, tokens
+(cached), side features -> for each fold :func:`core.training.fold_loop.train_fold` (or the fold's saved
+result when a resumed run already finished it) -> OOF assembled from the folds' files -> blend
+with baselines on OOF -> ``runs/<run_id>/oof.parquet``, ``test.parquet`` and CV metrics in runs.db.
+
+Nothing finished is lost: each fold's predictions are on disk when the fold ends, step
+checkpoints are written every ``train.checkpoint_every`` steps, and ``resume=True`` (``workbench
+resume RUN``) continues a crashed, stopped, failed or partial run under its id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.scoring.baselines import bm25_scores, random_scores
+from core.scoring.blend import nested_blend, standardize_per_query
+from core.config import RunConfig, save_config
+from core.data.esci import ESCI_LABELS
+from core.scoring.dense import dense_scores
+from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
+from core.training.fold_loop import (STAGES, FoldResult, LengthGroupedBatchSampler, TrainContext, eval_metrics,  # noqa: F401
+                            load_fold_result, load_step_checkpoint, predict_proba, train_fold)
+from core.data.folds import assign_folds
+from core.cleaning.labels import apply_to_training
+from core.runs.lifecycle import (RunStopped, atomic_write, check_stop, claim_run, mark_running,  # noqa: F401
+                            process_start_time, recorded_run, setup_file_log)
+from core.scoring.metrics import expected_gain, mean_ndcg
+from core.modeling.model import load_tokenizer
+from core.scoring.report import PROB_COLUMNS
+from core.runs.store import RunStore
+from core.data.text import encode_pairs_cached
+from core.training.validate import load_training_frame, validate_run  # noqa: F401 - load_training_frame: older imports
+from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
+
+log = logging.getLogger("esci.train")
+
+LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
+
+#: scorers a blend can use; each maps the examples frame to one score per row
+BLEND_MEMBERS = {
+    "bm25": lambda df, cfg: bm25_scores(df),
+    "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
+    "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
+}
+
+# kept for older imports (core.pretrain.multitask and tests used the private names)
+_setup_file_log = setup_file_log
+_process_start_time = process_start_time
+
+
+class Progress(Protocol):
+    """What the trainer reports to a UI (a rich progress bar in the CLI)."""
+
+    def start(self, total: int, description: str) -> None: ...
+    def advance(self, n: int = 1, description: str | None = None) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class NullProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced.
+
+    ``oof``: one row per trained example: example_id, query_id, esci_label, fold, p_E..p_I,
+    ce_score (expected gain), score (final ranking score). ``test``: the same columns for test
+    examples (probabilities averaged over folds, fold = -1), or None. ``cv``: run-level metrics.
+    ``partial``: only ``train.run_folds`` were trained (no run-level files, status ``partial``).
+    """
+
+    run_id: str
+    run_dir: Path
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    cv: dict[str, float]
+    fold_metrics: list[dict[str, Any]] = field(default_factory=list)
+    blend_weights: dict[str, float] = field(default_factory=dict)
+    partial: bool = False
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> bf16 on a GPU that supports it, fp16 on other GPUs, ``no`` on CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def is_partial(cfg: RunConfig) -> bool:
+    """True when ``train.run_folds`` leaves out some of the ``train.folds`` folds."""
+    return cfg.train.run_folds is not None and set(cfg.train.run_folds) != set(range(cfg.train.folds))
+
+
+def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
+                 progress: Progress | None = None, resume: bool = False) -> RunResult:
+    """Train ``cfg`` with k-fold CV, record everything in ``store`` and ``runs/<run_id>/``.
+
+    The config and the data selection are checked before a run row or folder exists.
+
+    Args:
+        cfg: the resolved run config.
+        store: runs.db connection of this process (the trainer writes its own metrics).
+        run_id: an existing ``queued`` run (from ``workbench launch``) or, with ``resume``, the
+            crashed/stopped/failed/partial run to continue; None for a new run.
+        progress: UI callbacks.
+        resume: keep the run's finished folds, continue its interrupted fold from its last step
+            checkpoint, train the rest (metrics logged after the checkpoint are replaced).
+
+    Returns:
+        RunResult with the OOF and test frames and the CV metrics.
+
+    Raises:
+        DataError, ConfigError: bad data or settings (nothing created).
+        WorkbenchError: ``run_id`` is not a run that may be started or resumed; a file cannot
+            be written (the run is marked ``failed``).
+        RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``).
+    """
+    progress = progress or NullProgress()
+    df = validate_run(cfg)
+    run_id, run_dir = claim_run(store, cfg.name, cfg.to_dict(), cfg.output_dir, run_id=run_id, resume=resume)
+    atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
+    handler = setup_file_log(run_dir)
+    mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
+    _record_artifact(store, run_id, "config", run_dir / "config.yaml")
+    _record_artifact(store, run_id, "log", run_dir / "train.log")
+    with recorded_run(store, run_id, handler, final_status=lambda: "partial" if is_partial(cfg) else "finished"):
+        if resume:
+            log.info("run %s resumed", run_id)
+        result = _train(cfg, df, store, run_id, run_dir, progress, resume)
+        log.info("run %s %s: %s", run_id, "partial" if result.partial else "finished", result.cv)
+    return result
+
+
+def _record_artifact(store: RunStore, run_id: str, kind: str, path: Path, fold: int = -1) -> None:
+    """Record an artifact once (a resumed run writes the same files again)."""
+    if not any(a["kind"] == kind and a["fold"] == fold and a["path"] == str(path) for a in store.artifacts(run_id)):
+        store.add_artifact(run_id, kind, path, fold=fold)
+
+
+def _train(cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_dir: Path, progress: Progress,
+           resume: bool) -> RunResult:
+    from accelerate import Accelerator
+
+    t_run = time.time()
+    tc, fc, tk = cfg.train, cfg.features, cfg.tricks
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+
+    # ---- label cleaning, folds ----------------------------------------------------------
+    # fit_mask/fit_labels change what is trained on, never df itself, so dropped examples are
+    # still scored out-of-fold and evaluated on their original labels (core.cleaning.labels)
+    fit_mask, fit_labels, labels_summary = apply_to_training(df, cfg.labels, store)
+    log.info("%s", labels_summary)
+    train_idx = np.flatnonzero((df["split"] == "train").to_numpy())
+    test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
+    folds = assign_folds(df["query_id"].to_numpy()[train_idx], tc.folds, tc.seed)
+    run_folds = tc.run_folds if tc.run_folds is not None else list(range(tc.folds))
+    log.info("data %s: %d train examples (%d queries), %d test examples; %d folds, training %s", cfg.data.dir,
+             len(train_idx), df["query_id"].iloc[train_idx].nunique(), len(test_idx), tc.folds, run_folds)
+    check_stop("after loading the data")
+
+    # ---- tokens and side features ----------------------------------------------------------
+    progress.message("tokenizing")
+    tokenizer = load_tokenizer(cfg.model.name)
+    encoded = encode_pairs_cached(df, tokenizer, cfg.text)
+    log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
+    bags, bag_init = _side_features(cfg, df)
+    check_stop("after tokenizing")
+
+    mp = resolve_mixed_precision(tc.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    log.info("device %s, mixed precision %s, processes %d", accelerator.device, mp, accelerator.num_processes)
+    # targets are class-probability rows (one-hot for hard labels; soft for distillation/pseudo-labels)
+    hard_targets = np.zeros((len(df), 4), dtype=np.float32)
+    codes = pd.Series(fit_labels).map(LABEL_TO_INDEX)
+    has_label = codes.notna().to_numpy()
+    hard_targets[np.flatnonzero(has_label), codes[has_label].astype(int).to_numpy()] = 1.0
+    ctx = TrainContext(
+        cfg=cfg, store=store, run_id=run_id, run_dir=run_dir, df=df, train_idx=train_idx, test_idx=test_idx,
+        folds=folds, run_folds=run_folds, fit_mask=fit_mask, encoded=encoded,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        labels_all=df["esci_label"].map(LABEL_TO_INDEX).to_numpy(), accelerator=accelerator,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
+        class_weights=parse_class_weights(tk.class_weights), bags=bags, bag_init=bag_init, progress=progress)
+    two_stage = tk.self_distill or tk.pseudo_label  # a teacher k-fold pass first
+    stages = ["teacher", "final"] if two_stage else ["final"]
+    if resume:
+        prune_metrics_for_resume(ctx, stages)
+
+    # ---- the folds (teacher pass first for self-distillation / pseudo-labels) -----------------
+    total_steps = sum(math.ceil(math.ceil(len(ctx.train_rows(k)) / tc.batch_size) / tc.grad_accum) * tc.epochs
+                      for k in run_folds) * len(stages)
+    progress.start(total_steps, "training")
+    # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
+    store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(total_steps), "fold": -1}])
+    targets_of: Callable[[int], tuple[np.ndarray, np.ndarray]] = lambda k: (hard_targets, np.zeros(0, np.int64))  # noqa: E731
+    if two_stage:
+        progress.message("teacher pass (self-distillation / pseudo-labels)")
+        teacher = run_stage(ctx, "teacher", targets_of)
+        targets_of = _student_targets(ctx, teacher, hard_targets)
+    results = run_stage(ctx, "final", targets_of)
+
+    # ---- OOF and test frames from the folds' files, blend, CV metrics, run-level files -------
+    oof, test = assemble_predictions(ctx, results)
+    partial = is_partial(cfg)
+    weights = {"ce": 1.0}
+    oof["score"] = oof["ce_score"]
+    if test is not None:
+        test["score"] = test["ce_score"]
+    if cfg.blend.members and not partial:
+        progress.message("blending")
+        weights = _blend(cfg, df, ctx, oof, test)
+    cv = eval_metrics(oof[PROB_COLUMNS].to_numpy(), oof)
+    cv["final_ndcg"] = mean_ndcg(oof["query_id"].to_numpy(), oof["score"].to_numpy(), oof["esci_label"].to_numpy())
+    cv["seconds"] = time.time() - t_run
+    fold_metrics = [{"fold": r.fold, **r.best, "seconds": r.seconds} for r in results.values()]
+    if partial:  # no run-level OOF or CV for a subset of the folds: `workbench resume --all-folds`
+        log.info("partial run: folds %s of %d trained; their predictions are in fold<k>/", run_folds, tc.folds)
+        return RunResult(run_id, run_dir, oof, test, cv, fold_metrics, weights, partial=True)
+    _log_cv(store, run_id, oof, run_folds, cv, weights)
+    atomic_write(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
+    _record_artifact(store, run_id, "oof", run_dir / "oof.parquet")
+    if test is not None:
+        atomic_write(run_dir / "test.parquet", lambda p: test.to_parquet(p, index=False))
+        _record_artifact(store, run_id, "test", run_dir / "test.parquet")
+    log.info("CV: cross-encoder nDCG %.4f, final (blend %s) nDCG %.4f, task2 F1 %.4f, task3 F1 %.4f",
+             cv["ndcg"], weights, cv["final_ndcg"], cv["task2_f1"], cv["task3_f1"])
+    return RunResult(run_id, run_dir, oof, test, cv, fold_metrics, weights)
+
+
+def run_stage(ctx: TrainContext, stage: str, targets_of: Callable[[int], tuple[np.ndarray, np.ndarray]]
+              ) -> dict[int, FoldResult]:
+    """Every fold of ``ctx.run_folds`` for ``stage``: the fold's saved result when it is done
+    (a resumed run), else :func:`core.training.fold_loop.train_fold` with ``targets_of(k) -> (targets
+    (len(df), 4), extra rows)``. Returns {fold: FoldResult}."""
+    results: dict[int, FoldResult] = {}
+    for k in ctx.run_folds:
+        done = load_fold_result(ctx, stage, k)
+        if done is not None:
+            log.info("%sfold %d already done (kept from %s)", "" if stage == "final" else "teacher ", k,
+                     ctx.fold_dir(stage, k))
+            ctx.progress.advance(max(0, done.global_step - ctx.global_step))
+            ctx.global_step = max(ctx.global_step, done.global_step)
+            if done.metric_rows and not any(m["fold"] == k for m in ctx.store.metrics(ctx.run_id, [done.metric_rows[0]["name"]])):
+                ctx.store.log_metrics(ctx.run_id, done.metric_rows)  # the crash came between the files and the rows
+            results[k] = done
+            continue
+        targets, extra = targets_of(k)
+        results[k] = train_fold(ctx, k, stage, targets, extra)
+    return results
+
+
+def prune_metrics_for_resume(ctx: TrainContext, stages: list[str]) -> None:
+    """Before a resume: delete the metric rows that the resumed run will log again, so none is
+    duplicated: rows of a not-finished fold after its step checkpoint (all of them without one),
+    ``progress/step`` rows after the resume point, and the run-level CV/blend/progress rows."""
+    store, run_id = ctx.store, ctx.run_id
+    resume_step = 0
+    for stage in stages:
+        for k in ctx.run_folds:
+            fold_dir = ctx.fold_dir(stage, k)
+            if (fold_dir / "result.json").is_file():
+                done = load_fold_result(ctx, stage, k)
+                resume_step = max(resume_step, done.global_step if done else 0)
+                continue
+            ckpt = load_step_checkpoint(fold_dir / "resume.pt")
+            after = ckpt["loop"]["fold_step"] if ckpt else 0
+            if ckpt:
+                resume_step = max(resume_step, ckpt["global_step"])
+            store.delete_metrics(run_id, fold=k, teacher=stage == "teacher", after_step=after)
+    store.delete_metrics(run_id, fold=-1, names=["progress/step"], after_step=resume_step)
+    store.delete_metrics(run_id, fold=-1, name_prefixes=["cv/", "blend/", "progress/total_steps"])
+    store.delete_metrics(run_id, names=["fold/final_ndcg"])
+
+
+def _side_features(cfg: RunConfig, df: pd.DataFrame):
+    """The n-gram bags of every row and the word2vec bucket init (core.modeling.features), or (None, None)."""
+    fc = cfg.features
+    if not fc.ngram_bags:
+        return None, None
+    t_feat = time.time()
+    bags = ngram_bags_cached(df, fc, cfg.text.cache_dir)
+    bag_init = word2vec_bucket_init(df, fc, seed=cfg.train.seed, cache_dir=cfg.text.cache_dir) \
+        if fc.init == "word2vec" else None
+    per = np.diff(bags.offsets).reshape(len(df), -1)
+    log.info("n-gram bags %s: word 1..%d-grams into %d buckets, mean %s per pair, init %s%s (%.1f s)",
+             fc.bag_fields, fc.ngram, fc.buckets, np.round(per.mean(0), 1).tolist(), fc.init,
+             f" ({len(bag_init[0])} buckets from word2vec)" if bag_init is not None else "", time.time() - t_feat)
+    return bags, bag_init
+
+
+def _student_targets(ctx: TrainContext, teacher: dict[int, FoldResult], hard_targets: np.ndarray):
+    """The final pass's ``targets_of(k)`` after a teacher pass: self-distillation's soft labels
+    ``w * OOF + (1 - w) * hard`` and/or fold k's own teacher's confident test rows (pseudo-labels:
+    no label of validation fold k leaks in). Logs the exact total steps (pseudo rows add steps)."""
+    tc, tk = ctx.cfg.train, ctx.cfg.tricks
+    student = hard_targets.copy()
+    if tk.self_distill:
+        t_oof = np.full((len(ctx.train_idx), 4), np.nan, dtype=np.float32)
+        for k, r in teacher.items():
+            t_oof[ctx.folds == k] = r.oof
+        have = ~np.isnan(t_oof).any(1) & ctx.fit_mask[ctx.train_idx]
+        rows = ctx.train_idx[have]
+        student[rows] = distill_targets(t_oof[have], hard_targets[rows].argmax(1), tk.distill_weight)
+        log.info("self-distillation: %d training rows get %.2f * OOF + %.2f * hard labels",
+                 len(rows), tk.distill_weight, 1 - tk.distill_weight)
+    t_test = {k: r.test for k, r in teacher.items() if r.test is not None}
+
+    def targets_of(k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not (tk.pseudo_label and k in t_test):
+            return student, np.zeros(0, np.int64)
+        keep = select_pseudo_labels(t_test[k], tk.pseudo_threshold)
+        t = student.copy()
+        t[ctx.test_idx[keep]] = t_test[k][keep]
+        log.info("pseudo-labels for fold %d: %d of %d test pairs with max p >= %.2f", k, keep.sum(), len(keep),
+                 tk.pseudo_threshold)
+        return t, ctx.test_idx[keep]
+
+    if tk.pseudo_label:  # the student folds train on more rows: exact ETA total
+        steps = sum(math.ceil(math.ceil((len(ctx.train_rows(k)) + (select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum()
+                                                                    if k in t_test else 0)) / tc.batch_size) / tc.grad_accum)
+                    * tc.epochs for k in ctx.run_folds)
+        ctx.store.log_metrics(ctx.run_id, [{"name": "progress/total_steps", "value": float(ctx.global_step + steps),
+                                            "fold": -1}])
+    return targets_of
+
+
+def assemble_predictions(ctx: TrainContext, results: dict[int, FoldResult]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The OOF frame (trained folds' rows in train order) and the test frame (probabilities
+    averaged over the folds, fold = -1) from the folds' results, with ``ce_score`` = expected gain."""
+    df = ctx.df
+    trained = np.isin(ctx.folds, ctx.run_folds)
+    probs = np.full((len(ctx.train_idx), 4), np.nan, dtype=np.float32)
+    for k, r in results.items():
+        probs[ctx.folds == k] = r.oof
+    cols = ["example_id", "query_id", "product_id", "esci_label"]
+    oof = df.iloc[ctx.train_idx[trained]][cols].reset_index(drop=True)
+    oof["fold"] = ctx.folds[trained]
+    oof[PROB_COLUMNS] = probs[trained]
+    oof["ce_score"] = expected_gain(probs[trained])
+    test = None
+    if len(ctx.test_idx):
+        test = df.iloc[ctx.test_idx][cols].reset_index(drop=True)
+        test["fold"] = -1
+        test[PROB_COLUMNS] = (sum(r.test for r in results.values()) / len(results)).astype(np.float32)
+        test["ce_score"] = expected_gain(test[PROB_COLUMNS].to_numpy())
+    return oof, test
+
+
+def _blend(cfg: RunConfig, df: pd.DataFrame, ctx: TrainContext, oof: pd.DataFrame, test: pd.DataFrame | None
+           ) -> dict[str, float]:
+    """Per-query standardised blend of the cross-encoder with ``blend.members`` (core.scoring.blend):
+    OOF rows get weights fitted on the other folds, test rows the weights fitted on all OOF rows.
+    Sets ``score`` and each member's raw column in ``oof``/``test``; returns the full weights."""
+    members = list(cfg.blend.members)
+    z_oof = [standardize_per_query(oof["query_id"], oof["ce_score"])]
+    z_test = [standardize_per_query(test["query_id"], test["ce_score"])] if test is not None else []
+    trained = np.isin(ctx.folds, ctx.run_folds)
+    for name in members:
+        raw = BLEND_MEMBERS[name](df, cfg)
+        oof[name] = raw[ctx.train_idx][trained]
+        z_oof.append(standardize_per_query(oof["query_id"], oof[name]))
+        if test is not None:
+            test[name] = raw[ctx.test_idx]
+            z_test.append(standardize_per_query(test["query_id"], test[name]))
+    final, per_fold_w, full_w = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"],
+                                             np.column_stack(z_oof), cfg.blend.resolution)
+    oof["score"] = final
+    if test is not None:
+        test["score"] = np.column_stack(z_test) @ full_w
+    for f, w in per_fold_w.items():
+        log.info("fold %d blend weights (fitted on other folds): %s", f, dict(zip(["ce", *members], np.round(w, 3))))
+    return dict(zip(["ce", *members], map(float, full_w)))
+
+
+def _log_cv(store: RunStore, run_id: str, oof: pd.DataFrame, run_folds: list[int], cv: dict[str, float],
+            weights: dict[str, float]) -> None:
+    """Per-fold nDCG of the final ranking, the CV metrics and the blend weights (run-level rows)."""
+    labels, qids, score = oof["esci_label"].to_numpy(), oof["query_id"].to_numpy(), oof["score"].to_numpy()
+    for f in run_folds:
+        sel = oof["fold"].to_numpy() == f
+        store.log_metrics(run_id, [{"name": "fold/final_ndcg", "value": mean_ndcg(qids[sel], score[sel], labels[sel]),
+                                    "fold": f}])
+    store.log_metrics(run_id, [{"name": f"cv/{n}", "value": v, "fold": -1} for n, v in cv.items()]
+                      + [{"name": f"blend/w_{n}", "value": v, "fold": -1} for n, v in weights.items()])
