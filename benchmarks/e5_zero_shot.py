@@ -18,21 +18,24 @@ import time
 
 import numpy as np
 
-from core.scoring.baselines import DEFAULT_BM25_FIELDS, bm25_scores
 from core.data.esci import load_esci
+from core.scoring.baselines import DEFAULT_BM25_FIELDS, bm25_scores
 from core.scoring.dense import dense_scores
 from core.scoring.metrics import ndcg_per_query
 
 
 def main(data_dir: str = "data/esci_us_150q") -> None:
     df = load_esci(data_dir, task=1)
-    print(f"{data_dir}: {len(df):,} examples, {df['query_id'].nunique()} queries, "
-          f"locales {sorted(df['product_locale'].unique())}")
+    print(
+        f"{data_dir}: {len(df):,} examples, {df['query_id'].nunique()} queries, "
+        f"locales {sorted(df['product_locale'].unique())}"
+    )
     scorers = {
         "BM25 (title+brand+color)": lambda: bm25_scores(df, DEFAULT_BM25_FIELDS),
         "all-MiniLM-L6-v2 zero-shot": lambda: dense_scores(df, "all-MiniLM-L6-v2"),
         "multilingual-e5-small zero-shot": lambda: dense_scores(
-            df, "multilingual-e5-small", query_prefix="query: ", passage_prefix="passage: "),
+            df, "multilingual-e5-small", query_prefix="query: ", passage_prefix="passage: "
+        ),
     }
     per_query = {}
     for name, fn in scorers.items():
@@ -45,8 +48,10 @@ def main(data_dir: str = "data/esci_us_150q") -> None:
         if pq is base:
             continue
         d = (pq - base.reindex(pq.index)).to_numpy()
-        print(f"  {name:34s} - BM25: {d.mean():+.4f} (paired SE {d.std(ddof=1) / np.sqrt(len(d)):.4f}, "
-              f"better on {(d > 0).sum()} / worse on {(d < 0).sum()} queries)")
+        print(
+            f"  {name:34s} - BM25: {d.mean():+.4f} (paired SE {d.std(ddof=1) / np.sqrt(len(d)):.4f}, "
+            f"better on {(d > 0).sum()} / worse on {(d < 0).sum()} queries)"
+        )
     e5 = per_query["multilingual-e5-small zero-shot"]
     ml = per_query["all-MiniLM-L6-v2 zero-shot"]
     d = (e5 - ml.reindex(e5.index)).to_numpy()

@@ -39,8 +39,16 @@ def synth(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     given = true.copy()
     flip = rng.random(n) < 0.04
     given[flip] = (given[flip] + rng.integers(1, 4, size=int(flip.sum()))) % 4
-    ex = pd.DataFrame({"example_id": np.arange(n, dtype=np.int64), "query_id": np.arange(n, dtype=np.int64) // 20,
-                       "split": "train", "small_version": 1, "large_version": 1, "product_locale": "us"})
+    ex = pd.DataFrame(
+        {
+            "example_id": np.arange(n, dtype=np.int64),
+            "query_id": np.arange(n, dtype=np.int64) // 20,
+            "split": "train",
+            "small_version": 1,
+            "large_version": 1,
+            "product_locale": "us",
+        }
+    )
     return ex, given, probs
 
 
@@ -59,17 +67,25 @@ def main() -> None:
         data.mkdir()
         ex.to_parquet(data / "shopping_queries_dataset_examples.parquet", index=False)
         pd.DataFrame({"product_id": ["x"], "product_locale": ["us"]}).to_parquet(
-            data / "shopping_queries_dataset_products.parquet")  # present, never read by `find`
-        oof = pd.DataFrame({"example_id": ex["example_id"], "query_id": ex["query_id"], "esci_label": labels,
-                            "fold": ex["query_id"] % 5})
+            data / "shopping_queries_dataset_products.parquet"
+        )  # present, never read by `find`
+        oof = pd.DataFrame(
+            {
+                "example_id": ex["example_id"],
+                "query_id": ex["query_id"],
+                "esci_label": labels,
+                "fold": ex["query_id"] % 5,
+            }
+        )
         oof[["p_E", "p_S", "p_C", "p_I"]] = probs
         oof["score"] = probs @ np.array([1.0, 0.1, 0.01, 0.0], dtype=np.float32)
         run_dir = root / "runs" / "r"
         run_dir.mkdir(parents=True)
         oof.to_parquet(run_dir / "oof.parquet", index=False)
         store = RunStore(root / "runs.db")
-        run_id = store.create_run("bench", {"data": {"dir": str(data), "task": 1}}, run_dir=str(run_dir),
-                                  status="finished")
+        run_id = store.create_run(
+            "bench", {"data": {"dir": str(data), "task": 1}}, run_dir=str(run_dir), status="finished"
+        )
         store.add_artifact(run_id, "oof", run_dir / "oof.parquet")
         print(f"synthetic {args.n:,} x 4 OOF written in {time.perf_counter() - t:.1f} s")
         del oof, ex
@@ -93,8 +109,10 @@ def main() -> None:
         n_stored = store.conn.execute("SELECT COUNT(*) FROM label_issues WHERE run_id = ?", [run_id]).fetchone()[0]
         assert n_stored == len(res.issues) == len(idx), (n_stored, len(res.issues), len(idx))
         flagged_flipped = np.isin(res.issues["example_id"].to_numpy(), np.flatnonzero(given != np.argmax(probs, 1)))
-        print(f"labels find end to end: {ours:.2f} s, {len(res.issues):,} issues stored "
-              f"({100 * res.share:.1f}% of the data; {100 * flagged_flipped.mean():.0f}% disagree with the argmax)")
+        print(
+            f"labels find end to end: {ours:.2f} s, {len(res.issues):,} issues stored "
+            f"({100 * res.share:.1f}% of the data; {100 * flagged_flipped.mean():.0f}% disagree with the argmax)"
+        )
         print(f"ratio ours / bare find_label_issues: {ours / base:.2f}x (target <= 3x)")
 
 

@@ -64,7 +64,7 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
     lengths = rng.integers(2, 11, size=vocab_size)
     letters = rng.integers(97, 123, size=int(lengths.sum()), dtype=np.uint8).tobytes()
     cut = np.concatenate([[0], np.cumsum(lengths)])
-    vocab = [letters[cut[i]:cut[i + 1]] for i in range(vocab_size)]
+    vocab = [letters[cut[i] : cut[i + 1]] for i in range(vocab_size)]
     ranks = np.minimum(rng.zipf(1.3, size=8_000_000) - 1, vocab_size - 1)
     pool = b" ".join(vocab[r] for r in ranks)  # ~50 MB
     pool_mv = memoryview(pool)
@@ -74,13 +74,15 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
         starts = rng.integers(0, len(pool) - hi - 1, size=n)
         valid = rng.random(n) >= null_share
         lens = np.where(valid, lens, 0)
-        data = b"".join(pool_mv[s:s + ln] for s, ln in zip(starts.tolist(), lens.tolist()))
+        data = b"".join(pool_mv[s : s + ln] for s, ln in zip(starts.tolist(), lens.tolist()))
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         validity = None
         if not valid.all():
             validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
         return pa.Array.from_buffers(
-            pa.string(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
+            pa.string(),
+            n,
+            [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
             null_count=int((~valid).sum()),
         )
 
@@ -91,13 +93,9 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
     asin_num = rng.permutation(n_products * 2)[:n_products]
     shared = rng.random(n_products) < 0.05
     first_us = np.flatnonzero(locales == "us")
-    asin_num[shared & (locales != "us")] = asin_num[
-        rng.choice(first_us, size=int((shared & (locales != "us")).sum()))
-    ]
+    asin_num[shared & (locales != "us")] = asin_num[rng.choice(first_us, size=int((shared & (locales != "us")).sum()))]
     # keep (product_id, locale) unique
-    _, first = np.unique(
-        np.char.add(locales.astype("U2"), asin_num.astype("U12")), return_index=True
-    )
+    _, first = np.unique(np.char.add(locales.astype("U2"), asin_num.astype("U12")), return_index=True)
     keep = np.zeros(n_products, dtype=bool)
     keep[first] = True
     locales, asin_num = locales[keep], asin_num[keep]
@@ -119,26 +117,26 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
 
     # examples: every product judged at least once, the rest drawn at random; grouped by
     # query, each query in one locale, ~20 products per query
-    prod_idx = np.concatenate(
-        [rng.permutation(n_products), rng.integers(0, n_products, n_examples - n_products)]
-    )
+    prod_idx = np.concatenate([rng.permutation(n_products), rng.integers(0, n_products, n_examples - n_products)])
     prod_idx = prod_idx[np.argsort(locales[prod_idx], kind="stable")]
     q_of_row = np.minimum(np.arange(n_examples) * n_queries // n_examples, n_queries - 1)
     q_small = rng.random(n_queries) < 0.45
     q_test = rng.random(n_queries) < 0.3
     q_text = text_array(n_queries, 0.0, 8, 40)
     labels = rng.choice(np.array(["E", "S", "C", "I"]), size=n_examples, p=[0.65, 0.22, 0.03, 0.10])
-    examples = pa.table({
-        "example_id": pa.array(np.arange(n_examples, dtype=np.int64)),
-        "query": q_text.take(pa.array(q_of_row)),
-        "query_id": pa.array(q_of_row.astype(np.int64)),
-        "product_id": pa.array(product_id[prod_idx].tolist(), pa.string()),
-        "product_locale": pa.array(locales[prod_idx].tolist(), pa.string()),
-        "esci_label": pa.array(labels.tolist(), pa.string()),
-        "small_version": pa.array(q_small[q_of_row].astype(np.int64)),
-        "large_version": pa.array(np.ones(n_examples, dtype=np.int64)),
-        "split": pa.array(np.where(q_test[q_of_row], "test", "train").tolist(), pa.string()),
-    })
+    examples = pa.table(
+        {
+            "example_id": pa.array(np.arange(n_examples, dtype=np.int64)),
+            "query": q_text.take(pa.array(q_of_row)),
+            "query_id": pa.array(q_of_row.astype(np.int64)),
+            "product_id": pa.array(product_id[prod_idx].tolist(), pa.string()),
+            "product_locale": pa.array(locales[prod_idx].tolist(), pa.string()),
+            "esci_label": pa.array(labels.tolist(), pa.string()),
+            "small_version": pa.array(q_small[q_of_row].astype(np.int64)),
+            "large_version": pa.array(np.ones(n_examples, dtype=np.int64)),
+            "split": pa.array(np.where(q_test[q_of_row], "test", "train").tolist(), pa.string()),
+        }
+    )
     pq.write_table(examples, out_dir / "shopping_queries_dataset_examples.parquet")
     return {
         "n_examples": n_examples,
@@ -175,8 +173,12 @@ def _child(kind: str, data_dir: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result_mb = df.memory_usage(deep=True).sum() / 2**20
     figures = {
-        "kind": kind, "seconds": round(seconds, 2), "peak_rss_mb": round(peak),
-        "import_rss_mb": round(rss0), "rows": len(df), "result_mb": round(result_mb),
+        "kind": kind,
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(peak),
+        "import_rss_mb": round(rss0),
+        "rows": len(df),
+        "result_mb": round(result_mb),
     }
     if kind == "load_esci":  # not part of the timed load
         from core.data.esci import data_fingerprint
@@ -190,7 +192,9 @@ def _child(kind: str, data_dir: str) -> None:
 def _run_child(kind: str, data_dir: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(data_dir)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr}")
@@ -202,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the full release")
     ap.add_argument("--dir", type=Path, help="folder for the generated files (default: temp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per contestant (best time and worst peak RSS reported)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per contestant (best time and worst peak RSS reported)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -239,8 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
             results[kind] = best
             if len(runs) > 1:
-                print(f"{kind:10s} runs: " + ", ".join(
-                    f"{r['seconds']:.2f} s / {r['peak_rss_mb']} MiB" for r in runs))
+                print(f"{kind:10s} runs: " + ", ".join(f"{r['seconds']:.2f} s / {r['peak_rss_mb']} MiB" for r in runs))
             print(
                 f"{kind:10s} {best['seconds']:7.2f} s   peak RSS {best['peak_rss_mb']:6d} MiB"
                 f"   (after imports {best['import_rss_mb']} MiB)   rows {best['rows']:,}"

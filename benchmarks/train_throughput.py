@@ -39,29 +39,41 @@ def main() -> None:
     from core.config import config_from_dict
     from core.data.esci import ESCI_LABELS
     from core.data.folds import assign_folds
-    from core.modeling.model import resolve_model_path
     from core.data.opensearch import import_opensearch
-    from core.runs.store import RunStore
     from core.data.text import clean_text
+    from core.modeling.model import resolve_model_path
+    from core.runs.store import RunStore
     from core.training.train import load_training_frame, run_training
 
     tmp = Path(tempfile.mkdtemp(prefix="esci-bench-"))
     import_opensearch(args.sample, tmp / "data")
     base = {
-        "name": "bench", "output_dir": str(tmp / "runs"),
+        "name": "bench",
+        "output_dir": str(tmp / "runs"),
         "data": {"dir": str(tmp / "data"), "max_queries": args.queries},
         "text": {"max_length": args.max_length, "cache_dir": str(tmp / "cache")},
         "model": {"name": "all-MiniLM-L6-v2", "freeze_embeddings": False},
-        "train": {"folds": 5, "run_folds": [0], "epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
-                  "head_lr": args.lr, "evals_per_epoch": 1, "save_checkpoints": False, "log_every": 1000},
+        "train": {
+            "folds": 5,
+            "run_folds": [0],
+            "epochs": 1,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "head_lr": args.lr,
+            "evals_per_epoch": 1,
+            "save_checkpoints": False,
+            "log_every": 1000,
+        },
         "blend": {"members": []},
     }
     cfg = config_from_dict(base)
     df = load_training_frame(cfg)
     folds = assign_folds(df["query_id"].to_numpy(), 5, cfg.train.seed)
     n_train, n_val = int((folds != 0).sum()), int((folds == 0).sum())
-    print(f"{len(df)} pairs from {df['query_id'].nunique()} real queries: {n_train} train + {n_val} predicted; "
-          f"max_length {args.max_length}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"{len(df)} pairs from {df['query_id'].nunique()} real queries: {n_train} train + {n_val} predicted; "
+        f"max_length {args.max_length}, batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
 
     results = {}
     store = RunStore(tmp / "runs.db")
@@ -73,21 +85,34 @@ def main() -> None:
 
     # sentence-transformers: the official baseline's CrossEncoder recipe on the same text
     def product_text(row) -> str:
-        parts = [row.product_title, row.product_brand, row.product_color, row.product_bullet_point, row.product_description]
+        parts = [
+            row.product_title,
+            row.product_brand,
+            row.product_color,
+            row.product_bullet_point,
+            row.product_description,
+        ]
         return " ".join(clean_text(p) for p in parts if clean_text(p))
 
     label_idx = {lab: i for i, lab in enumerate(ESCI_LABELS)}
     train_rows = df[folds != 0]
     val_rows = df[folds == 0]
-    examples = [InputExample(texts=[clean_text(r.query), product_text(r)], label=label_idx[r.esci_label])
-                for r in train_rows.itertuples()]
+    examples = [
+        InputExample(texts=[clean_text(r.query), product_text(r)], label=label_idx[r.esci_label])
+        for r in train_rows.itertuples()
+    ]
     val_pairs = [[clean_text(r.query), product_text(r)] for r in val_rows.itertuples()]
     torch.manual_seed(cfg.train.seed)
     t = time.perf_counter()
     model = STCrossEncoder(resolve_model_path("all-MiniLM-L6-v2"), num_labels=4, max_length=args.max_length)
     loader = torch.utils.data.DataLoader(examples, shuffle=True, batch_size=args.batch_size)
-    model.fit(train_dataloader=loader, epochs=1, warmup_steps=int(0.1 * len(loader)),
-              optimizer_params={"lr": args.lr}, show_progress_bar=False)
+    model.fit(
+        train_dataloader=loader,
+        epochs=1,
+        warmup_steps=int(0.1 * len(loader)),
+        optimizer_params={"lr": args.lr},
+        show_progress_bar=False,
+    )
     model.predict(val_pairs, batch_size=cfg.train.eval_batch_size, show_progress_bar=False)
     results["sentence-transformers CrossEncoder.fit"] = (n_train + n_val) / (time.perf_counter() - t)
 

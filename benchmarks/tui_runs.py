@@ -35,24 +35,55 @@ def build_db(path: Path, n_runs: int, seed: int = 0) -> None:
     for i in range(n_runs):
         rid = f"20261101-{i // 3600:02d}{i // 60 % 60:02d}{i % 60:02d}-{i:05x}"
         status = rng.choice(STATUSES)
-        cfg = {"name": f"run{i}", "model": {"name": rng.choice(["all-MiniLM-L6-v2", "multilingual-e5-small"])},
-               "train": {"folds": 5, "lr": rng.choice([1e-4, 3e-5, 2e-5]), "seed": i}}
-        runs.append((rid, f"sweep-{i % 97}-{i}", status, 1, cfg["model"]["name"], json.dumps(cfg), None, None,
-                     "bench", f"2026-11-01T00:{i % 60:02d}:00+00:00", f"2026-11-01T00:{i % 60:02d}:05+00:00",
-                     f"2026-11-01T01:{i % 60:02d}:00+00:00", 0, "abc", f"runs/{rid}", None))
+        cfg = {
+            "name": f"run{i}",
+            "model": {"name": rng.choice(["all-MiniLM-L6-v2", "multilingual-e5-small"])},
+            "train": {"folds": 5, "lr": rng.choice([1e-4, 3e-5, 2e-5]), "seed": i},
+        }
+        runs.append(
+            (
+                rid,
+                f"sweep-{i % 97}-{i}",
+                status,
+                1,
+                cfg["model"]["name"],
+                json.dumps(cfg),
+                None,
+                None,
+                "bench",
+                f"2026-11-01T00:{i % 60:02d}:00+00:00",
+                f"2026-11-01T00:{i % 60:02d}:05+00:00",
+                f"2026-11-01T01:{i % 60:02d}:00+00:00",
+                0,
+                "abc",
+                f"runs/{rid}",
+                None,
+            )
+        )
         base = rng.uniform(0.78, 0.86)
         for f in range(5):
             for e in range(2):
                 metrics.append((rid, f, e * 10, e + 1.0, "eval/ndcg", base + rng.gauss(0, 0.01), 0.0))
                 metrics.append((rid, f, e * 10, e + 1.0, "eval/task2_f1", base - 0.3 + rng.gauss(0, 0.01), 0.0))
-            metrics += [(rid, f, None, None, "fold/ndcg", base, 0.0), (rid, f, None, None, "fold/done", 1.0, 0.0),
-                        (rid, f, None, None, "fold/task2_f1", base - 0.3, 0.0)]
+            metrics += [
+                (rid, f, None, None, "fold/ndcg", base, 0.0),
+                (rid, f, None, None, "fold/done", 1.0, 0.0),
+                (rid, f, None, None, "fold/task2_f1", base - 0.3, 0.0),
+            ]
         if status == "finished":
-            metrics += [(rid, -1, None, None, "cv/ndcg", base, 0.0), (rid, -1, None, None, "cv/task2_f1", base - 0.3, 0.0)]
+            metrics += [
+                (rid, -1, None, None, "cv/ndcg", base, 0.0),
+                (rid, -1, None, None, "cv/task2_f1", base - 0.3, 0.0),
+            ]
     with store._tx() as c:
-        c.executemany("INSERT INTO runs (id, name, status, task, model, config, pid, process_start_time, host, created, "
-                      "started, ended, exit_code, git_commit, run_dir, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", runs)
-        c.executemany("INSERT INTO metrics (run_id, fold, step, epoch, name, value, time) VALUES (?,?,?,?,?,?,?)", metrics)
+        c.executemany(
+            "INSERT INTO runs (id, name, status, task, model, config, pid, process_start_time, host, created, "
+            "started, ended, exit_code, git_commit, run_dir, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            runs,
+        )
+        c.executemany(
+            "INSERT INTO metrics (run_id, fold, step, epoch, name, value, time) VALUES (?,?,?,?,?,?,?)", metrics
+        )
     store.close()
 
 
@@ -97,8 +128,21 @@ async def time_builtin_datatable(db: Path, pages: int) -> tuple[float, float]:
             rows = store.list_runs()
             t = self.query_one(DataTable)
             t.add_columns("name", "status", "T", "model", "folds", "nDCG", "F1", "started")
-            t.add_rows([(r["name"], r["status"], r["task"], r["model"], r["folds_done"], r["best_ndcg"], r["best_f1"],
-                         r["started"]) for r in rows])
+            t.add_rows(
+                [
+                    (
+                        r["name"],
+                        r["status"],
+                        r["task"],
+                        r["model"],
+                        r["folds_done"],
+                        r["best_ndcg"],
+                        r["best_f1"],
+                        r["started"],
+                    )
+                    for r in rows
+                ]
+            )
             t.focus()
             self.ready = True
 
@@ -119,17 +163,24 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--pages", type=int, default=30)
     args = ap.parse_args()
-    print(f"{'runs':>6} {'workbench first paint':>22} {'per page':>9} {'DataTable first paint':>22} {'per page':>9} {'ratio':>6}")
+    print(
+        f"{'runs':>6} {'workbench first paint':>22} {'per page':>9} {'DataTable first paint':>22} {'per page':>9} {'ratio':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             db = Path(tmp) / f"runs{n}.db"
             build_db(db, n)
             wb_first, wb_page = asyncio.run(time_workbench(db, args.pages))
             dt_first, dt_page = asyncio.run(time_builtin_datatable(db, args.pages))
-            print(f"{n:>6} {wb_first:>20.3f} s {wb_page * 1000:>6.1f} ms {dt_first:>20.3f} s {dt_page * 1000:>6.1f} ms "
-                  f"{wb_first / dt_first:>5.2f}x", flush=True)
-    print("ratio = workbench first paint / built-in DataTable first paint (same rows, same process); "
-          "target: workbench first paint < 1 s at 1,000 runs")
+            print(
+                f"{n:>6} {wb_first:>20.3f} s {wb_page * 1000:>6.1f} ms {dt_first:>20.3f} s {dt_page * 1000:>6.1f} ms "
+                f"{wb_first / dt_first:>5.2f}x",
+                flush=True,
+            )
+    print(
+        "ratio = workbench first paint / built-in DataTable first paint (same rows, same process); "
+        "target: workbench first paint < 1 s at 1,000 runs"
+    )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,7 @@ class TextConfig:
     RANGES: ClassVar[dict[str, str]] = {"max_length": ">= 8", "budgets": "each >= 0"}
 
     max_length: int = 128  # >= 8
-    fields: list[str] = field(
-        default_factory=lambda: ["title", "brand", "color", "bullet_point", "description"]
-    )
+    fields: list[str] = field(default_factory=lambda: ["title", "brand", "color", "bullet_point", "description"])
     budgets: dict[str, int] = field(  # each >= 0; keys: query and the fields
         default_factory=lambda: {
             "query": 24,
@@ -87,9 +85,20 @@ class TrainConfig:
     """The optimisation and k-fold settings."""
 
     RANGES: ClassVar[dict[str, str]] = {
-        "folds": ">= 2", "seed": ">= 0", "epochs": ">= 1", "batch_size": ">= 1", "eval_batch_size": ">= 1",
-        "lr": "> 0", "head_lr": "> 0", "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "grad_accum": ">= 1",
-        "max_grad_norm": "> 0", "evals_per_epoch": ">= 1", "log_every": ">= 1", "num_threads": ">= 1",
+        "folds": ">= 2",
+        "seed": ">= 0",
+        "epochs": ">= 1",
+        "batch_size": ">= 1",
+        "eval_batch_size": ">= 1",
+        "lr": "> 0",
+        "head_lr": "> 0",
+        "weight_decay": ">= 0",
+        "warmup_ratio": "[0, 1)",
+        "grad_accum": ">= 1",
+        "max_grad_norm": "> 0",
+        "evals_per_epoch": ">= 1",
+        "log_every": ">= 1",
+        "num_threads": ">= 1",
         "checkpoint_every": ">= 0",
     }
 
@@ -153,11 +162,26 @@ class TricksConfig:
     """
 
     RANGES: ClassVar[dict[str, str]] = {
-        "ema_decay": "(0, 1)", "fgm_epsilon": "> 0", "pgd_steps": ">= 1", "pgd_alpha": "> 0", "pgd_epsilon": "> 0",
-        "awp_lr": "> 0", "awp_eps": "> 0", "awp_start_epoch": ">= 0", "awp_start_loss": "> 0", "rdrop_alpha": ">= 0",
-        "poly1_epsilon": ">= -1", "focal_gamma": ">= 0", "label_smoothing": "[0, 1)",
-        "class_weights": "4 values, each > 0", "msd_rates": "each [0, 1)", "layer_pooling_last": ">= 1",
-        "mixup_alpha": "> 0", "distill_weight": "[0, 1]", "pseudo_threshold": "(0, 1]", "llrd_decay": "(0, 1]",
+        "ema_decay": "(0, 1)",
+        "fgm_epsilon": "> 0",
+        "pgd_steps": ">= 1",
+        "pgd_alpha": "> 0",
+        "pgd_epsilon": "> 0",
+        "awp_lr": "> 0",
+        "awp_eps": "> 0",
+        "awp_start_epoch": ">= 0",
+        "awp_start_loss": "> 0",
+        "rdrop_alpha": ">= 0",
+        "poly1_epsilon": ">= -1",
+        "focal_gamma": ">= 0",
+        "label_smoothing": "[0, 1)",
+        "class_weights": "4 values, each > 0",
+        "msd_rates": "each [0, 1)",
+        "layer_pooling_last": ">= 1",
+        "mixup_alpha": "> 0",
+        "distill_weight": "[0, 1]",
+        "pseudo_threshold": "(0, 1]",
+        "llrd_decay": "(0, 1]",
     }
 
     ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
@@ -217,8 +241,13 @@ class FeaturesConfig:
     """
 
     RANGES: ClassVar[dict[str, str]] = {
-        "ngram": ">= 1", "buckets": ">= 1", "bag_dim": ">= 1", "max_words": ">= 1", "w2v_epochs": ">= 1",
-        "id_dim": ">= 1", "id_min_count": ">= 1",
+        "ngram": ">= 1",
+        "buckets": ">= 1",
+        "bag_dim": ">= 1",
+        "max_words": ">= 1",
+        "w2v_epochs": ">= 1",
+        "id_dim": ">= 1",
+        "id_min_count": ">= 1",
     }
 
     ngram_bags: bool = False  # hashed word n-gram bags (query, bullets, description by default)
@@ -493,8 +522,9 @@ def check_config(cfg: RunConfig) -> None:
     tc, tx = cfg.train, cfg.text
     if tc.run_folds is not None:
         if not all(0 <= k < tc.folds for k in tc.run_folds):
-            raise ConfigError(f"train.run_folds={tc.run_folds}: each value must be in 0..{tc.folds - 1} "
-                              f"(train.folds={tc.folds})")
+            raise ConfigError(
+                f"train.run_folds={tc.run_folds}: each value must be in 0..{tc.folds - 1} (train.folds={tc.folds})"
+            )
         if len(set(tc.run_folds)) != len(tc.run_folds):
             raise ConfigError(f"train.run_folds={tc.run_folds}: a fold is repeated")
         if not tc.run_folds:
@@ -508,8 +538,10 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"text.budgets: unknown field(s) {bad}; known: {list(BAG_FIELDS)}")
     query = tx.budgets.get("query", 32)  # core.data.text's default when the key is left out
     if not 1 <= query <= tx.max_length - 5:
-        raise ConfigError(f"text.budgets.query={query}: must be in 1..{tx.max_length - 5} (text.max_length - 5: "
-                          "room for CLS, 3 SEP and some product text)")
+        raise ConfigError(
+            f"text.budgets.query={query}: must be in 1..{tx.max_length - 5} (text.max_length - 5: "
+            "room for CLS, 3 SEP and some product text)"
+        )
 
 
 # ---------------------------------------------------------------------------------- bundled configs

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.scoring.baselines import bm25_scores, random_scores
 from core.config import DEFAULT_DATA_DIR, load_config
 from core.data.esci import find_dataset_files
-from core.errors import DataError
 from core.data.opensearch import import_opensearch
-from core.scoring.report import argmax_labels, scorer_table
+from core.errors import DataError
 from core.runs.store import RunStore
+from core.scoring.baselines import bm25_scores, random_scores
+from core.scoring.report import argmax_labels, scorer_table
 from core.training.train import Progress, RunResult, load_training_frame, run_training
 
 #: ./configs/demo.yaml when it exists, else the bundled one (core.config.resolve_config_path)
@@ -52,9 +52,14 @@ def prepare_sample(src: str | Path, data_dir: str | Path) -> Path:
     return data_dir
 
 
-def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = DEFAULT_DATA_DIR,
-             config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None,
-             progress: Progress | None = None) -> DemoReport:
+def run_demo(
+    src: str | Path,
+    store: RunStore,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    config_path: str | Path = DEFAULT_CONFIG,
+    overrides: list[str] | None = None,
+    progress: Progress | None = None,
+) -> DemoReport:
     """Import the sample, train the demo config with k-fold CV, score it next to baselines.
 
     The table rows: ``random`` (seeded uniform scores), ``bm25``, ``dense`` (zero-shot
@@ -81,7 +86,10 @@ def run_demo(src: str | Path, store: RunStore, data_dir: str | Path = DEFAULT_DA
         "final": oof["score"].to_numpy(),
         f"majority {majority}": np.zeros(len(oof)),
     }
-    classifiers = {"cross-enc": argmax_labels(oof), "final": argmax_labels(oof),
-                   f"majority {majority}": np.full(len(oof), majority)}
+    classifiers = {
+        "cross-enc": argmax_labels(oof),
+        "final": argmax_labels(oof),
+        f"majority {majority}": np.full(len(oof), majority),
+    }
     table = scorer_table(oof, scorers, classifiers)
     return DemoReport(result, table, Path(data_dir))

@@ -50,8 +50,14 @@ def sample_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = []
     for qi, q in enumerate(judg):
         for r in q["ratings"]:
-            rows.append({"query": q["query"], "query_id": qi, "product_id": r["docId"],
-                         "esci_label": RATING_TO_LABEL[r["rating"]]})
+            rows.append(
+                {
+                    "query": q["query"],
+                    "query_id": qi,
+                    "product_id": r["docId"],
+                    "esci_label": RATING_TO_LABEL[r["rating"]],
+                }
+            )
     ex = pd.DataFrame(rows)
     ex.insert(0, "example_id", range(len(ex)))
     ex["product_locale"] = "us"
@@ -64,12 +70,17 @@ def sample_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
             for line in fh:
                 d = json.loads(line)
                 if "asin" in d:
-                    prods.append({"product_id": d["asin"], "product_locale": "us",
-                                  "product_title": d.get("title") or "",
-                                  "product_description": d.get("description") or "",
-                                  "product_bullet_point": d.get("bullet_points") or "",
-                                  "product_brand": d.get("brand") or "",
-                                  "product_color": d.get("color") or ""})
+                    prods.append(
+                        {
+                            "product_id": d["asin"],
+                            "product_locale": "us",
+                            "product_title": d.get("title") or "",
+                            "product_description": d.get("description") or "",
+                            "product_bullet_point": d.get("bullet_points") or "",
+                            "product_brand": d.get("brand") or "",
+                            "product_color": d.get("color") or "",
+                        }
+                    )
     pr = pd.DataFrame(prods).drop_duplicates("product_id")
     return ex, pr
 
@@ -118,8 +129,14 @@ def tiny_bert(tmp_path_factory, sample_frames) -> Path:
     tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(folder)
     return folder
 
@@ -129,7 +146,8 @@ def tiny_config(tmp_path: Path, data_dir: Path, model_dir: Path, **train) -> str
     import yaml
 
     cfg = {
-        "name": "cli-tiny", "output_dir": str(tmp_path / "runs"),
+        "name": "cli-tiny",
+        "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(data_dir)},
         "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
         "model": {"name": str(model_dir)},

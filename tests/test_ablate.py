@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from core.training.ablate import ablation_table, item_overrides, plan_ablation, split_items, to_markdown
 from core.errors import ConfigError
-from core.scoring.metrics import mean_ndcg
 from core.runs.store import RunStore
+from core.scoring.metrics import mean_ndcg
+from core.training.ablate import ablation_table, item_overrides, plan_ablation, split_items, to_markdown
 from workbench.cli import app
 
 runner = CliRunner()
@@ -59,8 +59,11 @@ def _fake_run(store, name, fold_ndcg, seconds, epochs=2, teacher_seconds=None):
     rows = [{"name": "fold/ndcg", "value": v, "fold": f} for f, v in enumerate(fold_ndcg)]
     rows += [{"name": "fold/seconds", "value": s, "fold": f} for f, s in enumerate(seconds)]
     rows += [{"name": "teacher/fold_seconds", "value": s, "fold": f} for f, s in enumerate(teacher_seconds or [])]
-    rows += [{"name": "cv/ndcg", "value": float(np.mean(fold_ndcg)), "fold": -1},
-             {"name": "cv/final_ndcg", "value": 0.9, "fold": -1}, {"name": "cv/task2_f1", "value": 0.6, "fold": -1}]
+    rows += [
+        {"name": "cv/ndcg", "value": float(np.mean(fold_ndcg)), "fold": -1},
+        {"name": "cv/final_ndcg", "value": 0.9, "fold": -1},
+        {"name": "cv/task2_f1", "value": 0.6, "fold": -1},
+    ]
     store.log_metrics(rid, rows)
     return rid
 
@@ -115,7 +118,9 @@ def test_ablation_end_to_end_through_the_cli(tmp_path, small_dataset, tiny_bert)
     assert res.exit_code == 0, res.output
     assert "+ ls" in res.output and f"{rows[2]['cv_ndcg']:.4f}" in res.output and "| step |" in res.output
     # any finished runs compared without --tricks (e.g. two backbones): labelled by run name, Δ paired
-    res = runner.invoke(app, ["ablate", cfg, "--db", db, "--runs", f"{rows[0]['run_id']},{rows[2]['run_id']}", "--json"])
+    res = runner.invoke(
+        app, ["ablate", cfg, "--db", db, "--runs", f"{rows[0]['run_id']},{rows[2]['run_id']}", "--json"]
+    )
     assert res.exit_code == 0, res.output
     pair = json.loads(res.output)
     assert [p["run_id"] for p in pair] == [rows[0]["run_id"], rows[2]["run_id"]]
@@ -129,8 +134,12 @@ def test_ablation_end_to_end_through_the_cli(tmp_path, small_dataset, tiny_bert)
 def test_bad_trick_is_a_one_line_error_and_trains_nothing(tmp_path, small_dataset, tiny_bert):
     cfg = tiny_config(tmp_path, small_dataset, tiny_bert)
     db = tmp_path / "runs.db"
-    res = subprocess.run([sys.executable, "-m", "workbench", "ablate", cfg, "--tricks", "ema,swa", "--db", str(db)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "workbench", "ablate", cfg, "--tricks", "ema,swa", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "swa" in res.stderr and "unknown technique" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

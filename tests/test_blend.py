@@ -25,8 +25,8 @@ def _case(seed=0, n_q=60, per=20):
     q = np.repeat(np.arange(n_q), per)
     labels = rng.choice(list("ESCI"), size=len(q), p=[0.5, 0.3, 0.05, 0.15])
     gain = np.vectorize({"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}.get)(labels)
-    good = gain + rng.normal(0, 0.3, len(q))   # informative
-    noise = rng.normal(0, 1, len(q))          # uninformative
+    good = gain + rng.normal(0, 0.3, len(q))  # informative
+    noise = rng.normal(0, 1, len(q))  # uninformative
     return q, labels, np.column_stack([standardize_per_query(q, good), standardize_per_query(q, noise)])
 
 

@@ -30,12 +30,22 @@ def chaos_config(tmp: Path, data_dir: Path, model_dir: Path, cache: Path, name: 
     """2 folds x 2 epochs of the tiny BERT, a metric row every step, a step checkpoint every 3
     steps, one thread (bit-identical on CPU)."""
     cfg = {
-        "name": name, "output_dir": str(tmp / "runs"),
+        "name": name,
+        "output_dir": str(tmp / "runs"),
         "data": {"dir": str(data_dir)},
         "text": {"max_length": 32, "cache_dir": str(cache)},
         "model": {"name": str(model_dir)},
-        "train": {"folds": 2, "epochs": 2, "batch_size": 32, "lr": 1e-3, "evals_per_epoch": 2, "log_every": 1,
-                  "checkpoint_every": 3, "num_threads": 1, "save_checkpoints": False},
+        "train": {
+            "folds": 2,
+            "epochs": 2,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "evals_per_epoch": 2,
+            "log_every": 1,
+            "checkpoint_every": 3,
+            "num_threads": 1,
+            "save_checkpoints": False,
+        },
         "tricks": {"ema": True, "ema_decay": 0.9},
         "blend": {"members": ["bm25"]},
     }
@@ -59,8 +69,13 @@ def chaos_reference(tmp_path_factory, small_dataset, tiny_bert):
     rows = Counter((m["name"], m["fold"], m["step"]) for m in ms)
     # rows logged before the run-level ones (blend, CV): a kill once that many rows exist lands
     # while the run still trains, writes a fold, or blends (never after its final status)
-    n_before_end = len([m for m in ms if not (m["fold"] == -1 and m["name"].split("/")[0] in ("cv", "blend"))
-                        and m["name"] != "fold/final_ndcg"])
+    n_before_end = len(
+        [
+            m
+            for m in ms
+            if not (m["fold"] == -1 and m["name"].split("/")[0] in ("cv", "blend")) and m["name"] != "fold/final_ndcg"
+        ]
+    )
     return path, cache, result, rows, n_before_end
 
 
@@ -88,9 +103,16 @@ def test_concurrent_writers_lose_no_metric_row(chaos_reference, tmp_path, small_
     store.update_run(src, status="finished", run_dir=str(src_dir))
     store.add_artifact(src, "oof", src_dir / "oof.parquet")
 
-    trainers = [subprocess.Popen([sys.executable, "-m", "workbench", "train", str(path), "--db", str(db),
-                                  "--set", f"name=chaos-{i}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True) for i in range(3)]
+    trainers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workbench", "train", str(path), "--db", str(db), "--set", f"name=chaos-{i}"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     stop = threading.Event()
     reads: list[int] = []
     errors: list[BaseException] = []
@@ -111,8 +133,13 @@ def test_concurrent_writers_lose_no_metric_row(chaos_reference, tmp_path, small_
     t = threading.Thread(target=app_reader)
     t.start()
     time.sleep(3)
-    labels = subprocess.run([sys.executable, "-m", "workbench", "labels", "find", src, "--db", str(db)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    labels = subprocess.run(
+        [sys.executable, "-m", "workbench", "labels", "find", src, "--db", str(db)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     for p in trainers:
         p.wait(timeout=600)
     stop.set()
@@ -147,8 +174,13 @@ def test_sigkill_at_random_moments_always_resumes_to_the_same_oof(chaos_referenc
         tmp.mkdir()
         cfg_path = chaos_config(tmp, small_dataset, tiny_bert, cache)
         db = tmp / "runs.db"
-        proc = subprocess.Popen([sys.executable, "-m", "workbench", "train", str(cfg_path), "--db", str(db)],
-                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench", "train", str(cfg_path), "--db", str(db)],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # 1 trial in 4: while the run starts up (0-0.5 s after it reads running: tokens, model);
         # else once a random number of its metric rows exist (a random step, evaluation or fold end)
         early = rng.random() < 0.25

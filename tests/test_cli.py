@@ -51,8 +51,13 @@ def test_train_list_show_evaluate(trained_db):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_bad_input_one_line_error_and_exit_code(tmp_path):
@@ -81,7 +86,9 @@ def test_launch_detached_then_stop_leaves_no_process(tmp_path, small_dataset, ti
     assert res.exit_code == 0, res.output
     run_id = res.output.strip().splitlines()[0]
     store = RunStore(db)
-    assert _wait(lambda: store.get_run(run_id)["status"] == "running"), open(tmp_path / "runs" / run_id / "console.log").read()
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running"), open(
+        tmp_path / "runs" / run_id / "console.log"
+    ).read()
     run = store.get_run(run_id)
     proc = psutil.Process(run["pid"])
     assert os.getpgid(proc.pid) == proc.pid  # its own process group / session

@@ -9,8 +9,18 @@ from core.errors import ConfigError
 def test_overrides_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("name: x\ntrain:\n  lr: 1.0e-4\n  epochs: 2\n")
-    cfg = load_config(p, ["train.lr=3e-5", "train.epochs=4", "model.pooling=cls", "blend.members=bm25,random",
-                          "train.run_folds=[0,2]", "data.locales=[us, es]", "train.num_threads=null"])
+    cfg = load_config(
+        p,
+        [
+            "train.lr=3e-5",
+            "train.epochs=4",
+            "model.pooling=cls",
+            "blend.members=bm25,random",
+            "train.run_folds=[0,2]",
+            "data.locales=[us, es]",
+            "train.num_threads=null",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-5) and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 4
     assert cfg.model.pooling == "cls"
@@ -20,13 +30,16 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.name == "x"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=two", "train.epochs: expected an integer"),
-    ("model.pooling=max", "model.pooling: 'max' is not one of"),
-    ("train.nope=1", "unknown config key"),
-    ("train.lr", "expected key=value"),
-    ("train.save_checkpoints=maybe", "expected true/false"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=two", "train.epochs: expected an integer"),
+        ("model.pooling=max", "model.pooling: 'max' is not one of"),
+        ("train.nope=1", "unknown config key"),
+        ("train.lr", "expected key=value"),
+        ("train.save_checkpoints=maybe", "expected true/false"),
+    ],
+)
 def test_bad_overrides(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

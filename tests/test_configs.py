@@ -16,16 +16,22 @@ from conftest import REPO
 from core.config import bundled_configs, bundled_configs_dir, load_config, read_config_file, resolve_config_path
 from core.demo import DEFAULT_CONFIG
 from core.errors import ConfigError
-from workbench.cli import configs as cli_configs
 from workbench.cli import app
+from workbench.cli import configs as cli_configs
 
 runner = CliRunner()
 BUNDLED = {"ablation", "demo", "demo_e5", "pretrain"}
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_the_repository_configs_folder_is_the_bundled_one():

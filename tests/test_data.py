@@ -230,8 +230,11 @@ def test_empty_or_missing_queries_are_a_data_error(tmp_path):
     ex.loc[7, "query"] = " \t\u3000"  # 40: whitespace only (an ideographic space too)
     d = _write(tmp_path / "q", examples=ex)
     # checked on the whole file, whatever the filters (example 40 is not in the Task 1 selection)
-    expect_data_error(tmp_path, lambda: load_esci(d, task=1, split="train"), f"{d / EXAMPLES_FILE}.parquet: "
-                      "3 examples with an empty or missing query (example_id 10, 30, 40)")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d, task=1, split="train"),
+        f"{d / EXAMPLES_FILE}.parquet: 3 examples with an empty or missing query (example_id 10, 30, 40)",
+    )
     ex = _examples()
     ex.loc[3, "query"] = None  # example_id 20; an empty CSV field reads as null
     d = _write(tmp_path / "c", examples=ex, fmt="csv")
@@ -281,17 +284,22 @@ def _zstd_bytes(path: Path) -> bytes:
 def test_vespa_sample_loads(tmp_path):
     if not (VESPA / "test-sample.parquet").is_file():
         pytest.skip(f"shared data not found at {VESPA}")
-    docs = [json.loads(line)["fields"] for line in
-            _zstd_bytes(VESPA / "sample-products.jsonl.zstd").decode().splitlines() if line.strip()]
-    products = pd.DataFrame({
-        "product_id": [d["id"] for d in docs],
-        "product_locale": [d["locale"] for d in docs],
-        "product_title": [d.get("title") for d in docs],
-        "product_description": [d.get("description") for d in docs],
-        "product_bullet_point": [d.get("bullets") for d in docs],
-        "product_brand": [d.get("brand") for d in docs],
-        "product_color": [d.get("color") for d in docs],
-    })
+    docs = [
+        json.loads(line)["fields"]
+        for line in _zstd_bytes(VESPA / "sample-products.jsonl.zstd").decode().splitlines()
+        if line.strip()
+    ]
+    products = pd.DataFrame(
+        {
+            "product_id": [d["id"] for d in docs],
+            "product_locale": [d["locale"] for d in docs],
+            "product_title": [d.get("title") for d in docs],
+            "product_description": [d.get("description") for d in docs],
+            "product_bullet_point": [d.get("bullets") for d in docs],
+            "product_brand": [d.get("brand") for d in docs],
+            "product_color": [d.get("color") for d in docs],
+        }
+    )
     d = tmp_path / "vespa"
     d.mkdir()
     (d / f"{EXAMPLES_FILE}.parquet").write_bytes((VESPA / "test-sample.parquet").read_bytes())
@@ -325,8 +333,9 @@ def test_error_folder_is_a_file(tmp_path):
 @pytest.mark.parametrize("which, stem", [("examples", EXAMPLES_FILE), ("products", PRODUCTS_FILE)])
 def test_error_required_file_missing(tmp_path, which, stem):
     d = _write(tmp_path / "d", **{which: False})
-    msg = expect_data_error(tmp_path, lambda: load_esci(d), str(d), f"missing {which} file",
-                        f"{stem}.parquet", f"{stem}.csv")
+    msg = expect_data_error(
+        tmp_path, lambda: load_esci(d), str(d), f"missing {which} file", f"{stem}.parquet", f"{stem}.csv"
+    )
     assert msg.startswith(f"{d}: ")
 
 
@@ -353,7 +362,7 @@ def test_error_corrupt_page_in_a_text_column(tmp_path):
     path = d / f"{PRODUCTS_FILE}.parquet"
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid: mid + 200] = b"\xff" * 200
+    data[mid : mid + 200] = b"\xff" * 200
     path.write_bytes(bytes(data))
     expect_data_error(tmp_path, lambda: load_esci(str(d)), str(path), "cannot read:")
 
@@ -370,13 +379,18 @@ def test_error_csv_bad_integer(tmp_path):
     ex = _examples().astype({"query_id": object})
     ex.loc[2, "query_id"] = "abc"
     d = _write(tmp_path / "c", examples=ex, fmt="csv")
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.csv"),
-                  "column query_id: expected integers, found text values, e.g. 'abc'")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{EXAMPLES_FILE}.csv"),
+        "column query_id: expected integers, found text values, e.g. 'abc'",
+    )
     ex = _examples().astype({"example_id": object})
     ex.loc[4, "example_id"] = None  # an empty CSV field
     d2 = _write(tmp_path / "e", examples=ex, fmt="csv")
-    expect_data_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{EXAMPLES_FILE}.csv"),
-                  "missing values in column(s): example_id (1)")
+    expect_data_error(
+        tmp_path, lambda: load_esci(d2), str(d2 / f"{EXAMPLES_FILE}.csv"), "missing values in column(s): example_id (1)"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -393,8 +407,15 @@ def test_error_unknown_labels(tmp_path):
     ex = _examples()
     ex["esci_label"] = ["exact", "E", "X", "Y", "Z", "W", "V", "E", "S", "C", "I", "exact"]
     d = _write(tmp_path / "l", examples=ex)
-    msg = expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
-                        "unknown esci_label", "'exact'", "and 1 more", "in 7 row(s)")
+    msg = expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{EXAMPLES_FILE}.parquet"),
+        "unknown esci_label",
+        "'exact'",
+        "and 1 more",
+        "in 7 row(s)",
+    )
     assert "expected one of E, S, C, I" in msg
 
 
@@ -403,15 +424,27 @@ def test_error_duplicate_example_id(tmp_path):
     ex.loc[3, "example_id"] = 10
     ex.loc[5, "example_id"] = 11
     d = _write(tmp_path / "x", examples=ex)
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
-                  "duplicate example_id", "2 repeated row(s)", "10, 11")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{EXAMPLES_FILE}.parquet"),
+        "duplicate example_id",
+        "2 repeated row(s)",
+        "10, 11",
+    )
 
 
 def test_error_duplicate_product(tmp_path):
     pr = pd.concat([_products(), _products().iloc[[1]]], ignore_index=True)
     d = _write(tmp_path / "p", products=pr)
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
-                  "duplicate (product_id, product_locale)", "1 repeated row(s)", "(B000000001, es)")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{PRODUCTS_FILE}.parquet"),
+        "duplicate (product_id, product_locale)",
+        "1 repeated row(s)",
+        "(B000000001, es)",
+    )
 
 
 def test_error_duplicate_product_non_asin_ids(tmp_path):
@@ -423,21 +456,23 @@ def test_error_duplicate_product_non_asin_ids(tmp_path):
     d = _write(tmp_path / "ok", examples=ex, products=pr)
     assert load_esci(d)["product_id"].iloc[0] == "p-B000000001"
     d2 = _write(tmp_path / "dup", examples=ex, products=pd.concat([pr, pr.iloc[[4]]]))
-    expect_data_error(tmp_path, lambda: load_esci(d2), "duplicate (product_id, product_locale)",
-                  "(p-B000000002, es)")
+    expect_data_error(tmp_path, lambda: load_esci(d2), "duplicate (product_id, product_locale)", "(p-B000000002, es)")
     d3 = _write(tmp_path / "miss", examples=ex, products=pr.drop(index=[6]))
-    expect_data_error(tmp_path, lambda: load_esci(d3), "no product row for 1 example(s)",
-                  "(p-B000000004, us)")
+    expect_data_error(tmp_path, lambda: load_esci(d3), "no product row for 1 example(s)", "(p-B000000004, us)")
 
 
 def test_error_missing_products(tmp_path):
     pr = _products()
     pr = pr[~((pr["product_id"] == "B000000004") | (pr["product_locale"] == "jp"))]
     d = _write(tmp_path / "mp", products=pr)
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{PRODUCTS_FILE}.parquet"),
-                  "no product row for 5 example(s)", EXAMPLES_FILE,
-                  "e.g. (B000000004, es), (B000000005, jp), (B000000006, jp), (B000000004, us),"
-                  " (B000000001, jp)")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{PRODUCTS_FILE}.parquet"),
+        "no product row for 5 example(s)",
+        EXAMPLES_FILE,
+        "e.g. (B000000004, es), (B000000005, jp), (B000000006, jp), (B000000004, us), (B000000001, jp)",
+    )
     # more than five: only the first five are listed
     pr = _products()
     d2 = _write(tmp_path / "mp2", products=pr[pr["product_id"] == "B000000099"])
@@ -462,15 +497,21 @@ def test_error_locale_mismatch_is_a_missing_product(tmp_path):
     ],
 )
 def test_error_empty_selection(release, kwargs, named):
-    expect_data_error(release.parent, lambda: load_esci(release, **kwargs),
-                  str(release / f"{EXAMPLES_FILE}.parquet"), "no examples left after filters", named,
-                  "of 12 examples")
+    expect_data_error(
+        release.parent,
+        lambda: load_esci(release, **kwargs),
+        str(release / f"{EXAMPLES_FILE}.parquet"),
+        "no examples left after filters",
+        named,
+        "of 12 examples",
+    )
 
 
 @pytest.mark.parametrize("task", [0, 4, "1", True, 1.5])
 def test_error_invalid_task(release, task):
-    expect_data_error(release.parent, lambda: load_esci(release, task=task),
-                  str(release), "invalid task", "must be 1, 2 or 3")
+    expect_data_error(
+        release.parent, lambda: load_esci(release, task=task), str(release), "invalid task", "must be 1, 2 or 3"
+    )
 
 
 def test_error_invalid_task_checked_before_files(tmp_path):
@@ -483,13 +524,21 @@ def test_error_missing_values_in_key_columns(tmp_path):
     ex.loc[1, "esci_label"] = None
     ex.loc[[2, 3], "product_id"] = None
     d = _write(tmp_path / "nv", examples=ex)
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
-                  "missing values in column(s): product_id (2), esci_label (1)")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d),
+        str(d / f"{EXAMPLES_FILE}.parquet"),
+        "missing values in column(s): product_id (2), esci_label (1)",
+    )
     pr = _products()
     pr.loc[0, "product_locale"] = None
     d2 = _write(tmp_path / "np", products=pr)
-    expect_data_error(tmp_path, lambda: load_esci(d2), str(d2 / f"{PRODUCTS_FILE}.parquet"),
-                  "missing values in column(s): product_locale (1)")
+    expect_data_error(
+        tmp_path,
+        lambda: load_esci(d2),
+        str(d2 / f"{PRODUCTS_FILE}.parquet"),
+        "missing values in column(s): product_locale (1)",
+    )
 
 
 def test_error_non_integer_ids(tmp_path):
@@ -497,8 +546,9 @@ def test_error_non_integer_ids(tmp_path):
     ex["example_id"] = ex["example_id"].astype(float)
     ex.loc[0, "example_id"] = 1.5
     d = _write(tmp_path / "f", examples=ex)
-    expect_data_error(tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"),
-                  "column example_id: expected integers")
+    expect_data_error(
+        tmp_path, lambda: load_esci(d), str(d / f"{EXAMPLES_FILE}.parquet"), "column example_id: expected integers"
+    )
     ex2 = _examples().astype({"query_id": str})
     ex2.loc[0, "query_id"] = "q1"
     d2 = _write(tmp_path / "s", examples=ex2)

@@ -26,8 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("WORKBENCH_DB", None)
-    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=120,
+    )
 
 
 def _one_line_error(res: subprocess.CompletedProcess, *parts: str) -> str:
@@ -56,9 +62,20 @@ def _oof(n_queries: int = 4) -> pd.DataFrame:
     for q in range(n_queries):
         for j, label in enumerate("ESCI"):
             p = rng.dirichlet(np.ones(4))
-            rows.append({"example_id": q * 4 + j, "query_id": q, "product_id": f"p{q}-{j}", "esci_label": label,
-                         "fold": q % 2, "p_E": p[0], "p_S": p[1], "p_C": p[2], "p_I": p[3],
-                         "score": p[0] + 0.1 * p[1] + 0.01 * p[2]})
+            rows.append(
+                {
+                    "example_id": q * 4 + j,
+                    "query_id": q,
+                    "product_id": f"p{q}-{j}",
+                    "esci_label": label,
+                    "fold": q % 2,
+                    "p_E": p[0],
+                    "p_S": p[1],
+                    "p_C": p[2],
+                    "p_I": p[3],
+                    "score": p[0] + 0.1 * p[1] + 0.01 * p[2],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -130,8 +147,9 @@ def test_readonly_open_checks_the_file_at_once(tmp_path):
 def test_missing_folder_and_file_parent_create_nothing(tmp_path):
     (tmp_path / "afile").write_text("x")
     _raises_one_line(WorkbenchError, lambda: RunStore(tmp_path / "no" / "runs.db"), "folder", "does not exist")
-    _raises_one_line(WorkbenchError, lambda: RunStore(tmp_path / "afile" / "deeper" / "runs.db"),
-                     "afile is a file, not a folder")
+    _raises_one_line(
+        WorkbenchError, lambda: RunStore(tmp_path / "afile" / "deeper" / "runs.db"), "afile is a file, not a folder"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
@@ -149,15 +167,17 @@ def test_read_only_database_or_folder_is_refused_for_writers(tmp_path, monkeypat
     db = tmp_path / "runs.db"
     RunStore(db).close()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == db and mode == os.W_OK
-                        else real_access(p, mode, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if Path(p) == db and mode == os.W_OK else real_access(p, mode, **k)
+    )
     _raises_one_line(ReadOnlyDatabaseError, lambda: RunStore(db), str(db), "read-only")
     assert RunStore(db, readonly=True).list_runs() == []  # readers still open it
 
     other = tmp_path / "ro"
     other.mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == other and mode == os.W_OK
-                        else real_access(p, mode, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if Path(p) == other and mode == os.W_OK else real_access(p, mode, **k)
+    )
     _raises_one_line(ReadOnlyDatabaseError, lambda: RunStore(other / "runs.db"), f"folder {other} is not writable")
     assert list(other.iterdir()) == []
 
@@ -170,11 +190,12 @@ def test_reading_commands_fall_back_to_read_only(tmp_path, monkeypatch):
     db = tmp_path / "runs.db"
     store = RunStore(db)
     store.create_run("r", {}, run_id="r1", status="running")
-    store.update_run("r1", pid=2 ** 22 + 12345)  # no such process: a writer would mark it crashed
+    store.update_run("r1", pid=2**22 + 12345)  # no such process: a writer would mark it crashed
     store.close()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == db and mode == os.W_OK
-                        else real_access(p, mode, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if Path(p) == db and mode == os.W_OK else real_access(p, mode, **k)
+    )
     res = CliRunner().invoke(app, ["runs", "list", "--json", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert '"status": "running"' in res.output  # statuses as stored, nothing written
@@ -185,11 +206,15 @@ def test_sqlite_write_errors_become_one_line(tmp_path):
     store = RunStore(db)
     run_id = store.create_run("r", {}, run_id="r1")
     store.conn.execute("PRAGMA query_only = ON")  # SQLite itself refuses writes: SQLITE_READONLY
-    for write in (lambda: store.create_run("r", {}), lambda: store.update_run(run_id, status="finished"),
-                  lambda: store.log_metrics(run_id, [{"name": "x", "value": 1.0}]),
-                  lambda: store.add_artifact(run_id, "log", tmp_path / "x.log")):
-        msg = _raises_one_line(ReadOnlyDatabaseError, write, str(db), "cannot write the runs database",
-                               "readonly database")
+    for write in (
+        lambda: store.create_run("r", {}),
+        lambda: store.update_run(run_id, status="finished"),
+        lambda: store.log_metrics(run_id, [{"name": "x", "value": 1.0}]),
+        lambda: store.add_artifact(run_id, "log", tmp_path / "x.log"),
+    ):
+        msg = _raises_one_line(
+            ReadOnlyDatabaseError, write, str(db), "cannot write the runs database", "readonly database"
+        )
     assert not store.conn.in_transaction
     store.conn.execute("PRAGMA query_only = OFF")
     store.update_run(run_id, status="finished")  # the connection is still usable
@@ -245,8 +270,8 @@ def test_stored_paths_are_read_as_absolute(tmp_path, monkeypatch):
 
 
 def test_labels_and_ensemble_find_an_old_relative_run_dir(tmp_path, monkeypatch):
-    from core.scoring.ensemble import load_members
     from core.cleaning.labels import read_oof
+    from core.scoring.ensemble import load_members
 
     home = tmp_path / "project"
     (home / "runs" / "r-old").mkdir(parents=True)
@@ -284,8 +309,11 @@ def test_empty_model_folder_is_one_line_at_once(tmp_path, offline_state):
     (only_config / "config.json").write_text("{}")
     t = time.perf_counter()
     for fn in (load_tokenizer, load_backbone):
-        _raises_one_line(ConfigError, lambda fn=fn: fn(str(tmp_path / "empty")),
-                         f"model.name={tmp_path / 'empty'}: folder has no config.json (not a Hugging Face model folder)")
+        _raises_one_line(
+            ConfigError,
+            lambda fn=fn: fn(str(tmp_path / "empty")),
+            f"model.name={tmp_path / 'empty'}: folder has no config.json (not a Hugging Face model folder)",
+        )
     _raises_one_line(ConfigError, lambda: load_tokenizer(str(only_config)), "folder has no tokenizer files")
     _raises_one_line(ConfigError, lambda: load_backbone(str(tmp_path / "missing" / "model")), "no such folder")
     _raises_one_line(ConfigError, lambda: load_backbone("./nope"), "no such folder")
@@ -298,9 +326,12 @@ def test_unknown_hub_name_offline_is_one_line_at_once(offline_state, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
     for fn in (load_tokenizer, load_backbone):
-        _raises_one_line(ConfigError, lambda fn=fn: fn("no-such-org/no-such-model-xyz"),
-                         "model.name=no-such-org/no-such-model-xyz: not a local folder, not in the Hugging Face "
-                         "cache, and the hub is unreachable (offline")
+        _raises_one_line(
+            ConfigError,
+            lambda fn=fn: fn("no-such-org/no-such-model-xyz"),
+            "model.name=no-such-org/no-such-model-xyz: not a local folder, not in the Hugging Face "
+            "cache, and the hub is unreachable (offline",
+        )
     assert time.perf_counter() - t < 3.0
 
 
@@ -311,8 +342,11 @@ def test_unreachable_hub_sets_offline_mode(offline_state, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused at once
     t = time.perf_counter()
-    _raises_one_line(ConfigError, lambda: model.resolve_model_path("some-org/some-model"),
-                     "hub is unreachable (offline: cannot connect to 127.0.0.1:9)")
+    _raises_one_line(
+        ConfigError,
+        lambda: model.resolve_model_path("some-org/some-model"),
+        "hub is unreachable (offline: cannot connect to 127.0.0.1:9)",
+    )
     assert time.perf_counter() - t < 3.0
     assert os.environ["HF_HUB_OFFLINE"] == "1" and hf_constants.HF_HUB_OFFLINE is True
 

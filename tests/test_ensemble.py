@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+from core.errors import DataError, WorkbenchError
+from core.runs.store import RunStore
 from core.scoring.ensemble import (
     NdcgEvaluator,
     build_ensemble,
@@ -22,9 +24,7 @@ from core.scoring.ensemble import (
     tune_task2_bias,
     tune_task3_threshold,
 )
-from core.errors import DataError, WorkbenchError
 from core.scoring.metrics import ESCI_GAINS, ESCI_LABELS, mean_ndcg
-from core.runs.store import RunStore
 
 GAIN = np.array([ESCI_GAINS[c] for c in ESCI_LABELS])
 
@@ -46,8 +46,16 @@ def _probs(labels: np.ndarray, noise: float, rng) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
-def make_run(store: RunStore, root: Path, run_id: str, ex: pd.DataFrame, noise: float, seed: int,
-             scorers: dict | None = None, test: bool = True) -> str:
+def make_run(
+    store: RunStore,
+    root: Path,
+    run_id: str,
+    ex: pd.DataFrame,
+    noise: float,
+    seed: int,
+    scorers: dict | None = None,
+    test: bool = True,
+) -> str:
     """A finished run with oof.parquet (split train, 5 folds) and test.parquet (split test)."""
     rng = np.random.default_rng(seed)
     run_dir = root / "runs" / run_id
@@ -176,7 +184,9 @@ def test_fitted_weights_beat_equal_weights(fake_store):
     assert auto.tasks[3]["oof_ensemble"] == pytest.approx(np.mean(oof["is_substitute"] == (oof["esci_label"] == "S")))
     # labelled test rows: held-out figures with the OOF-fitted weights
     test = auto.test.merge(ex[["example_id", "esci_label"]], on="example_id", suffixes=("", "_true"))
-    assert auto.tasks[1]["test_ensemble"] == pytest.approx(mean_ndcg(test["query_id"], test["score"], test["esci_label_true"]))
+    assert auto.tasks[1]["test_ensemble"] == pytest.approx(
+        mean_ndcg(test["query_id"], test["score"], test["esci_label_true"])
+    )
     assert auto.tasks[2]["test_ensemble"] == pytest.approx(np.mean(test["esci_pred"] == test["esci_label_true"]))
     assert set(auto.tasks[3]["test_member"]) == {"run-good", "run-weak", "run-mid"}
 
@@ -239,9 +249,29 @@ def test_cli_build_writes_valid_files_manifest_and_record(fake_store):
 
     store, ex, root = fake_store
     out = root / "subs"
-    r = CliRunner().invoke(app, ["ensemble", "build", "--runs", "run-good", "run-mid", "bm25", "--task", "all",
-                                 "--weights", "auto", "--name", "e1", "--out", str(out), "--db", store.path,
-                                 "--prior-adjust"], catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        [
+            "ensemble",
+            "build",
+            "--runs",
+            "run-good",
+            "run-mid",
+            "bm25",
+            "--task",
+            "all",
+            "--weights",
+            "auto",
+            "--name",
+            "e1",
+            "--out",
+            str(out),
+            "--db",
+            store.path,
+            "--prior-adjust",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert "ensemble" in r.output and "correlation" in r.output and "run-good" in r.output
     assert "held-out test rows" in r.output
@@ -258,8 +288,19 @@ def test_cli_build_writes_valid_files_manifest_and_record(fake_store):
     assert rec == [{"name": "e1", "tasks": "1,2,3", "dir": str(out / "e1")}]
     # the validator accepts the Task 2 file against an official-layout examples file
     ex.to_parquet(root / "examples.parquet", index=False)
-    v = CliRunner().invoke(app, ["submission", "validate", manifest["files"]["2"]["path"], "--task", "2",
-                                 "--examples", str(root / "examples.parquet")], catch_exceptions=False)
+    v = CliRunner().invoke(
+        app,
+        [
+            "submission",
+            "validate",
+            manifest["files"]["2"]["path"],
+            "--task",
+            "2",
+            "--examples",
+            str(root / "examples.parquet"),
+        ],
+        catch_exceptions=False,
+    )
     assert v.exit_code == 0 and "valid Task 2 submission" in v.output
 
 
@@ -269,11 +310,14 @@ def test_cli_build_errors_exit_2_one_line(fake_store, monkeypatch, capsys):
     from workbench.cli import main
 
     store, _, root = fake_store
-    for argv, part in ((["--runs", "run-good", "--weights", "1,2"], "1 member(s)"),
-                       (["--runs", "run-good", "--task", "4"], "--task"),
-                       (["--runs", "nope"], "no run nope")):
-        monkeypatch.setattr(sys, "argv", ["workbench", "ensemble", "build", *argv, "--db", store.path,
-                                          "--out", str(root / "subs")])
+    for argv, part in (
+        (["--runs", "run-good", "--weights", "1,2"], "1 member(s)"),
+        (["--runs", "run-good", "--task", "4"], "--task"),
+        (["--runs", "nope"], "no run nope"),
+    ):
+        monkeypatch.setattr(
+            sys, "argv", ["workbench", "ensemble", "build", *argv, "--db", store.path, "--out", str(root / "subs")]
+        )
         with pytest.raises(SystemExit) as info:
             main()
         assert info.value.code == 2
@@ -299,8 +343,8 @@ def test_scorer_test_scores_recomputed_when_the_run_lacks_them(tmp_path, sample_
     """A run whose test.parquet has no bm25 column: BM25 is recomputed on the test examples of
     the run's data.dir (official layout)."""
     from conftest import write_official
-    from core.scoring.baselines import bm25_scores
     from core.data.esci import load_esci
+    from core.scoring.baselines import bm25_scores
 
     ex_full, pr = sample_frames
     ex = _examples(sample_frames)

@@ -47,7 +47,9 @@ def store(tmp_path, sample_frames):
 @pytest.mark.asyncio
 async def test_one_key_build_writes_three_valid_files(store, tmp_path):
     st, ex = store
-    screen = EnsembleScreen(RunStore(st.path, readonly=True), ["run-good", "run-mid", "run-weak"], out_dir=tmp_path / "subs")
+    screen = EnsembleScreen(
+        RunStore(st.path, readonly=True), ["run-good", "run-mid", "run-weak"], out_dir=tmp_path / "subs"
+    )
     app = _Host(screen)
     async with app.run_test(size=(80, 24)) as pilot:
         await _settle(pilot)

@@ -44,24 +44,45 @@ TEXTS = ["USB-C Cable, 6 ft &amp; <b>fast</b> charge", "zapatillas de running mu
 def test_ngrams_of_a_known_string_are_word_uni_bi_trigrams():
     toks = words("USB-C Cable, 6ft &amp; <b>Fast</b>")
     assert toks == ["usb", "c", "cable", "6ft", "fast"]  # cleaned (HTML), lower-cased, \w+ words
-    assert set(ngrams(toks[:4], 3)) == {"usb", "c", "cable", "6ft", "usb c", "c cable", "cable 6ft",
-                                        "usb c cable", "c cable 6ft"}
+    assert set(ngrams(toks[:4], 3)) == {
+        "usb",
+        "c",
+        "cable",
+        "6ft",
+        "usb c",
+        "c cable",
+        "cable 6ft",
+        "usb c cable",
+        "c cable 6ft",
+    }
     assert ngrams(["a", "b"], 3) == ["a", "b", "a b"]
     assert ngrams(["a", "b", "c"], 1) == ["a", "b", "c"]
     assert words("one two three four", max_words=2) == ["one", "two"]
     # rows 1..buckets (0 = padding); one bucket per n-gram
     b = text_buckets(TEXTS[0], 3, 1000)
     assert len(b) == 7 + 6 + 5 and all(1 <= x <= 1000 for x in b)
-    assert text_buckets("", 3, 1000) == [] and text_buckets(None, 3, 1000) == [] and text_buckets(float("nan"), 3, 10) == []
+    assert (
+        text_buckets("", 3, 1000) == []
+        and text_buckets(None, 3, 1000) == []
+        and text_buckets(float("nan"), 3, 10) == []
+    )
 
 
 def test_hashing_is_deterministic_across_processes():
     here = {t: text_buckets(t, 3, 2**18) for t in TEXTS}
-    code = ("import json, sys; from core.modeling.features import text_buckets; "
-            f"print(json.dumps({{t: text_buckets(t, 3, 2**18) for t in {TEXTS!r}}}))")
+    code = (
+        "import json, sys; from core.modeling.features import text_buckets; "
+        f"print(json.dumps({{t: text_buckets(t, 3, 2**18) for t in {TEXTS!r}}}))"
+    )
     for seed in ("1", "2"):  # str hash() differs between these two processes; our buckets must not
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": seed}, cwd=os.getcwd())
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=os.getcwd(),
+        )
         assert json.loads(out.stdout) == here
     assert ngram_bucket("usb c", 2**18) == __import__("zlib").crc32(b"usb c") % 2**18 + 1
     with pytest.raises(ConfigError):
@@ -79,7 +100,7 @@ def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dat
     cols = {"query": "query", "bullet_point": "product_bullet_point", "description": "product_description"}
     for i in [0, 1, 7, len(df) - 1]:
         for j, f in enumerate(bags.fields):
-            seg = bags.ids[bags.offsets[i * 3 + j]: bags.offsets[i * 3 + j + 1]]
+            seg = bags.ids[bags.offsets[i * 3 + j] : bags.offsets[i * 3 + j + 1]]
             assert seg.tolist() == text_buckets(df[cols[f]].iloc[i], 3, 5000, 20), (i, f)
     assert bags.offsets[2] == bags.offsets[3]  # row 0's description
     batch = bags.batch([0, 5, 3])
@@ -141,15 +162,23 @@ def test_feature_shapes_and_classifier_input_dimension(small_dataset, tiny_bert)
 
 
 def test_id_vocab_rare_and_unknown_share_bucket_zero():
-    train = pd.DataFrame({
-        "product_id": ["a", "b", "c", "d", "d", "e"], "product_locale": ["us", "us", "us", "us", "us", "es"],
-        "product_brand": ["Acme", "acme ", "Zeta", "Acme", "Acme", None],  # d twice: counted once
-        "product_color": ["red", "Red", "blue", "blue", "blue", ""],
-    })
+    train = pd.DataFrame(
+        {
+            "product_id": ["a", "b", "c", "d", "d", "e"],
+            "product_locale": ["us", "us", "us", "us", "us", "es"],
+            "product_brand": ["Acme", "acme ", "Zeta", "Acme", "Acme", None],  # d twice: counted once
+            "product_color": ["red", "Red", "blue", "blue", "blue", ""],
+        }
+    )
     vocab = build_id_vocab(train, ["locale", "brand", "color"], min_count=2)
     assert vocab == {"locale": ["us"], "brand": ["acme"], "color": ["blue", "red"]}
-    test = pd.DataFrame({"product_locale": ["us", "jp", "es"], "product_brand": ["ACME", "Zeta", "Nobody"],
-                         "product_color": ["Red", None, "blue"]})
+    test = pd.DataFrame(
+        {
+            "product_locale": ["us", "jp", "es"],
+            "product_brand": ["ACME", "Zeta", "Nobody"],
+            "product_color": ["Red", None, "blue"],
+        }
+    )
     ids = encode_ids(test, vocab)
     assert ids.tolist() == [[1, 1, 2], [0, 0, 0], [0, 0, 1]]  # rare (Zeta: 1 product), unseen, empty -> 0
     with pytest.raises(ConfigError, match="id_fields"):
@@ -160,9 +189,13 @@ def test_id_vocab_rare_and_unknown_share_bucket_zero():
 
 
 def test_bad_features_config_is_one_line_error_and_exit_2(tmp_path, monkeypatch):
-    for bad, part in [("features.bag_fields=[query,colour]", "bag_fields"), ("features.buckets=0", "buckets"),
-                      ("features.id_fields=[size]", "id_fields"), ("features.init=glove", "init"),
-                      ("features.ngram=0", "ngram")]:
+    for bad, part in [
+        ("features.bag_fields=[query,colour]", "bag_fields"),
+        ("features.buckets=0", "buckets"),
+        ("features.id_fields=[size]", "id_fields"),
+        ("features.init=glove", "init"),
+        ("features.ngram=0", "ngram"),
+    ]:
         with pytest.raises(ConfigError, match=part) as info:
             config_from_dict({}, [bad])
         assert "\n" not in str(info.value)
@@ -172,14 +205,47 @@ def test_bad_features_config_is_one_line_error_and_exit_2(tmp_path, monkeypatch)
         check_features(cfg.features)
     monkeypatch.undo()
     (tmp_path / "c.yaml").write_text("name: x\n")
-    res = subprocess.run([sys.executable, "-m", "workbench", "train", str(tmp_path / "c.yaml"), "--db",
-                          str(tmp_path / "r.db"), "--set", "features.buckets=-1"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "train",
+            str(tmp_path / "c.yaml"),
+            "--db",
+            str(tmp_path / "r.db"),
+            "--set",
+            "features.buckets=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "features.buckets" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    code = ("import sys; sys.modules['gensim'] = None; sys.argv = ['workbench'] + sys.argv[1:]; "
-            "from workbench.cli import main; main()")
-    res = subprocess.run([sys.executable, "-c", code, "train", str(tmp_path / "c.yaml"), "--db", str(tmp_path / "r.db"),
-                          "--set", f"output_dir={tmp_path / 'runs'}", "--set", "features.ngram_bags=true",
-                          "--set", "features.init=word2vec"], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; sys.modules['gensim'] = None; sys.argv = ['workbench'] + sys.argv[1:]; "
+        "from workbench.cli import main; main()"
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            str(tmp_path / "c.yaml"),
+            "--db",
+            str(tmp_path / "r.db"),
+            "--set",
+            f"output_dir={tmp_path / 'runs'}",
+            "--set",
+            "features.ngram_bags=true",
+            "--set",
+            "features.init=word2vec",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "gensim" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
@@ -209,14 +275,25 @@ def test_word2vec_init_bag_vector_is_the_mean_of_word_vectors(small_dataset):
     mod = SemanticUnits(1, fc.buckets, 8, bag_init=(rows, vecs))
     bag = torch.tensor([[[ngram_bucket(word, fc.buckets)]]])
     np.testing.assert_allclose(mod(bag)[0].detach().numpy(), wv[word], rtol=1e-6)  # a word's bag = its w2v vector
-    bigram = next(g for t in df["query"].unique() for g in ngrams(words(t), 2)[len(words(t)):]
-                  if alone(g) and all(w in wv.key_to_index for w in g.split()))
+    bigram = next(
+        g
+        for t in df["query"].unique()
+        for g in ngrams(words(t), 2)[len(words(t)) :]
+        if alone(g) and all(w in wv.key_to_index for w in g.split())
+    )
     a, b = bigram.split()
-    np.testing.assert_allclose(mod.bag.weight[ngram_bucket(bigram, fc.buckets)].detach().numpy(),
-                               (wv[a] + wv[b]) / 2, rtol=1e-5, atol=1e-6)  # an n-gram's row = mean of its words
+    np.testing.assert_allclose(
+        mod.bag.weight[ngram_bucket(bigram, fc.buckets)].detach().numpy(), (wv[a] + wv[b]) / 2, rtol=1e-5, atol=1e-6
+    )  # an n-gram's row = mean of its words
     shared = next(b_ for b_, gs in grams.items() if len(gs) > 1 and b_ in set(rows.tolist()))
-    want = np.mean([np.mean([wv[w] for w in g.split() if w in wv.key_to_index], 0) for g in grams[shared]
-                    if any(w in wv.key_to_index for w in g.split())], 0)
+    want = np.mean(
+        [
+            np.mean([wv[w] for w in g.split() if w in wv.key_to_index], 0)
+            for g in grams[shared]
+            if any(w in wv.key_to_index for w in g.split())
+        ],
+        0,
+    )
     np.testing.assert_allclose(vecs[list(rows).index(shared)], want, rtol=1e-5, atol=1e-6)  # buckets averaged
 
 
@@ -229,8 +306,12 @@ def test_awp_and_fgm_do_not_perturb_the_feature_tables(tiny_bert):
 
     model = CrossEncoder.from_pretrained(str(tiny_bert), semantic=SemanticUnits(2, 64, 4, {"brand": 3}, 2))
     ids = torch.randint(0, 50, (3, 8))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "bags": torch.randint(0, 65, (3, 2, 5)),
-             "ids": torch.randint(0, 4, (3, 1))}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "bags": torch.randint(0, 65, (3, 2, 5)),
+        "ids": torch.randint(0, 4, (3, 1)),
+    }
     model(**batch).sum().backward()
     assert model.semantic.bag.weight.grad is not None
     awp = AWP(model, 1.0, 0.01, skip_prefixes=(PARAM_PREFIX,))  # as core.training.train builds it
@@ -258,29 +339,56 @@ def _reload_predictions(res, cfg, fold, rows):
     enc = encode_pairs_cached(df, tok, cfg.text)
     tk = cfg.tricks
     model, fc, vocab = load_fold_model(res.run_dir, fold, cfg.model.name, msd_rates=tk.msd_rates if tk.msd else None)
-    feats = RowFeatures(compute_ngram_bags(df, fc) if fc.ngram_bags else None,
-                        encode_ids(df, vocab) if fc.id_embeddings else None)
+    feats = RowFeatures(
+        compute_ngram_bags(df, fc) if fc.ngram_bags else None, encode_ids(df, vocab) if fc.id_embeddings else None
+    )
     return df, predict_proba(model, enc, rows(df), 64, tok.pad_token_id, torch.device("cpu"), features=feats)
 
 
-def test_training_with_both_features_and_tricks_writes_oof_test_and_reloadable_checkpoints(tmp_path, small_dataset, tiny_bert):
+def test_training_with_both_features_and_tricks_writes_oof_test_and_reloadable_checkpoints(
+    tmp_path, small_dataset, tiny_bert
+):
     from core.runs.store import RunStore
     from core.training.train import run_training
 
     pytest.importorskip("gensim")
     store = RunStore(tmp_path / "runs.db")
-    features = {"ngram_bags": True, "id_embeddings": True, "buckets": 4096, "bag_dim": 8, "id_dim": 4,
-                "init": "word2vec", "w2v_epochs": 1}
+    features = {
+        "ngram_bags": True,
+        "id_embeddings": True,
+        "buckets": 4096,
+        "bag_dim": 8,
+        "id_dim": 4,
+        "init": "word2vec",
+        "w2v_epochs": 1,
+    }
     cfg = _cfg(tmp_path, small_dataset, tiny_bert, features, ema=True, fgm=True, awp=True)
     cfg.train.save_checkpoints = True
     res = run_training(cfg, store)
     assert store.get_run(res.run_id)["status"] == "finished"
     assert {"train/adv_loss", "train/awp_loss", "cv/ndcg"} <= {m["name"] for m in store.metrics(res.run_id)}
-    for name in ("oof.parquet", "test.parquet", "fold0/model.safetensors", "fold0/features.json", "fold1/features.json"):
+    for name in (
+        "oof.parquet",
+        "test.parquet",
+        "fold0/model.safetensors",
+        "fold0/features.json",
+        "fold1/features.json",
+    ):
         assert (res.run_dir / name).is_file(), name
     oof = pd.read_parquet(res.run_dir / "oof.parquet")
-    assert list(oof.columns) == ["example_id", "query_id", "product_id", "esci_label", "fold", "p_E", "p_S", "p_C",
-                                 "p_I", "ce_score", "score"]  # the format labels/ensemble code reads
+    assert list(oof.columns) == [
+        "example_id",
+        "query_id",
+        "product_id",
+        "esci_label",
+        "fold",
+        "p_E",
+        "p_S",
+        "p_C",
+        "p_I",
+        "ce_score",
+        "score",
+    ]  # the format labels/ensemble code reads
     assert not oof[["p_E", "p_S", "p_C", "p_I"]].isna().any().any()
     saved = json.loads((res.run_dir / "fold0" / "features.json").read_text())
     assert saved["features"]["buckets"] == 4096 and set(saved["id_vocab"]) == {"locale", "brand", "color"}
@@ -290,8 +398,11 @@ def test_training_with_both_features_and_tricks_writes_oof_test_and_reloadable_c
     # fold 0's checkpoint + its saved vocabularies reproduce its OOF rows; all folds reproduce test.parquet
     fold0 = set(res.oof.loc[res.oof["fold"] == 0, "example_id"])
     df, probs = _reload_predictions(res, cfg, 0, lambda d: np.flatnonzero(d["example_id"].isin(fold0).to_numpy()))
-    want = res.oof.set_index("example_id").loc[df.loc[df["example_id"].isin(fold0), "example_id"],
-                                               ["p_E", "p_S", "p_C", "p_I"]].to_numpy()
+    want = (
+        res.oof.set_index("example_id")
+        .loc[df.loc[df["example_id"].isin(fold0), "example_id"], ["p_E", "p_S", "p_C", "p_I"]]
+        .to_numpy()
+    )
     np.testing.assert_allclose(probs, want, atol=1e-5)
     test_rows = lambda d: np.flatnonzero((d["split"] == "test").to_numpy())  # noqa: E731
     mean = sum(_reload_predictions(res, cfg, k, test_rows)[1] for k in (0, 1)) / 2
@@ -303,10 +414,29 @@ def test_features_compose_with_the_other_tricks_and_a_teacher_pass(tmp_path, sma
     from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
-    cfg = _cfg(tmp_path, small_dataset, tiny_bert, {"ngram_bags": True, "id_embeddings": True, "buckets": 1024,
-                                                    "bag_dim": 8, "id_dim": 4, "bag_fields": ["query", "title"]},
-               rdrop=True, msd=True, mixup=True, layer_pooling=True, llrd=True, pgd=True, pgd_steps=2,
-               self_distill=True, pseudo_label=True, pseudo_threshold=0.27)
+    cfg = _cfg(
+        tmp_path,
+        small_dataset,
+        tiny_bert,
+        {
+            "ngram_bags": True,
+            "id_embeddings": True,
+            "buckets": 1024,
+            "bag_dim": 8,
+            "id_dim": 4,
+            "bag_fields": ["query", "title"],
+        },
+        rdrop=True,
+        msd=True,
+        mixup=True,
+        layer_pooling=True,
+        llrd=True,
+        pgd=True,
+        pgd_steps=2,
+        self_distill=True,
+        pseudo_label=True,
+        pseudo_threshold=0.27,
+    )
     res = run_training(cfg, store)
     assert store.get_run(res.run_id)["status"] == "finished"
     names = {m["name"] for m in store.metrics(res.run_id)}
@@ -333,6 +463,9 @@ def test_features_off_checkpoint_is_the_plain_cross_encoder(tmp_path, small_data
     plain.load_state_dict(state)  # strict: same keys and shapes as before the features existed
     fold0 = set(res.oof.loc[res.oof["fold"] == 0, "example_id"])
     df, probs = _reload_predictions(res, cfg, 0, lambda d: np.flatnonzero(d["example_id"].isin(fold0).to_numpy()))
-    want = res.oof.set_index("example_id").loc[df.loc[df["example_id"].isin(fold0), "example_id"],
-                                               ["p_E", "p_S", "p_C", "p_I"]].to_numpy()
+    want = (
+        res.oof.set_index("example_id")
+        .loc[df.loc[df["example_id"].isin(fold0), "example_id"], ["p_E", "p_S", "p_C", "p_I"]]
+        .to_numpy()
+    )
     np.testing.assert_allclose(probs, want, atol=1e-5)

@@ -14,8 +14,6 @@ import pandas as pd
 import pytest
 
 from conftest import snapshot, write_official
-from core.data.esci import load_esci
-from core.errors import ConfigError, DataError, WorkbenchError
 from core.cleaning.labels import (
     apply_to_training,
     cleaning_plan,
@@ -29,15 +27,18 @@ from core.cleaning.labels import (
     store_issues,
     undo_last,
 )
-from core.scoring.metrics import ESCI_LABELS
+from core.data.esci import load_esci
+from core.errors import ConfigError, DataError, WorkbenchError
 from core.runs.store import RunStore
+from core.scoring.metrics import ESCI_LABELS
 
 N_FLIP = 40
 N_TEST_QUERIES = 10
 
 
-def make_labelled_run(root: Path, sample_frames, n_flip: int = N_FLIP, seed: int = 0,
-                      drop_oof: int = 0) -> tuple[RunStore, str, dict]:
+def make_labelled_run(
+    root: Path, sample_frames, n_flip: int = N_FLIP, seed: int = 0, drop_oof: int = 0
+) -> tuple[RunStore, str, dict]:
     """Official-layout data (last 10 queries split=test) with ``n_flip`` training labels flipped,
     a runs.db with one finished run whose oof.parquet covers the training examples.
 
@@ -64,8 +65,14 @@ def make_labelled_run(root: Path, sample_frames, n_flip: int = N_FLIP, seed: int
     probs = conf * onehot + (1 - conf) * rng.dirichlet(np.ones(4), size=n)
     unsure = rng.random(n) < 0.2
     probs[unsure] = 0.5 * probs[unsure] + 0.5 * rng.dirichlet(np.ones(4), size=int(unsure.sum()))
-    oof = pd.DataFrame({"example_id": tr["example_id"].to_numpy(), "query_id": tr["query_id"].to_numpy(),
-                        "esci_label": given[train_rows], "fold": tr["query_id"].to_numpy() % 5})
+    oof = pd.DataFrame(
+        {
+            "example_id": tr["example_id"].to_numpy(),
+            "query_id": tr["query_id"].to_numpy(),
+            "esci_label": given[train_rows],
+            "fold": tr["query_id"].to_numpy() % 5,
+        }
+    )
     oof[["p_E", "p_S", "p_C", "p_I"]] = probs.astype(np.float32)
     oof["score"] = probs @ np.array([1.0, 0.1, 0.01, 0.0])
     if drop_oof:
@@ -77,10 +84,13 @@ def make_labelled_run(root: Path, sample_frames, n_flip: int = N_FLIP, seed: int
     run_id = store.create_run("fixture", cfg, run_dir=str(run_dir), run_id="20260101-000000-aaaa", status="finished")
     oof.to_parquet(run_dir / "oof.parquet", index=False)
     store.add_artifact(run_id, "oof", run_dir / "oof.parquet")
-    info = {"data_dir": data_dir, "flipped": set(ex["example_id"].to_numpy()[flip_rows].tolist()),
-            "true": dict(zip(ex["example_id"], true)),
-            "test_ids": set(ex.loc[ex["split"] == "test", "example_id"].tolist()),
-            "n_train": len(train_rows)}
+    info = {
+        "data_dir": data_dir,
+        "flipped": set(ex["example_id"].to_numpy()[flip_rows].tolist()),
+        "true": dict(zip(ex["example_id"], true)),
+        "test_ids": set(ex.loc[ex["split"] == "test", "example_id"].tolist()),
+        "n_train": len(train_rows),
+    }
     return store, run_id, info
 
 
@@ -221,16 +231,18 @@ def test_export_refuses_a_non_empty_folder_and_writes_nothing(labelled, tmp_path
 def test_export_auto_drop_takes_the_top_issues(labelled, tmp_path):
     store, run_id, info = labelled
     res = find_issues(store, run_id)
-    counts = export_cleaned(store, tmp_path / "auto", info["data_dir"], decisions_from=None,
-                            auto_drop_fraction=0.003, issues_run=run_id)
+    counts = export_cleaned(
+        store, tmp_path / "auto", info["data_dir"], decisions_from=None, auto_drop_fraction=0.003, issues_run=run_id
+    )
     n = round(0.003 * info["n_train"])
     assert 0 < n < len(res.issues) and counts["dropped"] == n
     got = pd.read_parquet(tmp_path / "auto" / "shopping_queries_dataset_examples.parquet")
     assert not set(res.issues["example_id"].head(n)) & set(got["example_id"])
     assert set(res.issues["example_id"].iloc[n:]) <= set(got["example_id"])
     # never more than the issues found
-    counts = export_cleaned(store, tmp_path / "all", info["data_dir"], decisions_from=None,
-                            auto_drop_fraction=0.5, issues_run=run_id)
+    counts = export_cleaned(
+        store, tmp_path / "all", info["data_dir"], decisions_from=None, auto_drop_fraction=0.5, issues_run=run_id
+    )
     assert counts["dropped"] == len(res.issues)
 
 
@@ -246,9 +258,20 @@ def test_apply_to_training_touches_only_training_rows(labelled):
     test_id = min(info["test_ids"])
     train_id = int(df.loc[df["split"] == "train", "example_id"].iloc[0])
     # issues that include a test example: the automatic drop must skip it
-    store_issues(store, run_id, pd.DataFrame({"run_id": run_id, "example_id": [test_id, train_id],
-                                              "given_label": "E", "suggested_label": "I",
-                                              "label_quality": [0.01, 0.02], "rank": [1, 2]}))
+    store_issues(
+        store,
+        run_id,
+        pd.DataFrame(
+            {
+                "run_id": run_id,
+                "example_id": [test_id, train_id],
+                "given_label": "E",
+                "suggested_label": "I",
+                "label_quality": [0.01, 0.02],
+                "rank": [1, 2],
+            }
+        ),
+    )
     record_decision(store, run_id, test_id, "relabel", "C")
     cfg = LabelsConfig(decisions_from=run_id, auto_drop_fraction=0.5, issues_run=run_id)
     mask, labels, summary = apply_to_training(df, cfg, store)
@@ -263,8 +286,7 @@ def test_apply_to_training_touches_only_training_rows(labelled):
         cleaning_plan(store, auto_drop_fraction=1.5, issues_run=run_id, n_train=100)
 
 
-def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, small_dataset, tiny_bert,
-                                                                      monkeypatch):
+def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, small_dataset, tiny_bert, monkeypatch):
     import core.training.fold_loop as fold_loop
     import core.training.train as train_mod
     from test_train import tiny_config
@@ -274,9 +296,20 @@ def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, 
     tr = df[df["split"] == "train"]
     src = store.create_run("issues", {"data": {"dir": str(small_dataset)}}, status="finished")
     drop_ids = tr["example_id"].iloc[::7].tolist()[:40]
-    store_issues(store, src, pd.DataFrame({"run_id": src, "example_id": drop_ids, "given_label": "E",
-                                           "suggested_label": "I", "label_quality": np.linspace(0, 0.1, len(drop_ids)),
-                                           "rank": range(1, len(drop_ids) + 1)}))
+    store_issues(
+        store,
+        src,
+        pd.DataFrame(
+            {
+                "run_id": src,
+                "example_id": drop_ids,
+                "given_label": "E",
+                "suggested_label": "I",
+                "label_quality": np.linspace(0, 0.1, len(drop_ids)),
+                "rank": range(1, len(drop_ids) + 1),
+            }
+        ),
+    )
     relabel_id = int(tr["example_id"].iloc[1])
     new_label = "I" if tr["esci_label"].iloc[1] != "I" else "E"
     record_decision(store, src, relabel_id, "relabel", new_label)
@@ -310,8 +343,8 @@ def test_training_drops_rows_from_fitting_but_scores_them_out_of_fold(tmp_path, 
 def test_cli_find_and_export(labelled, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from workbench.cli import labels as cli_labels
     from workbench.cli import app
+    from workbench.cli import labels as cli_labels
 
     monkeypatch.setattr(cli_labels.console, "width", 120)
     store, run_id, info = labelled
@@ -337,10 +370,12 @@ def test_cli_errors_are_one_line_with_exit_2(labelled, tmp_path, monkeypatch, ca
     from workbench import cli
 
     store, run_id, _ = labelled
-    for args in (["labels", "find", "nope", "--db", store.path],
-                 ["labels", "find", run_id, "--filter-by", "bogus", "--db", store.path],
-                 ["labels", "review", "--db", str(tmp_path / "empty.db")],
-                 ["labels", "export", str(tmp_path / "x"), "--db", str(tmp_path / "empty.db")]):
+    for args in (
+        ["labels", "find", "nope", "--db", store.path],
+        ["labels", "find", run_id, "--filter-by", "bogus", "--db", store.path],
+        ["labels", "review", "--db", str(tmp_path / "empty.db")],
+        ["labels", "export", str(tmp_path / "x"), "--db", str(tmp_path / "empty.db")],
+    ):
         monkeypatch.setattr("sys.argv", ["workbench", *args])
         with pytest.raises(SystemExit) as info:
             cli.main()
@@ -371,7 +406,9 @@ def test_compare_runs_on_original_labels(labelled, tmp_path):
     assert t.loc[("cleaned - base", "final"), "cv_ndcg"] == pytest.approx(want_other - want_base)
     f0 = base["fold"].to_numpy() == 0
     assert t.loc[("cleaned - base", "final"), "fold0"] == pytest.approx(
-        mean_ndcg(qids[f0], other["score"].to_numpy()[f0], labels[f0]) - mean_ndcg(qids[f0], base["score"].to_numpy()[f0], labels[f0]))
+        mean_ndcg(qids[f0], other["score"].to_numpy()[f0], labels[f0])
+        - mean_ndcg(qids[f0], base["score"].to_numpy()[f0], labels[f0])
+    )
     other["fold"] = (other["fold"] + 1) % 5  # different folds: not comparable
     other.to_parquet(run_dir / "oof.parquet", index=False)
     with pytest.raises(WorkbenchError, match="differ in fold"):

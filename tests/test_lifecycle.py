@@ -115,7 +115,7 @@ def test_full_disk_while_writing_fold_predictions(tmp_path):
         big = pd.DataFrame({{"example_id": np.arange(400_000), "p_E": np.random.default_rng(0).random(400_000)}})
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
         try:
-            atomic_write({str(run / 'oof.parquet')!r}, lambda p: big.to_parquet(p, index=False))
+            atomic_write({str(run / "oof.parquet")!r}, lambda p: big.to_parquet(p, index=False))
         except WorkbenchError as exc:
             print(exc, file=sys.stderr)
             sys.exit(2)

@@ -69,14 +69,22 @@ def test_gpu_probe_without_driver_says_why_and_summary():
     probe = GpuProbe()
     if not probe.available:
         assert probe.read() == [] and probe.reason
-    gpus = [GpuStats(0, "H100", 50.0, 1024.0, 81920.0, 60.0, 300.0), GpuStats(1, "H100", 100.0, 3072.0, 81920.0, 70.0, None)]
+    gpus = [
+        GpuStats(0, "H100", 50.0, 1024.0, 81920.0, 60.0, 300.0),
+        GpuStats(1, "H100", 100.0, 3072.0, 81920.0, 70.0, None),
+    ]
     assert gpu_summary(gpus) == "GPU: 2x H100 | util 75% | mem 4.0/160.0 GiB"
     assert gpu_summary([], "no NVIDIA driver") == "GPU: none (no NVIDIA driver)"
 
 
 def test_config_diff_shows_only_differing_keys():
     a = {"name": "a", "train": {"lr": 1e-4, "seed": 1, "folds": 5}, "blend": {"members": ["bm25"]}, "output_dir": "x"}
-    b = {"name": "b", "train": {"lr": 1e-4, "seed": 2, "folds": 5}, "blend": {"members": ["bm25", "dense"]}, "output_dir": "y"}
+    b = {
+        "name": "b",
+        "train": {"lr": 1e-4, "seed": 2, "folds": 5},
+        "blend": {"members": ["bm25", "dense"]},
+        "output_dir": "y",
+    }
     c = {"name": "c", "train": {"lr": 1e-4, "seed": 1, "folds": 5, "epochs": 2}, "blend": {"members": ["bm25"]}}
     diff = dict(config_diff({"A": a, "B": b, "C": c}))
     assert set(diff) == {"name", "train.seed", "blend.members", "train.epochs"}
@@ -88,9 +96,14 @@ def test_config_diff_shows_only_differing_keys():
 def test_metric_summary_best_and_fold_spread(tmp_path):
     store = RunStore(tmp_path / "runs.db")
     rid = store.create_run("x", {"train": {"folds": 3}})
-    store.log_metrics(rid, [{"name": "fold/ndcg", "value": v, "fold": k} for k, v in enumerate([0.80, 0.82, 0.84])]
-                      + [{"name": "eval/task2_f1", "value": v, "fold": k, "step": s}
-                         for k, s, v in [(0, 1, 0.5), (0, 2, 0.6), (0, 3, 0.55), (1, 1, 0.4)]])
+    store.log_metrics(
+        rid,
+        [{"name": "fold/ndcg", "value": v, "fold": k} for k, v in enumerate([0.80, 0.82, 0.84])]
+        + [
+            {"name": "eval/task2_f1", "value": v, "fold": k, "step": s}
+            for k, s, v in [(0, 1, 0.5), (0, 2, 0.6), (0, 3, 0.55), (1, 1, 0.4)]
+        ],
+    )
     s = metric_summary(store, rid)
     # no CV logged yet: best = mean of the folds' best evals, for nDCG over fold/ndcg's eval (none) -> None
     assert s["CV nDCG"]["best"] is None

@@ -67,12 +67,28 @@ def test_summary(imported):
 def test_files_have_the_official_schema(imported):
     out, _ = imported
     ex = pq.read_table(out / f"{EXAMPLES_FILE}.parquet")
-    assert ex.column_names == ["example_id", "query", "query_id", "product_id", "product_locale",
-                               "esci_label", "small_version", "large_version", "split"]
+    assert ex.column_names == [
+        "example_id",
+        "query",
+        "query_id",
+        "product_id",
+        "product_locale",
+        "esci_label",
+        "small_version",
+        "large_version",
+        "split",
+    ]
     assert str(ex.schema.field("example_id").type) == "int64"
     pr = pq.read_table(out / f"{PRODUCTS_FILE}.parquet")
-    assert pr.column_names == ["product_id", "product_locale", "product_title", "product_description",
-                               "product_bullet_point", "product_brand", "product_color"]
+    assert pr.column_names == [
+        "product_id",
+        "product_locale",
+        "product_title",
+        "product_description",
+        "product_bullet_point",
+        "product_brand",
+        "product_color",
+    ]
     assert pr.num_rows == len(pr["product_id"].unique()) == 6597
 
 
@@ -88,7 +104,8 @@ def test_load_esci_reads_the_import(imported):
     assert df["example_id"].tolist() == list(range(6678))
     # sorted by (query_id, product_id)
     assert df[["query_id", "product_id"]].equals(
-        df[["query_id", "product_id"]].sort_values(["query_id", "product_id"], ignore_index=True))
+        df[["query_id", "product_id"]].sort_values(["query_id", "product_id"], ignore_index=True)
+    )
     assert (df["product_title"] != "").all()
     assert (df["product_description"] == "").sum() > 3000  # ESCI-S: many empty descriptions
     towels = df[df["query"] == "t towels kitchen"]
@@ -109,8 +126,9 @@ def test_ids_are_stable_across_imports(imported, tmp_path):
     a = pd.read_parquet(out / f"{EXAMPLES_FILE}.parquet")
     b = pd.read_parquet(again / f"{EXAMPLES_FILE}.parquet")
     pd.testing.assert_frame_equal(a, b)
-    pd.testing.assert_frame_equal(pd.read_parquet(out / f"{PRODUCTS_FILE}.parquet"),
-                                  pd.read_parquet(again / f"{PRODUCTS_FILE}.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / f"{PRODUCTS_FILE}.parquet"), pd.read_parquet(again / f"{PRODUCTS_FILE}.parquet")
+    )
     # re-importing over an existing folder replaces the files
     import_opensearch(SAMPLE, again)
     pd.testing.assert_frame_equal(a, pd.read_parquet(again / f"{EXAMPLES_FILE}.parquet"))
@@ -144,19 +162,26 @@ def test_explicit_sources_and_no_sources(tmp_path):
 def test_error_missing_source_file(tmp_path, name):
     src = _copy_sample(tmp_path)
     (src / name).unlink()
-    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"), str(src),
-                  "missing file(s)", name)
+    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"), str(src), "missing file(s)", name)
 
 
 def test_error_missing_source_folder(tmp_path):
-    expect_data_error(tmp_path, lambda: import_opensearch(tmp_path / "nope", tmp_path / "out"),
-                  str(tmp_path / "nope"), "does not exist")
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(tmp_path / "nope", tmp_path / "out"),
+        str(tmp_path / "nope"),
+        "does not exist",
+    )
 
 
 @needs_sample
 def test_error_missing_explicit_sources(tmp_path):
-    expect_data_error(tmp_path, lambda: import_opensearch(SAMPLE, tmp_path / "out", tmp_path / "s.csv"),
-                  str(tmp_path / "s.csv"), "does not exist")
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(SAMPLE, tmp_path / "out", tmp_path / "s.csv"),
+        str(tmp_path / "s.csv"),
+        "does not exist",
+    )
 
 
 def _edit_judgments(src: Path, edit) -> None:
@@ -170,39 +195,62 @@ def _edit_judgments(src: Path, edit) -> None:
 def test_error_unknown_rating(tmp_path):
     src = _copy_sample(tmp_path)
     _edit_judgments(src, lambda d: d["judgmentRatings"][0]["ratings"][1].update(rating="50.000"))
-    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
-                  str(src / JUDGMENTS_FILE), "query 't towels kitchen'", "unknown rating '50.000'")
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(src, tmp_path / "out"),
+        str(src / JUDGMENTS_FILE),
+        "query 't towels kitchen'",
+        "unknown rating '50.000'",
+    )
 
 
 @needs_sample
 def test_error_query_id_not_unique(tmp_path):
     """A judged product of another query breaks the intersection: named in the error."""
     src = _copy_sample(tmp_path)
-    _edit_judgments(src, lambda d: d["judgmentRatings"][0]["ratings"].append(
-        {"docId": "B07CXG6C9W", "rating": "0.000"}))  # the Kindle, judged for other queries
-    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
-                  str(src / PRODUCTS_ZIP), "query 't towels kitchen'", "exactly one id", "shared: none")
+    _edit_judgments(
+        src, lambda d: d["judgmentRatings"][0]["ratings"].append({"docId": "B07CXG6C9W", "rating": "0.000"})
+    )  # the Kindle, judged for other queries
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(src, tmp_path / "out"),
+        str(src / PRODUCTS_ZIP),
+        "query 't towels kitchen'",
+        "exactly one id",
+        "shared: none",
+    )
 
 
 @needs_sample
 def test_error_judged_asin_without_document(tmp_path):
     src = _copy_sample(tmp_path)
-    _edit_judgments(src, lambda d: d["judgmentRatings"][3]["ratings"].append(
-        {"docId": "B0NOTTHERE", "rating": "1.000"}))
-    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
-                  str(src / PRODUCTS_ZIP), "no product document for 1 judged docId(s)", "B0NOTTHERE")
+    _edit_judgments(
+        src, lambda d: d["judgmentRatings"][3]["ratings"].append({"docId": "B0NOTTHERE", "rating": "1.000"})
+    )
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(src, tmp_path / "out"),
+        str(src / PRODUCTS_ZIP),
+        "no product document for 1 judged docId(s)",
+        "B0NOTTHERE",
+    )
 
 
 @needs_sample
 def test_error_bad_json_and_zip(tmp_path):
     src = _copy_sample(tmp_path)
     (src / JUDGMENTS_FILE).write_text('{"judgmentRatings": [')
-    expect_data_error(tmp_path, lambda: import_opensearch(src, tmp_path / "out"),
-                  str(src / JUDGMENTS_FILE), "cannot read: invalid JSON")
+    expect_data_error(
+        tmp_path,
+        lambda: import_opensearch(src, tmp_path / "out"),
+        str(src / JUDGMENTS_FILE),
+        "cannot read: invalid JSON",
+    )
     src2 = _copy_sample(tmp_path / "b")
     (src2 / PRODUCTS_ZIP).write_bytes(b"not a zip")
-    expect_data_error(tmp_path, lambda: import_opensearch(src2, tmp_path / "out"),
-                  str(src2 / PRODUCTS_ZIP), "cannot read:")
+    expect_data_error(
+        tmp_path, lambda: import_opensearch(src2, tmp_path / "out"), str(src2 / PRODUCTS_ZIP), "cannot read:"
+    )
 
 
 @needs_sample
@@ -217,8 +265,7 @@ def test_error_keeps_existing_output(imported, tmp_path):
         lines = zf.read(name).decode().splitlines()
     with zipfile.ZipFile(src / PRODUCTS_ZIP, "w") as zf:
         zf.writestr(name, "\n".join(lines[:-3] + ["{broken"]))
-    expect_data_error(tmp_path, lambda: import_opensearch(src, target), str(src / PRODUCTS_ZIP),
-                  "invalid JSON on line")
+    expect_data_error(tmp_path, lambda: import_opensearch(src, target), str(src / PRODUCTS_ZIP), "invalid JSON on line")
     assert len(load_esci(target)) == 6678
 
 

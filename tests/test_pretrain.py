@@ -200,7 +200,8 @@ def test_momentum_update():
 # ------------------------------------------------------------------ end to end on the tiny BERT
 def _pretrain_config(tmp_path: Path, data_dir: Path, model_dir: Path, **tasks_off) -> Path:
     cfg = {
-        "name": "pretrain-tiny", "output_dir": str(tmp_path / "runs"),
+        "name": "pretrain-tiny",
+        "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(data_dir), "max_products": 96},
         "model": {"name": str(model_dir), "max_length": 24},
         "train": {"batch_size": 16, "max_steps": 3, "log_every": 1, "lr": 1e-3},
@@ -272,8 +273,9 @@ def test_pretrain_end_to_end_then_finetune(tmp_path, small_dataset, tiny_bert):
 
 @pytest.mark.parametrize("off", TASKS)
 def test_each_task_switch_removes_its_loss(tmp_path, small_dataset, tiny_bert, off):
-    cfg = load_pretrain_config(_pretrain_config(tmp_path, small_dataset, tiny_bert, **{off: True}),
-                               ["train.max_steps=2"])
+    cfg = load_pretrain_config(
+        _pretrain_config(tmp_path, small_dataset, tiny_bert, **{off: True}), ["train.max_steps=2"]
+    )
     store = RunStore(str(tmp_path / "runs.db"))
     res = run_pretraining(cfg, store)
     names = _metric_names(store.path, res.run_id)
@@ -289,8 +291,13 @@ def test_each_task_switch_removes_its_loss(tmp_path, small_dataset, tiny_bert, o
 def test_all_tasks_off_exits_2_with_one_line(tmp_path, small_dataset, tiny_bert):
     cfg = _pretrain_config(tmp_path, small_dataset, tiny_bert, **{t: True for t in TASKS})
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "workbench", "pretrain", str(cfg), "--db", str(tmp_path / "r.db")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "pretrain", str(cfg), "--db", str(tmp_path / "r.db")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "all tasks are off" in lines[0], proc.stderr
@@ -329,7 +336,8 @@ def test_bad_configs_and_data(tmp_path, small_dataset, tiny_bert):
     empty.mkdir()
     ex.to_parquet(empty / "shopping_queries_dataset_examples.parquet")
     pr.assign(product_title="", product_bullet_point=None, product_description="  ").to_parquet(
-        empty / "shopping_queries_dataset_products.parquet")
+        empty / "shopping_queries_dataset_products.parquet"
+    )
     assert "no product has text" in run_on(empty)
     assert store.list_runs() == []
 
@@ -344,9 +352,25 @@ def test_sigterm_marks_the_run_stopped_and_leaves_no_backbone(tmp_path, small_da
 
     cfg = _pretrain_config(tmp_path, small_dataset, tiny_bert)
     db = str(tmp_path / "runs.db")
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", str(cfg), "--db", db,
-                             "--set", "train.max_steps=100000", "--set", "train.epochs=100000"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "pretrain",
+            str(cfg),
+            "--db",
+            db,
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.epochs=100000",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 90
         run = None
@@ -402,8 +426,11 @@ def test_launch_and_relaunch_a_pretrain_config_detached(tmp_path, small_dataset,
                 break
             time.sleep(0.3)
         run = store.get_run(run_id)
-        assert run["status"] == "finished", (run["status"], run.get("error"),
-                                             (Path(run["run_dir"]) / "console.log").read_text()[-2000:])
+        assert run["status"] == "finished", (
+            run["status"],
+            run.get("error"),
+            (Path(run["run_dir"]) / "console.log").read_text()[-2000:],
+        )
         return (Path(run["run_dir"]) / "backbone" / "model.safetensors").is_file()
 
     assert finished(first)
@@ -421,8 +448,8 @@ def test_pretrain_resumes_from_its_step_checkpoint_bit_identical(tmp_path, small
     from safetensors.torch import load_file
 
     import core.pretrain.multitask as pretrain_mod
-    from core.runs.launcher import resume_config
     from core.pretrain.multitask import load_pretrain_config, run_pretraining
+    from core.runs.launcher import resume_config
 
     path = _pretrain_config(tmp_path, small_dataset, tiny_bert)
     sets = ["train.max_steps=10", "train.checkpoint_every=3", "train.num_threads=1", "train.epochs=3"]

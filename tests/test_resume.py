@@ -30,12 +30,23 @@ def resume_config(tmp_path: Path, data_dir: Path, model_dir: Path, cache: Path, 
     """3 folds x 3 epochs of the tiny BERT, a step checkpoint every 5 steps, EMA and R-Drop on
     (their state must survive the restart too), one thread (bit-identical on CPU)."""
     cfg = {
-        "name": "resume-tiny", "output_dir": str(tmp_path / "runs"),
+        "name": "resume-tiny",
+        "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(data_dir)},
         "text": {"max_length": 32, "cache_dir": str(cache)},
         "model": {"name": str(model_dir)},
-        "train": {"folds": 3, "epochs": 3, "batch_size": 32, "lr": 1e-3, "evals_per_epoch": 2, "log_every": 1,
-                  "checkpoint_every": 5, "num_threads": 1, "save_checkpoints": False, **train},
+        "train": {
+            "folds": 3,
+            "epochs": 3,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "evals_per_epoch": 2,
+            "log_every": 1,
+            "checkpoint_every": 5,
+            "num_threads": 1,
+            "save_checkpoints": False,
+            **train,
+        },
         "tricks": {"ema": True, "ema_decay": 0.9, "rdrop": True, "rdrop_alpha": 0.5},
         "blend": {"members": ["bm25"]},
     }
@@ -90,8 +101,9 @@ def _run_id(db: Path) -> str | None:
 def _fold_step(db: Path, run_id: str, fold: int) -> int:
     try:
         con = sqlite3.connect(db)
-        row = con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ? AND fold = ? AND name = 'train/loss'",
-                          [run_id, fold]).fetchone()
+        row = con.execute(
+            "SELECT MAX(step) FROM metrics WHERE run_id = ? AND fold = ? AND name = 'train/loss'", [run_id, fold]
+        ).fetchone()
         con.close()
         return row[0] or 0
     except sqlite3.Error:
@@ -99,16 +111,22 @@ def _fold_step(db: Path, run_id: str, fold: int) -> int:
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_sigkill_in_fold_1_then_resume_gives_the_same_oof(reference, tmp_path, small_dataset, tiny_bert):
     ref_path, cache, ref, ref_metrics = reference
     path = resume_config(tmp_path, small_dataset, tiny_bert, cache)
     db = tmp_path / "runs.db"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "train", str(path), "--db", str(db)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "train", str(path), "--db", str(db)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: _run_id(db) is not None, 120, "the run row", proc)
         run_id = _run_id(db)

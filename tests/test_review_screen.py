@@ -61,9 +61,18 @@ async def test_queue_is_ranked_by_quality_and_shows_the_item(review_db):
         assert panel.region.bottom <= 24 and panel.region.height >= 8
 
 
-@pytest.mark.parametrize("key,decision,label", [("1", "relabel", "E"), ("2", "relabel", "S"), ("3", "relabel", "C"),
-                                                ("4", "relabel", "I"), ("k", "keep", None), ("d", "drop", None),
-                                                ("a", "accept", "suggested")])
+@pytest.mark.parametrize(
+    "key,decision,label",
+    [
+        ("1", "relabel", "E"),
+        ("2", "relabel", "S"),
+        ("3", "relabel", "C"),
+        ("4", "relabel", "I"),
+        ("k", "keep", None),
+        ("d", "drop", None),
+        ("a", "accept", "suggested"),
+    ],
+)
 async def test_each_decision_key_records_and_advances(review_db, key, decision, label):
     db, run_id, issues = review_db
     async with ReviewApp(db, run_id, reviewer="tester").run_test(size=SIZE) as pilot:
@@ -76,8 +85,12 @@ async def test_each_decision_key_records_and_advances(review_db, key, decision, 
         assert f"1 of {len(issues)} decided" in text(s, "#rv-head")
     log, eff = log_of(db, run_id)
     row = log.iloc[-1]
-    assert (row["example_id"], row["decision"], row["reviewer"], row["source_run"]) == \
-        (item["example_id"], decision, "tester", run_id)
+    assert (row["example_id"], row["decision"], row["reviewer"], row["source_run"]) == (
+        item["example_id"],
+        decision,
+        "tester",
+        run_id,
+    )
     expected = item["suggested_label"] if label == "suggested" else label
     assert row["new_label"] == expected
 

@@ -13,8 +13,13 @@ from core.runs.store import RunStore
 def _writer(path: str, run_id: str, n: int) -> None:
     store = RunStore(path)
     for i in range(n):
-        store.log_metrics(run_id, [{"name": "train/loss", "value": float(i), "fold": 0, "step": i},
-                                   {"name": "train/lr", "value": 1e-5, "fold": 0, "step": i}])
+        store.log_metrics(
+            run_id,
+            [
+                {"name": "train/loss", "value": float(i), "fold": 0, "step": i},
+                {"name": "train/lr", "value": 1e-5, "fold": 0, "step": i},
+            ],
+        )
     store.close()
 
 
@@ -33,8 +38,11 @@ def test_two_writer_processes_and_a_reader_lose_no_rows(tmp_path):
     b = store.create_run("b", {"data": {"task": 1}, "model": {"name": "m"}})
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(path, a, 300)), ctx.Process(target=_writer, args=(path, b, 300)),
-             ctx.Process(target=_reader, args=(path, 200, q))]
+    procs = [
+        ctx.Process(target=_writer, args=(path, a, 300)),
+        ctx.Process(target=_writer, args=(path, b, 300)),
+        ctx.Process(target=_reader, args=(path, 200, q)),
+    ]
     for p in procs:
         p.start()
     counts = q.get(timeout=120)
@@ -50,12 +58,17 @@ def test_two_writer_processes_and_a_reader_lose_no_rows(tmp_path):
 def test_list_runs_reports_best_not_last(tmp_path):
     store = RunStore(tmp_path / "runs.db")
     r = store.create_run("r", {"data": {"task": 1}, "model": {"name": "m"}, "train": {"folds": 2}})
-    store.log_metrics(r, [
-        {"name": "eval/ndcg", "value": 0.80, "fold": 0}, {"name": "eval/ndcg", "value": 0.86, "fold": 0},
-        {"name": "eval/ndcg", "value": 0.82, "fold": 0},  # last is worse than best
-        {"name": "eval/ndcg", "value": 0.90, "fold": 1}, {"name": "eval/ndcg", "value": 0.88, "fold": 1},
-        {"name": "fold/done", "value": 1, "fold": 0},
-    ])
+    store.log_metrics(
+        r,
+        [
+            {"name": "eval/ndcg", "value": 0.80, "fold": 0},
+            {"name": "eval/ndcg", "value": 0.86, "fold": 0},
+            {"name": "eval/ndcg", "value": 0.82, "fold": 0},  # last is worse than best
+            {"name": "eval/ndcg", "value": 0.90, "fold": 1},
+            {"name": "eval/ndcg", "value": 0.88, "fold": 1},
+            {"name": "fold/done", "value": 1, "fold": 0},
+        ],
+    )
     row = store.list_runs()[0]
     assert row["best_ndcg"] == pytest.approx((0.86 + 0.90) / 2)
     assert row["folds_done"] == 1

@@ -138,7 +138,9 @@ def test_a_version_0_file_is_migrated_and_keeps_its_rows(tmp_path, script):
 
 
 def test_a_missing_column_is_added_by_the_migration(tmp_path):
-    db = _old_db(tmp_path / "runs.db", V0_CORE.replace(', "error" TEXT', "").replace(",'runs/r1',NULL);", ",'runs/r1');"))
+    db = _old_db(
+        tmp_path / "runs.db", V0_CORE.replace(', "error" TEXT', "").replace(",'runs/r1',NULL);", ",'runs/r1');")
+    )
     store = RunStore(db)
     assert store.get_run(RID)["error"] is None
     store.update_run(RID, error="boom")
@@ -165,7 +167,15 @@ def test_run_record(tmp_path):
     store = RunStore(tmp_path / "runs.db")
     rid = store.create_run("r", {"data": {"dir": "d", "task": 2}, "train": {"folds": 3}}, run_dir=str(tmp_path / "x"))
     rec = store.get_record(rid[:12])
-    assert (rec.id, rec.name, rec.status, rec.task, rec.n_folds, rec.epochs, rec.kind) == (rid, "r", Status.QUEUED, 2, 3, 1.0, "train")
+    assert (rec.id, rec.name, rec.status, rec.task, rec.n_folds, rec.epochs, rec.kind) == (
+        rid,
+        "r",
+        Status.QUEUED,
+        2,
+        3,
+        1.0,
+        "train",
+    )
     assert rec.run_dir == tmp_path / "x" and rec.active
     with pytest.raises(AttributeError):
         rec.status = Status.RUNNING  # frozen
@@ -181,14 +191,25 @@ def test_run_record(tmp_path):
 def test_best_values_best_not_last(tmp_path):
     store = RunStore(tmp_path / "runs.db")
     a, b, c = (store.create_run(n, {}) for n in "abc")
-    store.log_metrics(a, [{"name": "eval/ndcg", "value": v, "fold": f} for f, v in ((0, 0.7), (0, 0.9), (0, 0.8), (1, 0.5))]
-                      + [{"name": "eval/task2_f1", "value": 0.4, "fold": 0}])
-    store.log_metrics(b, [{"name": "eval/ndcg", "value": 0.9, "fold": 0}, {"name": "cv/ndcg", "value": 0.6, "fold": -1},
-                          {"name": "cv/final_ndcg", "value": 0.65, "fold": -1},
-                          {"name": "eval/ndcg", "value": 0.99, "fold": -1}])  # run-level eval rows: ignored
+    store.log_metrics(
+        a,
+        [{"name": "eval/ndcg", "value": v, "fold": f} for f, v in ((0, 0.7), (0, 0.9), (0, 0.8), (1, 0.5))]
+        + [{"name": "eval/task2_f1", "value": 0.4, "fold": 0}],
+    )
+    store.log_metrics(
+        b,
+        [
+            {"name": "eval/ndcg", "value": 0.9, "fold": 0},
+            {"name": "cv/ndcg", "value": 0.6, "fold": -1},
+            {"name": "cv/final_ndcg", "value": 0.65, "fold": -1},
+            {"name": "eval/ndcg", "value": 0.99, "fold": -1},
+        ],
+    )  # run-level eval rows: ignored
     store.log_metrics(c, [{"name": "train/loss", "value": 1.0, "fold": 0}])
-    assert store.best_values() == {a: {"ndcg": pytest.approx(0.7), "task2_f1": 0.4},
-                                   b: {"ndcg": 0.6, "final_ndcg": 0.65}}
+    assert store.best_values() == {
+        a: {"ndcg": pytest.approx(0.7), "task2_f1": 0.4},
+        b: {"ndcg": 0.6, "final_ndcg": 0.65},
+    }
     assert store.best_values([b], ["final_ndcg"]) == {b: {"final_ndcg": 0.65}}
     assert store.best_values([]) == {}
     rows = {r["id"]: r for r in store.list_runs()}

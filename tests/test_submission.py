@@ -83,25 +83,51 @@ def _edit(path, fn):
     return path
 
 
-@pytest.mark.parametrize("task,edit,parts", [
-    (1, lambda d: d.rename(columns={"product_id": "asin"}), ["columns must be exactly query_id,product_id", "asin"]),
-    (2, lambda d: d[["esci_label", "example_id"]], ["columns must be exactly example_id,esci_label"]),
-    (2, lambda d: d.iloc[1:], ["1 test example_id(s) missing"]),
-    (3, lambda d: pd.concat([d, d.iloc[:2]]), ["2 duplicate example_id(s)"]),
-    (2, lambda d: pd.concat([d, d.iloc[:1].assign(example_id="999999")]), ["1 example_id(s) not in the test examples", "999999"]),
-    (2, lambda d: d.assign(esci_label=np.where(np.arange(len(d)) < 3, "E", d["esci_label"])),
-     ["3 unknown esci_label value(s) 'E'", "allowed: complement, exact, irrelevant, substitute"]),
-    (3, lambda d: d.assign(substitute_label=np.where(np.arange(len(d)) < 2, "", d["substitute_label"])),
-     ["2 empty/NaN value(s) in substitute_label"]),
-    (2, lambda d: d.assign(example_id=np.where(np.arange(len(d)) < 1, "NaN", d["example_id"])),
-     ["1 empty/NaN value(s) in example_id", "1 test example_id(s) missing"]),
-    (2, lambda d: d.assign(example_id=np.where(np.arange(len(d)) < 1, "12a", d["example_id"])),
-     ["non-integer example_id values, e.g. '12a'"]),
-    (1, lambda d: d[d["query_id"] != d["query_id"].iloc[0]], ["1 test query(ies) missing (each would score 0)"]),
-    (1, lambda d: pd.concat([d, d.iloc[:1]]), ["1 duplicate (query_id, product_id) row(s)"]),
-    (1, lambda d: d.assign(product_id=np.where(np.arange(len(d)) < 1, "B000NOPE", d["product_id"])),
-     ["1 test (query_id, product_id) pair(s) missing", "1 pair(s) not in the test examples", "B000NOPE"]),
-])
+@pytest.mark.parametrize(
+    "task,edit,parts",
+    [
+        (
+            1,
+            lambda d: d.rename(columns={"product_id": "asin"}),
+            ["columns must be exactly query_id,product_id", "asin"],
+        ),
+        (2, lambda d: d[["esci_label", "example_id"]], ["columns must be exactly example_id,esci_label"]),
+        (2, lambda d: d.iloc[1:], ["1 test example_id(s) missing"]),
+        (3, lambda d: pd.concat([d, d.iloc[:2]]), ["2 duplicate example_id(s)"]),
+        (
+            2,
+            lambda d: pd.concat([d, d.iloc[:1].assign(example_id="999999")]),
+            ["1 example_id(s) not in the test examples", "999999"],
+        ),
+        (
+            2,
+            lambda d: d.assign(esci_label=np.where(np.arange(len(d)) < 3, "E", d["esci_label"])),
+            ["3 unknown esci_label value(s) 'E'", "allowed: complement, exact, irrelevant, substitute"],
+        ),
+        (
+            3,
+            lambda d: d.assign(substitute_label=np.where(np.arange(len(d)) < 2, "", d["substitute_label"])),
+            ["2 empty/NaN value(s) in substitute_label"],
+        ),
+        (
+            2,
+            lambda d: d.assign(example_id=np.where(np.arange(len(d)) < 1, "NaN", d["example_id"])),
+            ["1 empty/NaN value(s) in example_id", "1 test example_id(s) missing"],
+        ),
+        (
+            2,
+            lambda d: d.assign(example_id=np.where(np.arange(len(d)) < 1, "12a", d["example_id"])),
+            ["non-integer example_id values, e.g. '12a'"],
+        ),
+        (1, lambda d: d[d["query_id"] != d["query_id"].iloc[0]], ["1 test query(ies) missing (each would score 0)"]),
+        (1, lambda d: pd.concat([d, d.iloc[:1]]), ["1 duplicate (query_id, product_id) row(s)"]),
+        (
+            1,
+            lambda d: d.assign(product_id=np.where(np.arange(len(d)) < 1, "B000NOPE", d["product_id"])),
+            ["1 test (query_id, product_id) pair(s) missing", "1 pair(s) not in the test examples", "B000NOPE"],
+        ),
+    ],
+)
 def test_each_validator_error(files, test_examples, task, edit, parts):
     paths, _ = files
     path = _edit(paths[task], edit)
@@ -157,8 +183,9 @@ def test_cli_validate(files, test_examples, tmp_path, monkeypatch, capsys):
     paths, _ = files
     ex_file = tmp_path / "test.parquet"
     test_examples.to_parquet(ex_file, index=False)
-    monkeypatch.setattr(sys, "argv", ["workbench", "submission", "validate", str(paths[3]), "--task", "3",
-                                      "--examples", str(ex_file)])
+    monkeypatch.setattr(
+        sys, "argv", ["workbench", "submission", "validate", str(paths[3]), "--task", "3", "--examples", str(ex_file)]
+    )
     main()
     assert f"valid Task 3 submission ({len(test_examples)} rows)" in capsys.readouterr().out
     _edit(paths[3], lambda d: d.iloc[5:])

@@ -21,9 +21,16 @@ def tok(tiny_bert):
 
 
 def _frame(n=3, desc="kitchen towels " * 50):
-    return pd.DataFrame({"query": ["kitchen towels"] * n, "product_title": ["cotton towel set"] * n,
-                         "product_brand": ["acme"] * n, "product_color": ["white"] * n,
-                         "product_bullet_point": ["soft and absorbent"] * n, "product_description": [desc] * n})
+    return pd.DataFrame(
+        {
+            "query": ["kitchen towels"] * n,
+            "product_title": ["cotton towel set"] * n,
+            "product_brand": ["acme"] * n,
+            "product_color": ["white"] * n,
+            "product_bullet_point": ["soft and absorbent"] * n,
+            "product_description": [desc] * n,
+        }
+    )
 
 
 def test_template_segments_and_budgets(tok):
@@ -33,14 +40,15 @@ def test_template_segments_and_budgets(tok):
     toks = tok.convert_ids_to_tokens(ids.tolist())
     assert toks[0] == "[CLS]" and toks[-1] == "[SEP]"
     assert len(ids) == 40  # the long description fills the leftover room exactly
-    assert toks[start - 1] == "[SEP]" and tok.convert_tokens_to_string(toks[1:start - 1]) == "kitchen towels"
+    assert toks[start - 1] == "[SEP]" and tok.convert_tokens_to_string(toks[1 : start - 1]) == "kitchen towels"
     text = tok.decode(ids[start:], skip_special_tokens=False)
     assert text.startswith("cotton towel set [SEP] acme / white / soft and absorbent / kitchen towels")
 
 
 def test_short_pairs_not_padded_and_budget_respected(tok):
-    cfg = TextConfig(max_length=128, budgets={"query": 1, "title": 2, "brand": 8, "color": 6,
-                                              "bullet_point": 40, "description": 0})
+    cfg = TextConfig(
+        max_length=128, budgets={"query": 1, "title": 2, "brand": 8, "color": 6, "bullet_point": 40, "description": 0}
+    )
     enc = encode_pairs(_frame(desc=""), tok, cfg)
     ids, start = enc.get(0)
     assert start == 3  # [CLS] + 1 query token + [SEP]

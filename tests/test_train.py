@@ -8,22 +8,31 @@ import pytest
 
 from core.config import config_from_dict
 from core.data.esci import load_esci
-from core.scoring.metrics import expected_gain, mean_ndcg
 from core.runs.store import RunStore
+from core.scoring.metrics import expected_gain, mean_ndcg
 from core.training.train import LengthGroupedBatchSampler, run_training
 
 
 def tiny_config(tmp_path, data_dir, model_dir, **train):
-    return config_from_dict({
-        "name": "tiny",
-        "output_dir": str(tmp_path / "runs"),
-        "data": {"dir": str(data_dir)},
-        "text": {"max_length": 48, "cache_dir": str(tmp_path / "cache")},
-        "model": {"name": str(model_dir), "pooling": "mean"},
-        "train": {"folds": 3, "epochs": 1, "batch_size": 16, "lr": 1e-3, "evals_per_epoch": 2,
-                  "log_every": 2, **train},
-        "blend": {"members": ["bm25"]},
-    })
+    return config_from_dict(
+        {
+            "name": "tiny",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"dir": str(data_dir)},
+            "text": {"max_length": 48, "cache_dir": str(tmp_path / "cache")},
+            "model": {"name": str(model_dir), "pooling": "mean"},
+            "train": {
+                "folds": 3,
+                "epochs": 1,
+                "batch_size": 16,
+                "lr": 1e-3,
+                "evals_per_epoch": 2,
+                "log_every": 2,
+                **train,
+            },
+            "blend": {"members": ["bm25"]},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,9 @@ def test_oof_row_for_every_training_example(trained, small_dataset):
     np.testing.assert_allclose(result.oof[["p_E", "p_S", "p_C", "p_I"]].sum(axis=1), 1.0, atol=1e-5)
     # each query sits in exactly one fold
     assert (result.oof.groupby("query_id")["fold"].nunique() == 1).all()
-    np.testing.assert_allclose(result.oof["ce_score"], expected_gain(result.oof[["p_E", "p_S", "p_C", "p_I"]].to_numpy()), rtol=1e-6)
+    np.testing.assert_allclose(
+        result.oof["ce_score"], expected_gain(result.oof[["p_E", "p_S", "p_C", "p_I"]].to_numpy()), rtol=1e-6
+    )
 
 
 def test_test_split_gets_predictions_and_is_never_trained_on(trained, small_dataset):
@@ -65,8 +76,17 @@ def test_artifacts_and_runs_db(trained):
     oof = pd.read_parquet(result.run_dir / "oof.parquet")
     assert len(oof) == len(result.oof)
     names = {m["name"] for m in store.metrics(result.run_id)}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "eval/ndcg",
-            "eval/task2_f1", "fold/ndcg", "cv/ndcg", "cv/final_ndcg"} <= names
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "eval/ndcg",
+        "eval/task2_f1",
+        "fold/ndcg",
+        "cv/ndcg",
+        "cv/final_ndcg",
+    } <= names
     # two evaluations per epoch per fold
     evals = [m for m in store.metrics(result.run_id, ["eval/ndcg"])]
     assert len(evals) == 3 * 2
@@ -86,7 +106,9 @@ def test_final_score_is_the_fold_nested_blend(trained):
     final, per_fold, full = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution)
     np.testing.assert_allclose(oof["score"], final)  # each fold scored with weights from the others
     assert result.blend_weights == pytest.approx(dict(zip(["ce", "bm25"], full)))
-    z_test = np.column_stack([standardize_per_query(result.test["query_id"], result.test[c]) for c in ("ce_score", "bm25")])
+    z_test = np.column_stack(
+        [standardize_per_query(result.test["query_id"], result.test[c]) for c in ("ce_score", "bm25")]
+    )
     np.testing.assert_allclose(result.test["score"], z_test @ full, rtol=1e-6)
 
 

@@ -47,19 +47,28 @@ def test_poly1_is_ce_plus_epsilon_times_one_minus_pt_by_hand():
         got = classification_loss(LOGITS, one_hot(LABELS), "poly1", poly1_epsilon=eps)
         assert float(got) == pytest.approx(want, rel=1e-5)
     # epsilon 0 is exactly CE, which equals torch's cross_entropy on hard labels
-    assert float(classification_loss(LOGITS, one_hot(LABELS), "ce")) == pytest.approx(float(F.cross_entropy(LOGITS, LABELS)), rel=1e-6)
+    assert float(classification_loss(LOGITS, one_hot(LABELS), "ce")) == pytest.approx(
+        float(F.cross_entropy(LOGITS, LABELS)), rel=1e-6
+    )
 
 
 def test_focal_loss_by_hand_and_gamma_zero_is_ce():
     p = softmax(LOGITS.numpy().astype(np.float64), axis=1)
     p_t = p[np.arange(3), LABELS.numpy()]
     want = np.mean(-((1 - p_t) ** 2) * np.log(p_t))
-    assert float(classification_loss(LOGITS, one_hot(LABELS), "focal", focal_gamma=2.0)) == pytest.approx(want, rel=1e-5)
-    assert float(classification_loss(LOGITS, one_hot(LABELS), "focal", focal_gamma=0.0)) == \
-        pytest.approx(float(F.cross_entropy(LOGITS, LABELS)), rel=1e-6)
+    assert float(classification_loss(LOGITS, one_hot(LABELS), "focal", focal_gamma=2.0)) == pytest.approx(
+        want, rel=1e-5
+    )
+    assert float(classification_loss(LOGITS, one_hot(LABELS), "focal", focal_gamma=0.0)) == pytest.approx(
+        float(F.cross_entropy(LOGITS, LABELS)), rel=1e-6
+    )
     # the focal loss down-weights the easy example more than the hard one
-    easy = classification_loss(LOGITS[:1], one_hot(LABELS[:1]), "focal") / classification_loss(LOGITS[:1], one_hot(LABELS[:1]))
-    hard = classification_loss(LOGITS[1:2], one_hot(LABELS[1:2]), "focal") / classification_loss(LOGITS[1:2], one_hot(LABELS[1:2]))
+    easy = classification_loss(LOGITS[:1], one_hot(LABELS[:1]), "focal") / classification_loss(
+        LOGITS[:1], one_hot(LABELS[:1])
+    )
+    hard = classification_loss(LOGITS[1:2], one_hot(LABELS[1:2]), "focal") / classification_loss(
+        LOGITS[1:2], one_hot(LABELS[1:2])
+    )
     assert easy < hard < 1
 
 
@@ -346,8 +355,12 @@ def test_weighted_layer_pooling_by_hand(tiny_bert, tiny_batch):
     out = m.backbone(**batch, output_hidden_states=True)
     want = m.pool(sum(out.hidden_states) / 3, batch["attention_mask"])
     assert torch.allclose(m.features(**batch), want, atol=1e-5)
-    names = [n for g in param_groups(m, 1e-4, 1e-3, 0.01) for n, p in m.named_parameters()
-             if any(p is q for q in g["params"]) and g["lr"] == 1e-3]
+    names = [
+        n
+        for g in param_groups(m, 1e-4, 1e-3, 0.01)
+        for n, p in m.named_parameters()
+        if any(p is q for q in g["params"]) and g["lr"] == 1e-3
+    ]
     assert "layer_pool.layer_weights" in names and "head.weight" in names  # trained at head_lr
 
 
@@ -393,8 +406,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert, tiny_batch):
 def test_tricks_default_off_and_old_configs_load(tmp_path):
     cfg = load_config("configs/demo.yaml")
     t = cfg.tricks
-    assert not any([t.ema, t.fgm, t.pgd, t.awp, t.rdrop, t.msd, t.layer_pooling, t.mixup, t.self_distill,
-                    t.pseudo_label, t.llrd, t.grad_checkpointing]) and t.loss == "ce" and t.label_smoothing == 0
+    assert (
+        not any(
+            [
+                t.ema,
+                t.fgm,
+                t.pgd,
+                t.awp,
+                t.rdrop,
+                t.msd,
+                t.layer_pooling,
+                t.mixup,
+                t.self_distill,
+                t.pseudo_label,
+                t.llrd,
+                t.grad_checkpointing,
+            ]
+        )
+        and t.loss == "ce"
+        and t.label_smoothing == 0
+    )
     old = cfg.to_dict()
     old.pop("tricks")  # a stored config of a run made before this section existed
     assert config_from_dict(old).tricks == t
@@ -409,34 +440,60 @@ def test_tricks_default_off_and_old_configs_load(tmp_path):
 
 def _cfg(tmp_path, data_dir, model_dir, features=None, **tricks):
     """A 2-fold, 10-query tiny-BERT run config with these tricks (and ``features`` section)."""
-    return config_from_dict({
-        "name": "tricks", "output_dir": str(tmp_path / "runs"),
-        "data": {"dir": str(data_dir), "max_queries": 10},
-        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
-        "model": {"name": str(model_dir), "freeze_embeddings": True},
-        "train": {"folds": 2, "epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1, "num_threads": 1},
-        "blend": {"members": []},
-        "tricks": tricks,
-        "features": features or {},
-    })
+    return config_from_dict(
+        {
+            "name": "tricks",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"dir": str(data_dir), "max_queries": 10},
+            "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
+            "model": {"name": str(model_dir), "freeze_embeddings": True},
+            "train": {"folds": 2, "epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1, "num_threads": 1},
+            "blend": {"members": []},
+            "tricks": tricks,
+            "features": features or {},
+        }
+    )
 
 
 def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     from safetensors.torch import load_file
 
-    from core.runs.store import RunStore
     from core.data.text import encode_pairs_cached
+    from core.runs.store import RunStore
     from core.training.train import predict_proba, run_training
 
     store = RunStore(tmp_path / "runs.db")
-    cfg = _cfg(tmp_path, small_dataset, tiny_bert, ema=True, fgm=True, awp=True, rdrop=True, loss="poly1",
-               label_smoothing=0.1, class_weights=[1, 2, 2, 1], msd=True, layer_pooling=True, mixup=True,
-               llrd=True, grad_checkpointing=True)
+    cfg = _cfg(
+        tmp_path,
+        small_dataset,
+        tiny_bert,
+        ema=True,
+        fgm=True,
+        awp=True,
+        rdrop=True,
+        loss="poly1",
+        label_smoothing=0.1,
+        class_weights=[1, 2, 2, 1],
+        msd=True,
+        layer_pooling=True,
+        mixup=True,
+        llrd=True,
+        grad_checkpointing=True,
+    )
     res = run_training(cfg, store)
     assert store.get_run(res.run_id)["status"] == "finished"
     names = {m["name"] for m in store.metrics(res.run_id)}
-    assert {"train/loss", "train/rdrop_kl", "train/adv_loss", "train/awp_loss", "eval/ndcg", "fold/ndcg",
-            "cv/ndcg", "progress/step", "progress/total_steps"} <= names
+    assert {
+        "train/loss",
+        "train/rdrop_kl",
+        "train/adv_loss",
+        "train/awp_loss",
+        "eval/ndcg",
+        "fold/ndcg",
+        "cv/ndcg",
+        "progress/step",
+        "progress/total_steps",
+    } <= names
     assert all(m["value"] >= 0 for m in store.metrics(res.run_id, ["train/rdrop_kl"]))
     np.testing.assert_allclose(res.oof[["p_E", "p_S", "p_C", "p_I"]].sum(axis=1), 1.0, atol=1e-5)
     # the saved checkpoint (EMA weights) reproduces the fold's OOF predictions
@@ -445,8 +502,9 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     df = load_training_frame(cfg)
     tok = load_tokenizer(str(tiny_bert))
     enc = encode_pairs_cached(df, tok, cfg.text)
-    model = CrossEncoder.from_pretrained(str(tiny_bert), msd_rates=cfg.tricks.msd_rates,
-                                         layer_pooling_last=cfg.tricks.layer_pooling_last)
+    model = CrossEncoder.from_pretrained(
+        str(tiny_bert), msd_rates=cfg.tricks.msd_rates, layer_pooling_last=cfg.tricks.layer_pooling_last
+    )
     model.load_state_dict(load_file(str(res.run_dir / "fold0" / "model.safetensors")))
     rows = res.oof.index[res.oof["fold"] == 0]
     pos = df.reset_index(drop=True).index[df["example_id"].isin(res.oof.loc[rows, "example_id"])]
@@ -463,13 +521,29 @@ def test_self_distillation_and_pseudo_labels_run_a_teacher_pass(tmp_path, small_
     from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
-    cfg = _cfg(tmp_path, small_dataset, tiny_bert, self_distill=True, pseudo_label=True, pseudo_threshold=0.27,
-               pgd=True, pgd_steps=2, loss="focal")
+    cfg = _cfg(
+        tmp_path,
+        small_dataset,
+        tiny_bert,
+        self_distill=True,
+        pseudo_label=True,
+        pseudo_threshold=0.27,
+        pgd=True,
+        pgd_steps=2,
+        loss="focal",
+    )
     res = run_training(cfg, store)
     ms = store.metrics(res.run_id)
     names = {m["name"] for m in ms}
-    assert {"teacher/fold_ndcg", "teacher/train_loss", "teacher/eval_ndcg", "fold/ndcg", "tricks/pseudo_rows",
-            "train/adv_loss", "teacher/train_adv_loss"} <= names
+    assert {
+        "teacher/fold_ndcg",
+        "teacher/train_loss",
+        "teacher/eval_ndcg",
+        "fold/ndcg",
+        "tricks/pseudo_rows",
+        "train/adv_loss",
+        "teacher/train_adv_loss",
+    } <= names
     assert len([m for m in ms if m["name"] == "fold/done"]) == 2  # the student's folds only
     pseudo = [m["value"] for m in ms if m["name"] == "tricks/pseudo_rows"]
     n_test = len(res.test)

@@ -43,14 +43,20 @@ def ids(screen: RunsScreen) -> list[str]:
 
 
 def test_filter_and_sort_helpers():
-    rows = [{"id": "a", "name": "x", "status": "running", "model": "minilm", "task": 1, "ndcg": 0.8},
-            {"id": "b", "name": "y", "status": "finished", "model": "e5", "task": 1, "ndcg": None},
-            {"id": "c", "name": "z", "status": "finished", "model": "minilm", "task": 1, "ndcg": 0.9}]
+    rows = [
+        {"id": "a", "name": "x", "status": "running", "model": "minilm", "task": 1, "ndcg": 0.8},
+        {"id": "b", "name": "y", "status": "finished", "model": "e5", "task": 1, "ndcg": None},
+        {"id": "c", "name": "z", "status": "finished", "model": "minilm", "task": 1, "ndcg": 0.9},
+    ]
     assert [r["id"] for r in rows if matches(r, "status:fin minilm")] == ["c"]
     assert [r["id"] for r in rows if matches(r, "nosuchkey:1")] == []
     assert [r["id"] for r in sort_rows(rows, "ndcg", True)] == ["c", "a", "b"]  # None last either way
     assert [r["id"] for r in sort_rows(rows, "ndcg", False)] == ["a", "c", "b"]
-    assert parse_overrides("train.lr=1e-4 train.seed=3\n# comment\nname='a b'") == ["train.lr=1e-4", "train.seed=3", "name=a b"]
+    assert parse_overrides("train.lr=1e-4 train.seed=3\n# comment\nname='a b'") == [
+        "train.lr=1e-4",
+        "train.seed=3",
+        "name=a b",
+    ]
     with pytest.raises(ValueError):
         parse_overrides("train.lr")
 
@@ -285,8 +291,10 @@ async def test_a_broken_database_becomes_a_notification(tmp_path, monkeypatch):
     bad.write_bytes(b"this is not sqlite" * 100)
     app = fixture_app(bad)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: any("not a runs database" in n.message or "cannot open" in n.message
-                                          for n in app._notifications))
+        await wait_for(
+            pilot,
+            lambda: any("not a runs database" in n.message or "cannot open" in n.message for n in app._notifications),
+        )
         assert app.is_running and isinstance(app.screen, RunsScreen)
 
 
@@ -346,7 +354,9 @@ async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_pa
     rows = []
     for step in (1, 2, 3):
         for task, v in (("mlm", 9.0), ("brand", 6.0), ("contrastive", 0.1)):
-            rows.append({"name": f"pretrain/{task}_loss", "value": v - step, "fold": 0, "step": step, "epoch": step / 10})
+            rows.append(
+                {"name": f"pretrain/{task}_loss", "value": v - step, "fold": 0, "step": step, "epoch": step / 10}
+            )
         rows.append({"name": "train/loss", "value": 15.0 - step, "fold": 0, "step": step, "epoch": step / 10})
     store.log_metrics(rid, rows)
     store.close()
@@ -357,7 +367,11 @@ async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_pa
         detail = app.screen
         await wait_for(pilot, lambda: detail.run is not None, what="the run loaded")
         assert "folds -  nDCG -" in str(detail.query_one("#info").render())
-        assert detail.curves == DETAIL_CURVES + ["pretrain/brand_loss", "pretrain/contrastive_loss", "pretrain/mlm_loss"]
+        assert detail.curves == DETAIL_CURVES + [
+            "pretrain/brand_loss",
+            "pretrain/contrastive_loss",
+            "pretrain/mlm_loss",
+        ]
         seen = []
         for _ in range(len(detail.curves)):
             seen.append(detail.curve_name)

@@ -31,8 +31,9 @@ def _alive(pids) -> list[int]:
 
 
 def _app(db):
-    return WorkbenchApp(str(db), gpu_probe=fake_gpu(), configs_dir="configs", refresh_interval=0.3,
-                        host_stats=frozen_host)
+    return WorkbenchApp(
+        str(db), gpu_probe=fake_gpu(), configs_dir="configs", refresh_interval=0.3, host_stats=frozen_host
+    )
 
 
 async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, small_dataset, tiny_bert):
@@ -55,15 +56,25 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
             await wait_until(pilot, lambda: dlg.valid, timeout=60, what="config validation")
             dlg.query_one("#overrides").text = "train.seed=11"
             await pilot.press("ctrl+s")
-            await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, timeout=60, what="launch")
+            await wait_until(
+                pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, timeout=60, what="launch"
+            )
             run_id = dlg.launched
-            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
-                           timeout=60, what="running status in the table")
+            await wait_until(
+                pilot,
+                lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
+                timeout=60,
+                what="running status in the table",
+            )
             await pilot.press("enter")  # watch it: metrics arrive from the detached trainer
             detail = app.screen
             assert isinstance(detail, RunDetailScreen)
-            await wait_until(pilot, lambda: len(detail.series.get("train/loss", [])) >= 2, timeout=60, what="live metrics")
-            await wait_until(pilot, lambda: detail.tail is not None and len(detail.tail.lines) > 0, timeout=60, what="log lines")
+            await wait_until(
+                pilot, lambda: len(detail.series.get("train/loss", [])) >= 2, timeout=60, what="live metrics"
+            )
+            await wait_until(
+                pilot, lambda: detail.tail is not None and len(detail.tail.lines) > 0, timeout=60, what="log lines"
+            )
             await pilot.press("q")
         run = store.get_run(run_id)
         assert run["status"] == "running" and run["config"] and '"seed": 11' in run["config"]
@@ -83,10 +94,18 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
             await pilot.press("s")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("y")
-            await wait_until(pilot, lambda: any(n.message == f"run {run_id}: stopped" for n in app._notifications),
-                           timeout=60, what="the stop to complete")  # stop_run returns once the group is gone
-            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
-                           timeout=60, what="stopped status in the table")
+            await wait_until(
+                pilot,
+                lambda: any(n.message == f"run {run_id}: stopped" for n in app._notifications),
+                timeout=60,
+                what="the stop to complete",
+            )  # stop_run returns once the group is gone
+            await wait_until(
+                pilot,
+                lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
+                timeout=60,
+                what="stopped status in the table",
+            )
         assert _alive(group) == []
         run = store.get_run(run_id)
         assert run["status"] == "stopped" and run["exit_code"] == 143
@@ -98,18 +117,34 @@ async def test_launch_quit_reopen_stop_leaves_no_process(tmp_path, monkeypatch, 
             await wait_until(pilot, lambda: runs.loaded, timeout=60, what="reload")
             await pilot.press("home")
             await pilot.press("R")
-            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
-                           timeout=60, what="the resumed run running under the same id")
+            await wait_until(
+                pilot,
+                lambda: any(r["id"] == run_id and r["status"] == "running" for r in runs.all_rows),
+                timeout=60,
+                what="the resumed run running under the same id",
+            )
             resumed = store.get_run(run_id)
             group = [resumed["pid"]] + [c.pid for c in psutil.Process(resumed["pid"]).children(recursive=True)]
-            await wait_until(pilot, lambda: "resumed" in (tmp_path / "runs" / run_id / "train.log").read_text(),
-                           timeout=60, what="the resumed trainer's log")
+            await wait_until(
+                pilot,
+                lambda: "resumed" in (tmp_path / "runs" / run_id / "train.log").read_text(),
+                timeout=60,
+                what="the resumed trainer's log",
+            )
             await pilot.press("s")
             await pilot.press("y")
-            await wait_until(pilot, lambda: sum(n.message == f"run {run_id}: stopped" for n in app._notifications) >= 1,
-                           timeout=60, what="the second stop to complete")
-            await wait_until(pilot, lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
-                           timeout=60, what="stopped again")
+            await wait_until(
+                pilot,
+                lambda: sum(n.message == f"run {run_id}: stopped" for n in app._notifications) >= 1,
+                timeout=60,
+                what="the second stop to complete",
+            )
+            await wait_until(
+                pilot,
+                lambda: any(r["id"] == run_id and r["status"] == "stopped" for r in runs.all_rows),
+                timeout=60,
+                what="stopped again",
+            )
         assert _alive(group) == []
         assert len(store.list_runs()) == 1  # one run, never a copy
     finally:

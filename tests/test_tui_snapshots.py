@@ -20,7 +20,8 @@ def app(tmp_path, monkeypatch):
     db = build_fixture_db(tmp_path)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text(
-        "name: demo-minilm\ndata: {dir: data/esci_us_150q}\nmodel: {name: all-MiniLM-L6-v2}\ntrain: {folds: 5}\n")
+        "name: demo-minilm\ndata: {dir: data/esci_us_150q}\nmodel: {name: all-MiniLM-L6-v2}\ntrain: {folds: 5}\n"
+    )
     return fixture_app(db, configs_dir="configs", refresh_interval=3600)  # no refresh during the shot
 
 

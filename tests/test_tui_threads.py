@@ -14,8 +14,8 @@ from textual.app import App
 
 import core.runs.launcher
 from conftest import wait_until
-from core.errors import WorkbenchError
 from core.cleaning.labels import decision_log, find_issues
+from core.errors import WorkbenchError
 from core.runs.store import RunStore
 from test_ensemble import three_runs
 from test_labels import make_labelled_run
@@ -103,8 +103,9 @@ async def test_runs_detail_compare_new_run_stop_relaunch_off_the_event_loop(tmp_
         await pilot.press("s")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        await wait_until(pilot, lambda: any(n.message == f"run {running}: stopped" for n in app._notifications),
-                         what="the stop")
+        await wait_until(
+            pilot, lambda: any(n.message == f"run {running}: stopped" for n in app._notifications), what="the stop"
+        )
         await pilot.press("r")
         await wait_until(pilot, lambda: any("relaunched" in n.message for n in app._notifications), what="relaunch")
         await pilot.press("escape", "n")
@@ -115,6 +116,7 @@ async def test_runs_detail_compare_new_run_stop_relaunch_off_the_event_loop(tmp_
         await wait_until(pilot, lambda: dlg.launched is not None and isinstance(app.screen, RunsScreen), what="launch")
         await wait_until(pilot, lambda: len(runs.all_rows) == len(RUNS) + 2, what="the new rows listed")
         assert not any(n.severity == "error" for n in app._notifications), [n.message for n in app._notifications]
+
         # the fixture runs have no OOF files and no label issues: both screens open, fail to load, say so
         def errors() -> int:
             return sum(n.severity == "error" for n in app._notifications)
@@ -152,8 +154,7 @@ async def test_review_decisions_and_undo_are_written_by_a_worker(tmp_path, sampl
         store.close()
 
 
-async def test_a_decision_that_cannot_be_written_is_a_toast_and_the_log_is_reread(tmp_path, sample_frames,
-                                                                                  monkeypatch):
+async def test_a_decision_that_cannot_be_written_is_a_toast_and_the_log_is_reread(tmp_path, sample_frames, monkeypatch):
     store, run_id, _ = make_labelled_run(tmp_path, sample_frames)
     find_issues(store, run_id)
     store.close()
@@ -169,8 +170,11 @@ async def test_a_decision_that_cannot_be_written_is_a_toast_and_the_log_is_rerea
         first = s.current["example_id"]
         await pilot.press("k")
         assert s.current["example_id"] != first  # shown at once
-        await wait_until(pilot, lambda: any(n.title == "decision not saved" and "locked" in n.message
-                                            for n in pilot.app._notifications), what="the toast")
+        await wait_until(
+            pilot,
+            lambda: any(n.title == "decision not saved" and "locked" in n.message for n in pilot.app._notifications),
+            what="the toast",
+        )
         await wait_until(pilot, lambda: not s.data.log, what="the log re-read")
         assert s.in_force == {} and pilot.app.is_running
 

@@ -25,9 +25,9 @@ import yaml
 
 from conftest import tiny_config, wait_until, write_official
 from core import config as config_mod
-from core.pretrain import multitask as pretrain_mod
 from core.config import RunConfig, config_from_dict, load_config
 from core.errors import ConfigError, DataError, WorkbenchError
+from core.pretrain import multitask as pretrain_mod
 from core.pretrain.multitask import PretrainConfig, load_pretrain_config, pretrain_config_from_dict
 from core.runs.store import RunStore
 
@@ -79,8 +79,11 @@ def _outside(spec: str, tp) -> object:
     """A value just outside ``spec`` for a field of type ``tp`` (a list / mapping gets one such item)."""
     r = re.fullmatch(r"(?:(\d+) values, )?(?:each )?(.+)", spec)
     n, cond = r[1], r[2]
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
-        typing.Union, types.UnionType) else [tp]
+    args = (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+        else [tp]
+    )
     container = typing.get_origin(args[0])
     item = typing.get_args(args[0])[-1] if container in (list, dict) else args[0]
     if m := re.fullmatch(r"(>=|>) (\S+)", cond):
@@ -125,24 +128,27 @@ def test_each_range_refuses_a_value_just_outside_it(kind):
         assert "\n" not in msg and msg.startswith(key) and "must be" in msg, (key, bad, msg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=0", "train.epochs=0: must be >= 1"),
-    ("train.lr=-0.1", "train.lr=-0.1: must be > 0"),
-    ("train.lr=.nan", "train.lr=nan: must be > 0"),
-    ("train.warmup_ratio=1", "train.warmup_ratio=1.0: must be in [0, 1)"),
-    ("data.task=4", "data.task=4: must be in {1, 2, 3}"),
-    ("data.max_queries=0", "data.max_queries=0: must be >= 1"),
-    ("tricks.class_weights=[1,2,3]", "tricks.class_weights=[1.0, 2.0, 3.0]: must be 4 values, each > 0"),
-    ("tricks.class_weights=[1,0,1,1]", "tricks.class_weights=[1.0, 0.0, 1.0, 1.0]: each value must be > 0"),
-    ("tricks.msd_rates=[0.1,1.0]", "tricks.msd_rates=[0.1, 1.0]: each value must be in [0, 1)"),
-    ("text.budgets.title=-1", "text.budgets.title=-1: must be >= 0"),
-    ("train.run_folds=[0,5]", "train.run_folds=[0, 5]: each value must be in 0..4 (train.folds=5)"),
-    ("train.run_folds=[1,1]", "train.run_folds=[1, 1]: a fold is repeated"),
-    ("text.fields=[title,price]", "text.fields: unknown field(s) ['price']"),
-    ("text.budgets.titel=3", "text.budgets: unknown field(s) ['titel']"),
-    ("text.max_length=16", "text.budgets.query=24: must be in 1..11"),
-    ("train.checkpoint_every=-1", "train.checkpoint_every=-1: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=0", "train.epochs=0: must be >= 1"),
+        ("train.lr=-0.1", "train.lr=-0.1: must be > 0"),
+        ("train.lr=.nan", "train.lr=nan: must be > 0"),
+        ("train.warmup_ratio=1", "train.warmup_ratio=1.0: must be in [0, 1)"),
+        ("data.task=4", "data.task=4: must be in {1, 2, 3}"),
+        ("data.max_queries=0", "data.max_queries=0: must be >= 1"),
+        ("tricks.class_weights=[1,2,3]", "tricks.class_weights=[1.0, 2.0, 3.0]: must be 4 values, each > 0"),
+        ("tricks.class_weights=[1,0,1,1]", "tricks.class_weights=[1.0, 0.0, 1.0, 1.0]: each value must be > 0"),
+        ("tricks.msd_rates=[0.1,1.0]", "tricks.msd_rates=[0.1, 1.0]: each value must be in [0, 1)"),
+        ("text.budgets.title=-1", "text.budgets.title=-1: must be >= 0"),
+        ("train.run_folds=[0,5]", "train.run_folds=[0, 5]: each value must be in 0..4 (train.folds=5)"),
+        ("train.run_folds=[1,1]", "train.run_folds=[1, 1]: a fold is repeated"),
+        ("text.fields=[title,price]", "text.fields: unknown field(s) ['price']"),
+        ("text.budgets.titel=3", "text.budgets: unknown field(s) ['titel']"),
+        ("text.max_length=16", "text.budgets.query=24: must be in 1..11"),
+        ("train.checkpoint_every=-1", "train.checkpoint_every=-1: must be >= 0"),
+    ],
+)
 def test_range_and_cross_field_messages(override, message):
     with pytest.raises(ConfigError) as info:
         config_from_dict({}, [override])
@@ -181,8 +187,11 @@ CASES = {
     "empty file": (None, None, "config file is empty"),
 }
 #: what the training table must say besides the key (the pre-training config has no folds: unknown key)
-TRAIN_DETAIL = {"folds=50": "20 training queries, fewer than train.folds=50", "folds=1": "must be >= 2",
-                "evals_per_epoch=0": "must be >= 1"}
+TRAIN_DETAIL = {
+    "folds=50": "20 training queries, fewer than train.folds=50",
+    "folds=1": "must be >= 2",
+    "evals_per_epoch=0": "must be >= 1",
+}
 
 
 def _config_path(tmp_path: Path, kind: str, small_dataset: Path, tiny_bert: Path, case: str) -> tuple[Path, list[str]]:
@@ -218,10 +227,20 @@ def _expect_one_line(message: str, case: str, kind: str) -> None:
 
 
 #: the cases run through the real command line (each subprocess costs seconds of imports)
-CLI_CASES = [("train", "epochs=0"), ("train", "folds=50"), ("train", "empty file"),
-             ("launch", "folds=50"), ("launch", "max_length=0"), ("launch", "lr=-0.1"),
-             ("pretrain", "batch_size=0"), ("pretrain", "max_length=0"), ("pretrain", "empty file"),
-             ("ablate", "folds=50"), ("ablate", "evals_per_epoch=0"), ("ablate", "folds=1")]
+CLI_CASES = [
+    ("train", "epochs=0"),
+    ("train", "folds=50"),
+    ("train", "empty file"),
+    ("launch", "folds=50"),
+    ("launch", "max_length=0"),
+    ("launch", "lr=-0.1"),
+    ("pretrain", "batch_size=0"),
+    ("pretrain", "max_length=0"),
+    ("pretrain", "empty file"),
+    ("ablate", "folds=50"),
+    ("ablate", "evals_per_epoch=0"),
+    ("ablate", "folds=1"),
+]
 
 
 @pytest.mark.parametrize("command, case", CLI_CASES, ids=[f"{c}-{k}" for c, k in CLI_CASES])
@@ -252,8 +271,11 @@ def no_starts(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("bad input was not refused: something started")
 
-    monkeypatch.setattr(core.runs.launcher, "subprocess", types.SimpleNamespace(
-        Popen=refuse, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(
+        core.runs.launcher,
+        "subprocess",
+        types.SimpleNamespace(Popen=refuse, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT),
+    )
     monkeypatch.setattr(core.training.train, "run_training", refuse)
     monkeypatch.setattr(pretrain_mod, "_pretrain", refuse)
 
@@ -281,8 +303,13 @@ def _ablate_in_process(path, overrides, store):
     run_ablation(path, ["ema", "ls"], store, overrides)
 
 
-IN_PROCESS = {"train": _train_in_process, "launch": _launch_in_process, "pretrain": _pretrain_in_process,
-              "ablate": _ablate_in_process, "launch (pretrain config)": _launch_in_process}
+IN_PROCESS = {
+    "train": _train_in_process,
+    "launch": _launch_in_process,
+    "pretrain": _pretrain_in_process,
+    "ablate": _ablate_in_process,
+    "launch (pretrain config)": _launch_in_process,
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -297,14 +324,17 @@ def test_core_refuses_bad_input_and_creates_nothing(tmp_path, small_dataset, tin
     _nothing_created(tmp_path, tmp_path / "runs.db")
 
 
-def test_relaunch_of_a_stored_config_that_no_longer_validates_creates_nothing(tmp_path, small_dataset, tiny_bert,
-                                                                             no_starts):
+def test_relaunch_of_a_stored_config_that_no_longer_validates_creates_nothing(
+    tmp_path, small_dataset, tiny_bert, no_starts
+):
     from core.runs.launcher import relaunch
 
     store = RunStore(tmp_path / "runs.db")
     good = load_config(tiny_config(tmp_path, small_dataset, tiny_bert)).to_dict()
-    for change, part in [({"epochs": 0}, "train.epochs=0: must be >= 1"),
-                         ({"folds": 50}, "20 training queries, fewer than train.folds=50")]:
+    for change, part in [
+        ({"epochs": 0}, "train.epochs=0: must be >= 1"),
+        ({"folds": 50}, "20 training queries, fewer than train.folds=50"),
+    ]:
         stored = json.loads(json.dumps(good))
         stored["train"].update(change)
         rid = store.create_run("old", stored, status="finished")
@@ -321,9 +351,11 @@ def test_static_conflicts_are_refused_before_the_data_is_read(tmp_path):
 
     assert set(BLEND_MEMBER_NAMES) == set(BLEND_MEMBERS)
     missing = str(tmp_path / "no-such-data")  # never read: the static checks fail first
-    for overrides, part in [(["tricks.fgm=true", "tricks.pgd=true"], "tricks.fgm and tricks.pgd"),
-                            (["blend.members=[bm25,colbert]"], "blend.members: unknown ['colbert']"),
-                            (["labels.auto_drop_fraction=0.1"], "labels.auto_drop_fraction=0.1 needs labels.issues_run")]:
+    for overrides, part in [
+        (["tricks.fgm=true", "tricks.pgd=true"], "tricks.fgm and tricks.pgd"),
+        (["blend.members=[bm25,colbert]"], "blend.members: unknown ['colbert']"),
+        (["labels.auto_drop_fraction=0.1"], "labels.auto_drop_fraction=0.1 needs labels.issues_run"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(part)):
             validate_run(config_from_dict({"data": {"dir": missing}}, overrides))
     cfg = config_from_dict({"data": {"dir": missing}})
@@ -341,8 +373,10 @@ def test_max_queries_counts_for_the_folds(small_dataset):
     assert df.loc[df["split"] == "train", "query_id"].nunique() == 3
     with pytest.raises(DataError) as info:
         validate_run(config_from_dict({"data": {"dir": str(small_dataset), "max_queries": 3}, "train": {"folds": 4}}))
-    assert str(info.value) == (f"{small_dataset}: 3 training queries (data.max_queries=3), fewer than train.folds=4 "
-                               "(every fold needs at least one query)")
+    assert str(info.value) == (
+        f"{small_dataset}: 3 training queries (data.max_queries=3), fewer than train.folds=4 "
+        "(every fold needs at least one query)"
+    )
 
 
 def test_an_empty_query_is_refused_before_a_run_exists(tmp_path, small_dataset, tiny_bert, no_starts):
@@ -360,13 +394,16 @@ def test_an_empty_query_is_refused_before_a_run_exists(tmp_path, small_dataset, 
     store = RunStore(tmp_path / "runs.db")
     with pytest.raises(DataError) as info:
         launch(path, [], store)
-    assert str(info.value) == (f"{data / 'shopping_queries_dataset_examples.parquet'}: 3 examples with an empty or "
-                               f"missing query (example_id {', '.join(map(str, ids))})")
+    assert str(info.value) == (
+        f"{data / 'shopping_queries_dataset_examples.parquet'}: 3 examples with an empty or "
+        f"missing query (example_id {', '.join(map(str, ids))})"
+    )
     _nothing_created(tmp_path, tmp_path / "runs.db")
 
 
-async def test_new_run_dialog_shows_the_range_error_and_launches_nothing(tmp_path, monkeypatch, small_dataset,
-                                                                         tiny_bert, no_starts):
+async def test_new_run_dialog_shows_the_range_error_and_launches_nothing(
+    tmp_path, monkeypatch, small_dataset, tiny_bert, no_starts
+):
     from tui_fixture import RUNS, build_fixture_db, fixture_app
     from workbench.tui.dialogs import NewRunScreen
 

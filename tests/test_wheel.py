@@ -35,8 +35,11 @@ def test_the_wheel_runs_from_an_empty_folder(tmp_path):
     for pkg in ("core", "workbench"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # --no-build-isolation: the build backend is the test venv's setuptools (>= 77: torch requires it)
-    res = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                tmp_path / "dist", src], cwd=tmp_path, timeout=300)
+    res = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", src],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     (wheel,) = (tmp_path / "dist").glob("esci_workbench-*.whl")
 
@@ -52,9 +55,16 @@ def test_the_wheel_runs_from_an_empty_folder(tmp_path):
 
     work = tmp_path / "elsewhere"  # an empty folder: no configs/, no repository
     work.mkdir()
-    res = _run([py, "-c", "import sys, core, workbench, core.demo as d, core.config as c; "
-                          "print(core.__file__); print(workbench.__file__); "
-                          "print(c.resolve_config_path(d.DEFAULT_CONFIG)); print(*sys.path, sep='\\n')"], cwd=work)
+    res = _run(
+        [
+            py,
+            "-c",
+            "import sys, core, workbench, core.demo as d, core.config as c; "
+            "print(core.__file__); print(workbench.__file__); "
+            "print(c.resolve_config_path(d.DEFAULT_CONFIG)); print(*sys.path, sep='\\n')",
+        ],
+        cwd=work,
+    )
     assert res.returncode == 0, res.stderr
     core_file, workbench_file, demo_config, *path = res.stdout.splitlines()
     assert Path(core_file).is_relative_to(site) and Path(workbench_file).is_relative_to(site)

@@ -20,7 +20,8 @@ def _iso(offset_s: float) -> str:
 
 def _config(name: str, lr: float, seed: int, folds: int = 3, epochs: int = 2, model: str = "all-MiniLM-L6-v2") -> dict:
     return {
-        "name": name, "output_dir": "runs",
+        "name": name,
+        "output_dir": "runs",
         "data": {"dir": "data/esci_us_150q", "task": 1, "locales": None},
         "model": {"name": model, "pooling": "mean", "dropout": 0.1},
         "train": {"folds": folds, "epochs": epochs, "lr": lr, "seed": seed, "batch_size": 32},
@@ -30,12 +31,51 @@ def _config(name: str, lr: float, seed: int, folds: int = 3, epochs: int = 2, mo
 
 RUNS = [
     # id, name, status, config, started offset, duration, exit code, folds finished, base nDCG
-    ("20261122-090000-aaaa", "minilm-lr1e-4", "finished", _config("minilm-lr1e-4", 1e-4, 42), -3 * 3600, 960, 0, 3, 0.81),
-    ("20261122-100000-bbbb", "minilm-lr3e-5", "finished", _config("minilm-lr3e-5", 3e-5, 7), -2 * 3600, 1020, 0, 3, 0.83),
-    ("20261122-110000-cccc", "e5-small-ft", "crashed", _config("e5-small-ft", 2e-5, 42, model="multilingual-e5-small"),
-     -3600, 600, 137, 1, 0.84),
+    (
+        "20261122-090000-aaaa",
+        "minilm-lr1e-4",
+        "finished",
+        _config("minilm-lr1e-4", 1e-4, 42),
+        -3 * 3600,
+        960,
+        0,
+        3,
+        0.81,
+    ),
+    (
+        "20261122-100000-bbbb",
+        "minilm-lr3e-5",
+        "finished",
+        _config("minilm-lr3e-5", 3e-5, 7),
+        -2 * 3600,
+        1020,
+        0,
+        3,
+        0.83,
+    ),
+    (
+        "20261122-110000-cccc",
+        "e5-small-ft",
+        "crashed",
+        _config("e5-small-ft", 2e-5, 42, model="multilingual-e5-small"),
+        -3600,
+        600,
+        137,
+        1,
+        0.84,
+    ),
     ("20261122-113000-dddd", "minilm-seed3", "running", _config("minilm-seed3", 1e-4, 3), -1200, None, None, 1, 0.82),
-    ("20261122-114500-eeee", "minilm-stopped", "stopped", _config("minilm-stopped", 1e-4, 5, folds=5), -900, 300, 143, 0, 0.80),
+    (
+        "20261122-114500-eeee",
+        "minilm-stopped",
+        "stopped",
+        _config("minilm-stopped", 1e-4, 5, folds=5),
+        -900,
+        300,
+        143,
+        0,
+        0.80,
+    ),
 ]
 
 
@@ -48,9 +88,17 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
         run_dir = Path("runs") / rid
         (root / run_dir).mkdir(parents=True, exist_ok=True)
         store.create_run(name, cfg, run_dir=str(run_dir), run_id=rid, status=status)
-        store.update_run(rid, created=_iso(start - 5), started=_iso(start), ended=_iso(start + dur) if dur else None,
-                         exit_code=code, pid=None, host="gpu-box", git_commit="abc1234",
-                         error="trainer exited with code 137 without a final status" if status == "crashed" else None)
+        store.update_run(
+            rid,
+            created=_iso(start - 5),
+            started=_iso(start),
+            ended=_iso(start + dur) if dur else None,
+            exit_code=code,
+            pid=None,
+            host="gpu-box",
+            git_commit="abc1234",
+            error="trainer exited with code 137 without a final status" if status == "crashed" else None,
+        )
         rows = []
         k = cfg["train"]["folds"]
         t = NOW + start
@@ -59,16 +107,56 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
                 ep = step / 20
                 t += 3
                 rows += [
-                    {"name": "train/loss", "value": 1.3 * math.exp(-step / (25 + 5 * i)) + 0.02 * ((step * 7 + fold) % 5),
-                     "fold": fold, "step": step, "epoch": ep, "time": t},
-                    {"name": "train/lr", "value": cfg["train"]["lr"] * (1 - step / 40), "fold": fold, "step": step, "epoch": ep, "time": t},
-                    {"name": "train/samples_per_s", "value": 38.0 + i, "fold": fold, "step": step, "epoch": ep, "time": t},
-                    {"name": "progress/step", "value": float(fold * 40 + step), "fold": -1, "step": fold * 40 + step, "time": t},
+                    {
+                        "name": "train/loss",
+                        "value": 1.3 * math.exp(-step / (25 + 5 * i)) + 0.02 * ((step * 7 + fold) % 5),
+                        "fold": fold,
+                        "step": step,
+                        "epoch": ep,
+                        "time": t,
+                    },
+                    {
+                        "name": "train/lr",
+                        "value": cfg["train"]["lr"] * (1 - step / 40),
+                        "fold": fold,
+                        "step": step,
+                        "epoch": ep,
+                        "time": t,
+                    },
+                    {
+                        "name": "train/samples_per_s",
+                        "value": 38.0 + i,
+                        "fold": fold,
+                        "step": step,
+                        "epoch": ep,
+                        "time": t,
+                    },
+                    {
+                        "name": "progress/step",
+                        "value": float(fold * 40 + step),
+                        "fold": -1,
+                        "step": fold * 40 + step,
+                        "time": t,
+                    },
                 ]
                 if step % 20 == 0 and (fold < folds_done or step <= 20):
                     rows += [
-                        {"name": "eval/ndcg", "value": base + 0.004 * fold + 0.003 * (step // 20), "fold": fold, "step": step, "epoch": ep, "time": t},
-                        {"name": "eval/task2_f1", "value": base - 0.3 + 0.002 * fold, "fold": fold, "step": step, "epoch": ep, "time": t},
+                        {
+                            "name": "eval/ndcg",
+                            "value": base + 0.004 * fold + 0.003 * (step // 20),
+                            "fold": fold,
+                            "step": step,
+                            "epoch": ep,
+                            "time": t,
+                        },
+                        {
+                            "name": "eval/task2_f1",
+                            "value": base - 0.3 + 0.002 * fold,
+                            "fold": fold,
+                            "step": step,
+                            "epoch": ep,
+                            "time": t,
+                        },
                     ]
             if fold < folds_done:
                 rows += [
@@ -80,15 +168,19 @@ def build_fixture_db(root: Path, db_name: str = "runs.db") -> Path:
                 ]
         rows.append({"name": "progress/total_steps", "value": float(k * 40), "fold": -1, "time": NOW + start})
         if status == "finished":
-            rows += [{"name": "cv/ndcg", "value": base + 0.01, "fold": -1},
-                     {"name": "cv/final_ndcg", "value": base + 0.03, "fold": -1},
-                     {"name": "cv/task2_f1", "value": base - 0.3, "fold": -1},
-                     {"name": "cv/task3_f1", "value": 0.69, "fold": -1}]
+            rows += [
+                {"name": "cv/ndcg", "value": base + 0.01, "fold": -1},
+                {"name": "cv/final_ndcg", "value": base + 0.03, "fold": -1},
+                {"name": "cv/task2_f1", "value": base - 0.3, "fold": -1},
+                {"name": "cv/task3_f1", "value": 0.69, "fold": -1},
+            ]
         for r in rows:
             r.setdefault("time", NOW + start)
         store.log_metrics(rid, rows)
-        log = [f"2026-11-22 1{i}:00:{s:02d} INFO fold 0 step {s * 10} epoch {s / 4:.2f} loss {1.2 - s / 50:.4f}"
-               for s in range(12)]
+        log = [
+            f"2026-11-22 1{i}:00:{s:02d} INFO fold 0 step {s * 10} epoch {s / 4:.2f} loss {1.2 - s / 50:.4f}"
+            for s in range(12)
+        ]
         (root / run_dir / "train.log").write_text("\n".join(log) + "\n")
     store.close()
     return db
@@ -122,8 +214,14 @@ def frozen_host() -> tuple[float, float, float]:
 def fixture_app(db: Path, configs_dir: str = "configs", **kw):
     from workbench.tui.app import WorkbenchApp
 
-    return WorkbenchApp(str(db), gpu_probe=kw.pop("gpu_probe", fake_gpu()), clock=lambda: NOW,
-                        configs_dir=configs_dir, host_stats=frozen_host, **kw)
+    return WorkbenchApp(
+        str(db),
+        gpu_probe=kw.pop("gpu_probe", fake_gpu()),
+        clock=lambda: NOW,
+        configs_dir=configs_dir,
+        host_stats=frozen_host,
+        **kw,
+    )
 
 
 def config_json(cfg: dict) -> str:

@@ -28,25 +28,33 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError, WorkbenchError
-from core.scoring.metrics import ESCI_LABELS
 from core.runs.store import LABEL_DECISION_COLUMNS, LABEL_ISSUE_COLUMNS, RunRecord, RunStore
+from core.scoring.metrics import ESCI_LABELS
 
 log = logging.getLogger("esci.labels")
 
 #: decisions a reviewer can record (``undo`` cancels the latest active one of an example)
 DECISIONS = ("keep", "relabel", "accept", "drop", "undo")
 #: ``filter_by`` methods of ``cleanlab.filter.find_label_issues``
-FILTER_BY = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
-             "low_normalized_margin", "low_self_confidence")
+FILTER_BY = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
 #: ranking methods (``return_indices_ranked_by`` and the label quality score method)
 RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 _PROBS = ["p_E", "p_S", "p_C", "p_I"]
@@ -136,9 +144,13 @@ class FindResult:
         return len(self.issues) / max(self.n_examples, 1)
 
 
-def find_issues_arrays(labels: np.ndarray, pred_probs: np.ndarray, filter_by: str = "prune_by_noise_rate",
-                       rank_by: str = "self_confidence", n_jobs: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def find_issues_arrays(
+    labels: np.ndarray,
+    pred_probs: np.ndarray,
+    filter_by: str = "prune_by_noise_rate",
+    rank_by: str = "self_confidence",
+    n_jobs: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Confident learning on class indices and OOF probabilities.
 
     Args:
@@ -161,15 +173,20 @@ def find_issues_arrays(labels: np.ndarray, pred_probs: np.ndarray, filter_by: st
         raise ConfigError(f"filter_by {filter_by!r}: not one of {list(FILTER_BY)}")
     if rank_by not in RANK_BY:
         raise ConfigError(f"rank_by {rank_by!r}: not one of {list(RANK_BY)}")
-    idx = find_label_issues(labels, pred_probs, filter_by=filter_by, return_indices_ranked_by=rank_by,
-                            n_jobs=n_jobs)
+    idx = find_label_issues(labels, pred_probs, filter_by=filter_by, return_indices_ranked_by=rank_by, n_jobs=n_jobs)
     quality = get_label_quality_scores(labels, pred_probs, method=rank_by)
     return np.asarray(idx, dtype=np.int64), np.asarray(quality, dtype=np.float64)
 
 
-def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_rate",
-                rank_by: str = "self_confidence", n_jobs: int | None = None,
-                check_coverage: bool = True, progress: Callable[[str], None] | None = None) -> FindResult:
+def find_issues(
+    store: RunStore,
+    run_id: str,
+    filter_by: str = "prune_by_noise_rate",
+    rank_by: str = "self_confidence",
+    n_jobs: int | None = None,
+    check_coverage: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> FindResult:
     """Find label issues in a run's OOF probabilities and store them in ``label_issues``.
 
     Replaces the run's previous issues (one transaction). Source: confident learning
@@ -206,12 +223,16 @@ def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_r
         if len(missing):
             raise WorkbenchError(
                 f"{where}: {len(missing):,} of {len(train_ids):,} training examples have no OOF probabilities "
-                f"(first {missing[:5].tolist()}); train all folds before finding label issues")
+                f"(first {missing[:5].tolist()}); train all folds before finding label issues"
+            )
     probs = oof[_PROBS].to_numpy(np.float64)
     bad = ~np.isfinite(probs).all(1)
     if bad.any():
-        raise DataError(where, f"{int(bad.sum()):,} rows with missing OOF probabilities "
-                               f"(first example_id {oof.loc[bad, 'example_id'].head(3).tolist()})")
+        raise DataError(
+            where,
+            f"{int(bad.sum()):,} rows with missing OOF probabilities "
+            f"(first example_id {oof.loc[bad, 'example_id'].head(3).tolist()})",
+        )
     cat = pd.Categorical(oof["esci_label"])  # fast on millions of rows; then categories -> 0..3, unknown -> -1
     to_index = np.array([ESCI_LABELS.index(c) if c in ESCI_LABELS else -1 for c in cat.categories] + [-1])
     labels = to_index[cat.codes].astype(np.int64)  # code -1 (null) picks the trailing -1
@@ -223,19 +244,25 @@ def find_issues(store: RunStore, run_id: str, filter_by: str = "prune_by_noise_r
     say(f"confident learning on {len(oof):,} x 4 OOF probabilities")
     idx, quality = find_issues_arrays(labels, probs, filter_by, rank_by, n_jobs)
     suggested = np.asarray(ESCI_LABELS)[probs[idx].argmax(1)]
-    issues = pd.DataFrame({
-        "run_id": run_id,
-        "example_id": oof["example_id"].to_numpy(np.int64)[idx],
-        "given_label": np.asarray(ESCI_LABELS)[labels[idx]],
-        "suggested_label": suggested,
-        "label_quality": quality[idx],
-        "rank": np.arange(1, len(idx) + 1, dtype=np.int64),
-    })
+    issues = pd.DataFrame(
+        {
+            "run_id": run_id,
+            "example_id": oof["example_id"].to_numpy(np.int64)[idx],
+            "given_label": np.asarray(ESCI_LABELS)[labels[idx]],
+            "suggested_label": suggested,
+            "label_quality": quality[idx],
+            "rank": np.arange(1, len(idx) + 1, dtype=np.int64),
+        }
+    )
     say(f"storing {len(issues):,} issues")
     store_issues(store, run_id, issues)
-    crosstab = pd.crosstab(pd.Categorical(issues["given_label"], ESCI_LABELS),
-                           pd.Categorical(issues["suggested_label"], ESCI_LABELS),
-                           rownames=["given"], colnames=["suggested"], dropna=False)
+    crosstab = pd.crosstab(
+        pd.Categorical(issues["given_label"], ESCI_LABELS),
+        pd.Categorical(issues["suggested_label"], ESCI_LABELS),
+        rownames=["given"],
+        colnames=["suggested"],
+        dropna=False,
+    )
     return FindResult(run_id, issues, len(oof), crosstab)
 
 
@@ -255,8 +282,14 @@ def load_issues(store: RunStore, run_id: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- decisions
-def record_decision(store: RunStore, source_run: str, example_id: int, decision: str,
-                    new_label: str | None = None, reviewer: str | None = None) -> int:
+def record_decision(
+    store: RunStore,
+    source_run: str,
+    example_id: int,
+    decision: str,
+    new_label: str | None = None,
+    reviewer: str | None = None,
+) -> int:
     """Append one decision to ``label_decisions`` and return its id.
 
     Args:
@@ -274,8 +307,9 @@ def record_decision(store: RunStore, source_run: str, example_id: int, decision:
         raise WorkbenchError(f"decision {decision}: new_label {new_label!r} is not one of {list(ESCI_LABELS)}")
     if decision not in ("relabel", "accept"):
         new_label = None
-    return store.add_label_decision(source_run, int(example_id), decision, new_label,
-                                    reviewer or os.environ.get("USER") or "unknown")
+    return store.add_label_decision(
+        source_run, int(example_id), decision, new_label, reviewer or os.environ.get("USER") or "unknown"
+    )
 
 
 def decision_log(store: RunStore, source_run: str | None = None) -> pd.DataFrame:
@@ -322,8 +356,13 @@ class CleanPlan:
     source: str
 
 
-def cleaning_plan(store: RunStore, decisions_from: str | None = None, auto_drop_fraction: float = 0.0,
-                  issues_run: str | None = None, n_train: int | None = None) -> CleanPlan:
+def cleaning_plan(
+    store: RunStore,
+    decisions_from: str | None = None,
+    auto_drop_fraction: float = 0.0,
+    issues_run: str | None = None,
+    n_train: int | None = None,
+) -> CleanPlan:
     """Combine reviewed decisions and an automatic drop of the top label issues.
 
     Args:
@@ -393,8 +432,9 @@ def apply_to_training(df: pd.DataFrame, labels_cfg: Any, store: RunStore | None)
     if store is None:
         raise ConfigError("labels: applying label decisions needs runs.db")
     is_train = (df["split"] == "train").to_numpy()
-    plan = cleaning_plan(store, labels_cfg.decisions_from, labels_cfg.auto_drop_fraction,
-                         labels_cfg.issues_run, int(is_train.sum()))
+    plan = cleaning_plan(
+        store, labels_cfg.decisions_from, labels_cfg.auto_drop_fraction, labels_cfg.issues_run, int(is_train.sum())
+    )
     ids = df["example_id"].to_numpy(np.int64)
     drop = is_train & np.isin(ids, np.fromiter(plan.drop, np.int64, len(plan.drop)))
     fit_mask &= ~drop
@@ -404,14 +444,22 @@ def apply_to_training(df: pd.DataFrame, labels_cfg: Any, store: RunStore | None)
         hit = is_train & ~drop & pd.notna(new) & (new != fit_labels)
         fit_labels[hit] = new[hit]
         n_relabel = int(hit.sum())
-    summary = (f"labels ({plan.source}): dropped {int(drop.sum()):,} of {int(is_train.sum()):,} training examples, "
-               f"relabelled {n_relabel:,}; dropped examples are still scored out-of-fold and evaluated on their "
-               f"original labels; test examples untouched")
+    summary = (
+        f"labels ({plan.source}): dropped {int(drop.sum()):,} of {int(is_train.sum()):,} training examples, "
+        f"relabelled {n_relabel:,}; dropped examples are still scored out-of-fold and evaluated on their "
+        f"original labels; test examples untouched"
+    )
     return fit_mask, fit_labels, summary
 
 
-def export_cleaned(store: RunStore, out_dir: str | Path, data_dir: str | Path, decisions_from: str | None,
-                   auto_drop_fraction: float = 0.0, issues_run: str | None = None) -> dict[str, int]:
+def export_cleaned(
+    store: RunStore,
+    out_dir: str | Path,
+    data_dir: str | Path,
+    decisions_from: str | None,
+    auto_drop_fraction: float = 0.0,
+    issues_run: str | None = None,
+) -> dict[str, int]:
     """Write the cleaned release in the official layout into ``out_dir``.
 
     The examples file keeps every official column and row except dropped training examples;
@@ -507,17 +555,23 @@ def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFra
     clean = clean.sort_values("example_id").reset_index(drop=True)
     for col in ("example_id", "esci_label", "fold"):
         if len(base) != len(clean) or not (base[col].to_numpy() == clean[col].to_numpy()).all():
-            raise WorkbenchError(f"runs {rb['id']} and {rc['id']}: OOF files differ in {col} "
-                                 "(compare runs on the same data, folds and original labels)")
+            raise WorkbenchError(
+                f"runs {rb['id']} and {rc['id']}: OOF files differ in {col} "
+                "(compare runs on the same data, folds and original labels)"
+            )
     tables = {}
     for name, oof in (("base", base), ("cleaned", clean)):
-        t = scorer_table(oof, {"cross-encoder": "ce_score" if "ce_score" in oof else "score", "final": "score"},
-                         {"cross-encoder": argmax_labels(oof)})
+        t = scorer_table(
+            oof,
+            {"cross-encoder": "ce_score" if "ce_score" in oof else "score", "final": "score"},
+            {"cross-encoder": argmax_labels(oof)},
+        )
         tables[name] = t
     diff = tables["cleaned"] - tables["base"]
     diff["fold_std"] = diff[[c for c in diff.columns if c.startswith("fold") and c != "fold_std"]].std(axis=1, ddof=0)
-    out = pd.concat({f"base {rb['id']}": tables["base"], f"cleaned {rc['id']}": tables["cleaned"],
-                     "cleaned - base": diff})
+    out = pd.concat(
+        {f"base {rb['id']}": tables["base"], f"cleaned {rc['id']}": tables["cleaned"], "cleaned - base": diff}
+    )
     return out
 
 
@@ -586,11 +640,24 @@ def load_review_data(db_path: str | Path, run_id: str) -> ReviewData:
         store.close()
     data = _run_config(store, run).get("data", {})
     ex = load_esci(data.get("dir", DEFAULT_DATA_DIR), task=data.get("task"), locales=data.get("locales"))
-    text_cols = ["example_id", "query", "query_id", "product_id", "product_locale", "product_title",
-                 "product_brand", "product_color", "product_bullet_point", "product_description"]
-    items = (issues.merge(oof[["example_id", *_PROBS]], on="example_id", how="left")
-             .merge(ex[text_cols], on="example_id", how="left")
-             .sort_values(["label_quality", "rank"], kind="stable").reset_index(drop=True))
+    text_cols = [
+        "example_id",
+        "query",
+        "query_id",
+        "product_id",
+        "product_locale",
+        "product_title",
+        "product_brand",
+        "product_color",
+        "product_bullet_point",
+        "product_description",
+    ]
+    items = (
+        issues.merge(oof[["example_id", *_PROBS]], on="example_id", how="left")
+        .merge(ex[text_cols], on="example_id", how="left")
+        .sort_values(["label_quality", "rank"], kind="stable")
+        .reset_index(drop=True)
+    )
     for c in text_cols[1:]:
         if c != "query_id":
             items[c] = items[c].fillna("").astype(str)

@@ -219,8 +219,7 @@ class TableFile:
         try:
             # batch by batch: less scratch memory (and time) than ParquetFile.read, which
             # grows one buffer per column by reallocation
-            batches = list(self._pf.iter_batches(
-                batch_size=_READ_BATCH, columns=list(columns), use_threads=True))
+            batches = list(self._pf.iter_batches(batch_size=_READ_BATCH, columns=list(columns), use_threads=True))
             if batches:
                 table = pa.Table.from_batches(batches)
             else:
@@ -278,9 +277,14 @@ def _as_text_array(arr, path: Path, name: str):
         if pa.types.is_null(t):
             nulls = pa.nulls(len(arr), pa.large_string())
             return pa.chunked_array([nulls]) if isinstance(arr, pa.ChunkedArray) else nulls
-        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) \
-                or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
-                or pa.types.is_integer(t):
+        if (
+            pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_string_view(t)
+            or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or pa.types.is_integer(t)
+        ):
             return pc.cast(arr, pa.large_string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(path, f"column {name}: not text ({_short(exc, 80)})") from None
@@ -301,8 +305,13 @@ def _as_int(col: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
         col, t = pc.cast(col, t.value_type), t.value_type
     if pa.types.is_null(t):
         return pa.chunked_array([pa.nulls(len(col), pa.int64())])
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) \
-            or pa.types.is_string(t) or pa.types.is_large_string(t):
+    if (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+    ):
         try:
             return pc.cast(col, pa.int64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -354,8 +363,7 @@ def _check_unique_ids(ids: np.ndarray, path: Path) -> None:
         first = pd.unique(ids[dup])[:_SHOW].tolist()
         raise DataError(
             path,
-            f"duplicate example_id: {int(dup.sum()):,} repeated row(s), e.g. "
-            + ", ".join(str(i) for i in first),
+            f"duplicate example_id: {int(dup.sum()):,} repeated row(s), e.g. " + ", ".join(str(i) for i in first),
         )
 
 
@@ -367,8 +375,11 @@ def _check_queries(queries: pa.ChunkedArray, example_ids: pa.ChunkedArray, path:
     if n:
         ids = _to_int_array(example_ids)[np.asarray(blank.to_numpy(zero_copy_only=False), dtype=bool)][:_SHOW]
         more = f" and {n - len(ids):,} more" if n > len(ids) else ""
-        raise DataError(path, f"{n:,} example{'' if n == 1 else 's'} with an empty or missing query "
-                              f"(example_id {', '.join(str(i) for i in ids)}{more})")
+        raise DataError(
+            path,
+            f"{n:,} example{'' if n == 1 else 's'} with an empty or missing query "
+            f"(example_id {', '.join(str(i) for i in ids)}{more})",
+        )
 
 
 # --------------------------------------------------------------------------- join
@@ -386,10 +397,10 @@ def _asin_codes(col: pa.ChunkedArray) -> np.ndarray | None:
     if arr.null_count or not pa.types.is_large_string(arr.type):
         return None
     bufs = arr.buffers()
-    offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     if offs[-1] - offs[0] != 10 * n or np.any(np.diff(offs) != 10):
         return None
-    digits = _B36[np.frombuffer(bufs[2], dtype=np.uint8)[offs[0]: offs[-1]].reshape(n, 10)]
+    digits = _B36[np.frombuffer(bufs[2], dtype=np.uint8)[offs[0] : offs[-1]].reshape(n, 10)]
     if np.any(digits == 255):
         return None
     code = digits[:, 0].astype(np.int64)
@@ -410,8 +421,9 @@ def _id_codes(ex_pid: pa.ChunkedArray, pr_pid: pa.ChunkedArray) -> tuple[np.ndar
     return e, p, max(len(values), 1)
 
 
-def _join_index(ex: dict[str, pa.ChunkedArray], pr: dict[str, pa.ChunkedArray],
-                ex_path: Path, pr_path: Path) -> np.ndarray:
+def _join_index(
+    ex: dict[str, pa.ChunkedArray], pr: dict[str, pa.ChunkedArray], ex_path: Path, pr_path: Path
+) -> np.ndarray:
     """Row of the products table for each example (int64, examples order).
 
     Raises DataError on duplicate (product_id, product_locale) in products and on examples
@@ -419,8 +431,7 @@ def _join_index(ex: dict[str, pa.ChunkedArray], pr: dict[str, pa.ChunkedArray],
     """
     e_id, p_id, id_range = _id_codes(ex["product_id"], pr["product_id"])
     locales = pa.array(
-        sorted(set(pc.unique(pr["product_locale"]).to_pylist())
-               | set(pc.unique(ex["product_locale"]).to_pylist())),
+        sorted(set(pc.unique(pr["product_locale"]).to_pylist()) | set(pc.unique(ex["product_locale"]).to_pylist())),
         pa.large_string(),
     )
     n_loc = max(len(locales), 1)
@@ -437,8 +448,7 @@ def _join_index(ex: dict[str, pa.ChunkedArray], pr: dict[str, pa.ChunkedArray],
     if not p_key.is_unique:
         dup = np.flatnonzero(p_key.duplicated(keep="first"))
         shown = ", ".join(
-            f"({pr['product_id'][int(i)].as_py()}, {pr['product_locale'][int(i)].as_py()})"
-            for i in dup[:_SHOW]
+            f"({pr['product_id'][int(i)].as_py()}, {pr['product_locale'][int(i)].as_py()})" for i in dup[:_SHOW]
         )
         raise DataError(
             pr_path,
@@ -450,8 +460,7 @@ def _join_index(ex: dict[str, pa.ChunkedArray], pr: dict[str, pa.ChunkedArray],
     missing = np.flatnonzero(idx < 0)
     if len(missing):
         shown = ", ".join(
-            f"({ex['product_id'][int(i)].as_py()}, {ex['product_locale'][int(i)].as_py()})"
-            for i in missing[:_SHOW]
+            f"({ex['product_id'][int(i)].as_py()}, {ex['product_locale'][int(i)].as_py()})" for i in missing[:_SHOW]
         )
         raise DataError(
             pr_path,
@@ -468,12 +477,10 @@ def _nulls_to_empty(arr: pa.Array) -> pa.Array:
         return arr
     if pa.types.is_large_string(arr.type):
         bufs = arr.buffers()
-        offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
+        offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
         null = ~np.asarray(arr.is_valid())
         if not np.any(offs[1:][null] != offs[:-1][null]):
-            return pa.Array.from_buffers(
-                arr.type, len(arr), [None, bufs[1], bufs[2]], null_count=0, offset=arr.offset
-            )
+            return pa.Array.from_buffers(arr.type, len(arr), [None, bufs[1], bufs[2]], null_count=0, offset=arr.offset)
     return pc.fill_null(arr, "")
 
 
@@ -495,14 +502,14 @@ def _read_text_column(file: TableFile, name: str) -> pa.Array:
         if n == 0:
             continue
         bufs = chunk.buffers()
-        off = np.frombuffer(bufs[1], dtype=np.int64)[chunk.offset: chunk.offset + n + 1]
+        off = np.frombuffer(bufs[1], dtype=np.int64)[chunk.offset : chunk.offset + n + 1]
         nbytes = int(off[-1] - off[0])
         if pos + nbytes > capacity:  # metadata under-estimated (dictionary-encoded pages)
             capacity = max(2 * capacity, pos + nbytes)
             data.resize(capacity)
             view = np.frombuffer(data, dtype=np.uint8)
         if nbytes:
-            view[pos: pos + nbytes] = np.frombuffer(bufs[2], dtype=np.uint8)[off[0]: off[-1]]
+            view[pos : pos + nbytes] = np.frombuffer(bufs[2], dtype=np.uint8)[off[0] : off[-1]]
         offsets.append(off[1:] - (off[0] - pos))
         pos += nbytes
         del chunk, bufs
@@ -511,7 +518,9 @@ def _read_text_column(file: TableFile, name: str) -> pa.Array:
     all_offsets = np.concatenate([np.zeros(1, dtype=np.int64)] + offsets)
     del offsets
     return pa.Array.from_buffers(
-        pa.large_string(), len(all_offsets) - 1, [None, pa.py_buffer(all_offsets), data],
+        pa.large_string(),
+        len(all_offsets) - 1,
+        [None, pa.py_buffer(all_offsets), data],
         null_count=0,
     )
 
@@ -523,7 +532,7 @@ def _gather_text(arr: pa.Array, idx: np.ndarray) -> pd.Series:
     """
     parts = []
     for i in range(0, len(idx), _TAKE_SLICE):
-        got = arr.take(pa.array(idx[i: i + _TAKE_SLICE]))
+        got = arr.take(pa.array(idx[i : i + _TAKE_SLICE]))
         parts.append(_nulls_to_empty(got))
     return _to_str_series(pa.chunked_array(parts, type=pa.large_string()))
 
@@ -618,8 +627,9 @@ def load_esci(
         keep &= pc.is_in(ex["product_locale"], value_set=value_set).to_numpy(zero_copy_only=False)
     if not keep.all():
         if not keep.any():
-            applied = [f"{k}={v!r}" for k, v in
-                       (("task", task), ("split", split), ("locales", locales)) if v is not None]
+            applied = [
+                f"{k}={v!r}" for k, v in (("task", task), ("split", split), ("locales", locales)) if v is not None
+            ]
             raise DataError(
                 files.examples,
                 f"no examples left after filters {', '.join(applied)} (of {n_all:,} examples)",
@@ -633,8 +643,9 @@ def load_esci(
         if c in _INT_COLUMNS:
             out[c] = _to_int_array(ex[c])
         elif c == "query":
-            out[c] = _to_str_series(pa.chunked_array(
-                [_nulls_to_empty(a) for a in ex[c].chunks], type=pa.large_string()))
+            out[c] = _to_str_series(
+                pa.chunked_array([_nulls_to_empty(a) for a in ex[c].chunks], type=pa.large_string())
+            )
         else:
             out[c] = _to_str_series(ex[c])
     query_ids = out["query_id"]
@@ -674,8 +685,7 @@ def _source_column(path: Path, query_ids: np.ndarray) -> pd.Series:
         raise DataError(path, f"duplicate query_id, e.g. {', '.join(str(d) for d in dup)}")
     pos = index.get_indexer(query_ids)
     source = source.combine_chunks() if source.num_chunks != 1 else source.chunk(0)
-    taken = source.take(pa.array(pos, mask=pos < 0)) if len(source) else \
-        pa.nulls(len(pos), pa.large_string())
+    taken = source.take(pa.array(pos, mask=pos < 0)) if len(source) else pa.nulls(len(pos), pa.large_string())
     return _to_str_series(pa.chunked_array([taken], type=pa.large_string()))
 
 
@@ -705,12 +715,12 @@ def _hash_text(h_len, h_data, values: pd.Series) -> None:
         if n == 0:
             continue
         bufs = chunk.buffers()
-        offs = np.frombuffer(bufs[1], dtype=np.int64)[chunk.offset: chunk.offset + n + 1]
+        offs = np.frombuffer(bufs[1], dtype=np.int64)[chunk.offset : chunk.offset + n + 1]
         lengths = np.diff(offs)
         if null is not None:
             lengths[null] = -1
         h_len.update(lengths.astype("<i8", copy=False).tobytes())
-        h_data.update(memoryview(bufs[2])[offs[0]: offs[-1]])
+        h_data.update(memoryview(bufs[2])[offs[0] : offs[-1]])
 
 
 def data_fingerprint(df: pd.DataFrame) -> str:
@@ -732,8 +742,7 @@ def data_fingerprint(df: pd.DataFrame) -> str:
     """
     present = [c for c in _FINGERPRINT_COLUMNS if c in df.columns]
     if not present:
-        raise DataError(None, "data_fingerprint: the frame has none of the columns "
-                        + ", ".join(_FINGERPRINT_COLUMNS))
+        raise DataError(None, "data_fingerprint: the frame has none of the columns " + ", ".join(_FINGERPRINT_COLUMNS))
     h = hashlib.sha1(f"esci-fingerprint-v1 rows={len(df)}".encode())
     for c in present:
         h.update(f"|{c}|".encode())

@@ -78,8 +78,7 @@ def _label(rating, path: Path, query: str, doc: str) -> str:
     if value not in RATING_LABELS or isinstance(rating, bool):
         raise DataError(
             path,
-            f"query {query!r}, docId {doc!r}: unknown rating {rating!r}"
-            f" (expected 100.000, 10.000, 1.000 or 0.000)",
+            f"query {query!r}, docId {doc!r}: unknown rating {rating!r} (expected 100.000, 10.000, 1.000 or 0.000)",
         )
     return RATING_LABELS[value]
 
@@ -91,8 +90,11 @@ def _read_judgments(path: Path) -> dict[str, dict[str, str]]:
         raise DataError(path, "expected an object with a 'judgmentRatings' list")
     out: dict[str, dict[str, str]] = {}
     for i, entry in enumerate(data["judgmentRatings"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("query"), str) \
-                or not isinstance(entry.get("ratings"), list):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("query"), str)
+            or not isinstance(entry.get("ratings"), list)
+        ):
             raise DataError(path, f"judgmentRatings[{i}]: expected {{'query': str, 'ratings': [...]}}")
         query = entry["query"]
         if query in out:
@@ -117,7 +119,8 @@ def _read_queryset(path: Path) -> list[str]:
     data = _read_json(path)
     items = data.get("querySetQueries") if isinstance(data, dict) else None
     if not isinstance(items, list) or not all(
-            isinstance(q, dict) and isinstance(q.get("queryText"), str) for q in items):
+        isinstance(q, dict) and isinstance(q.get("queryText"), str) for q in items
+    ):
         raise DataError(path, "expected an object with a 'querySetQueries' list of {'queryText': str}")
     return [q["queryText"] for q in items]
 
@@ -307,28 +310,29 @@ def _draw_test_queries(qids: set[int], test_fraction: float, seed: int) -> set[i
     return {all_qids[i] for i in pick}
 
 
-def _examples_table(judgments: dict[str, dict[str, str]], query_ids: dict[str, int],
-                    test_qids: set[int]) -> tuple[list[tuple[int, str, str, str]], pa.Table]:
+def _examples_table(
+    judgments: dict[str, dict[str, str]], query_ids: dict[str, int], test_qids: set[int]
+) -> tuple[list[tuple[int, str, str, str]], pa.Table]:
     """The rows ``(query_id, product_id, query, esci_label)`` sorted, and the examples table.
 
     ``example_id`` numbers the sorted rows, so reruns give the same ids; ``product_locale`` "us";
     ``split`` "test" for the held-out queries, else "train" (the sample has no official split);
     ``small_version`` and ``large_version`` 1 for all rows."""
-    rows = sorted(
-        (query_ids[q], asin, q, label) for q, ratings in judgments.items() for asin, label in ratings.items()
-    )
+    rows = sorted((query_ids[q], asin, q, label) for q, ratings in judgments.items() for asin, label in ratings.items())
     n = len(rows)
-    examples = pa.table({
-        "example_id": pa.array(range(n), pa.int64()),
-        "query": pa.array([r[2] for r in rows], pa.string()),
-        "query_id": pa.array([r[0] for r in rows], pa.int64()),
-        "product_id": pa.array([r[1] for r in rows], pa.string()),
-        "product_locale": pa.array([LOCALE] * n, pa.string()),
-        "esci_label": pa.array([r[3] for r in rows], pa.string()),
-        "small_version": pa.array([1] * n, pa.int64()),
-        "large_version": pa.array([1] * n, pa.int64()),
-        "split": pa.array(["test" if r[0] in test_qids else "train" for r in rows], pa.string()),
-    })
+    examples = pa.table(
+        {
+            "example_id": pa.array(range(n), pa.int64()),
+            "query": pa.array([r[2] for r in rows], pa.string()),
+            "query_id": pa.array([r[0] for r in rows], pa.int64()),
+            "product_id": pa.array([r[1] for r in rows], pa.string()),
+            "product_locale": pa.array([LOCALE] * n, pa.string()),
+            "esci_label": pa.array([r[3] for r in rows], pa.string()),
+            "small_version": pa.array([1] * n, pa.int64()),
+            "large_version": pa.array([1] * n, pa.int64()),
+            "split": pa.array(["test" if r[0] in test_qids else "train" for r in rows], pa.string()),
+        }
+    )
     return rows, examples
 
 
@@ -337,10 +341,11 @@ def _products_table(asins: list[str], docs: dict[str, dict]) -> pa.Table:
     title/description/bullet_points/brand/color (nulls kept as nulls, which
     :func:`core.data.esci.load_esci` turns into "")."""
     return pa.table(
-        {"product_id": pa.array(asins, pa.string()),
-         "product_locale": pa.array([LOCALE] * len(asins), pa.string())}
-        | {col: pa.array([_text(docs[a].get(field)) for a in asins], pa.string())
-           for col, field in PRODUCT_FIELDS.items()}
+        {"product_id": pa.array(asins, pa.string()), "product_locale": pa.array([LOCALE] * len(asins), pa.string())}
+        | {
+            col: pa.array([_text(docs[a].get(field)) for a in asins], pa.string())
+            for col, field in PRODUCT_FIELDS.items()
+        }
     )
 
 
@@ -356,8 +361,9 @@ def _source_rows(src: Path, sources_csv: str | Path | None, wanted: set[int]) ->
     return _read_sources(Path(sources_csv), wanted)
 
 
-def _write_release(out: Path, examples: pa.Table, products: pa.Table,
-                   source_rows: list[tuple[int, str]] | None) -> dict[str, str]:
+def _write_release(
+    out: Path, examples: pa.Table, products: pa.Table, source_rows: list[tuple[int, str]] | None
+) -> dict[str, str]:
     """Write the release files into a temporary folder next to ``out``, then move them into place
     (a stale sources file in ``out`` is removed when there are no sources). Returns
     ``{"examples", "products"[, "sources"]}`` -> path as str."""

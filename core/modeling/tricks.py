@@ -62,9 +62,16 @@ def smooth_targets(targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     return (1.0 - smoothing) * targets + smoothing / targets.shape[-1]
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "ce", *,
-                        label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-                        poly1_epsilon: float = 1.0, focal_gamma: float = 2.0) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    kind: str = "ce",
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+    poly1_epsilon: float = 1.0,
+    focal_gamma: float = 2.0,
+) -> torch.Tensor:
     """Mean loss of logits (B, C) against target rows (B, C) (soft or one-hot), a scalar tensor.
 
     ``kind``:
@@ -99,7 +106,9 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str =
         return per.mean()
     w = torch.as_tensor(class_weights, dtype=per.dtype, device=per.device)
     if w.shape != (logits.shape[-1],):
-        raise ConfigError(f"tricks.class_weights: expected {logits.shape[-1]} weights (E, S, C, I), got {tuple(w.shape)}")
+        raise ConfigError(
+            f"tricks.class_weights: expected {logits.shape[-1]} weights (E, S, C, I), got {tuple(w.shape)}"
+        )
     w_i = q @ w
     return (w_i * per).sum() / w_i.sum().clamp_min(1e-12)
 
@@ -161,8 +170,9 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float = 0.7) -> np.ndarra
     return probs.max(axis=1) >= threshold
 
 
-def mixup(pooled: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    pooled: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup of pooled vectors (B, H) and their target rows (B, C) with a permutation (B,).
 
     ``x' = lam * x + (1 - lam) * x[perm]``, ``q' = lam * q + (1 - lam) * q[perm]``; draw ``lam``
@@ -313,9 +323,9 @@ class FGM(_EmbeddingAttack):
                 total += float(torch.linalg.vector_norm(r.float())) ** 2
         return math.sqrt(total)
 
-
-    def backward_adversarial(self, compute_loss: Callable[[], torch.Tensor],
-                             backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def backward_adversarial(
+        self, compute_loss: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
         """Attack, forward + backward the adversarial loss (gradients add up), restore; returns it."""
         self.attack()
         try:
@@ -338,8 +348,9 @@ class PGD(_EmbeddingAttack):
     eq. 2 (arXiv:1706.06083); on embeddings as in Zhu et al. 2020 (FreeLB, arXiv:1909.11764).
     """
 
-    def __init__(self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3,
-                 param_name: str | None = None):
+    def __init__(
+        self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3, param_name: str | None = None
+    ):
         if steps < 1:
             raise ConfigError(f"tricks.pgd_steps={steps}: expected >= 1")
         self.model, self.epsilon, self.alpha, self.steps = model, epsilon, alpha, steps
@@ -367,12 +378,15 @@ class PGD(_EmbeddingAttack):
             r = r * (self.epsilon / norm)
         return self.backup[name] + r
 
-
-    def backward_adversarial(self, compute_loss: Callable[[], torch.Tensor],
-                             backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def backward_adversarial(
+        self, compute_loss: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
         """K attacks; the clean grads plus the last adversarial loss's grads remain. Returns it."""
-        grads = {n: (p.grad.detach().clone() if p.grad is not None else None)
-                 for n, p in self.model.named_parameters() if p.requires_grad}
+        grads = {
+            n: (p.grad.detach().clone() if p.grad is not None else None)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
         adv_loss = torch.zeros(())
         try:
             for t in range(self.steps):
@@ -404,9 +418,17 @@ class AWP:
     eq. 7-9 (arXiv:2004.05884); the Feedback Prize / KDD Cup 2022 Task-1 winner's implementation.
     """
 
-    def __init__(self, model: nn.Module, adv_lr: float = 1.0, adv_eps: float = 0.01, adv_steps: int = 1,
-                 param_name: str = "weight", start_epoch: float = 0.0, start_loss: float | None = None,
-                 skip_prefixes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        adv_lr: float = 1.0,
+        adv_eps: float = 0.01,
+        adv_steps: int = 1,
+        param_name: str = "weight",
+        start_epoch: float = 0.0,
+        start_loss: float | None = None,
+        skip_prefixes: tuple[str, ...] = (),
+    ):
         self.model, self.adv_lr, self.adv_eps, self.adv_steps = model, adv_lr, adv_eps, adv_steps
         self.skip_prefixes = tuple(skip_prefixes)
         self.param_name, self.start_epoch, self.start_loss = param_name, start_epoch, start_loss
@@ -425,8 +447,13 @@ class AWP:
 
     def _targets(self):
         for n, p in self.model.named_parameters():
-            if (p.requires_grad and p.grad is not None and self.param_name in n and p.ndim >= 2
-                    and not n.startswith(self.skip_prefixes)):
+            if (
+                p.requires_grad
+                and p.grad is not None
+                and self.param_name in n
+                and p.ndim >= 2
+                and not n.startswith(self.skip_prefixes)
+            ):
                 yield n, p
 
     @torch.no_grad()
@@ -456,8 +483,9 @@ class AWP:
             params[n].data.copy_(w0)
         self.backup, self.bounds = {}, {}
 
-    def backward_adversarial(self, compute_loss: Callable[[], torch.Tensor],
-                             backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def backward_adversarial(
+        self, compute_loss: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
         """Save, ``adv_steps`` x (perturb, forward, backward), restore; returns the last adv loss."""
         self.save()
         adv_loss = torch.zeros(())
@@ -487,8 +515,14 @@ def layer_index(name: str, n_layers: int) -> int:
     return n_layers + 1
 
 
-def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
-                 layer_decay: float = 1.0, n_layers: int | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    head_lr: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    n_layers: int | None = None,
+) -> list[dict]:
     """AdamW parameter groups: backbone at ``lr`` (optionally layer-wise decayed), the rest at ``head_lr``.
 
     Layer-wise LR decay (LLRD): a backbone parameter at depth ``d`` (:func:`layer_index`; embeddings

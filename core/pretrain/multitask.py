@@ -33,7 +33,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +45,14 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from core.config import check_ranges, parse_overrides, read_config_file
+from core.config import DEFAULT_DATA_DIR, check_ranges, parse_overrides, read_config_file
 from core.config import build_section as _build
 from core.config import set_dotted as _set_dotted
-from core.config import DEFAULT_DATA_DIR
 from core.errors import ConfigError, DataError
-from core.runs.lifecycle import check_stop
-from core.runs.store import RunStore, now_iso
 from core.modeling.tricks import param_groups
+from core.runs import metric_names as mn
+from core.runs.lifecycle import check_stop
+from core.runs.store import RunStore
 
 log = logging.getLogger("esci.pretrain")
 
@@ -100,9 +99,18 @@ class PretrainTrainConfig:
     """Optimisation: one epoch = one pass over the products in batches of ``batch_size``."""
 
     RANGES: ClassVar[dict[str, str]] = {
-        "seed": ">= 0", "epochs": ">= 1", "max_steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "head_lr": "> 0",
-        "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "max_grad_norm": "> 0", "log_every": ">= 1",
-        "num_threads": ">= 1", "checkpoint_every": ">= 0",
+        "seed": ">= 0",
+        "epochs": ">= 1",
+        "max_steps": ">= 1",
+        "batch_size": ">= 2",
+        "lr": "> 0",
+        "head_lr": "> 0",
+        "weight_decay": ">= 0",
+        "warmup_ratio": "[0, 1)",
+        "max_grad_norm": "> 0",
+        "log_every": ">= 1",
+        "num_threads": ">= 1",
+        "checkpoint_every": ">= 0",
     }
 
     seed: int = 42  # >= 0
@@ -135,8 +143,12 @@ class MLMTaskConfig:
 class P2QTaskConfig:
     """Product2Query: (query, product) -> relevant or not; fake queries are Poisson-length title spans (paper appendix)."""
 
-    RANGES: ClassVar[dict[str, str]] = {"weight": ">= 0", "mu": "each > 0", "default_mu": "> 0",
-                                        "negatives_per_positive": ">= 1"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "weight": ">= 0",
+        "mu": "each > 0",
+        "default_mu": "> 0",
+        "negatives_per_positive": ">= 1",
+    }
 
     enabled: bool = True
     weight: float = 1.0  # >= 0
@@ -302,13 +314,16 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
     max_chars = cfg.model.max_length * 12
     fields = {f: [clean_text(v, max_chars=max_chars) for v in pr[TEXT_COLUMNS[f]]] for f in cfg.data.text_fields}
     text = [separator.join(v for v in vals if v) for vals in zip(*fields.values())]
-    out = pd.DataFrame({
-        "product_id": pr["product_id"].to_numpy(), "product_locale": pr["product_locale"].to_numpy(),
-        "text": text,
-        "title": [clean_text(v, max_chars=max_chars) for v in pr["product_title"]],
-        "brand": [clean_text(v) for v in pr["product_brand"]],
-        "color": [clean_text(v) for v in pr["product_color"]],
-    })
+    out = pd.DataFrame(
+        {
+            "product_id": pr["product_id"].to_numpy(),
+            "product_locale": pr["product_locale"].to_numpy(),
+            "text": text,
+            "title": [clean_text(v, max_chars=max_chars) for v in pr["product_title"]],
+            "brand": [clean_text(v) for v in pr["product_brand"]],
+            "color": [clean_text(v) for v in pr["product_color"]],
+        }
+    )
     empty = out["text"] == ""
     if empty.all():
         raise DataError(files.products, f"no product has text in {'/'.join(cfg.data.text_fields)} (all empty)")
@@ -319,19 +334,24 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
         out = out.iloc[: cfg.data.max_products]
     out = out.reset_index(drop=True)
 
-    pairs = pd.DataFrame({"query": pd.Series([], dtype=str), "product": pd.Series([], dtype=np.int64),
-                          "query_id": pd.Series([], dtype=np.int64)})
+    pairs = pd.DataFrame(
+        {
+            "query": pd.Series([], dtype=str),
+            "product": pd.Series([], dtype=np.int64),
+            "query_id": pd.Series([], dtype=np.int64),
+        }
+    )
     positives_of: dict[str, set[int]] = {}
     if cfg.tasks.p2q.enabled:
         ex = load_esci(cfg.data.dir, split=None, locales=cfg.data.locales)
         ex = ex[(ex["split"] == "train") & ex["esci_label"].isin(cfg.tasks.p2q.positive_labels)]
         row_of = {(p, loc): i for i, (p, loc) in enumerate(zip(out["product_id"], out["product_locale"]))}
-        prod = np.array([row_of.get((p, loc), -1) for p, loc in zip(ex["product_id"], ex["product_locale"])],
-                        dtype=np.int64)
+        prod = np.array(
+            [row_of.get((p, loc), -1) for p, loc in zip(ex["product_id"], ex["product_locale"])], dtype=np.int64
+        )
         keep = prod >= 0
         queries = [clean_text(q) for q in ex["query"].to_numpy()[keep]]
-        pairs = pd.DataFrame({"query": queries, "product": prod[keep],
-                              "query_id": ex["query_id"].to_numpy()[keep]})
+        pairs = pd.DataFrame({"query": queries, "product": prod[keep], "query_id": ex["query_id"].to_numpy()[keep]})
         pairs = pairs[pairs["query"] != ""].reset_index(drop=True)
         for q, p in zip(pairs["query"], pairs["product"]):
             positives_of.setdefault(q, set()).add(int(p))
@@ -350,15 +370,23 @@ def validate_pretrain(cfg: PretrainConfig, separator: str = " | ") -> PretrainCo
     check_pretrain_config(cfg)
     corpus = load_corpus(cfg, separator=separator)
     if cfg.tasks.p2q.enabled and not cfg.tasks.p2q.fake_queries and corpus.pairs.empty:
-        raise DataError(cfg.data.dir, f"tasks.p2q: no judged train-split pairs with labels "
-                                      f"{cfg.tasks.p2q.positive_labels} (and fake_queries is off)")
+        raise DataError(
+            cfg.data.dir,
+            f"tasks.p2q: no judged train-split pairs with labels "
+            f"{cfg.tasks.p2q.positive_labels} (and fake_queries is off)",
+        )
     return corpus
 
 
 # ---------------------------------------------------------------------------------- MLM
-def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, mask_token_id: int, vocab_size: int,
-                probability: float = 0.15, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masked-LM corruption (Devlin et al. 2019, Sec. 3.1, "Task #1: Masked LM").
 
     Each maskable token is selected with probability ``probability``; a selected token becomes
@@ -386,12 +414,15 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, mask_token_
     to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & selected
     inputs[to_mask] = mask_token_id
     to_random = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & selected & ~to_mask
-    inputs[to_random] = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)[to_random]
+    inputs[to_random] = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)[
+        to_random
+    ]
     return inputs, labels
 
 
-def mlm_batch(tokenizer, texts: list[str], max_length: int, probability: float = 0.15,
-              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def mlm_batch(
+    tokenizer, texts: list[str], max_length: int, probability: float = 0.15, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Tokenize ``texts`` (padded to the longest, cut to ``max_length``) and corrupt them with
     :func:`mask_tokens`; the tokenizer's special tokens (``[CLS]``, ``[SEP]``, ``[PAD]``, ``[UNK]``,
     ``[MASK]``, also where they occur inside a text) and padding are never selected.
@@ -486,8 +517,11 @@ class P2QSampler:
         fake = [(None, i) for i in range(n_prod)] if cfg.fake_queries else []
         self.pool = real + fake
         if not self.pool:
-            raise DataError(None, f"tasks.p2q: no positive pairs (no judged train pairs with labels "
-                                  f"{cfg.positive_labels}, fake_queries off)")
+            raise DataError(
+                None,
+                f"tasks.p2q: no positive pairs (no judged train pairs with labels "
+                f"{cfg.positive_labels}, fake_queries off)",
+            )
         self.order = self.rng.permutation(len(self.pool))
         self.pos = 0
 
@@ -506,8 +540,12 @@ class P2QSampler:
             q, p = self.pool[self.order[self.pos]]
             self.pos += 1
             if q is None:
-                q = fake_query(prods["title"].iat[p] or prods["text"].iat[p], prods["product_locale"].iat[p],
-                               self._mu(prods["product_locale"].iat[p]), self.rng)
+                q = fake_query(
+                    prods["title"].iat[p] or prods["text"].iat[p],
+                    prods["product_locale"].iat[p],
+                    self._mu(prods["product_locale"].iat[p]),
+                    self.rng,
+                )
             queries.append(q)
             rows.append(p)
             labels.append(1.0)
@@ -626,7 +664,7 @@ class FeatureQueue:
         if self.capacity <= 0:
             return
         buf = torch.cat([self.buf.to(x.device), x.detach().to(self.buf.dtype)], dim=0)
-        self.buf = buf[-self.capacity:]
+        self.buf = buf[-self.capacity :]
 
 
 @torch.no_grad()
@@ -647,15 +685,20 @@ class MultitaskModel(nn.Module):
     unsupervised setting: no projection kept at inference).
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str, n_brand: int | None, n_color: int | None, mlm: bool, p2q: bool):
+    def __init__(
+        self, backbone: nn.Module, pooling: str, n_brand: int | None, n_color: int | None, mlm: bool, p2q: bool
+    ):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         hidden = backbone.config.hidden_size
         self.heads = nn.ModuleDict()
         if mlm:
-            self.heads["mlm"] = MLMHead(hidden, backbone.get_input_embeddings().weight.shape[0],
-                                        eps=getattr(backbone.config, "layer_norm_eps", 1e-12))
+            self.heads["mlm"] = MLMHead(
+                hidden,
+                backbone.get_input_embeddings().weight.shape[0],
+                eps=getattr(backbone.config, "layer_norm_eps", 1e-12),
+            )
         if p2q:
             self.heads["p2q"] = nn.Linear(hidden, 1)
         if n_brand:
@@ -692,8 +735,9 @@ class PretrainResult:
     seconds: float
 
 
-def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = None, progress=None,
-                    resume: bool = False) -> PretrainResult:
+def run_pretraining(
+    cfg: PretrainConfig, store: RunStore, run_id: str | None = None, progress=None, resume: bool = False
+) -> PretrainResult:
     """Pre-train ``cfg.model.name`` on the enabled tasks; record the run in ``store``.
 
     Data, tokenizer and weights are loaded before the run is created, so bad input leaves no run
@@ -749,8 +793,18 @@ def run_pretraining(cfg: PretrainConfig, store: RunStore, run_id: str | None = N
     return result
 
 
-def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tmp_dir: Path, tokenizer,
-              corpus: PretrainCorpus, backbone: nn.Module, progress, resume: bool = False) -> PretrainResult:
+def _pretrain(
+    cfg: PretrainConfig,
+    store: RunStore,
+    run_id: str,
+    run_dir: Path,
+    tmp_dir: Path,
+    tokenizer,
+    corpus: PretrainCorpus,
+    backbone: nn.Module,
+    progress,
+    resume: bool = False,
+) -> PretrainResult:
     """The run's body: [delete the metric rows a resume logs again] -> build the loop -> [restore
     the step checkpoint] -> train -> write the backbone folder (temp folder, then rename)."""
     from core.training.fold_loop import load_step_checkpoint
@@ -761,8 +815,8 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
         ckpt = load_step_checkpoint(run_dir / "resume.pt")
         after = ckpt["global_step"] if ckpt else 0
         store.delete_metrics(run_id, fold=0, after_step=after)
-        store.delete_metrics(run_id, fold=-1, names=["progress/step"], after_step=after)
-        store.delete_metrics(run_id, fold=-1, name_prefixes=["pretrain/", "progress/total_steps"])
+        store.delete_metrics(run_id, fold=-1, names=[mn.PROGRESS_STEP], after_step=after)
+        store.delete_metrics(run_id, fold=-1, name_prefixes=[mn.PRETRAIN_PREFIX, mn.PROGRESS_TOTAL_STEPS])
     loop = PretrainLoop(cfg, store, run_id, run_dir, tokenizer, corpus, backbone, progress)
     if ckpt:
         loop.restore(ckpt)
@@ -772,9 +826,17 @@ def _pretrain(cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, 
     final = loop.save_backbone(tmp_dir)
     loop.ckpt_path.unlink(missing_ok=True)
     seconds = time.time() - t0
-    store.log_metrics(run_id, [{"name": "pretrain/seconds", "value": seconds, "fold": -1},
-                               *[{"name": f"pretrain/final_{t}_loss", "value": v, "fold": -1}
-                                 for t, v in loop.last_losses.items() if t != "total"]])
+    store.log_metrics(
+        run_id,
+        [
+            {"name": mn.PRETRAIN_SECONDS, "value": seconds, "fold": -1},
+            *[
+                {"name": mn.pretrain_loss_name(t, final=True), "value": v, "fold": -1}
+                for t, v in loop.last_losses.items()
+                if t != "total"
+            ],
+        ],
+    )
     log.info("backbone written to %s (%d steps, %.0f s)", final, loop.global_step, seconds)
     return PretrainResult(run_id, run_dir, final, loop.first_losses, loop.last_losses, loop.global_step, seconds)
 
@@ -790,8 +852,17 @@ class PretrainLoop:
     writes ``runs/<id>/backbone``.
     """
 
-    def __init__(self, cfg: PretrainConfig, store: RunStore, run_id: str, run_dir: Path, tokenizer,
-                 corpus: PretrainCorpus, backbone: nn.Module, progress):
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        store: RunStore,
+        run_id: str,
+        run_dir: Path,
+        tokenizer,
+        corpus: PretrainCorpus,
+        backbone: nn.Module,
+        progress,
+    ):
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg, self.store, self.run_id, self.run_dir = cfg, store, run_id, run_dir
@@ -805,9 +876,14 @@ class PretrainLoop:
         prods = self.prods = corpus.products
         self.n = len(prods)
         self._build_targets()
-        self.model = MultitaskModel(backbone, cfg.model.pooling, len(self.brand_vocab) if self.brand_vocab else None,
-                                    len(self.color_vocab) if self.color_vocab else None, tk.mlm.enabled,
-                                    tk.p2q.enabled).to(self.device)
+        self.model = MultitaskModel(
+            backbone,
+            cfg.model.pooling,
+            len(self.brand_vocab) if self.brand_vocab else None,
+            len(self.color_vocab) if self.color_vocab else None,
+            tk.mlm.enabled,
+            tk.p2q.enabled,
+        ).to(self.device)
         if tc.freeze_embeddings:
             backbone.get_input_embeddings().weight.requires_grad_(False)
         self.momentum_bb, self.queue = None, None
@@ -825,8 +901,13 @@ class PretrainLoop:
         total = self.steps_per_epoch * tc.epochs
         self.total = min(total, tc.max_steps) if tc.max_steps else total
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * self.total), self.total)
-        store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(self.total), "fold": -1},
-                                   *[{"name": f"pretrain/{t}_on", "value": 1.0, "fold": -1} for t in self.enabled]])
+        store.log_metrics(
+            run_id,
+            [
+                {"name": mn.PROGRESS_TOTAL_STEPS, "value": float(self.total), "fold": -1},
+                *[{"name": mn.pretrain_task_on_name(t), "value": 1.0, "fold": -1} for t in self.enabled],
+            ],
+        )
         progress.start(self.total, "pre-training")
         self.pos_per_step = max(1, tc.batch_size // (1 + tk.p2q.negatives_per_positive))
         self.weights = {t: getattr(tk, t).weight for t in TASKS}
@@ -840,29 +921,49 @@ class PretrainLoop:
     def _build_targets(self) -> None:
         """Brand/colour vocabularies and class ids, their masked texts, the Product2Query sampler."""
         cfg, tk, prods = self.cfg, self.cfg.tasks, self.prods
-        self.brand_vocab = build_vocab(prods["brand"].tolist(), tk.brand.min_count, tk.brand.max_size) \
-            if tk.brand.enabled else None
-        self.color_vocab = build_vocab(prods["color"].tolist(), tk.color.min_count, tk.color.max_size) \
-            if tk.color.enabled else None
+        self.brand_vocab = (
+            build_vocab(prods["brand"].tolist(), tk.brand.min_count, tk.brand.max_size) if tk.brand.enabled else None
+        )
+        self.color_vocab = (
+            build_vocab(prods["color"].tolist(), tk.color.min_count, tk.color.max_size) if tk.color.enabled else None
+        )
         brand_y = self.brand_y = self.brand_vocab.encode(prods["brand"].tolist()) if self.brand_vocab else None
         color_y = self.color_y = self.color_vocab.encode(prods["color"].tolist()) if self.color_vocab else None
         self.attr_text = None
         if self.brand_vocab or self.color_vocab:
             mask_tok = self.tokenizer.mask_token or self.tokenizer.unk_token or ""
-            self.attr_text = [mask_values(t, [b if self.brand_vocab else "", c if self.color_vocab else ""], mask_tok)
-                              for t, b, c in zip(prods["text"], prods["brand"], prods["color"])]
+            self.attr_text = [
+                mask_values(t, [b if self.brand_vocab else "", c if self.color_vocab else ""], mask_tok)
+                for t, b, c in zip(prods["text"], prods["brand"], prods["color"])
+            ]
         self.p2q = P2QSampler(self.corpus, tk.p2q, cfg.train.seed + 1) if tk.p2q.enabled else None
-        log.info("pre-training %s on %s: %d products, %d judged positive pairs, tasks %s%s%s", cfg.model.name,
-                 cfg.data.dir, self.n, len(self.corpus.pairs), self.enabled,
-                 f", brand classes {len(self.brand_vocab)} ({(brand_y > 0).sum()} products in, "
-                 f"{(brand_y == 0).sum()} other, {(brand_y < 0).sum()} empty)" if self.brand_vocab else "",
-                 f", colour classes {len(self.color_vocab)} ({(color_y > 0).sum()} in, {(color_y == 0).sum()} other, "
-                 f"{(color_y < 0).sum()} empty)" if self.color_vocab else "")
+        log.info(
+            "pre-training %s on %s: %d products, %d judged positive pairs, tasks %s%s%s",
+            cfg.model.name,
+            cfg.data.dir,
+            self.n,
+            len(self.corpus.pairs),
+            self.enabled,
+            f", brand classes {len(self.brand_vocab)} ({(brand_y > 0).sum()} products in, "
+            f"{(brand_y == 0).sum()} other, {(brand_y < 0).sum()} empty)"
+            if self.brand_vocab
+            else "",
+            f", colour classes {len(self.color_vocab)} ({(color_y > 0).sum()} in, {(color_y == 0).sum()} other, "
+            f"{(color_y < 0).sum()} empty)"
+            if self.color_vocab
+            else "",
+        )
 
     def tok(self, texts, pairs=None) -> dict[str, torch.Tensor]:
         """Tokenize texts (or text pairs) to ``model.max_length``, padded, on the device."""
-        enc = self.tokenizer(texts, pairs, truncation="longest_first" if pairs is not None else True,
-                             max_length=self.cfg.model.max_length, padding=True, return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            pairs,
+            truncation="longest_first" if pairs is not None else True,
+            max_length=self.cfg.model.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def step_losses(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
@@ -871,8 +972,12 @@ class PretrainLoop:
         losses: dict[str, torch.Tensor] = {}
         texts = prods["text"].iloc[idx].tolist()
         if tk.mlm.enabled:
-            batch = {k: v.to(device) for k, v in
-                     mlm_batch(self.tokenizer, texts, self.cfg.model.max_length, tk.mlm.mask_probability, self.gen).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in mlm_batch(
+                    self.tokenizer, texts, self.cfg.model.max_length, tk.mlm.mask_probability, self.gen
+                ).items()
+            }
             labels = batch.pop("labels")
             sel = labels != IGNORE_INDEX
             if sel.any():
@@ -893,15 +998,19 @@ class PretrainLoop:
                 pooled = model.pool(model.encode(batch), batch["attention_mask"])
                 for name, y_ in (("brand", yb), ("color", yc)):
                     if y_ is not None and (y_ != IGNORE_INDEX).any():
-                        losses[name] = F.cross_entropy(model.heads[name](pooled).float(),
-                                                       torch.from_numpy(y_).to(device), ignore_index=IGNORE_INDEX)
+                        losses[name] = F.cross_entropy(
+                            model.heads[name](pooled).float(),
+                            torch.from_numpy(y_).to(device),
+                            ignore_index=IGNORE_INDEX,
+                        )
         if self.momentum_bb is not None:
             batch = self.tok(texts)
             two = {k: torch.cat([v, v], 0) for k, v in batch.items()}  # two dropout views in one pass
             z = model.pool(model.encode(two), two["attention_mask"])
-            z1, z2 = z[: len(idx)], z[len(idx):]
-            losses["contrastive"] = info_nce(z1, z2, self.queue.tensor.to(device) if len(self.queue) else None,
-                                             tk.contrastive.tau)
+            z1, z2 = z[: len(idx)], z[len(idx) :]
+            losses["contrastive"] = info_nce(
+                z1, z2, self.queue.tensor.to(device) if len(self.queue) else None, tk.contrastive.tau
+            )
             with torch.no_grad():
                 keys = model.pool(model.encode(batch, backbone=self.momentum_bb), batch["attention_mask"])
             self.keys = F.normalize(keys.float(), dim=-1)
@@ -940,7 +1049,9 @@ class PretrainLoop:
                     self.window.setdefault(t, []).append(float(v.item()))
                 self.window.setdefault("total", []).append(float(loss.item()))
                 ep = epoch + (b + 1) / self.steps_per_epoch
-                self.progress.advance(1, description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                self.progress.advance(
+                    1, description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}"
+                )
                 if self.global_step % tc.log_every == 0 or self.global_step == self.total:
                     self.log_window(ep, time.time() - window_t)
                     window_t = time.time()
@@ -955,21 +1066,31 @@ class PretrainLoop:
         dt, step = max(seconds, 1e-9), self.global_step
         means = {t: float(np.mean(v)) for t, v in self.window.items()}
         lr_now = self.scheduler.get_last_lr()[0]
-        rows = [{"name": f"pretrain/{t}_loss", "value": v, "fold": 0, "step": step, "epoch": ep}
-                for t, v in means.items() if t != "total"]
+        rows = [
+            {"name": mn.pretrain_loss_name(t), "value": v, "fold": 0, "step": step, "epoch": ep}
+            for t, v in means.items()
+            if t != "total"
+        ]
         rows += [
-            {"name": "train/loss", "value": means["total"], "fold": 0, "step": step, "epoch": ep},
-            {"name": "train/lr", "value": lr_now, "fold": 0, "step": step, "epoch": ep},
-            {"name": "train/samples_per_s", "value": self.window_items / dt, "fold": 0, "step": step, "epoch": ep},
-            {"name": "progress/step", "value": float(step), "fold": -1, "step": step},
+            {"name": mn.TRAIN_LOSS, "value": means["total"], "fold": 0, "step": step, "epoch": ep},
+            {"name": mn.TRAIN_LR, "value": lr_now, "fold": 0, "step": step, "epoch": ep},
+            {"name": mn.TRAIN_SAMPLES_PER_S, "value": self.window_items / dt, "fold": 0, "step": step, "epoch": ep},
+            {"name": mn.PROGRESS_STEP, "value": float(step), "fold": -1, "step": step},
         ]
         self.store.log_metrics(self.run_id, rows)
         if not self.first_losses:
             self.first_losses = dict(means)
         self.last_losses = dict(means)
-        log.info("step %d/%d epoch %.2f loss %.4f (%s) lr %.2e %.1f products/s", step, self.total, ep,
-                 means["total"], " ".join(f"{t} {v:.4f}" for t, v in means.items() if t != "total"),
-                 lr_now, self.window_items / dt)
+        log.info(
+            "step %d/%d epoch %.2f loss %.4f (%s) lr %.2e %.1f products/s",
+            step,
+            self.total,
+            ep,
+            means["total"],
+            " ".join(f"{t} {v:.4f}" for t, v in means.items() if t != "total"),
+            lr_now,
+            self.window_items / dt,
+        )
         self.window, self.window_items = {}, 0
 
     def checkpoint(self, epoch: int, b: int, epoch_rng: dict) -> None:
@@ -979,16 +1100,27 @@ class PretrainLoop:
 
         last_b = b + 1 == self.steps_per_epoch
         p2q, queue, momentum_bb = self.p2q, self.queue, self.momentum_bb
-        save_step_checkpoint(self.ckpt_path, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
-            "queue": queue.buf if queue is not None else None, "gen": self.gen.get_state(),
-            "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
-            "epoch_rng": self.rng.bit_generator.state if last_b else epoch_rng, "rng": rng_state(),
-            "global_step": self.global_step, "window": self.window, "window_items": self.window_items,
-            "first_losses": self.first_losses, "last_losses": self.last_losses,
-            "epoch": epoch + 1 if last_b else epoch, "b": 0 if last_b else b + 1})
+        save_step_checkpoint(
+            self.ckpt_path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
+                "queue": queue.buf if queue is not None else None,
+                "gen": self.gen.get_state(),
+                "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
+                "epoch_rng": self.rng.bit_generator.state if last_b else epoch_rng,
+                "rng": rng_state(),
+                "global_step": self.global_step,
+                "window": self.window,
+                "window_items": self.window_items,
+                "first_losses": self.first_losses,
+                "last_losses": self.last_losses,
+                "epoch": epoch + 1 if last_b else epoch,
+                "b": 0 if last_b else b + 1,
+            },
+        )
 
     def restore(self, ckpt: dict) -> None:
         """Load a ``resume.pt``: weights, heads, momentum encoder, queue, optimizer, scheduler,
@@ -1010,8 +1142,13 @@ class PretrainLoop:
         self.first_losses, self.last_losses = ckpt["first_losses"], ckpt["last_losses"]
         self.start_epoch, self.start_b = ckpt["epoch"], ckpt["b"]
         self.progress.advance(self.global_step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.ckpt_path.name, self.global_step,
-                 self.start_epoch, self.start_b)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            self.ckpt_path.name,
+            self.global_step,
+            self.start_epoch,
+            self.start_b,
+        )
 
     def save_backbone(self, tmp_dir: Path) -> Path:
         """The backbone, tokenizer and ``pretrain.json`` (tasks, steps, vocabularies) into
@@ -1019,10 +1156,19 @@ class PretrainLoop:
         self.progress.message("saving the backbone")
         self.model.backbone.save_pretrained(tmp_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp_dir)
-        (tmp_dir / "pretrain.json").write_text(json.dumps({
-            "run_id": self.run_id, "tasks": self.enabled, "steps": self.global_step, "source_model": self.cfg.model.name,
-            "brand_vocab": self.brand_vocab.values if self.brand_vocab else None,
-            "color_vocab": self.color_vocab.values if self.color_vocab else None}, indent=1))
+        (tmp_dir / "pretrain.json").write_text(
+            json.dumps(
+                {
+                    "run_id": self.run_id,
+                    "tasks": self.enabled,
+                    "steps": self.global_step,
+                    "source_model": self.cfg.model.name,
+                    "brand_vocab": self.brand_vocab.values if self.brand_vocab else None,
+                    "color_vocab": self.color_vocab.values if self.color_vocab else None,
+                },
+                indent=1,
+            )
+        )
         final = self.run_dir / "backbone"
         if final.exists():
             shutil.rmtree(final)

@@ -24,8 +24,16 @@ COMPARE_METRICS = [
 ]
 
 #: metrics a curve can show (per fold, by step)
-CURVE_METRICS = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.EVAL_TASK3_F1, mn.TRAIN_LR, mn.EVAL_LOSS,
-                 mn.TRAIN_SAMPLES_PER_S, mn.TRAIN_GRAD_NORM]
+CURVE_METRICS = [
+    mn.TRAIN_LOSS,
+    mn.EVAL_NDCG,
+    mn.EVAL_TASK2_F1,
+    mn.EVAL_TASK3_F1,
+    mn.TRAIN_LR,
+    mn.EVAL_LOSS,
+    mn.TRAIN_SAMPLES_PER_S,
+    mn.TRAIN_GRAD_NORM,
+]
 
 
 def metric_summary(store: RunStore, run_id: str) -> dict[str, dict[str, float | None]]:
@@ -73,7 +81,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _MISSING = object()
 
 
-def config_diff(configs: dict[str, dict[str, Any]], ignore: Sequence[str] = ("output_dir",)) -> list[tuple[str, dict[str, Any]]]:
+def config_diff(
+    configs: dict[str, dict[str, Any]], ignore: Sequence[str] = ("output_dir",)
+) -> list[tuple[str, dict[str, Any]]]:
     """Only the config keys whose values differ between runs.
 
     Args:
@@ -90,7 +100,15 @@ def config_diff(configs: dict[str, dict[str, Any]], ignore: Sequence[str] = ("ou
         if key in ignore:
             continue
         vals = {rid: f.get(key, _MISSING) for rid, f in flat.items()}
-        if len({json.dumps(v, sort_keys=True, default=str) if v is not _MISSING else "\0missing" for v in vals.values()}) > 1:
+        if (
+            len(
+                {
+                    json.dumps(v, sort_keys=True, default=str) if v is not _MISSING else "\0missing"
+                    for v in vals.values()
+                }
+            )
+            > 1
+        ):
             out.append((key, {rid: (None if v is _MISSING else v) for rid, v in vals.items()}))
     return out
 

@@ -48,8 +48,9 @@ def load_any_config(path: str | Path, overrides: list[str] | None = None):
     return load_config(path, overrides)
 
 
-def trainer_command(config_path: str | Path, run_id: str, db_path: str, overrides: list[str],
-                    command: str = "train") -> list[str]:
+def trainer_command(
+    config_path: str | Path, run_id: str, db_path: str, overrides: list[str], command: str = "train"
+) -> list[str]:
     """The argument list of a detached trainer under its supervisor (same interpreter as the caller):
     ``python -m core.runs.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``
     (``command="pretrain"``: ``workbench pretrain``)."""
@@ -143,24 +144,13 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
     if config_path is None:
         config_path = run_dir / "launch.yaml"
         save_config(cfg, config_path)
-    console = open(run_dir / "console.log", "ab")
-    try:
-        proc = subprocess.Popen(
-            trainer_command(config_path, run_id, os.path.abspath(store.path), overrides,
-                            command=getattr(cfg, "kind", "train")),
-            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    finally:
-        console.close()
-    try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        create_time = None
-    store.update_run(run_id, pid=proc.pid, process_start_time=create_time, run_dir=str(run_dir))
+    cmd = trainer_command(
+        config_path, run_id, os.path.abspath(store.path), overrides, command=getattr(cfg, "kind", "train")
+    )
+    pid, create_time = _spawn(cmd, run_dir)
+    store.update_run(run_id, pid=pid, process_start_time=create_time, run_dir=str(run_dir))
     store.add_artifact(run_id, "console", run_dir / "console.log")
-    return run_id, proc.pid
+    return run_id, pid
 
 
 def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued: bool = False):
@@ -183,8 +173,9 @@ def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued:
     refresh_statuses(store)  # a run whose process vanished reads crashed first
     run = store.get_record(run_id)
     if run.status not in RESUMABLE and not (queued and run.status == Status.QUEUED):
-        raise WorkbenchError(f"{store.path}: run {run.id} is {run.status}: only a crashed, stopped, failed "
-                             f"or partial run can be resumed")
+        raise WorkbenchError(
+            f"{store.path}: run {run.id} is {run.status}: only a crashed, stopped, failed or partial run can be resumed"
+        )
     return run.id, stored_config(store, run, all_folds=all_folds)
 
 
@@ -204,8 +195,20 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
     if all_folds:
         cmd.append("--all-folds")
     store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
-    pid, create_time = _spawn([sys.executable, "-m", "core.runs.supervise", "--run-id", run_id,
-                               "--db", os.path.abspath(store.path), "--", *cmd], Path(run_dir))
+    pid, create_time = _spawn(
+        [
+            sys.executable,
+            "-m",
+            "core.runs.supervise",
+            "--run-id",
+            run_id,
+            "--db",
+            os.path.abspath(store.path),
+            "--",
+            *cmd,
+        ],
+        Path(run_dir),
+    )
     store.update_run(run_id, pid=pid, process_start_time=create_time)
     return run_id, pid
 
@@ -216,8 +219,15 @@ def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     console = open(run_dir / "console.log", "ab")
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     finally:
         console.close()
     try:

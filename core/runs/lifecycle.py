@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import WorkbenchError
-from core.runs.store import RESUMABLE, RunStore, now_iso
+from core.runs.store import RESUMABLE, RunStore, Status, now_iso
 
 log = logging.getLogger("esci.lifecycle")
 
@@ -88,8 +88,14 @@ def setup_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def claim_run(store: RunStore, name: str, config: dict[str, Any], output_dir: str | Path,
-              run_id: str | None = None, resume: bool = False) -> tuple[str, Path]:
+def claim_run(
+    store: RunStore,
+    name: str,
+    config: dict[str, Any],
+    output_dir: str | Path,
+    run_id: str | None = None,
+    resume: bool = False,
+) -> tuple[str, Path]:
     """The run row and the absolute run folder this trainer writes into.
 
     - ``run_id=None``: a new run row (``queued``) and a new folder ``output_dir/<id>``.
@@ -115,12 +121,14 @@ def claim_run(store: RunStore, name: str, config: dict[str, Any], output_dir: st
     run = store.get_run(run_id)
     run_id, status = run["id"], run["status"]
     if resume:
-        if status not in (*RESUMABLE, "queued"):
-            raise WorkbenchError(f"{store.path}: run {run_id} is {status}: only a crashed, stopped, failed "
-                                 f"or partial run can be resumed")
-    elif status != "queued":
-        hint = ("resume it with `workbench resume " + run_id + "`") if status in RESUMABLE else \
-            "start a new run instead"
+        if status not in (*RESUMABLE, Status.QUEUED):
+            raise WorkbenchError(
+                f"{store.path}: run {run_id} is {status}: only a crashed, stopped, failed or partial run can be resumed"
+            )
+    elif status != Status.QUEUED:
+        hint = (
+            ("resume it with `workbench resume " + run_id + "`") if status in RESUMABLE else "start a new run instead"
+        )
         raise WorkbenchError(f"{store.path}: run {run_id} is {status}: only a queued run can be started by id; {hint}")
     stored = run.get("run_dir")
     run_dir = Path(stored) if stored else Path(output_dir) / run_id
@@ -129,8 +137,9 @@ def claim_run(store: RunStore, name: str, config: dict[str, Any], output_dir: st
     if not resume and run_dir.exists():
         leftovers = sorted(p.name for p in run_dir.iterdir() if p.name not in ("console.log", "launch.yaml"))
         if leftovers:
-            raise WorkbenchError(f"{run_dir}: the folder of queued run {run_id} already holds {leftovers[:3]}; "
-                                 f"refusing to overwrite")
+            raise WorkbenchError(
+                f"{run_dir}: the folder of queued run {run_id} already holds {leftovers[:3]}; refusing to overwrite"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_id, run_dir
 
@@ -140,8 +149,18 @@ def mark_running(store: RunStore, run_id: str, run_dir: Path, **fields: Any) -> 
     start time and absolute run folder; ``fields`` are further columns (config, model, task)."""
     supervised = os.environ.get("WORKBENCH_SUPERVISOR_PID") == str(os.getppid())
     pid_fields = {} if supervised else {"pid": os.getpid(), "process_start_time": process_start_time(os.getpid())}
-    store.update_run(run_id, status="running", **pid_fields, host=socket.gethostname(), started=now_iso(),
-                     ended=None, exit_code=None, error=None, run_dir=str(run_dir), **fields)
+    store.update_run(
+        run_id,
+        status=Status.RUNNING,
+        **pid_fields,
+        host=socket.gethostname(),
+        started=now_iso(),
+        ended=None,
+        exit_code=None,
+        error=None,
+        run_dir=str(run_dir),
+        **fields,
+    )
 
 
 @contextlib.contextmanager
@@ -155,6 +174,7 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     kept). The exception is re-raised; the signal handlers are restored and the file log
     ``handler`` closed.
     """
+
     def _on_signal(signum, frame):
         now = time.monotonic()
         if _stop_signal:
@@ -175,19 +195,22 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     try:
         yield
         check_stop("at the end")  # a stop that came during the last writes still counts as a stop
-        store.update_run(run_id, status=final_status() if final_status else "finished", ended=now_iso(), exit_code=0)
+        store.update_run(
+            run_id, status=final_status() if final_status else Status.FINISHED, ended=now_iso(), exit_code=0
+        )
     except RunStopped:
         log.warning("run %s stopped", run_id)
-        store.update_run(run_id, status="stopped", ended=now_iso(), exit_code=143)
+        store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=143)
         raise
     except WorkbenchError as exc:
         log.error("run %s failed: %s", run_id, exc)
-        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=2, error=str(exc))
+        store.update_run(run_id, status=Status.FAILED, ended=now_iso(), exit_code=2, error=str(exc))
         raise
     except BaseException as exc:
         log.exception("run %s crashed", run_id)
-        store.update_run(run_id, status="failed", ended=now_iso(), exit_code=1,
-                         error=f"{type(exc).__name__}: {exc}"[:500])
+        store.update_run(
+            run_id, status=Status.FAILED, ended=now_iso(), exit_code=1, error=f"{type(exc).__name__}: {exc}"[:500]
+        )
         raise
     finally:
         for sig, h in previous.items():

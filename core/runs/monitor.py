@@ -217,8 +217,9 @@ class LogTail:
         return new
 
 
-def estimate_eta(points: Sequence[tuple[float, float]], total_steps: float | None,
-                 window: int = 20) -> tuple[float | None, float | None]:
+def estimate_eta(
+    points: Sequence[tuple[float, float]], total_steps: float | None, window: int = 20
+) -> tuple[float | None, float | None]:
     """Steps per second and seconds left, from ``(time, global_step)`` points.
 
     Args:

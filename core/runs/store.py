@@ -39,8 +39,8 @@ from typing import Any
 
 import sqlite_utils
 
-from core.runs import metric_names as mn
 from core.errors import ReadOnlyDatabaseError, WorkbenchError
+from core.runs import metric_names as mn
 
 DEFAULT_DB = "runs.db"
 BUSY_TIMEOUT_MS = 30_000
@@ -49,13 +49,13 @@ BUSY_TIMEOUT_MS = 30_000
 class Status(StrEnum):
     """A run's status (the ``runs.status`` column). A str: ``Status.RUNNING == "running"``."""
 
-    QUEUED = "queued"      # row created, process starting (or waiting to be resumed)
-    RUNNING = "running"    # the trainer claimed the run
+    QUEUED = "queued"  # row created, process starting (or waiting to be resumed)
+    RUNNING = "running"  # the trainer claimed the run
     FINISHED = "finished"  # all folds done
-    PARTIAL = "partial"    # ended after the folds it was asked for (``train.run_folds``)
-    FAILED = "failed"      # an error (bad data, exception): exit code and error recorded
-    STOPPED = "stopped"    # ``workbench stop`` / Ctrl+C
-    CRASHED = "crashed"    # killed (SIGKILL, OOM, reboot): nobody wrote a final status
+    PARTIAL = "partial"  # ended after the folds it was asked for (``train.run_folds``)
+    FAILED = "failed"  # an error (bad data, exception): exit code and error recorded
+    STOPPED = "stopped"  # ``workbench stop`` / Ctrl+C
+    CRASHED = "crashed"  # killed (SIGKILL, OOM, reboot): nobody wrote a final status
 
 
 #: statuses of a run whose process may still be alive
@@ -84,13 +84,17 @@ def git_commit(path: str | Path = ".") -> str | None:
         here = Path(__file__).resolve().parent
         out = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         if out.returncode != 0:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -99,9 +103,19 @@ def git_commit(path: str | Path = ".") -> str | None:
 
 #: SQLite result codes (``sqlite3.Error.sqlite_errorname`` prefixes) that describe the file or the
 #: disk rather than a bug in a query: they become a one-line WorkbenchError naming the database
-ENV_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED",
-              "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_PERM", "SQLITE_NOLFS",
-              "SQLITE_PROTOCOL")
+ENV_ERRORS = (
+    "SQLITE_READONLY",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_CANTOPEN",
+    "SQLITE_CORRUPT",
+    "SQLITE_NOTADB",
+    "SQLITE_PERM",
+    "SQLITE_NOLFS",
+    "SQLITE_PROTOCOL",
+)
 
 
 def db_error(path: str, exc: sqlite3.Error, what: str) -> WorkbenchError | None:
@@ -135,8 +149,9 @@ def check_db_location(path: str | Path) -> None:
         raise ReadOnlyDatabaseError(f"{p}: the runs database is read-only (no write permission)")
     sidecars = [Path(f"{p}-wal"), Path(f"{p}-shm")]
     if not os.access(folder, os.W_OK) and not all(s.exists() and os.access(s, os.W_OK) for s in sidecars):
-        raise ReadOnlyDatabaseError(f"{p}: folder {folder} is not writable (SQLite needs to create "
-                             f"{p.name}-wal and {p.name}-shm there)")
+        raise ReadOnlyDatabaseError(
+            f"{p}: folder {folder} is not writable (SQLite needs to create {p.name}-wal and {p.name}-shm there)"
+        )
 
 
 def new_run_id() -> str:
@@ -147,19 +162,59 @@ def new_run_id() -> str:
 # --------------------------------------------------------------------------- schema
 #: every table of runs.db: name -> ((column, SQL type), ...) in column order
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
-    "runs": (("id", "TEXT PRIMARY KEY"), ("name", "TEXT"), ("status", "TEXT"), ("task", "INTEGER"),
-             ("model", "TEXT"), ("config", "TEXT"), ("pid", "INTEGER"), ("process_start_time", "REAL"),
-             ("host", "TEXT"), ("created", "TEXT"), ("started", "TEXT"), ("ended", "TEXT"),
-             ("exit_code", "INTEGER"), ("git_commit", "TEXT"), ("run_dir", "TEXT"), ("error", "TEXT")),
-    "metrics": (("run_id", "TEXT"), ("fold", "INTEGER"), ("step", "INTEGER"), ("epoch", "REAL"),
-                ("name", "TEXT"), ("value", "REAL"), ("time", "REAL")),
+    "runs": (
+        ("id", "TEXT PRIMARY KEY"),
+        ("name", "TEXT"),
+        ("status", "TEXT"),
+        ("task", "INTEGER"),
+        ("model", "TEXT"),
+        ("config", "TEXT"),
+        ("pid", "INTEGER"),
+        ("process_start_time", "REAL"),
+        ("host", "TEXT"),
+        ("created", "TEXT"),
+        ("started", "TEXT"),
+        ("ended", "TEXT"),
+        ("exit_code", "INTEGER"),
+        ("git_commit", "TEXT"),
+        ("run_dir", "TEXT"),
+        ("error", "TEXT"),
+    ),
+    "metrics": (
+        ("run_id", "TEXT"),
+        ("fold", "INTEGER"),
+        ("step", "INTEGER"),
+        ("epoch", "REAL"),
+        ("name", "TEXT"),
+        ("value", "REAL"),
+        ("time", "REAL"),
+    ),
     "artifacts": (("run_id", "TEXT"), ("fold", "INTEGER"), ("kind", "TEXT"), ("path", "TEXT"), ("time", "TEXT")),
-    "label_issues": (("run_id", "TEXT"), ("example_id", "INTEGER"), ("given_label", "TEXT"),
-                     ("suggested_label", "TEXT"), ("label_quality", "REAL"), ("rank", "INTEGER")),
-    "label_decisions": (("id", "INTEGER PRIMARY KEY"), ("example_id", "INTEGER"), ("decision", "TEXT"),
-                        ("new_label", "TEXT"), ("reviewer", "TEXT"), ("time", "TEXT"), ("source_run", "TEXT")),
-    "ensembles": (("name", "TEXT PRIMARY KEY"), ("created", "TEXT"), ("tasks", "TEXT"), ("members", "TEXT"),
-                  ("manifest", "TEXT"), ("dir", "TEXT")),
+    "label_issues": (
+        ("run_id", "TEXT"),
+        ("example_id", "INTEGER"),
+        ("given_label", "TEXT"),
+        ("suggested_label", "TEXT"),
+        ("label_quality", "REAL"),
+        ("rank", "INTEGER"),
+    ),
+    "label_decisions": (
+        ("id", "INTEGER PRIMARY KEY"),
+        ("example_id", "INTEGER"),
+        ("decision", "TEXT"),
+        ("new_label", "TEXT"),
+        ("reviewer", "TEXT"),
+        ("time", "TEXT"),
+        ("source_run", "TEXT"),
+    ),
+    "ensembles": (
+        ("name", "TEXT PRIMARY KEY"),
+        ("created", "TEXT"),
+        ("tasks", "TEXT"),
+        ("members", "TEXT"),
+        ("manifest", "TEXT"),
+        ("dir", "TEXT"),
+    ),
 }
 #: (index name, table, columns); the names are those the tables had before the schema was versioned
 INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -178,8 +233,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
     """Every table and index of :data:`TABLES` / :data:`INDEXES` that is missing, and every
     missing column of an existing table (``ALTER TABLE ... ADD COLUMN``, NULL in old rows)."""
     for table, cols in TABLES.items():
-        conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ('
-                     + ", ".join(f'"{c}" {t}' for c, t in cols) + ")")
+        conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (' + ", ".join(f'"{c}" {t}' for c, t in cols) + ")")
         have = {r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')}
         for c, t in cols:
             if c not in have:
@@ -197,9 +251,7 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
 
 
 #: (version reached, migration from the one before), in order; a new file runs them all
-MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _migrate_0_to_1),
-)
+MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = ((1, _migrate_0_to_1),)
 #: ``PRAGMA user_version`` of a runs.db with this module's schema
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -253,12 +305,24 @@ class RunRecord:
             status = Status(row.get("status"))
         except ValueError:
             raise WorkbenchError(f"{db}: run {row['id']} has an unknown status {row.get('status')!r}") from None
-        return cls(id=row["id"], name=row.get("name") or "", status=status, config=config,
-                   run_dir=Path(row["run_dir"]) if row.get("run_dir") else None, task=row.get("task"),
-                   model=row.get("model"), pid=row.get("pid"), process_start_time=row.get("process_start_time"),
-                   host=row.get("host"), created=row.get("created"), started=row.get("started"),
-                   ended=row.get("ended"), exit_code=row.get("exit_code"), git_commit=row.get("git_commit"),
-                   error=row.get("error"))
+        return cls(
+            id=row["id"],
+            name=row.get("name") or "",
+            status=status,
+            config=config,
+            run_dir=Path(row["run_dir"]) if row.get("run_dir") else None,
+            task=row.get("task"),
+            model=row.get("model"),
+            pid=row.get("pid"),
+            process_start_time=row.get("process_start_time"),
+            host=row.get("host"),
+            created=row.get("created"),
+            started=row.get("started"),
+            ended=row.get("ended"),
+            exit_code=row.get("exit_code"),
+            git_commit=row.get("git_commit"),
+            error=row.get("error"),
+        )
 
     @property
     def active(self) -> bool:
@@ -318,8 +382,9 @@ class RunStore:
             if readonly:
                 conn, tables = self._open_readonly()
             else:
-                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+                )
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 tables = _table_names(conn)
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -349,16 +414,19 @@ class RunStore:
         process cannot write (no ``-shm`` to create) is opened ``immutable`` instead: nobody can
         be writing it there."""
         uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             return conn, _table_names(conn)
         except sqlite3.Error as exc:
             conn.close()
             name = getattr(exc, "sqlite_errorname", "") or ""
-            if not (name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN"))
-                    and not os.access(Path(self.path).parent, os.W_OK)):
+            if not (
+                name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN"))
+                and not os.access(Path(self.path).parent, os.W_OK)
+            ):
                 raise
         conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
         try:
@@ -419,8 +487,10 @@ class RunStore:
         with self._tx() as c:
             version = schema_version(c)  # another process may have migrated it meanwhile
             if version > SCHEMA_VERSION:
-                raise WorkbenchError(f"{self.path}: runs database schema version {version} is newer than this "
-                                     f"workbench's ({SCHEMA_VERSION}); upgrade the workbench")
+                raise WorkbenchError(
+                    f"{self.path}: runs database schema version {version} is newer than this "
+                    f"workbench's ({SCHEMA_VERSION}); upgrade the workbench"
+                )
             for target, migrate in MIGRATIONS:
                 if version < target:
                     migrate(c)
@@ -431,8 +501,10 @@ class RunStore:
         """Whether the file holds table ``name`` (a reader may open a version-0 file without the
         label or ensemble tables: its reads of them are empty)."""
         with self._guard():
-            return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                     [name]).fetchone() is not None
+            return (
+                self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+                is not None
+            )
 
     class _Tx:
         def __init__(self, conn: sqlite3.Connection, path: str = "runs.db"):
@@ -478,16 +550,26 @@ class RunStore:
         self.conn.close()
 
     # -- writes ---------------------------------------------------------------------------
-    def create_run(self, name: str, config: dict[str, Any], run_dir: str | None = None,
-                   run_id: str | None = None, status: str = Status.QUEUED) -> str:
+    def create_run(
+        self,
+        name: str,
+        config: dict[str, Any],
+        run_dir: str | None = None,
+        run_id: str | None = None,
+        status: str = Status.QUEUED,
+    ) -> str:
         """Insert a run row and return its id."""
         run_id = run_id or new_run_id()
         row = {
-            "id": run_id, "name": name, "status": status,
+            "id": run_id,
+            "name": name,
+            "status": status,
             "task": int(config.get("data", {}).get("task", 1)),
             "model": config.get("model", {}).get("name"),
             "config": json.dumps(config, sort_keys=True),
-            "host": socket.gethostname(), "created": now_iso(), "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "created": now_iso(),
+            "git_commit": git_commit(),
             "run_dir": run_dir,
         }
         cols = ", ".join(row)
@@ -517,8 +599,15 @@ class RunStore:
         """
         t = time.time()
         vals = [
-            (run_id, int(r.get("fold", -1)), r.get("step"), r.get("epoch"), str(r["name"]),
-             float(r["value"]), float(r.get("time", t)))
+            (
+                run_id,
+                int(r.get("fold", -1)),
+                r.get("step"),
+                r.get("epoch"),
+                str(r["name"]),
+                float(r["value"]),
+                float(r.get("time", t)),
+            )
             for r in rows
         ]
         if vals:
@@ -529,9 +618,15 @@ class RunStore:
                 )
         return len(vals)
 
-    def delete_metrics(self, run_id: str, fold: int | None = None, teacher: bool | None = None,
-                       after_step: int | None = None, names: Sequence[str] | None = None,
-                       name_prefixes: Sequence[str] | None = None) -> int:
+    def delete_metrics(
+        self,
+        run_id: str,
+        fold: int | None = None,
+        teacher: bool | None = None,
+        after_step: int | None = None,
+        names: Sequence[str] | None = None,
+        name_prefixes: Sequence[str] | None = None,
+    ) -> int:
         """Delete a run's metric rows that match every given filter (a resumed run logs them again).
 
         Args:
@@ -570,8 +665,10 @@ class RunStore:
     def add_artifact(self, run_id: str, kind: str, path: str | Path, fold: int = -1) -> None:
         """Record one file the run wrote (``oof``, ``test``, ``checkpoint``, ``log``, ``config``)."""
         with self._tx() as c:
-            c.execute("INSERT INTO artifacts (run_id, fold, kind, path, time) VALUES (?,?,?,?,?)",
-                      (run_id, fold, kind, str(path), now_iso()))
+            c.execute(
+                "INSERT INTO artifacts (run_id, fold, kind, path, time) VALUES (?,?,?,?,?)",
+                (run_id, fold, kind, str(path), now_iso()),
+            )
 
     def replace_label_issues(self, run_id: str, rows: Iterable[Sequence[Any]]) -> None:
         """Replace ``run_id``'s rows of ``label_issues`` with ``rows`` (tuples in the order of
@@ -582,22 +679,27 @@ class RunStore:
             c.execute("DELETE FROM label_issues WHERE run_id = ?", [run_id])
             c.executemany(f"INSERT INTO label_issues ({cols}) VALUES ({marks})", rows)
 
-    def add_label_decision(self, source_run: str, example_id: int, decision: str, new_label: str | None,
-                           reviewer: str) -> int:
+    def add_label_decision(
+        self, source_run: str, example_id: int, decision: str, new_label: str | None, reviewer: str
+    ) -> int:
         """Append one row to ``label_decisions`` (checked by :func:`core.cleaning.labels.record_decision`)
         and return its id."""
         with self._tx() as c:
-            cur = c.execute("INSERT INTO label_decisions (example_id, decision, new_label, reviewer, time, source_run)"
-                            " VALUES (?,?,?,?,?,?)", [int(example_id), decision, new_label, reviewer, now_iso(),
-                                                      source_run])
+            cur = c.execute(
+                "INSERT INTO label_decisions (example_id, decision, new_label, reviewer, time, source_run)"
+                " VALUES (?,?,?,?,?,?)",
+                [int(example_id), decision, new_label, reviewer, now_iso(), source_run],
+            )
             return int(cur.lastrowid)
 
     def put_ensemble(self, name: str, tasks: str, members: str, manifest: str, out_dir: str) -> None:
         """Record an ensemble (``members`` and ``manifest`` are JSON text); a rebuild under the
         same name replaces its row."""
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO ensembles (name, created, tasks, members, manifest, dir) "
-                      "VALUES (?,?,?,?,?,?)", [name, now_iso(), tasks, members, manifest, out_dir])
+            c.execute(
+                "INSERT OR REPLACE INTO ensembles (name, created, tasks, members, manifest, dir) VALUES (?,?,?,?,?,?)",
+                [name, now_iso(), tasks, members, manifest, out_dir],
+            )
 
     # -- reads ----------------------------------------------------------------------------
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -610,9 +712,12 @@ class RunStore:
         if not run_id:
             raise WorkbenchError(f"{self.path}: no run {run_id!r}")
         with self._guard():
-            rows = list(self.db.query(
-                "SELECT * FROM runs WHERE id = ? OR substr(lower(id), 1, length(?)) = lower(?) ORDER BY id",
-                [run_id, run_id, run_id]))
+            rows = list(
+                self.db.query(
+                    "SELECT * FROM runs WHERE id = ? OR substr(lower(id), 1, length(?)) = lower(?) ORDER BY id",
+                    [run_id, run_id, run_id],
+                )
+            )
         exact = [r for r in rows if r["id"] == run_id]
         if exact:
             return self._resolved(exact[0])
@@ -636,9 +741,13 @@ class RunStore:
         """Metric rows of a run appended after ``after_rowid`` (incremental polling by a monitor),
         each with its ``rowid``, in insertion order."""
         with self._guard():
-            return list(self.db.query(
-                "SELECT rowid, fold, step, epoch, name, value, time FROM metrics WHERE run_id = ? AND rowid > ? "
-                "ORDER BY rowid", [run_id, int(after_rowid)]))
+            return list(
+                self.db.query(
+                    "SELECT rowid, fold, step, epoch, name, value, time FROM metrics WHERE run_id = ? AND rowid > ? "
+                    "ORDER BY rowid",
+                    [run_id, int(after_rowid)],
+                )
+            )
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes whenever another connection commits, so a
@@ -649,8 +758,9 @@ class RunStore:
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         """The run's artifact rows ``{fold, kind, path, time}``, paths absolute (:meth:`resolve_path`)."""
         with self._guard():
-            rows = list(self.db.query("SELECT fold, kind, path, time FROM artifacts WHERE run_id = ? ORDER BY rowid",
-                                      [run_id]))
+            rows = list(
+                self.db.query("SELECT fold, kind, path, time FROM artifacts WHERE run_id = ? ORDER BY rowid", [run_id])
+            )
         for r in rows:
             if r.get("path"):
                 r["path"] = str(self.resolve_path(r["path"]))
@@ -677,11 +787,16 @@ class RunStore:
         """Rows of the runs whose status is :data:`ACTIVE` (their process may still be alive)."""
         marks = ", ".join("?" for _ in ACTIVE)
         with self._guard():
-            return [self._resolved(r) for r in self.db.query(
-                f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id", [str(s) for s in ACTIVE])]
+            return [
+                self._resolved(r)
+                for r in self.db.query(
+                    f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id", [str(s) for s in ACTIVE]
+                )
+            ]
 
-    def best_values(self, run_ids: Sequence[str] | None = None,
-                    names: Sequence[str] = (mn.NDCG, mn.TASK2_F1, mn.FINAL_NDCG)) -> dict[str, dict[str, float]]:
+    def best_values(
+        self, run_ids: Sequence[str] | None = None, names: Sequence[str] = (mn.NDCG, mn.TASK2_F1, mn.FINAL_NDCG)
+    ) -> dict[str, dict[str, float]]:
         """Each run's best figures, best and not last, the one place this rule is written:
 
         for a short name ``n`` (``ndcg``, ``task2_f1``, ...), the run-level ``cv/n`` (fold -1, over
@@ -706,13 +821,13 @@ class RunStore:
         sql = f"""
         WITH fold_best AS (
             SELECT run_id, name, fold, MAX(value) AS v FROM metrics
-            WHERE name IN ({', '.join('?' for _ in evals)}) AND fold >= 0{runs_sql}
+            WHERE name IN ({", ".join("?" for _ in evals)}) AND fold >= 0{runs_sql}
             GROUP BY run_id, name, fold
         )
         SELECT run_id, name, AVG(v) AS v FROM fold_best GROUP BY run_id, name
         UNION ALL
         SELECT run_id, name, MAX(value) AS v FROM metrics
-        WHERE name IN ({', '.join('?' for _ in cvs)}) AND fold = -1{runs_sql}
+        WHERE name IN ({", ".join("?" for _ in cvs)}) AND fold = -1{runs_sql}
         GROUP BY run_id, name
         """
         with self._guard():
@@ -731,8 +846,11 @@ class RunStore:
     def folds_done(self) -> dict[str, int]:
         """{run id: number of ``fold/done`` rows} for the runs with any."""
         with self._guard():
-            return dict(self.conn.execute("SELECT run_id, COUNT(*) FROM metrics WHERE name = ? GROUP BY run_id",
-                                          [mn.FOLD_DONE]).fetchall())
+            return dict(
+                self.conn.execute(
+                    "SELECT run_id, COUNT(*) FROM metrics WHERE name = ? GROUP BY run_id", [mn.FOLD_DONE]
+                ).fetchall()
+            )
 
     def list_runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, with their best values (:meth:`best_values`: best, not last):
@@ -742,8 +860,10 @@ class RunStore:
         ``best_final_ndcg``: the final blended ranking's CV nDCG (``cv/final_ndcg``).
         ``folds_done``: folds with a ``fold/done`` metric; ``n_folds``: the config's ``train.folds``.
         """
-        sql = ("SELECT r.*, json_extract(r.config, '$.train.folds') AS n_folds FROM runs r "
-               "ORDER BY r.created DESC, r.id DESC")
+        sql = (
+            "SELECT r.*, json_extract(r.config, '$.train.folds') AS n_folds FROM runs r "
+            "ORDER BY r.created DESC, r.id DESC"
+        )
         if limit:
             sql += f" LIMIT {int(limit)}"
         with self._guard():
@@ -763,8 +883,9 @@ class RunStore:
         if not self._has_table("label_issues"):
             return []
         with self._guard():
-            return self.conn.execute(f"SELECT {', '.join(LABEL_ISSUE_COLUMNS)} FROM label_issues WHERE run_id = ? "
-                                     "ORDER BY rank", [run_id]).fetchall()
+            return self.conn.execute(
+                f"SELECT {', '.join(LABEL_ISSUE_COLUMNS)} FROM label_issues WHERE run_id = ? ORDER BY rank", [run_id]
+            ).fetchall()
 
     def label_decisions(self, source_run: str | None = None) -> list[tuple]:
         """All ``label_decisions`` rows (of one source run, or all), in append order, as tuples in
@@ -784,11 +905,15 @@ class RunStore:
         (``decided``: distinct examples with a decision from that run's review)."""
         if not self._has_table("label_issues"):
             return []
-        decided = ("(SELECT COUNT(DISTINCT example_id) FROM label_decisions d WHERE d.source_run = i.run_id)"
-                   if self._has_table("label_decisions") else "0")
+        decided = (
+            "(SELECT COUNT(DISTINCT example_id) FROM label_decisions d WHERE d.source_run = i.run_id)"
+            if self._has_table("label_decisions")
+            else "0"
+        )
         with self._guard():
-            rows = self.conn.execute(f"SELECT i.run_id, COUNT(*), {decided} FROM label_issues i "
-                                     "GROUP BY i.run_id ORDER BY i.run_id DESC").fetchall()
+            rows = self.conn.execute(
+                f"SELECT i.run_id, COUNT(*), {decided} FROM label_issues i GROUP BY i.run_id ORDER BY i.run_id DESC"
+            ).fetchall()
         return [dict(zip(("run_id", "n_issues", "decided"), r)) for r in rows]
 
     def ensembles(self) -> list[dict[str, Any]]:

@@ -65,8 +65,13 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
             # stopped before the trainer installed its own handler (e.g. while importing torch)
             store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=code)
         elif run["status"] not in FINAL:
-            store.update_run(run_id, status=Status.CRASHED if rc < 0 else Status.FAILED, ended=now_iso(), exit_code=code,
-                             error=run.get("error") or f"trainer exited with code {code} without a final status")
+            store.update_run(
+                run_id,
+                status=Status.CRASHED if rc < 0 else Status.FAILED,
+                ended=now_iso(),
+                exit_code=code,
+                error=run.get("error") or f"trainer exited with code {code} without a final status",
+            )
         elif run.get("exit_code") is None:
             store.update_run(run_id, exit_code=code)
     finally:

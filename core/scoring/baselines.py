@@ -158,9 +158,7 @@ def bm25_scores(
     # Term weights: the eager index is a CSC matrix (documents x vocabulary).
     idx = retriever.scores
     n_vocab = len(idx["indptr"]) - 1
-    weights = sp.csc_matrix(
-        (idx["data"], idx["indices"], idx["indptr"]), shape=(idx["num_docs"], n_vocab)
-    ).tocsr()
+    weights = sp.csc_matrix((idx["data"], idx["indices"], idx["indptr"]), shape=(idx["num_docs"], n_vocab)).tocsr()
 
     # Expand each row into (row, query token) pairs and gather weights[product, token].
     q_len = np.array([len(t) for t in query_token_ids], dtype=np.int64)

@@ -12,15 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.modeling.model import load_backbone, load_tokenizer
 from core.data.text import clean_text
+from core.modeling.model import load_backbone, load_tokenizer
 
 DENSE_FIELDS = ("product_title", "product_brand", "product_color")
 
 
 @torch.inference_mode()
-def embed_texts(texts: list[str], model_name: str, max_length: int = 64, batch_size: int = 64,
-                device: str | None = None) -> np.ndarray:
+def embed_texts(
+    texts: list[str], model_name: str, max_length: int = 64, batch_size: int = 64, device: str | None = None
+) -> np.ndarray:
     """Mean-pooled, L2-normalised embeddings: float32 (len(texts), hidden).
 
     Texts are encoded in length-sorted batches (little padding); order is kept.
@@ -36,8 +37,9 @@ def embed_texts(texts: list[str], model_name: str, max_length: int = 64, batch_s
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
-        batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt").to(dev)
+        batch = tok(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(dev)
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -56,9 +58,14 @@ def default_prefixes(model_name: str) -> tuple[str, str]:
     return "", ""
 
 
-def dense_scores(df: pd.DataFrame, model_name: str = "all-MiniLM-L6-v2", fields=DENSE_FIELDS,
-                 query_prefix: str | None = None, passage_prefix: str | None = None,
-                 max_length: int = 64) -> np.ndarray:
+def dense_scores(
+    df: pd.DataFrame,
+    model_name: str = "all-MiniLM-L6-v2",
+    fields=DENSE_FIELDS,
+    query_prefix: str | None = None,
+    passage_prefix: str | None = None,
+    max_length: int = 64,
+) -> np.ndarray:
     """Cosine similarity of each row's query and product: float32 (N,).
 
     Args:
@@ -74,8 +81,10 @@ def dense_scores(df: pd.DataFrame, model_name: str = "all-MiniLM-L6-v2", fields=
     queries = pd.unique(df["query"])
     q_pos = pd.Index(queries).get_indexer(df["query"])
     prods = df.drop_duplicates("product_id")
-    p_text = [passage_prefix + " ".join(clean_text(v) for v in row if clean_text(v))
-              for row in prods[list(fields)].itertuples(index=False)]
+    p_text = [
+        passage_prefix + " ".join(clean_text(v) for v in row if clean_text(v))
+        for row in prods[list(fields)].itertuples(index=False)
+    ]
     p_pos = pd.Index(prods["product_id"]).get_indexer(df["product_id"])
     q_emb = embed_texts([query_prefix + clean_text(q) for q in queries], model_name, max_length)
     p_emb = embed_texts(p_text, model_name, max_length)

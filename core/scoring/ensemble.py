@@ -43,16 +43,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.scoring.blend import standardize_per_query
 from core.errors import DataError, WorkbenchError
+from core.scoring.blend import standardize_per_query
 from core.scoring.metrics import ESCI_LABELS, GAIN_VECTOR
 from core.scoring.report import PROB_COLUMNS, read_predictions
 
 __all__ = [
-    "SCORERS", "Member", "MemberSet", "EnsembleResult", "load_members", "align_members",
-    "per_query_rank", "correlation_matrix", "shrink_correlated", "NdcgEvaluator",
-    "caruana_weights", "parse_weights", "tune_task3_threshold", "tune_task2_bias",
-    "build_ensemble", "record_ensemble", "write_ensemble", "file_sha256",
+    "SCORERS",
+    "Member",
+    "MemberSet",
+    "EnsembleResult",
+    "load_members",
+    "align_members",
+    "per_query_rank",
+    "correlation_matrix",
+    "shrink_correlated",
+    "NdcgEvaluator",
+    "caruana_weights",
+    "parse_weights",
+    "tune_task3_threshold",
+    "tune_task2_bias",
+    "build_ensemble",
+    "record_ensemble",
+    "write_ensemble",
+    "file_sha256",
 ]
 
 SCORERS: tuple[str, ...] = ("bm25", "dense")
@@ -123,7 +137,9 @@ def _mismatch_message(what: str, name_a: str, ids_a: np.ndarray, name_b: str, id
     return "; ".join(parts) + "; members must be trained on the same examples to be combined"
 
 
-def align_members(frames: list[tuple[str, pd.DataFrame, pd.DataFrame | None]]) -> tuple[pd.DataFrame, pd.DataFrame | None, list]:
+def align_members(
+    frames: list[tuple[str, pd.DataFrame, pd.DataFrame | None]],
+) -> tuple[pd.DataFrame, pd.DataFrame | None, list]:
     """Check that members cover the same example_ids and sort them by example_id.
 
     Args:
@@ -145,15 +161,17 @@ def align_members(frames: list[tuple[str, pd.DataFrame, pd.DataFrame | None]]) -
         sorted_frames.append((name, oof, test))
     ref_name, ref_oof, ref_test = sorted_frames[0]
     ref_ids = ref_oof["example_id"].to_numpy()
-    for name, oof, test in sorted_frames[1:]:
+    for name, oof, _test in sorted_frames[1:]:
         ids = oof["example_id"].to_numpy()
         if len(ids) != len(ref_ids) or not np.array_equal(ids, ref_ids):
             raise WorkbenchError(_mismatch_message("OOF", ref_name, ref_ids, name, ids))
     with_test = [n for n, _, t in sorted_frames if t is not None]
     if with_test and len(with_test) != len(sorted_frames):
         without = [n for n, _, t in sorted_frames if t is None]
-        raise WorkbenchError(f"members {', '.join(map(repr, with_test))} have test predictions but "
-                             f"{', '.join(map(repr, without))} have none; all or none must")
+        raise WorkbenchError(
+            f"members {', '.join(map(repr, with_test))} have test predictions but "
+            f"{', '.join(map(repr, without))} have none; all or none must"
+        )
     if ref_test is not None:
         ref_t = ref_test["example_id"].to_numpy()
         for name, _, test in sorted_frames[1:]:
@@ -228,16 +246,20 @@ def load_members(store, specs: list[str]) -> MemberSet:
         test = read_predictions(run_dir / "test.parquet") if (run_dir / "test.parquet").is_file() else None
         loaded[spec] = (run, oof, test, run_dir)
     if any(s in SCORERS for s in specs) and not loaded:
-        raise WorkbenchError(f"scorer member(s) {', '.join(s for s in specs if s in SCORERS)} need at least one "
-                             "run member: their OOF scores are columns of a run's oof.parquet")
+        raise WorkbenchError(
+            f"scorer member(s) {', '.join(s for s in specs if s in SCORERS)} need at least one "
+            "run member: their OOF scores are columns of a run's oof.parquet"
+        )
 
     frames = []
     for spec in specs:
         if spec in SCORERS:
             owner = next((v for v in loaded.values() if spec in v[1].columns), None)
             if owner is None:
-                raise WorkbenchError(f"scorer {spec!r}: no run member's oof.parquet has a {spec!r} column "
-                                     f"(runs whose blend.members include {spec!r} have it)")
+                raise WorkbenchError(
+                    f"scorer {spec!r}: no run member's oof.parquet has a {spec!r} column "
+                    f"(runs whose blend.members include {spec!r} have it)"
+                )
             run, oof, test, run_dir = owner
             frames.append((spec, oof, test))
         else:
@@ -256,16 +278,28 @@ def load_members(store, specs: list[str]) -> MemberSet:
                     t_score = test[spec].to_numpy(np.float64)
                 else:
                     t_score = _scorer_test_scores(spec, test, run.data.get("dir"))
-            members.append(Member(spec, "scorer", oof[spec].to_numpy(np.float64), None, t_score, None,
-                                  str(run_dir / "oof.parquet")))
+            members.append(
+                Member(
+                    spec, "scorer", oof[spec].to_numpy(np.float64), None, t_score, None, str(run_dir / "oof.parquet")
+                )
+            )
         else:
             col = "ce_score" if spec.endswith(":ce") else "score"
             run, _, _, run_dir = loaded[spec]
             if col not in oof.columns:
                 raise DataError(run_dir / "oof.parquet", f"missing column {col}")
-            members.append(Member(spec, "run", oof[col].to_numpy(np.float64), _probs(oof),
-                                  None if test is None else test[col].to_numpy(np.float64), _probs(test),
-                                  str(run_dir / "oof.parquet"), run.id))
+            members.append(
+                Member(
+                    spec,
+                    "run",
+                    oof[col].to_numpy(np.float64),
+                    _probs(oof),
+                    None if test is None else test[col].to_numpy(np.float64),
+                    _probs(test),
+                    str(run_dir / "oof.parquet"),
+                    run.id,
+                )
+            )
     return MemberSet(members, keys, test_keys)
 
 
@@ -427,11 +461,11 @@ def tune_task3_threshold(p_sub: np.ndarray, is_sub: np.ndarray) -> tuple[float, 
     n = len(p)
     order = np.argsort(-p)  # ties are never cut (below), so an unstable sort is fine
     ps, ys = p[order], y[order]
-    tp = np.concatenate(([0], np.cumsum(ys)))            # substitutes among the top k
+    tp = np.concatenate(([0], np.cumsum(ys)))  # substitutes among the top k
     fp = np.arange(n + 1) - tp
     tn = (n - y.sum()) - fp
     correct = tp + tn
-    valid = np.ones(n + 1, dtype=bool)                    # cut only between distinct values
+    valid = np.ones(n + 1, dtype=bool)  # cut only between distinct values
     valid[1:n] = ps[1:] != ps[:-1]
     k = int(np.flatnonzero(valid)[np.argmax(correct[valid])])
     if k == 0:
@@ -443,7 +477,10 @@ def tune_task3_threshold(p_sub: np.ndarray, is_sub: np.ndarray) -> tuple[float, 
     return thr, float(correct[k] / n)
 
 
-def tune_task2_bias(probs: np.ndarray, y: np.ndarray, grid=np.linspace(-2.0, 2.0, 21), passes: int = 2) -> tuple[np.ndarray, float]:
+BIAS_GRID = np.linspace(-2.0, 2.0, 21)  # log-prior offsets tried per class by tune_task2_bias
+
+
+def tune_task2_bias(probs: np.ndarray, y: np.ndarray, grid=BIAS_GRID, passes: int = 2) -> tuple[np.ndarray, float]:
     """Per-class log-prior adjustment maximising Task 2 micro-F1: ``argmax(log p + b)``.
 
     Coordinate ascent over ``b_S, b_C, b_I`` (``b_E`` = 0) on ``grid``, ``passes`` sweeps; a change
@@ -575,9 +612,16 @@ def _weights_for(mode, n: int, evaluate, corr_sub: np.ndarray | None, shrink: fl
     return w
 
 
-def build_ensemble(ms: MemberSet, tasks=(1, 2, 3), weights: str | np.ndarray = "auto", method: str = "zscore",
-                   shrink: float | None = None, prior_adjust: bool = False,
-                   max_fit_queries: int | None = 10_000, seed: int = 0) -> EnsembleResult:
+def build_ensemble(
+    ms: MemberSet,
+    tasks=(1, 2, 3),
+    weights: str | np.ndarray = "auto",
+    method: str = "zscore",
+    shrink: float | None = None,
+    prior_adjust: bool = False,
+    max_fit_queries: int | None = 10_000,
+    seed: int = 0,
+) -> EnsembleResult:
     """Combine the members of ``ms`` for the given tasks; weights fitted or given, metrics on OOF.
 
     Args:
@@ -654,22 +698,30 @@ def _oof_arrays(ms: MemberSet, max_fit_queries: int | None, seed: int) -> _OofAr
 
 
 # -- Task 1: a ranking score per row --------------------------------------------------------------
-def _build_task1(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, weights, method: str,
-                 shrink: float | None) -> None:
+def _build_task1(
+    res: EnsembleResult, ms: MemberSet, oof: _OofArrays, weights, method: str, shrink: float | None
+) -> None:
     """Task 1: weights over the members' (transformed) scores, fitted on nDCG; ``score`` columns."""
     members = _task1_members(ms, method, res.notes)
     combine = _task1_combiner(ms, oof, members, method)
     ev_all = NdcgEvaluator(oof.q, oof.labels)
     ev_fit = ev_all if oof.sub.all() else NdcgEvaluator(oof.q[oof.sub], oof.labels[oof.sub])
     mode = weights if not isinstance(weights, np.ndarray) else _renorm(weights[members], "Task 1")
-    w1 = _weights_for(mode, len(members), lambda w: ev_fit(combine(w, oof.sub)),
-                      res.corr.to_numpy()[np.ix_(members, members)], shrink)
+    w1 = _weights_for(
+        mode, len(members), lambda w: ev_fit(combine(w, oof.sub)), res.corr.to_numpy()[np.ix_(members, members)], shrink
+    )
     s_oof = combine(w1)
     res.oof["score"] = s_oof
     per = {ms.names[j]: ev_all(oof.scores[:, j]) for j in range(len(ms.members))}
-    res.tasks[1] = {"metric": "ndcg", "method": method, "members": [ms.names[j] for j in members],
-                    "weights": [float(x) for x in w1], "oof_member": per, "oof_ensemble": ev_all(s_oof),
-                    "fit_queries": int(pd.unique(oof.q[oof.sub]).size)}
+    res.tasks[1] = {
+        "metric": "ndcg",
+        "method": method,
+        "members": [ms.names[j] for j in members],
+        "weights": [float(x) for x in w1],
+        "oof_member": per,
+        "oof_ensemble": ev_all(s_oof),
+        "fit_queries": int(pd.unique(oof.q[oof.sub]).size),
+    }
     if ms.test is not None:
         res.test["score"] = _task1_test_scores(ms, members, method, w1)
 
@@ -696,6 +748,7 @@ def _task1_combiner(ms: MemberSet, oof: _OofArrays, members: list[int], method: 
 
         def combine(w, rows=slice(None)):
             return np.tensordot(w, P[:, rows], axes=1) @ GAIN_VECTOR
+
         return combine
     if method == "zscore":
         X = oof.z
@@ -704,6 +757,7 @@ def _task1_combiner(ms: MemberSet, oof: _OofArrays, members: list[int], method: 
 
     def combine(w, rows=slice(None)):
         return X[rows] @ w
+
     return combine
 
 
@@ -738,8 +792,10 @@ def _prob_members(ms: MemberSet, notes: list[str]) -> list[int]:
     M = len(ms.members)
     scorers = [ms.names[j] for j in range(M) if not ms.members[j].has_probs]
     if not members:
-        raise WorkbenchError(f"Tasks 2/3 need class probabilities: members {', '.join(ms.names)} are scorers "
-                             "(bm25/dense rank products but do not classify them); add a run")
+        raise WorkbenchError(
+            f"Tasks 2/3 need class probabilities: members {', '.join(ms.names)} are scorers "
+            "(bm25/dense rank products but do not classify them); add a run"
+        )
     if scorers:
         notes.append(f"Tasks 2/3: {', '.join(scorers)} left out (scorers have no class probabilities)")
     twins = [ms.names[j] for j in range(M) if ms.members[j].has_probs and j not in members]
@@ -748,8 +804,9 @@ def _prob_members(ms: MemberSet, notes: list[str]) -> list[int]:
     return members
 
 
-def _build_tasks23(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, tasks, weights,
-                   shrink: float | None, prior_adjust: bool) -> None:
+def _build_tasks23(
+    res: EnsembleResult, ms: MemberSet, oof: _OofArrays, tasks, weights, shrink: float | None, prior_adjust: bool
+) -> None:
     """Tasks 2 and 3: weights over the run members' class probabilities, fitted on micro-F1;
     ``p_E..p_I``/``esci_pred`` (Task 2) and ``p_sub``/``is_substitute`` (Task 3) columns."""
     members = _prob_members(ms, res.notes)
@@ -763,8 +820,12 @@ def _build_tasks23(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, tasks, w
         corr = res.corr.to_numpy()[np.ix_(members, members)]
         w = _weights_for(mode, len(members), ev, corr, shrink)
         p_oof = _mix(P, w)
-        info = {"metric": "micro_f1", "members": [ms.names[j] for j in members],
-                "weights": [float(x) for x in w], "oof_member": per}
+        info = {
+            "metric": "micro_f1",
+            "members": [ms.names[j] for j in members],
+            "weights": [float(x) for x in w],
+            "oof_member": per,
+        }
         if task == 2:
             b = np.zeros(4)
             if prior_adjust:  # tuned on the fit rows, like the weights
@@ -775,28 +836,36 @@ def _build_tasks23(res: EnsembleResult, ms: MemberSet, oof: _OofArrays, tasks, w
         res.tasks[task] = info
 
 
-def _task23_objective(task: int, ms: MemberSet, members: list[int], y: np.ndarray, P_fit: np.ndarray,
-                      y_fit: np.ndarray):
+def _task23_objective(
+    task: int, ms: MemberSet, members: list[int], y: np.ndarray, P_fit: np.ndarray, y_fit: np.ndarray
+):
     """``(evaluate(w) on the fit rows, {member: its own OOF micro-F1}, {member: (threshold, F1)}
     for Task 3 else None)``."""
     if task == 2:
+
         def ev(w):
             return float(np.mean(_mix(P_fit, w).argmax(1) == y_fit))
+
         return ev, {ms.names[j]: float(np.mean(ms.members[j].oof_probs.argmax(1) == y)) for j in members}, None
     PS_fit = np.ascontiguousarray(P_fit[:, 1, :])  # (n, K) p(S) of each member
 
     def ev(w):
         return tune_task3_threshold(np.einsum("nk,k->n", PS_fit, w), y_fit == 1)[1]
+
     member_thr = {ms.names[j]: tune_task3_threshold(ms.members[j].oof_probs[:, 1], y == 1) for j in members}
     return ev, {n: v[1] for n, v in member_thr.items()}, member_thr
 
 
-def _set_task2(res: EnsembleResult, info: dict, p_oof: np.ndarray, p_test: np.ndarray | None, b: np.ndarray,
-               y: np.ndarray) -> None:
+def _set_task2(
+    res: EnsembleResult, info: dict, p_oof: np.ndarray, p_test: np.ndarray | None, b: np.ndarray, y: np.ndarray
+) -> None:
     """Task 2 predictions: argmax of the log-probabilities plus the bias ``b``."""
     pred = (np.log(np.clip(p_oof, 1e-12, None)) + b).argmax(1)
-    info.update(oof_ensemble=float(np.mean(pred == y)), oof_argmax=float(np.mean(p_oof.argmax(1) == y)),
-                log_prior_bias=dict(zip(ESCI_LABELS, map(float, b))))
+    info.update(
+        oof_ensemble=float(np.mean(pred == y)),
+        oof_argmax=float(np.mean(p_oof.argmax(1) == y)),
+        log_prior_bias=dict(zip(ESCI_LABELS, map(float, b))),
+    )
     res.oof[PROB_COLUMNS] = p_oof
     res.oof["esci_pred"] = np.asarray(ESCI_LABELS)[pred]
     if p_test is not None:
@@ -804,12 +873,17 @@ def _set_task2(res: EnsembleResult, info: dict, p_oof: np.ndarray, p_test: np.nd
         res.test["esci_pred"] = np.asarray(ESCI_LABELS)[(np.log(np.clip(p_test, 1e-12, None)) + b).argmax(1)]
 
 
-def _set_task3(res: EnsembleResult, info: dict, p_oof: np.ndarray, ps_test: np.ndarray | None,
-               member_thr: dict, is_sub: np.ndarray) -> None:
+def _set_task3(
+    res: EnsembleResult, info: dict, p_oof: np.ndarray, ps_test: np.ndarray | None, member_thr: dict, is_sub: np.ndarray
+) -> None:
     """Task 3 predictions: p(S) at or above the threshold tuned on all OOF rows."""
     thr, f1 = tune_task3_threshold(p_oof[:, 1], is_sub)
-    info.update(oof_ensemble=f1, threshold=thr, member_threshold={n: v[0] for n, v in member_thr.items()},
-                oof_argmax=float(np.mean((p_oof.argmax(1) == 1) == is_sub)))
+    info.update(
+        oof_ensemble=f1,
+        threshold=thr,
+        member_threshold={n: v[0] for n, v in member_thr.items()},
+        oof_argmax=float(np.mean((p_oof.argmax(1) == 1) == is_sub)),
+    )
     res.oof["p_sub"] = p_oof[:, 1]
     res.oof["is_substitute"] = p_oof[:, 1] >= thr
     if ps_test is not None:
@@ -819,8 +893,12 @@ def _set_task3(res: EnsembleResult, info: dict, p_oof: np.ndarray, ps_test: np.n
 
 def _test_labelled(test: pd.DataFrame | None) -> bool:
     """True when the test rows carry real ESCI labels (a held-out split, not the official test)."""
-    return (test is not None and "esci_label" in test.columns and len(test) > 0
-            and bool(test["esci_label"].isin(list(ESCI_LABELS)).all()))
+    return (
+        test is not None
+        and "esci_label" in test.columns
+        and len(test) > 0
+        and bool(test["esci_label"].isin(list(ESCI_LABELS)).all())
+    )
 
 
 def _held_out_figures(res: EnsembleResult, ms: MemberSet, tasks) -> None:
@@ -875,12 +953,24 @@ def record_ensemble(store, name: str, manifest: dict, out_dir: str | Path) -> No
     Columns: name (primary key; a rebuild under the same name replaces the row), created, tasks,
     members (JSON), manifest (JSON), dir. One short ``BEGIN IMMEDIATE`` transaction.
     """
-    store.put_ensemble(name, ",".join(str(t) for t in manifest.get("tasks", {})),
-                       json.dumps(manifest.get("members", [])), json.dumps(manifest, default=float), str(out_dir))
+    store.put_ensemble(
+        name,
+        ",".join(str(t) for t in manifest.get("tasks", {})),
+        json.dumps(manifest.get("members", [])),
+        json.dumps(manifest, default=float),
+        str(out_dir),
+    )
 
 
-def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name: str, store=None,
-                   examples=None, extra: dict | None = None) -> dict:
+def write_ensemble(
+    res: EnsembleResult,
+    ms: MemberSet,
+    out_dir: str | Path,
+    name: str,
+    store=None,
+    examples=None,
+    extra: dict | None = None,
+) -> dict:
     """Write the submission files of the built tasks, validate them, write ``manifest.json``.
 
     Files (:data:`core.scoring.submission.TASK_FILES`) go under ``out_dir``, each written atomically and
@@ -898,11 +988,19 @@ def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name
         DataError: a written file fails validation (nothing is moved into ``out_dir`` then).
     """
     from core.runs.store import now_iso
-    from core.scoring.submission import TASK_FILES, atomic_write, validate_submission, write_task1, write_task2, write_task3
+    from core.scoring.submission import (
+        TASK_FILES,
+        atomic_write,
+        validate_submission,
+        write_task1,
+        write_task2,
+        write_task3,
+    )
 
     if res.test is None or ms.test is None:
-        raise WorkbenchError("the members have no test predictions (no split == 'test' rows in their data): "
-                             "nothing to submit")
+        raise WorkbenchError(
+            "the members have no test predictions (no split == 'test' rows in their data): nothing to submit"
+        )
     out = Path(out_dir)
     test = res.test
     if 1 in res.tasks and "product_id" not in test.columns:
@@ -923,11 +1021,15 @@ def write_ensemble(res: EnsembleResult, ms: MemberSet, out_dir: str | Path, name
             summary = validate_submission(path, task, ref)
             files[task] = {"path": str(out / TASK_FILES[task]), "sha256": file_sha256(path), "rows": summary["rows"]}
         manifest = {
-            "name": name, "created": now_iso(),
+            "name": name,
+            "created": now_iso(),
             "members": [{"name": m.name, "kind": m.kind, "source": m.source} for m in ms.members],
             "tasks": {t: info for t, info in res.tasks.items()},
             "correlation": res.corr.round(6).to_dict() if res.corr is not None else None,
-            "notes": res.notes, "files": files, "oof_rows": int(len(ms.oof)), "test_rows": int(len(ms.test)),
+            "notes": res.notes,
+            "files": files,
+            "oof_rows": int(len(ms.oof)),
+            "test_rows": int(len(ms.test)),
             **(extra or {}),
         }
         text = json.dumps(manifest, indent=1, default=float)

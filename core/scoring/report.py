@@ -33,12 +33,15 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         raise DataError(p, f"missing column(s) {', '.join(missing)}")
     dup = df["example_id"].duplicated()
     if dup.any():
-        raise DataError(p, f"{int(dup.sum())} duplicate example_id(s), first {df.loc[dup, 'example_id'].head(3).tolist()}")
+        raise DataError(
+            p, f"{int(dup.sum())} duplicate example_id(s), first {df.loc[dup, 'example_id'].head(3).tolist()}"
+        )
     return df
 
 
-def scorer_table(oof: pd.DataFrame, scorers: dict[str, np.ndarray | str],
-                 classifiers: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+def scorer_table(
+    oof: pd.DataFrame, scorers: dict[str, np.ndarray | str], classifiers: dict[str, np.ndarray] | None = None
+) -> pd.DataFrame:
     """nDCG per fold and over all OOF rows for each scorer, plus Task 2/3 micro-F1 where known.
 
     Args:

@@ -29,8 +29,17 @@ from core.data.esci import find_dataset_files
 from core.errors import DataError
 from core.scoring.metrics import ESCI_LABELS, TASK2_NAMES, TASK3_NAMES
 
-__all__ = ["COLUMNS", "LABELS", "atomic_write", "write_task1", "write_task2", "write_task3",
-           "load_test_examples", "validate_submission", "TASK_FILES"]
+__all__ = [
+    "COLUMNS",
+    "LABELS",
+    "atomic_write",
+    "write_task1",
+    "write_task2",
+    "write_task3",
+    "load_test_examples",
+    "validate_submission",
+    "TASK_FILES",
+]
 
 COLUMNS: dict[int, tuple[str, str]] = {
     1: ("query_id", "product_id"),
@@ -105,8 +114,12 @@ def write_task1(path: str | Path, test: pd.DataFrame, score_col: str = "score") 
     _check_frame(test, ["query_id", "product_id", score_col], "Task 1 predictions")
     tie = test["example_id"].to_numpy() if "example_id" in test.columns else np.arange(len(test))
     order = np.lexsort((tie, -test[score_col].to_numpy(np.float64), test["query_id"].to_numpy()))
-    table = pa.table({"query_id": pa.array(test["query_id"].to_numpy()[order]),
-                      "product_id": pa.array(test["product_id"].astype(str).to_numpy()[order])})
+    table = pa.table(
+        {
+            "query_id": pa.array(test["query_id"].to_numpy()[order]),
+            "product_id": pa.array(test["product_id"].astype(str).to_numpy()[order]),
+        }
+    )
     return _write_csv(path, table)
 
 
@@ -191,8 +204,10 @@ def load_test_examples(path: str | Path, task: int) -> pd.DataFrame:
         keep &= (df[version] == 1).to_numpy()
     df = df.loc[keep, want[:3]].reset_index(drop=True)
     if df.empty:
-        raise DataError(p, f"no test examples for Task {task} (split == 'test'"
-                           f"{', ' + version + ' == 1' if version in want else ''})")
+        raise DataError(
+            p,
+            f"no test examples for Task {task} (split == 'test'{', ' + version + ' == 1' if version in want else ''})",
+        )
     return df
 
 
@@ -202,13 +217,20 @@ def _read_submission(path: Path, task: int) -> tuple[pa.Table | None, list[str]]
         raise DataError(path, "submission file not found")
     expected = list(COLUMNS[task])
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in expected}, strings_can_be_null=True))
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in expected}, strings_can_be_null=True
+            ),
+        )
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise DataError(path, f"cannot read as CSV: {str(exc).splitlines()[0]}") from None
     if table.column_names != expected:
-        raise DataError(path, f"columns must be exactly {','.join(expected)} for Task {task}, "
-                              f"found {','.join(table.column_names) or '(none)'}")
+        raise DataError(
+            path,
+            f"columns must be exactly {','.join(expected)} for Task {task}, "
+            f"found {','.join(table.column_names) or '(none)'}",
+        )
     return table, []
 
 
@@ -258,7 +280,9 @@ def validate_submission(path: str | Path, task: int, examples: pd.DataFrame | st
     for name in table.column_names:
         col = table[name]
         empty = col.null_count + int(pc.sum(pc.equal(pc.utf8_trim_whitespace(col.fill_null("x")), "")).as_py() or 0)
-        nan = int(pc.sum(pc.is_in(pc.utf8_lower(col.fill_null("x")), pa.array(["nan", "na", "null", "none"]))).as_py() or 0)
+        nan = int(
+            pc.sum(pc.is_in(pc.utf8_lower(col.fill_null("x")), pa.array(["nan", "na", "null", "none"]))).as_py() or 0
+        )
         if empty + nan:
             problems.append(f"{empty + nan} empty/NaN value(s) in {name}")
     summary = {"task": task, "rows": n, "path": str(path)}
@@ -271,27 +295,34 @@ def validate_submission(path: str | Path, task: int, examples: pd.DataFrame | st
             n_p = max(len(uniq), 1)
             want_q = ex["query_id"].to_numpy(np.int64)
             want = want_q * n_p + codes[: len(ex)]
-            got = qid.astype(np.int64) * n_p + codes[len(ex):]
+            got = qid.astype(np.int64) * n_p + codes[len(ex) :]
             got_sorted = np.sort(got)
             dup = got_sorted[1:] == got_sorted[:-1]
             if dup.any():
                 first = np.unique(got_sorted[1:][dup])[:_SHOW]
-                problems.append(f"{int(dup.sum())} duplicate (query_id, product_id) row(s), e.g. "
-                                + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in first))
+                problems.append(
+                    f"{int(dup.sum())} duplicate (query_id, product_id) row(s), e.g. "
+                    + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in first)
+                )
             want_sorted = np.sort(want)
             if len(want_sorted) != len(got_sorted) or not np.array_equal(want_sorted, got_sorted):
                 missing_q = np.setdiff1d(want_q, qid)
                 if len(missing_q):
-                    problems.append(f"{len(missing_q)} test query(ies) missing (each would score 0), "
-                                    f"e.g. {_show(missing_q)}")
+                    problems.append(
+                        f"{len(missing_q)} test query(ies) missing (each would score 0), e.g. {_show(missing_q)}"
+                    )
                 miss = np.setdiff1d(want_sorted, got_sorted)
                 extra = np.setdiff1d(got_sorted, want_sorted)
                 if len(miss):
-                    problems.append(f"{len(miss)} test (query_id, product_id) pair(s) missing, e.g. "
-                                    + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in miss[:_SHOW]))
+                    problems.append(
+                        f"{len(miss)} test (query_id, product_id) pair(s) missing, e.g. "
+                        + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in miss[:_SHOW])
+                    )
                 if len(extra):
-                    problems.append(f"{len(extra)} pair(s) not in the test examples, e.g. "
-                                    + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in extra[:_SHOW]))
+                    problems.append(
+                        f"{len(extra)} pair(s) not in the test examples, e.g. "
+                        + _show(f"({k // n_p}, {uniq[k % n_p]})" for k in extra[:_SHOW])
+                    )
             summary["queries"] = int(np.count_nonzero(np.diff(np.sort(qid))) + 1) if len(qid) else 0
     else:
         label_col = COLUMNS[task][1]
@@ -300,8 +331,10 @@ def validate_submission(path: str | Path, task: int, examples: pd.DataFrame | st
         n_bad = int(pc.sum(bad).as_py() or 0)
         if n_bad:
             shown = pc.unique(pc.filter(labels, bad)).to_pylist()[:_SHOW]
-            problems.append(f"{n_bad} unknown {label_col} value(s) {', '.join(map(repr, shown))} "
-                            f"(allowed: {', '.join(sorted(LABELS[task]))})")
+            problems.append(
+                f"{n_bad} unknown {label_col} value(s) {', '.join(map(repr, shown))} "
+                f"(allowed: {', '.join(sorted(LABELS[task]))})"
+            )
         ids = _ints(table["example_id"], "example_id", problems)
         if ids is not None:
             got = np.sort(ids)

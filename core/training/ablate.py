@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.runs import metric_names as mn
 from core.config import RunConfig, load_config
 from core.errors import ConfigError, WorkbenchError
+from core.runs import metric_names as mn
 from core.runs.store import RunStore
 
 #: ``--tricks`` names -> the ``tricks.*`` settings they turn on (their parameters come from the config)
@@ -70,8 +70,10 @@ def item_overrides(item: str) -> list[str]:
         key = key.strip()
         return [f"{key if '.' in key else 'tricks.' + key}={value.strip()}"]
     if item not in TRICK_PRESETS:
-        raise ConfigError(f"--tricks {item!r}: unknown technique; known: {', '.join(TRICK_PRESETS)} "
-                          "(or key=value of the tricks section)")
+        raise ConfigError(
+            f"--tricks {item!r}: unknown technique; known: {', '.join(TRICK_PRESETS)} "
+            "(or key=value of the tricks section)"
+        )
     return [f"tricks.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TRICK_PRESETS[item].items()]
 
 
@@ -106,8 +108,9 @@ def plan_ablation(config_path: str | Path, tricks: list[str], overrides: list[st
             extra = extra + item_overrides(item)
         cfg = load_config(config_path, list(overrides or []) + extra)
         if cfg.tricks.fgm and cfg.tricks.pgd:
-            raise ConfigError(f"--tricks step {i} ({item}): fgm and pgd both perturb the word embeddings; "
-                              "use one of them")
+            raise ConfigError(
+                f"--tricks step {i} ({item}): fgm and pgd both perturb the word embeddings; use one of them"
+            )
         try:
             check_run_config(cfg)
         except ConfigError as exc:
@@ -161,21 +164,25 @@ def ablation_table(store: RunStore, run_ids: list[str], labels: list[str] | None
             "delta": float("nan"),
             "paired_std": float("nan"),
             "sec_per_epoch": (sum(secs.values()) + sum(teacher.values())) / max(len(secs), 1) / epochs
-            if secs else float("nan"),
+            if secs
+            else float("nan"),
         }
         if prev_folds is not None:
             row["delta"] = cv - prev_cv
             common = sorted(set(folds) & set(prev_folds))
             if len(common) > 1:
                 row["paired_std"] = float(np.std([folds[f] - prev_folds[f] for f in common], ddof=1))
-        row["within_noise"] = bool(abs(row["delta"]) < row["paired_std"]) if row["paired_std"] == row["paired_std"] else None
+        row["within_noise"] = (
+            bool(abs(row["delta"]) < row["paired_std"]) if row["paired_std"] == row["paired_std"] else None
+        )
         rows.append(row)
         prev_folds, prev_cv = folds, cv
     return pd.DataFrame(rows)
 
 
-def run_ablation(config_path: str | Path, tricks: list[str], store: RunStore, overrides: list[str] | None = None,
-                 progress=None) -> tuple[list[AblationStep], pd.DataFrame]:
+def run_ablation(
+    config_path: str | Path, tricks: list[str], store: RunStore, overrides: list[str] | None = None, progress=None
+) -> tuple[list[AblationStep], pd.DataFrame]:
     """Train every step of :func:`plan_ablation` (sequentially, each a run in ``store``).
 
     Returns the steps and :func:`ablation_table` of their runs.
@@ -202,8 +209,10 @@ def run_ablation(config_path: str | Path, tricks: list[str], store: RunStore, ov
         try:
             res = run_training(st.config, store, progress=progress)
         except WorkbenchError as exc:  # keep what was trained: the table can be rebuilt with --runs
-            raise WorkbenchError(f"ablation step {st.step} ({st.config.name}) did not finish: {exc}; finished runs: "
-                                 f"{','.join(run_ids) or 'none'} (rebuild the table with --runs)") from None
+            raise WorkbenchError(
+                f"ablation step {st.step} ({st.config.name}) did not finish: {exc}; finished runs: "
+                f"{','.join(run_ids) or 'none'} (rebuild the table with --runs)"
+            ) from None
         run_ids.append(res.run_id)
     labels = ["baseline"] + [f"+ {s.added}" for s in steps[1:]]
     return steps, ablation_table(store, run_ids, labels)
@@ -220,6 +229,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     for _, r in table.iterrows():
         wn = "-" if r["within_noise"] is None else ("yes" if r["within_noise"] else "no")
         delta = "-" if r["delta"] != r["delta"] else f"{r['delta']:+.4f}"
-        lines.append(f"| {r['added']} | {r['run_id']} | {f(r['cv_ndcg'])} | {f(r['fold_std'])} | {delta} | "
-                     f"{f(r['paired_std'])} | {wn} | {f(r['final_ndcg'])} | {f(r['task2_f1'])} | {f(r['sec_per_epoch'], 0)} |")
+        lines.append(
+            f"| {r['added']} | {r['run_id']} | {f(r['cv_ndcg'])} | {f(r['fold_std'])} | {delta} | "
+            f"{f(r['paired_std'])} | {wn} | {f(r['final_ndcg'])} | {f(r['task2_f1'])} | {f(r['sec_per_epoch'], 0)} |"
+        )
     return "\n".join(lines)

@@ -35,15 +35,24 @@ import torch
 
 from core.config import RunConfig
 from core.data.esci import ESCI_LABELS
-from core.errors import WorkbenchError
-from core.modeling.features import PARAM_PREFIX, RowFeatures, build_id_vocab, build_semantic, encode_ids, features_on, save_fold_features
-from core.runs.lifecycle import atomic_write, check_stop
-from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
-from core.modeling.model import CrossEncoder, collate
-from core.scoring.report import PROB_COLUMNS
-from core.runs.store import RunStore
 from core.data.text import EncodedPairs
+from core.errors import WorkbenchError
+from core.modeling.features import (
+    PARAM_PREFIX,
+    RowFeatures,
+    build_id_vocab,
+    build_semantic,
+    encode_ids,
+    features_on,
+    save_fold_features,
+)
+from core.modeling.model import CrossEncoder, collate
 from core.modeling.tricks import AWP, EMA, FGM, PGD, classification_loss, draw_mixup, param_groups, rdrop_kl
+from core.runs import metric_names as mn
+from core.runs.lifecycle import atomic_write, check_stop
+from core.runs.store import RunStore
+from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
+from core.scoring.report import PROB_COLUMNS
 
 log = logging.getLogger("esci.train")
 
@@ -61,8 +70,9 @@ class LengthGroupedBatchSampler:
     the batches already trained (the resume of a step checkpoint).
     """
 
-    def __init__(self, indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int,
-                 grouped: bool = True, mega: int = 50):
+    def __init__(
+        self, indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, grouped: bool = True, mega: int = 50
+    ):
         self.indices = np.asarray(indices)
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -101,9 +111,16 @@ class LengthGroupedBatchSampler:
 
 
 @torch.inference_mode()
-def predict_proba(model: torch.nn.Module, encoded: EncodedPairs, indices: np.ndarray, batch_size: int,
-                  pad_id: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
-                  features: RowFeatures | None = None) -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module,
+    encoded: EncodedPairs,
+    indices: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    features: RowFeatures | None = None,
+) -> np.ndarray:
     """Class probabilities for the sequences ``indices``: float32 (len(indices), 4), order kept.
 
     Batches are formed from length-sorted rows (little padding), then put back in order.
@@ -168,6 +185,7 @@ class TrainContext:
     bag_init: Any = None
     progress: Any = None
     global_step: int = 0
+    hard_targets: np.ndarray | None = None  # (len(df), 4) one-hot labels of the rows trained on
 
     @property
     def device(self) -> torch.device:
@@ -216,8 +234,14 @@ def write_fold_result(ctx: TrainContext, res: FoldResult) -> None:
         test = pd.DataFrame({"example_id": ctx.df["example_id"].to_numpy()[ctx.test_idx]})
         test[PROB_COLUMNS] = res.test
         atomic_write(fold_dir / "test.parquet", lambda p: test.to_parquet(p, index=False))
-    meta = {"fold": res.fold, "stage": res.stage, "best": res.best, "seconds": res.seconds,
-            "global_step": res.global_step, "metric_rows": res.metric_rows}
+    meta = {
+        "fold": res.fold,
+        "stage": res.stage,
+        "best": res.best,
+        "seconds": res.seconds,
+        "global_step": res.global_step,
+        "metric_rows": res.metric_rows,
+    }
     atomic_write(fold_dir / "result.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
@@ -240,19 +264,33 @@ def load_fold_result(ctx: TrainContext, stage: str, k: int) -> FoldResult | None
     ids = ctx.df["example_id"].to_numpy()
     va = ctx.train_idx[ctx.folds == k]
     if not np.array_equal(oof["example_id"].to_numpy(), ids[va]) or (
-            test is not None and not np.array_equal(test["example_id"].to_numpy(), ids[ctx.test_idx])):
-        raise WorkbenchError(f"{fold_dir}/oof.parquet: the saved predictions do not match fold {k}'s examples "
-                             f"(the data or the folds changed since the run started)")
-    return FoldResult(k, stage, oof[PROB_COLUMNS].to_numpy(np.float32),
-                      None if test is None else test[PROB_COLUMNS].to_numpy(np.float32),
-                      meta["best"], meta["seconds"], meta["global_step"], meta.get("metric_rows", []))
+        test is not None and not np.array_equal(test["example_id"].to_numpy(), ids[ctx.test_idx])
+    ):
+        raise WorkbenchError(
+            f"{fold_dir}/oof.parquet: the saved predictions do not match fold {k}'s examples "
+            f"(the data or the folds changed since the run started)"
+        )
+    return FoldResult(
+        k,
+        stage,
+        oof[PROB_COLUMNS].to_numpy(np.float32),
+        None if test is None else test[PROB_COLUMNS].to_numpy(np.float32),
+        meta["best"],
+        meta["seconds"],
+        meta["global_step"],
+        meta.get("metric_rows", []),
+    )
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 def rng_state() -> dict[str, Any]:
     """The torch, CUDA, NumPy and Python RNG states (a step checkpoint's ``rng``)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -270,6 +308,7 @@ def save_step_checkpoint(path: Path, state: dict[str, Any]) -> None:
     Raises:
         WorkbenchError: the file cannot be written (full disk): the previous checkpoint is kept.
     """
+
     def write(p: Path) -> None:
         try:
             torch.save(state, p)
@@ -335,7 +374,7 @@ class FoldSetup:
 
     def mname(self, name: str) -> str:
         """The metric's name in this stage (``teacher/train_loss`` for the teacher pass)."""
-        return name if self.final else "teacher/" + name.replace("/", "_")
+        return name if self.final else mn.TEACHER_PREFIX + name.replace("/", "_")
 
 
 def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra: np.ndarray) -> FoldSetup:
@@ -353,20 +392,30 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     if len(extra):
         tr = np.concatenate([tr, extra])
     va = ctx.train_idx[ctx.folds == k]
-    feats = RowFeatures(ctx.bags, encode_ids(ctx.df, id_vocab) if id_vocab is not None else None) \
-        if features_on(fc) else None
+    feats = (
+        RowFeatures(ctx.bags, encode_ids(ctx.df, id_vocab) if id_vocab is not None else None)
+        if features_on(fc)
+        else None
+    )
     if id_vocab is not None:
-        log.info("fold %d ID vocabularies (min_count %d): %s", k, fc.id_min_count, {f: len(v) for f, v in id_vocab.items()})
-    model = CrossEncoder.from_pretrained(cfg.model.name, cfg.model.pooling, cfg.model.dropout,
-                                         msd_rates=tk.msd_rates if tk.msd else None,
-                                         layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
-                                         semantic=build_semantic(fc, id_vocab, ctx.bag_init))
+        log.info(
+            "fold %d ID vocabularies (min_count %d): %s", k, fc.id_min_count, {f: len(v) for f, v in id_vocab.items()}
+        )
+    model = CrossEncoder.from_pretrained(
+        cfg.model.name,
+        cfg.model.pooling,
+        cfg.model.dropout,
+        msd_rates=tk.msd_rates if tk.msd else None,
+        layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
+        semantic=build_semantic(fc, id_vocab, ctx.bag_init),
+    )
     if cfg.model.freeze_embeddings:
         model.backbone.get_input_embeddings().weight.requires_grad_(False)
     if tk.grad_checkpointing:  # Chen et al. 2016 (arXiv:1604.06174): recompute activations in backward
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay,
-                                               layer_decay=tk.llrd_decay if tk.llrd else 1.0))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc.lr, tc.head_lr, tc.weight_decay, layer_decay=tk.llrd_decay if tk.llrd else 1.0)
+    )
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     emb = model.backbone.get_input_embeddings().weight
     attack_only_emb = (tk.fgm or tk.pgd) and not emb.requires_grad
@@ -377,31 +426,83 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
     sampler = LengthGroupedBatchSampler(tr, ctx.encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
     loader = torch.utils.data.DataLoader(
-        np.arange(len(ctx.encoded)), batch_sampler=sampler,  # the sampler yields rows of df
-        collate_fn=lambda idx: {**collate(ctx.encoded, idx, ctx.pad_id, feats), "targets": torch.from_numpy(targets[idx])},
+        np.arange(len(ctx.encoded)),
+        batch_sampler=sampler,  # the sampler yields rows of df
+        collate_fn=lambda idx: {
+            **collate(ctx.encoded, idx, ctx.pad_id, feats),
+            "targets": torch.from_numpy(targets[idx]),
+        },
     )
     raw_optimizer, raw_scheduler = optimizer, scheduler
     model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
     unwrapped = acc.unwrap_model(model)
-    adversary = FGM(unwrapped, tk.fgm_epsilon) if tk.fgm else \
-        PGD(unwrapped, tk.pgd_epsilon, tk.pgd_alpha, tk.pgd_steps) if tk.pgd else None
-    awp = AWP(unwrapped, tk.awp_lr, tk.awp_eps, start_epoch=tk.awp_start_epoch, start_loss=tk.awp_start_loss,
-              skip_prefixes=(PARAM_PREFIX,)) if tk.awp else None  # side-feature tables never perturbed
+    adversary = (
+        FGM(unwrapped, tk.fgm_epsilon)
+        if tk.fgm
+        else PGD(unwrapped, tk.pgd_epsilon, tk.pgd_alpha, tk.pgd_steps)
+        if tk.pgd
+        else None
+    )
+    awp = (
+        AWP(
+            unwrapped,
+            tk.awp_lr,
+            tk.awp_eps,
+            start_epoch=tk.awp_start_epoch,
+            start_loss=tk.awp_start_loss,
+            skip_prefixes=(PARAM_PREFIX,),
+        )
+        if tk.awp
+        else None
+    )  # side-feature tables never perturbed
     ema = EMA(unwrapped, tk.ema_decay) if tk.ema else None
-    eval_points = {min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
-                   for j in range(tc.evals_per_epoch)}
-    return FoldSetup(k, stage, model, unwrapped, optimizer, scheduler, raw_optimizer, raw_scheduler, loader, sampler,
-                     trainable, emb, attack_only_emb, adversary, awp, ema, np.random.default_rng(tc.seed + k), feats,
-                     id_vocab, va, ctx.df.iloc[va], batches_per_epoch, eval_points, extra)
+    eval_points = {
+        min(batches_per_epoch, round(batches_per_epoch * (j + 1) / tc.evals_per_epoch))
+        for j in range(tc.evals_per_epoch)
+    }
+    return FoldSetup(
+        k,
+        stage,
+        model,
+        unwrapped,
+        optimizer,
+        scheduler,
+        raw_optimizer,
+        raw_scheduler,
+        loader,
+        sampler,
+        trainable,
+        emb,
+        attack_only_emb,
+        adversary,
+        awp,
+        ema,
+        np.random.default_rng(tc.seed + k),
+        feats,
+        id_vocab,
+        va,
+        ctx.df.iloc[va],
+        batches_per_epoch,
+        eval_points,
+        extra,
+    )
 
 
 def new_loop_state(n_va: int) -> dict[str, Any]:
     """The fold loop's mutable state (what a step checkpoint saves besides the objects' states):
     position (epoch, batches done, optimiser steps), the best evaluation, its weights and OOF
     probabilities (n_va, 4), the running loss and the logging window (loss sum, batches, pairs)."""
-    return {"epoch": 0, "batches_done": 0, "fold_step": 0, "best": {"ndcg": -1.0}, "best_state": None,
-            "oof": np.full((n_va, 4), np.nan, dtype=np.float32), "running_loss": None,
-            "window": [0.0, 0, 0], "extras": {}}
+    return {
+        "epoch": 0,
+        "batches_done": 0,
+        "fold_step": 0,
+        "best": {"ndcg": -1.0},
+        "best_state": None,
+        "oof": np.full((n_va, 4), np.nan, dtype=np.float32),
+        "running_loss": None,
+        "window": [0.0, 0, 0],
+        "extras": {},
+    }
 
 
 def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra: np.ndarray) -> FoldResult:
@@ -432,8 +533,15 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     ckpt = load_step_checkpoint(ckpt_path)
     if ckpt is not None:
         s, pending_rng = restore_step_checkpoint(ctx, fs, ckpt)
-        log.info("%sfold %d resumed from %s at epoch %d, batch %d, step %d", fs.who, k, ckpt_path.name, s["epoch"],
-                 s["batches_done"], s["fold_step"])
+        log.info(
+            "%sfold %d resumed from %s at epoch %d, batch %d, step %d",
+            fs.who,
+            k,
+            ckpt_path.name,
+            s["epoch"],
+            s["batches_done"],
+            s["fold_step"],
+        )
     window_t = time.time()
     for epoch in range(s["epoch"], tc.epochs):
         s["epoch"] = epoch
@@ -473,8 +581,9 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     return result
 
 
-def compute_loss(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], t: torch.Tensor, mix
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_loss(
+    ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], t: torch.Tensor, mix
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward (twice with R-Drop) -> (loss, R-Drop KL or None); ``t`` (B, 4) target rows,
     ``mix`` the mixup draw (lam, permutation) or None (:mod:`core.modeling.tricks` for the formulas)."""
     tk = ctx.cfg.tricks
@@ -483,8 +592,15 @@ def compute_loss(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor
         t = mix[0] * t + (1.0 - mix[0]) * t[mix[1]]
 
     def lossf(z):
-        return classification_loss(z, t, tk.loss, label_smoothing=tk.label_smoothing, class_weights=ctx.class_weights,
-                                   poly1_epsilon=tk.poly1_epsilon, focal_gamma=tk.focal_gamma)
+        return classification_loss(
+            z,
+            t,
+            tk.loss,
+            label_smoothing=tk.label_smoothing,
+            class_weights=ctx.class_weights,
+            poly1_epsilon=tk.poly1_epsilon,
+            focal_gamma=tk.focal_gamma,
+        )
 
     if not tk.rdrop:
         return lossf(logits), None
@@ -493,8 +609,9 @@ def compute_loss(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor
     return 0.5 * (lossf(logits) + lossf(logits2)) + tk.rdrop_alpha * kl, kl
 
 
-def train_step(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], s: dict[str, Any], ep: float
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_step(
+    ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor], s: dict[str, Any], ep: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch under ``accelerator.accumulate``: loss (+ FGM/PGD and AWP adversarial passes),
     backward, gradient clipping on sync steps, optimizer and scheduler step. Extra losses go to
     ``s["extras"]``. Returns (loss, grad norm or None when gradients are still accumulating)."""
@@ -506,13 +623,13 @@ def train_step(ctx: TrainContext, fs: FoldSetup, batch: dict[str, torch.Tensor],
         loss, kl = compute_loss(ctx, fs, batch, t, mix)
         acc.backward(loss)
         if kl is not None:
-            s["extras"].setdefault("train/rdrop_kl", []).append(kl.item())
+            s["extras"].setdefault(mn.TRAIN_RDROP_KL, []).append(kl.item())
         if fs.adversary is not None:
             adv = fs.adversary.backward_adversarial(lambda: compute_loss(ctx, fs, batch, t, mix)[0], acc.backward)
-            s["extras"].setdefault("train/adv_loss", []).append(adv.item())
+            s["extras"].setdefault(mn.TRAIN_ADV_LOSS, []).append(adv.item())
         if fs.awp is not None and fs.awp.active(ep, s["running_loss"]):
             adv = fs.awp.backward_adversarial(lambda: compute_loss(ctx, fs, batch, t, mix)[0], acc.backward)
-            s["extras"].setdefault("train/awp_loss", []).append(adv.item())
+            s["extras"].setdefault(mn.TRAIN_AWP_LOSS, []).append(adv.item())
         grad_norm = acc.clip_grad_norm_(fs.trainable, tc.max_grad_norm) if acc.sync_gradients else None
         fs.optimizer.step()
         fs.scheduler.step()
@@ -529,16 +646,33 @@ def log_window(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], ep: float, g
     w_loss, w_n, w_pairs = s["window"]
     lr_now = fs.scheduler.get_last_lr()[0]
     step, fold_step, k = ctx.global_step, s["fold_step"], fs.k
-    ctx.store.log_metrics(ctx.run_id, [
-        *[{"name": fs.mname(n), "value": v, "fold": k, "step": fold_step, "epoch": ep} for n, v in (
-            ("train/loss", w_loss / w_n), ("train/lr", lr_now),
-            ("train/grad_norm", float(grad_norm) if grad_norm is not None else float("nan")),
-            ("train/samples_per_s", w_pairs / dt),
-            *[(n, float(np.mean(v))) for n, v in s["extras"].items()])],
-        {"name": "progress/step", "value": float(step), "fold": -1, "step": step},
-    ])
-    log.info("%sfold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s%s", fs.who, k, fold_step, ep,
-             w_loss / w_n, lr_now, w_pairs / dt, "".join(f" {n[6:]} {np.mean(v):.4f}" for n, v in s["extras"].items()))
+    ctx.store.log_metrics(
+        ctx.run_id,
+        [
+            *[
+                {"name": fs.mname(n), "value": v, "fold": k, "step": fold_step, "epoch": ep}
+                for n, v in (
+                    (mn.TRAIN_LOSS, w_loss / w_n),
+                    (mn.TRAIN_LR, lr_now),
+                    (mn.TRAIN_GRAD_NORM, float(grad_norm) if grad_norm is not None else float("nan")),
+                    (mn.TRAIN_SAMPLES_PER_S, w_pairs / dt),
+                    *[(n, float(np.mean(v))) for n, v in s["extras"].items()],
+                )
+            ],
+            {"name": mn.PROGRESS_STEP, "value": float(step), "fold": -1, "step": step},
+        ],
+    )
+    log.info(
+        "%sfold %d step %d epoch %.2f loss %.4f lr %.2e %.1f pairs/s%s",
+        fs.who,
+        k,
+        fold_step,
+        ep,
+        w_loss / w_n,
+        lr_now,
+        w_pairs / dt,
+        "".join(f" {n[6:]} {np.mean(v):.4f}" for n, v in s["extras"].items()),
+    )
     s["window"], s["extras"] = [0.0, 0, 0], {}
 
 
@@ -548,11 +682,14 @@ def checkpoint_state(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], epoch:
     state ``s`` (at an epoch's end: the next epoch, batch 0, and the generator's current state)."""
     last = b_i >= fs.batches_per_epoch
     return {
-        "model": fs.unwrapped.state_dict(), "optimizer": fs.raw_optimizer.state_dict(),
+        "model": fs.unwrapped.state_dict(),
+        "optimizer": fs.raw_optimizer.state_dict(),
         "scheduler": fs.raw_scheduler.state_dict(),
         "ema": {"shadow": fs.ema.shadow, "num_updates": fs.ema.num_updates} if fs.ema is not None else None,
         "awp_started": fs.awp.started if fs.awp is not None else None,
-        "mix_rng": fs.mix_rng.bit_generator.state, "rng": rng_state(), "accelerator_step": ctx.accelerator.step,
+        "mix_rng": fs.mix_rng.bit_generator.state,
+        "rng": rng_state(),
+        "accelerator_step": ctx.accelerator.step,
         "sampler_epoch_state": fs.sampler.rng.bit_generator.state if last else fs.sampler.epoch_state,
         "global_step": ctx.global_step,
         "loop": {**s, "epoch": epoch + 1 if last else epoch, "batches_done": 0 if last else b_i},
@@ -592,24 +729,41 @@ def finish_fold(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], t_fold: flo
     if s["best_state"] is None:
         raise WorkbenchError(f"fold {k}: no evaluation ran (no training batch?)")
     fs.unwrapped.load_state_dict(s["best_state"])
-    test_probs = predict_proba(fs.unwrapped, ctx.encoded, ctx.test_idx, tc.eval_batch_size, ctx.pad_id, ctx.device,
-                               ctx.autocast_dtype, fs.feats) if len(ctx.test_idx) else None
+    test_probs = (
+        predict_proba(
+            fs.unwrapped,
+            ctx.encoded,
+            ctx.test_idx,
+            tc.eval_batch_size,
+            ctx.pad_id,
+            ctx.device,
+            ctx.autocast_dtype,
+            fs.feats,
+        )
+        if len(ctx.test_idx)
+        else None
+    )
     fold_dir = ctx.fold_dir(fs.stage, k)
     if fs.final and tc.save_checkpoints and ctx.accelerator.is_main_process:
         from safetensors.torch import save_file
 
-        atomic_write(fold_dir / "model.safetensors", lambda p: save_file(
-            {n: t_.contiguous() for n, t_ in s["best_state"].items()}, str(p)))
+        atomic_write(
+            fold_dir / "model.safetensors",
+            lambda p: save_file({n: t_.contiguous() for n, t_ in s["best_state"].items()}, str(p)),
+        )
         ctx.store.add_artifact(ctx.run_id, "checkpoint", fold_dir / "model.safetensors", fold=k)
         if features_on(fc):  # the shapes and ID vocabularies the checkpoint's tables belong to
             ctx.store.add_artifact(ctx.run_id, "features", save_fold_features(fold_dir, fc, fs.id_vocab), fold=k)
     seconds = time.time() - t_fold
     best = s["best"]
     rows = [{"name": fs.mname(f"fold/{n}"), "value": best[n], "fold": k} for n in ("ndcg", "task2_f1", "task3_f1")]
-    rows += [{"name": fs.mname("fold/seconds"), "value": seconds, "fold": k}]
-    rows += [{"name": "fold/done", "value": 1.0, "fold": k}] if fs.final else []
-    rows += [{"name": "tricks/pseudo_rows", "value": float(len(fs.extra)), "fold": k}] \
-        if fs.final and ctx.cfg.tricks.pseudo_label else []
+    rows += [{"name": fs.mname(mn.FOLD_SECONDS), "value": seconds, "fold": k}]
+    rows += [{"name": mn.FOLD_DONE, "value": 1.0, "fold": k}] if fs.final else []
+    rows += (
+        [{"name": mn.TRICKS_PSEUDO_ROWS, "value": float(len(fs.extra)), "fold": k}]
+        if fs.final and ctx.cfg.tricks.pseudo_label
+        else []
+    )
     result = FoldResult(k, fs.stage, s["oof"], test_probs, best, seconds, ctx.global_step, rows)
     write_fold_result(ctx, result)
     ctx.store.log_metrics(ctx.run_id, rows)
@@ -618,28 +772,52 @@ def finish_fold(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], t_fold: flo
     return result
 
 
-def _evaluate(ctx: TrainContext, k: int, stage: str, unwrapped: torch.nn.Module, ema: EMA | None, va: np.ndarray,
-              va_frame: pd.DataFrame, feats: RowFeatures | None, s: dict[str, Any], ep: float) -> None:
+def _evaluate(
+    ctx: TrainContext,
+    k: int,
+    stage: str,
+    unwrapped: torch.nn.Module,
+    ema: EMA | None,
+    va: np.ndarray,
+    va_frame: pd.DataFrame,
+    feats: RowFeatures | None,
+    s: dict[str, Any],
+    ep: float,
+) -> None:
     """Score the validation rows (with the EMA weights when on), log ``eval/*`` and keep the best
     weights and OOF probabilities in the loop state ``s``."""
     tc = ctx.cfg.train
     final = stage == "final"
     if ema is not None:  # evaluation and checkpoints use the EMA weights
         with ema.applied(unwrapped):
-            probs = predict_proba(unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device,
-                                  ctx.autocast_dtype, feats)
+            probs = predict_proba(
+                unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device, ctx.autocast_dtype, feats
+            )
     else:
-        probs = predict_proba(unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device,
-                              ctx.autocast_dtype, feats)
+        probs = predict_proba(
+            unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device, ctx.autocast_dtype, feats
+        )
     m = eval_metrics(probs, va_frame)
     m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), ctx.labels_all[va]], 1e-12, 1)).mean())
-    prefix = "eval/" if final else "teacher/eval_"
-    ctx.store.log_metrics(ctx.run_id, [{"name": prefix + n, "value": v, "fold": k, "step": s["fold_step"], "epoch": ep}
-                                       for n, v in m.items()])
-    log.info("%sfold %d eval epoch %.2f: nDCG %.4f task2 F1 %.4f task3 F1 %.4f loss %.4f", "" if final else "teacher ",
-             k, ep, m["ndcg"], m["task2_f1"], m["task3_f1"], m["loss"])
+    prefix = mn.EVAL_PREFIX if final else mn.TEACHER_EVAL_PREFIX
+    ctx.store.log_metrics(
+        ctx.run_id,
+        [{"name": prefix + n, "value": v, "fold": k, "step": s["fold_step"], "epoch": ep} for n, v in m.items()],
+    )
+    log.info(
+        "%sfold %d eval epoch %.2f: nDCG %.4f task2 F1 %.4f task3 F1 %.4f loss %.4f",
+        "" if final else "teacher ",
+        k,
+        ep,
+        m["ndcg"],
+        m["task2_f1"],
+        m["task3_f1"],
+        m["loss"],
+    )
     if m["ndcg"] > s["best"]["ndcg"]:
         s["best"] = {**m, "epoch": ep, "step": s["fold_step"]}
         weights = ema.state_dict() if ema is not None else {}
-        s["best_state"] = {n: weights.get(n, t_).detach().to("cpu", copy=True) for n, t_ in unwrapped.state_dict().items()}
+        s["best_state"] = {
+            n: weights.get(n, t_).detach().to("cpu", copy=True) for n, t_ in unwrapped.state_dict().items()
+        }
         s["oof"] = probs

@@ -16,33 +16,52 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
-from core.scoring.baselines import bm25_scores, random_scores
-from core.scoring.blend import nested_blend, standardize_per_query
+from core.cleaning.labels import apply_to_training
 from core.config import RunConfig, save_config
 from core.data.esci import ESCI_LABELS
-from core.scoring.dense import dense_scores
-from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
-from core.training.fold_loop import (STAGES, FoldResult, LengthGroupedBatchSampler, TrainContext, eval_metrics,  # noqa: F401
-                            load_fold_result, load_step_checkpoint, predict_proba, train_fold)
 from core.data.folds import assign_folds
-from core.cleaning.labels import apply_to_training
-from core.runs.lifecycle import (RunStopped, atomic_write, check_stop, claim_run, mark_running,  # noqa: F401
-                            process_start_time, recorded_run, setup_file_log)
-from core.scoring.metrics import expected_gain, mean_ndcg
-from core.modeling.model import load_tokenizer
-from core.scoring.report import PROB_COLUMNS
-from core.runs.store import RunStore
 from core.data.text import encode_pairs_cached
-from core.training.validate import load_training_frame, validate_run  # noqa: F401 - load_training_frame: older imports
+from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
+from core.modeling.model import load_tokenizer
 from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
+from core.runs import metric_names as mn
+from core.runs.lifecycle import (  # noqa: F401
+    RunStopped,
+    atomic_write,
+    check_stop,
+    claim_run,
+    mark_running,
+    process_start_time,
+    recorded_run,
+    setup_file_log,
+)
+from core.runs.store import RunStore, Status
+from core.scoring.baselines import bm25_scores, random_scores
+from core.scoring.blend import nested_blend, standardize_per_query
+from core.scoring.dense import dense_scores
+from core.scoring.metrics import expected_gain, mean_ndcg
+from core.scoring.report import PROB_COLUMNS
+from core.training.fold_loop import (  # noqa: F401
+    STAGES,
+    FoldResult,
+    LengthGroupedBatchSampler,
+    TrainContext,
+    eval_metrics,
+    load_fold_result,
+    load_step_checkpoint,
+    predict_proba,
+    train_fold,
+)
+from core.training.validate import load_training_frame, validate_run  # noqa: F401 - load_training_frame: older imports
 
 log = logging.getLogger("esci.train")
 
@@ -113,8 +132,9 @@ def is_partial(cfg: RunConfig) -> bool:
     return cfg.train.run_folds is not None and set(cfg.train.run_folds) != set(range(cfg.train.folds))
 
 
-def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
-                 progress: Progress | None = None, resume: bool = False) -> RunResult:
+def run_training(
+    cfg: RunConfig, store: RunStore, run_id: str | None = None, progress: Progress | None = None, resume: bool = False
+) -> RunResult:
     """Train ``cfg`` with k-fold CV, record everything in ``store`` and ``runs/<run_id>/``.
 
     The config and the data selection are checked before a run row or folder exists.
@@ -145,7 +165,9 @@ def run_training(cfg: RunConfig, store: RunStore, run_id: str | None = None,
     mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
     _record_artifact(store, run_id, "config", run_dir / "config.yaml")
     _record_artifact(store, run_id, "log", run_dir / "train.log")
-    with recorded_run(store, run_id, handler, final_status=lambda: "partial" if is_partial(cfg) else "finished"):
+    with recorded_run(
+        store, run_id, handler, final_status=lambda: Status.PARTIAL if is_partial(cfg) else Status.FINISHED
+    ):
         if resume:
             log.info("run %s resumed", run_id)
         result = _train(cfg, df, store, run_id, run_dir, progress, resume)
@@ -159,63 +181,27 @@ def _record_artifact(store: RunStore, run_id: str, kind: str, path: Path, fold: 
         store.add_artifact(run_id, kind, path, fold=fold)
 
 
-def _train(cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_dir: Path, progress: Progress,
-           resume: bool) -> RunResult:
-    from accelerate import Accelerator
-
+def _train(
+    cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_dir: Path, progress: Progress, resume: bool
+) -> RunResult:
     t_run = time.time()
-    tc, fc, tk = cfg.train, cfg.features, cfg.tricks
+    tc, tk = cfg.train, cfg.tricks
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-
-    # ---- label cleaning, folds ----------------------------------------------------------
-    # fit_mask/fit_labels change what is trained on, never df itself, so dropped examples are
-    # still scored out-of-fold and evaluated on their original labels (core.cleaning.labels)
-    fit_mask, fit_labels, labels_summary = apply_to_training(df, cfg.labels, store)
-    log.info("%s", labels_summary)
-    train_idx = np.flatnonzero((df["split"] == "train").to_numpy())
-    test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
-    folds = assign_folds(df["query_id"].to_numpy()[train_idx], tc.folds, tc.seed)
-    run_folds = tc.run_folds if tc.run_folds is not None else list(range(tc.folds))
-    log.info("data %s: %d train examples (%d queries), %d test examples; %d folds, training %s", cfg.data.dir,
-             len(train_idx), df["query_id"].iloc[train_idx].nunique(), len(test_idx), tc.folds, run_folds)
-    check_stop("after loading the data")
-
-    # ---- tokens and side features ----------------------------------------------------------
-    progress.message("tokenizing")
-    tokenizer = load_tokenizer(cfg.model.name)
-    encoded = encode_pairs_cached(df, tokenizer, cfg.text)
-    log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
-    bags, bag_init = _side_features(cfg, df)
-    check_stop("after tokenizing")
-
-    mp = resolve_mixed_precision(tc.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum,
-                              cpu=not torch.cuda.is_available())
-    log.info("device %s, mixed precision %s, processes %d", accelerator.device, mp, accelerator.num_processes)
-    # targets are class-probability rows (one-hot for hard labels; soft for distillation/pseudo-labels)
-    hard_targets = np.zeros((len(df), 4), dtype=np.float32)
-    codes = pd.Series(fit_labels).map(LABEL_TO_INDEX)
-    has_label = codes.notna().to_numpy()
-    hard_targets[np.flatnonzero(has_label), codes[has_label].astype(int).to_numpy()] = 1.0
-    ctx = TrainContext(
-        cfg=cfg, store=store, run_id=run_id, run_dir=run_dir, df=df, train_idx=train_idx, test_idx=test_idx,
-        folds=folds, run_folds=run_folds, fit_mask=fit_mask, encoded=encoded,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        labels_all=df["esci_label"].map(LABEL_TO_INDEX).to_numpy(), accelerator=accelerator,
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
-        class_weights=parse_class_weights(tk.class_weights), bags=bags, bag_init=bag_init, progress=progress)
+    ctx = build_context(cfg, df, store, run_id, run_dir, progress)
+    run_folds, hard_targets = ctx.run_folds, ctx.hard_targets
     two_stage = tk.self_distill or tk.pseudo_label  # a teacher k-fold pass first
     stages = ["teacher", "final"] if two_stage else ["final"]
     if resume:
         prune_metrics_for_resume(ctx, stages)
 
     # ---- the folds (teacher pass first for self-distillation / pseudo-labels) -----------------
-    total_steps = sum(math.ceil(math.ceil(len(ctx.train_rows(k)) / tc.batch_size) / tc.grad_accum) * tc.epochs
-                      for k in run_folds) * len(stages)
+    total_steps = sum(
+        math.ceil(math.ceil(len(ctx.train_rows(k)) / tc.batch_size) / tc.grad_accum) * tc.epochs for k in run_folds
+    ) * len(stages)
     progress.start(total_steps, "training")
     # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
-    store.log_metrics(run_id, [{"name": "progress/total_steps", "value": float(total_steps), "fold": -1}])
+    store.log_metrics(run_id, [{"name": mn.PROGRESS_TOTAL_STEPS, "value": float(total_steps), "fold": -1}])
     targets_of: Callable[[int], tuple[np.ndarray, np.ndarray]] = lambda k: (hard_targets, np.zeros(0, np.int64))  # noqa: E731
     if two_stage:
         progress.message("teacher pass (self-distillation / pseudo-labels)")
@@ -246,13 +232,86 @@ def _train(cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_d
     if test is not None:
         atomic_write(run_dir / "test.parquet", lambda p: test.to_parquet(p, index=False))
         _record_artifact(store, run_id, "test", run_dir / "test.parquet")
-    log.info("CV: cross-encoder nDCG %.4f, final (blend %s) nDCG %.4f, task2 F1 %.4f, task3 F1 %.4f",
-             cv["ndcg"], weights, cv["final_ndcg"], cv["task2_f1"], cv["task3_f1"])
+    log.info(
+        "CV: cross-encoder nDCG %.4f, final (blend %s) nDCG %.4f, task2 F1 %.4f, task3 F1 %.4f",
+        cv["ndcg"],
+        weights,
+        cv["final_ndcg"],
+        cv["task2_f1"],
+        cv["task3_f1"],
+    )
     return RunResult(run_id, run_dir, oof, test, cv, fold_metrics, weights)
 
 
-def run_stage(ctx: TrainContext, stage: str, targets_of: Callable[[int], tuple[np.ndarray, np.ndarray]]
-              ) -> dict[int, FoldResult]:
+def build_context(
+    cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_dir: Path, progress: Progress
+) -> TrainContext:
+    """What every fold shares: label cleaning (:mod:`core.cleaning.labels`: a fit mask and labels,
+    never df itself, so dropped examples are still scored out-of-fold on their original labels),
+    query-grouped folds, the tokens (cached), side features, the ``accelerate`` device and mixed
+    precision, and the one-hot targets (len(df), 4)."""
+    from accelerate import Accelerator
+
+    tc, tk = cfg.train, cfg.tricks
+    fit_mask, fit_labels, labels_summary = apply_to_training(df, cfg.labels, store)
+    log.info("%s", labels_summary)
+    train_idx = np.flatnonzero((df["split"] == "train").to_numpy())
+    test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
+    folds = assign_folds(df["query_id"].to_numpy()[train_idx], tc.folds, tc.seed)
+    run_folds = tc.run_folds if tc.run_folds is not None else list(range(tc.folds))
+    log.info(
+        "data %s: %d train examples (%d queries), %d test examples; %d folds, training %s",
+        cfg.data.dir,
+        len(train_idx),
+        df["query_id"].iloc[train_idx].nunique(),
+        len(test_idx),
+        tc.folds,
+        run_folds,
+    )
+    check_stop("after loading the data")
+    progress.message("tokenizing")
+    tokenizer = load_tokenizer(cfg.model.name)
+    encoded = encode_pairs_cached(df, tokenizer, cfg.text)
+    log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
+    bags, bag_init = _side_features(cfg, df)
+    check_stop("after tokenizing")
+    mp = resolve_mixed_precision(tc.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available()
+    )
+    log.info("device %s, mixed precision %s, processes %d", accelerator.device, mp, accelerator.num_processes)
+    # targets are class-probability rows (one-hot for hard labels; soft for distillation/pseudo-labels)
+    hard_targets = np.zeros((len(df), 4), dtype=np.float32)
+    codes = pd.Series(fit_labels).map(LABEL_TO_INDEX)
+    has_label = codes.notna().to_numpy()
+    hard_targets[np.flatnonzero(has_label), codes[has_label].astype(int).to_numpy()] = 1.0
+    return TrainContext(
+        cfg=cfg,
+        store=store,
+        run_id=run_id,
+        run_dir=run_dir,
+        df=df,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        folds=folds,
+        run_folds=run_folds,
+        fit_mask=fit_mask,
+        encoded=encoded,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        labels_all=df["esci_label"].map(LABEL_TO_INDEX).to_numpy(),
+        accelerator=accelerator,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
+        class_weights=parse_class_weights(tk.class_weights),
+        bags=bags,
+        bag_init=bag_init,
+        progress=progress,
+        hard_targets=hard_targets,
+    )
+
+
+def run_stage(
+    ctx: TrainContext, stage: str, targets_of: Callable[[int], tuple[np.ndarray, np.ndarray]]
+) -> dict[int, FoldResult]:
     """Every fold of ``ctx.run_folds`` for ``stage``: the fold's saved result when it is done
     (a resumed run), else :func:`core.training.fold_loop.train_fold` with ``targets_of(k) -> (targets
     (len(df), 4), extra rows)``. Returns {fold: FoldResult}."""
@@ -260,11 +319,17 @@ def run_stage(ctx: TrainContext, stage: str, targets_of: Callable[[int], tuple[n
     for k in ctx.run_folds:
         done = load_fold_result(ctx, stage, k)
         if done is not None:
-            log.info("%sfold %d already done (kept from %s)", "" if stage == "final" else "teacher ", k,
-                     ctx.fold_dir(stage, k))
+            log.info(
+                "%sfold %d already done (kept from %s)",
+                "" if stage == "final" else "teacher ",
+                k,
+                ctx.fold_dir(stage, k),
+            )
             ctx.progress.advance(max(0, done.global_step - ctx.global_step))
             ctx.global_step = max(ctx.global_step, done.global_step)
-            if done.metric_rows and not any(m["fold"] == k for m in ctx.store.metrics(ctx.run_id, [done.metric_rows[0]["name"]])):
+            if done.metric_rows and not any(
+                m["fold"] == k for m in ctx.store.metrics(ctx.run_id, [done.metric_rows[0]["name"]])
+            ):
                 ctx.store.log_metrics(ctx.run_id, done.metric_rows)  # the crash came between the files and the rows
             results[k] = done
             continue
@@ -291,9 +356,9 @@ def prune_metrics_for_resume(ctx: TrainContext, stages: list[str]) -> None:
             if ckpt:
                 resume_step = max(resume_step, ckpt["global_step"])
             store.delete_metrics(run_id, fold=k, teacher=stage == "teacher", after_step=after)
-    store.delete_metrics(run_id, fold=-1, names=["progress/step"], after_step=resume_step)
-    store.delete_metrics(run_id, fold=-1, name_prefixes=["cv/", "blend/", "progress/total_steps"])
-    store.delete_metrics(run_id, names=["fold/final_ndcg"])
+    store.delete_metrics(run_id, fold=-1, names=[mn.PROGRESS_STEP], after_step=resume_step)
+    store.delete_metrics(run_id, fold=-1, name_prefixes=[mn.CV_PREFIX, mn.BLEND_PREFIX, mn.PROGRESS_TOTAL_STEPS])
+    store.delete_metrics(run_id, names=[mn.FOLD_FINAL_NDCG])
 
 
 def _side_features(cfg: RunConfig, df: pd.DataFrame):
@@ -303,12 +368,22 @@ def _side_features(cfg: RunConfig, df: pd.DataFrame):
         return None, None
     t_feat = time.time()
     bags = ngram_bags_cached(df, fc, cfg.text.cache_dir)
-    bag_init = word2vec_bucket_init(df, fc, seed=cfg.train.seed, cache_dir=cfg.text.cache_dir) \
-        if fc.init == "word2vec" else None
+    bag_init = (
+        word2vec_bucket_init(df, fc, seed=cfg.train.seed, cache_dir=cfg.text.cache_dir)
+        if fc.init == "word2vec"
+        else None
+    )
     per = np.diff(bags.offsets).reshape(len(df), -1)
-    log.info("n-gram bags %s: word 1..%d-grams into %d buckets, mean %s per pair, init %s%s (%.1f s)",
-             fc.bag_fields, fc.ngram, fc.buckets, np.round(per.mean(0), 1).tolist(), fc.init,
-             f" ({len(bag_init[0])} buckets from word2vec)" if bag_init is not None else "", time.time() - t_feat)
+    log.info(
+        "n-gram bags %s: word 1..%d-grams into %d buckets, mean %s per pair, init %s%s (%.1f s)",
+        fc.bag_fields,
+        fc.ngram,
+        fc.buckets,
+        np.round(per.mean(0), 1).tolist(),
+        fc.init,
+        f" ({len(bag_init[0])} buckets from word2vec)" if bag_init is not None else "",
+        time.time() - t_feat,
+    )
     return bags, bag_init
 
 
@@ -325,8 +400,12 @@ def _student_targets(ctx: TrainContext, teacher: dict[int, FoldResult], hard_tar
         have = ~np.isnan(t_oof).any(1) & ctx.fit_mask[ctx.train_idx]
         rows = ctx.train_idx[have]
         student[rows] = distill_targets(t_oof[have], hard_targets[rows].argmax(1), tk.distill_weight)
-        log.info("self-distillation: %d training rows get %.2f * OOF + %.2f * hard labels",
-                 len(rows), tk.distill_weight, 1 - tk.distill_weight)
+        log.info(
+            "self-distillation: %d training rows get %.2f * OOF + %.2f * hard labels",
+            len(rows),
+            tk.distill_weight,
+            1 - tk.distill_weight,
+        )
     t_test = {k: r.test for k, r in teacher.items() if r.test is not None}
 
     def targets_of(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -335,16 +414,33 @@ def _student_targets(ctx: TrainContext, teacher: dict[int, FoldResult], hard_tar
         keep = select_pseudo_labels(t_test[k], tk.pseudo_threshold)
         t = student.copy()
         t[ctx.test_idx[keep]] = t_test[k][keep]
-        log.info("pseudo-labels for fold %d: %d of %d test pairs with max p >= %.2f", k, keep.sum(), len(keep),
-                 tk.pseudo_threshold)
+        log.info(
+            "pseudo-labels for fold %d: %d of %d test pairs with max p >= %.2f",
+            k,
+            keep.sum(),
+            len(keep),
+            tk.pseudo_threshold,
+        )
         return t, ctx.test_idx[keep]
 
     if tk.pseudo_label:  # the student folds train on more rows: exact ETA total
-        steps = sum(math.ceil(math.ceil((len(ctx.train_rows(k)) + (select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum()
-                                                                    if k in t_test else 0)) / tc.batch_size) / tc.grad_accum)
-                    * tc.epochs for k in ctx.run_folds)
-        ctx.store.log_metrics(ctx.run_id, [{"name": "progress/total_steps", "value": float(ctx.global_step + steps),
-                                            "fold": -1}])
+        steps = sum(
+            math.ceil(
+                math.ceil(
+                    (
+                        len(ctx.train_rows(k))
+                        + (select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum() if k in t_test else 0)
+                    )
+                    / tc.batch_size
+                )
+                / tc.grad_accum
+            )
+            * tc.epochs
+            for k in ctx.run_folds
+        )
+        ctx.store.log_metrics(
+            ctx.run_id, [{"name": mn.PROGRESS_TOTAL_STEPS, "value": float(ctx.global_step + steps), "fold": -1}]
+        )
     return targets_of
 
 
@@ -370,8 +466,9 @@ def assemble_predictions(ctx: TrainContext, results: dict[int, FoldResult]) -> t
     return oof, test
 
 
-def _blend(cfg: RunConfig, df: pd.DataFrame, ctx: TrainContext, oof: pd.DataFrame, test: pd.DataFrame | None
-           ) -> dict[str, float]:
+def _blend(
+    cfg: RunConfig, df: pd.DataFrame, ctx: TrainContext, oof: pd.DataFrame, test: pd.DataFrame | None
+) -> dict[str, float]:
     """Per-query standardised blend of the cross-encoder with ``blend.members`` (core.scoring.blend):
     OOF rows get weights fitted on the other folds, test rows the weights fitted on all OOF rows.
     Sets ``score`` and each member's raw column in ``oof``/``test``; returns the full weights."""
@@ -386,8 +483,9 @@ def _blend(cfg: RunConfig, df: pd.DataFrame, ctx: TrainContext, oof: pd.DataFram
         if test is not None:
             test[name] = raw[ctx.test_idx]
             z_test.append(standardize_per_query(test["query_id"], test[name]))
-    final, per_fold_w, full_w = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"],
-                                             np.column_stack(z_oof), cfg.blend.resolution)
+    final, per_fold_w, full_w = nested_blend(
+        oof["fold"], oof["query_id"], oof["esci_label"], np.column_stack(z_oof), cfg.blend.resolution
+    )
     oof["score"] = final
     if test is not None:
         test["score"] = np.column_stack(z_test) @ full_w
@@ -396,13 +494,23 @@ def _blend(cfg: RunConfig, df: pd.DataFrame, ctx: TrainContext, oof: pd.DataFram
     return dict(zip(["ce", *members], map(float, full_w)))
 
 
-def _log_cv(store: RunStore, run_id: str, oof: pd.DataFrame, run_folds: list[int], cv: dict[str, float],
-            weights: dict[str, float]) -> None:
+def _log_cv(
+    store: RunStore,
+    run_id: str,
+    oof: pd.DataFrame,
+    run_folds: list[int],
+    cv: dict[str, float],
+    weights: dict[str, float],
+) -> None:
     """Per-fold nDCG of the final ranking, the CV metrics and the blend weights (run-level rows)."""
     labels, qids, score = oof["esci_label"].to_numpy(), oof["query_id"].to_numpy(), oof["score"].to_numpy()
     for f in run_folds:
         sel = oof["fold"].to_numpy() == f
-        store.log_metrics(run_id, [{"name": "fold/final_ndcg", "value": mean_ndcg(qids[sel], score[sel], labels[sel]),
-                                    "fold": f}])
-    store.log_metrics(run_id, [{"name": f"cv/{n}", "value": v, "fold": -1} for n, v in cv.items()]
-                      + [{"name": f"blend/w_{n}", "value": v, "fold": -1} for n, v in weights.items()])
+        store.log_metrics(
+            run_id, [{"name": mn.FOLD_FINAL_NDCG, "value": mean_ndcg(qids[sel], score[sel], labels[sel]), "fold": f}]
+        )
+    store.log_metrics(
+        run_id,
+        [{"name": mn.cv_name(n), "value": v, "fold": -1} for n, v in cv.items()]
+        + [{"name": mn.blend_weight_name(n), "value": v, "fold": -1} for n, v in weights.items()],
+    )

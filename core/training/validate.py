@@ -54,8 +54,10 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError(f"blend.members: unknown {unknown}; known: {sorted(BLEND_MEMBER_NAMES)}")
     check_features(cfg.features)
     if cfg.labels.auto_drop_fraction > 0 and not (cfg.labels.issues_run or cfg.labels.decisions_from):
-        raise ConfigError(f"labels.auto_drop_fraction={cfg.labels.auto_drop_fraction} needs labels.issues_run "
-                          "(a run with stored label issues)")
+        raise ConfigError(
+            f"labels.auto_drop_fraction={cfg.labels.auto_drop_fraction} needs labels.issues_run "
+            "(a run with stored label issues)"
+        )
 
 
 def validate_run(cfg: RunConfig) -> pd.DataFrame:
@@ -76,6 +78,9 @@ def validate_run(cfg: RunConfig) -> pd.DataFrame:
     n_queries = int(df.loc[df["split"] == "train", "query_id"].nunique())
     if n_queries < cfg.train.folds:
         cap = f" (data.max_queries={cfg.data.max_queries})" if cfg.data.max_queries else ""
-        raise DataError(cfg.data.dir, f"{n_queries} training queries{cap}, fewer than train.folds={cfg.train.folds} "
-                                      "(every fold needs at least one query)")
+        raise DataError(
+            cfg.data.dir,
+            f"{n_queries} training queries{cap}, fewer than train.folds={cfg.train.folds} "
+            "(every fold needs at least one query)",
+        )
     return df

@@ -6,37 +6,47 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich import box
 from rich.table import Table
 
-from core.runs import metric_names as mn
 from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
+from core.runs import metric_names as mn
 from workbench.cli.common import DbOpt, SetOpt, open_store
 
-app = typer.Typer(add_completion=False, invoke_without_command=True,
-                  help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge. "
-                       "Without a command: open the Textual app on ./runs.db.")
+app = typer.Typer(
+    add_completion=False,
+    invoke_without_command=True,
+    help="Terminal workbench for the KDD Cup 2022 ESCI product-search challenge. "
+    "Without a command: open the Textual app on ./runs.db.",
+)
 runs_app = typer.Typer(no_args_is_help=True, help="List and inspect runs in runs.db.")
 data_app = typer.Typer(no_args_is_help=True, help="Import and check ESCI data.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 from workbench.cli.ensemble import ensemble_app, submission_app  # noqa: E402
-app.add_typer(ensemble_app, name="ensemble"); app.add_typer(submission_app, name="submission")
+
+app.add_typer(ensemble_app, name="ensemble")
+app.add_typer(submission_app, name="submission")
 from workbench.cli.labels import labels_app  # noqa: E402
+
 app.add_typer(labels_app, name="labels")
 from workbench.cli.models import models_app  # noqa: E402
+
 app.add_typer(models_app, name="models")
 from workbench.cli.ablate import ablate  # noqa: E402
+
 app.command("ablate")(ablate)
 from workbench.cli.pretrain import pretrain  # noqa: E402
+
 app.command("pretrain")(pretrain)
 from workbench.cli.configs import configs_app  # noqa: E402
+
 app.add_typer(configs_app, name="configs")
 
 console = Console()
@@ -48,8 +58,15 @@ class RichProgress:
 
     def __init__(self, console: Console):
         self.console = console
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.task = None
 
     def __enter__(self):
@@ -91,19 +108,22 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 def _duration(run: dict) -> str:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     if not run.get("started"):
         return "-"
     start = datetime.fromisoformat(run["started"])
-    end = datetime.fromisoformat(run["ended"]) if run.get("ended") else datetime.now(timezone.utc)
+    end = datetime.fromisoformat(run["ended"]) if run.get("ended") else datetime.now(UTC)
     s = int((end - start).total_seconds())
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 @app.callback()
-def _root(ctx: typer.Context, db: DbOpt = None,
-          configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs")):
+def _root(
+    ctx: typer.Context,
+    db: DbOpt = None,
+    configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs"),
+):
     """Without a command: open the app."""
     if ctx.invoked_subcommand is None:
         _open_app(db, configs)
@@ -121,15 +141,21 @@ def _open_app(db: str | None, configs: Path) -> None:
 
 
 @app.command()
-def tui(db: DbOpt = None,
-        configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs")):
+def tui(
+    db: DbOpt = None,
+    configs: Annotated[Path, typer.Option(help="folder of configs for the new-run dialog")] = Path("configs"),
+):
     """Open the Textual app: runs, live run detail, compare, launch/stop (same as no command)."""
     _open_app(db, configs)
 
 
 @app.command()
-def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_: SetOpt = None, db: DbOpt = None,
-          run_id: Annotated[Optional[str], typer.Option("--run-id", help="a queued run (used by launch)")] = None):
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML/TOML config")],
+    set_: SetOpt = None,
+    db: DbOpt = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="a queued run (used by launch)")] = None,
+):
     """Train a config in the foreground (k-fold CV) and record the run."""
     from core.config import load_config
     from core.runs.launcher import config_kind
@@ -144,8 +170,10 @@ def train(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_
             result = run_training(cfg, store, run_id=run_id, progress=progress)
     else:
         result = run_training(cfg, store, run_id=run_id)
-    console.print(f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
+    console.print(
+        f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items())
+    )
 
 
 @app.command()
@@ -159,10 +187,17 @@ def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set
 
 
 @app.command()
-def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")], db: DbOpt = None,
-           all_folds: Annotated[bool, typer.Option("--all-folds", help="also train the folds a partial run left out")] = False,
-           detach: Annotated[bool, typer.Option("--detach", help="continue in the background (own session), like launch")] = False,
-           queued: Annotated[bool, typer.Option("--queued", hidden=True, help="the run was queued by resume --detach")] = False):
+def resume(
+    run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")],
+    db: DbOpt = None,
+    all_folds: Annotated[bool, typer.Option("--all-folds", help="also train the folds a partial run left out")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="continue in the background (own session), like launch")
+    ] = False,
+    queued: Annotated[
+        bool, typer.Option("--queued", hidden=True, help="the run was queued by resume --detach")
+    ] = False,
+):
     """Continue a crashed/stopped/failed/partial run under its id: finished folds are kept, the
     interrupted fold restarts from its last step checkpoint."""
     from core.runs.launcher import resume_config, resume_detached
@@ -187,8 +222,10 @@ def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)"
             result = run_training(cfg, store, run_id=run_id, progress=progress, resume=True)
     else:
         result = run_training(cfg, store, run_id=run_id, resume=True)
-    console.print(f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items()))
+    console.print(
+        f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items())
+    )
 
 
 @app.command()
@@ -200,8 +237,7 @@ def stop(run: str, db: DbOpt = None, grace: float = 10.0):
 
 
 @runs_app.command("list")
-def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
-              limit: Optional[int] = None):
+def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False, limit: int | None = None):
     """Runs, newest first, with status and best CV nDCG / F1 (best, not last)."""
     from core.runs.store import RunRecord, Status
 
@@ -213,8 +249,14 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
             r["duration"] = _duration(r)
         print(json.dumps(rows, indent=1, default=str))
         return
-    table = Table(title=f"runs in {store.path}", box=box.SIMPLE_HEAD, padding=0, pad_edge=False, show_edge=False,
-                  title_justify="left")
+    table = Table(
+        title=f"runs in {store.path}",
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        pad_edge=False,
+        show_edge=False,
+        title_justify="left",
+    )
     table.add_column("id", no_wrap=True, min_width=20)
     table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True, min_width=8)
@@ -229,13 +271,27 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
     def cut(text: str, width: int) -> str:
         return text if len(text) <= width else text[: width - 1] + "…"
 
-    colors = {Status.FINISHED: "green", Status.PARTIAL: "yellow", Status.RUNNING: "cyan", Status.FAILED: "red",
-              Status.CRASHED: "red", Status.STOPPED: "yellow"}
+    colors = {
+        Status.FINISHED: "green",
+        Status.PARTIAL: "yellow",
+        Status.RUNNING: "cyan",
+        Status.FAILED: "red",
+        Status.CRASHED: "red",
+        Status.STOPPED: "yellow",
+    }
     for r in rows:
         n_folds = r["n_folds"]
-        table.add_row(r["id"], cut(r["name"] or "", name_w), f"[{colors.get(r['status'], 'white')}]{r['status']}",
-                      cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w), f"{r['folds_done']}/{n_folds}" if n_folds else "-", _fmt(r["best_ndcg"], 3),
-                      _fmt(r["best_final_ndcg"], 3), _fmt(r["best_f1"], 3), _duration(r))
+        table.add_row(
+            r["id"],
+            cut(r["name"] or "", name_w),
+            f"[{colors.get(r['status'], 'white')}]{r['status']}",
+            cut(str(r["model"] or "").rsplit("/", 1)[-1], model_w),
+            f"{r['folds_done']}/{n_folds}" if n_folds else "-",
+            _fmt(r["best_ndcg"], 3),
+            _fmt(r["best_final_ndcg"], 3),
+            _fmt(r["best_f1"], 3),
+            _duration(r),
+        )
     console.print(table)
     console.print("nDCG / F1: the cross-encoder's CV (best, not last); final: the blended ranking's CV nDCG")
 
@@ -245,8 +301,10 @@ def runs_show(run: str, db: DbOpt = None):
     """One run: status, config, per-fold best metrics, CV, artifacts."""
     store = _reading_store(db)
     r = store.get_run(run)
-    console.print(f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
-                  f"pid {r['pid']}  duration {_duration(r)}  git {r['git_commit']}")
+    console.print(
+        f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
+        f"pid {r['pid']}  duration {_duration(r)}  git {r['git_commit']}"
+    )
     if r.get("error"):
         console.print(f"[red]error: {r['error']}")
     metrics = store.metrics(r["id"])
@@ -256,10 +314,16 @@ def runs_show(run: str, db: DbOpt = None):
     by_fold: dict[int, dict[str, float]] = {}
     for m in metrics:
         if m["name"].startswith(mn.FOLD_PREFIX):
-            by_fold.setdefault(m["fold"], {})[m["name"][len(mn.FOLD_PREFIX):]] = m["value"]
+            by_fold.setdefault(m["fold"], {})[m["name"][len(mn.FOLD_PREFIX) :]] = m["value"]
     for f, v in sorted(by_fold.items()):
-        folds.add_row(str(f), _fmt(v.get("ndcg")), _fmt(v.get("final_ndcg")), _fmt(v.get("task2_f1")),
-                      _fmt(v.get("task3_f1")), _fmt(v.get("seconds"), 0))
+        folds.add_row(
+            str(f),
+            _fmt(v.get("ndcg")),
+            _fmt(v.get("final_ndcg")),
+            _fmt(v.get("task2_f1")),
+            _fmt(v.get("task3_f1")),
+            _fmt(v.get("seconds"), 0),
+        )
     console.print(folds)
     cv = {m["name"]: m["value"] for m in metrics if m["fold"] == -1 and not m["name"].startswith(mn.PROGRESS_PREFIX)}
     if cv:
@@ -303,10 +367,13 @@ def _print_table(table, title: str) -> None:
 
 
 @data_app.command("import-opensearch")
-def data_import_opensearch(src: Path, out: Path,
-                           sources: Annotated[Optional[Path], typer.Option(help="shopping_queries_dataset_sources.csv")] = None,
-                           test_fraction: Annotated[float, typer.Option(help="fraction of queries marked split=test (0: none)")] = 0.0,
-                           seed: Annotated[int, typer.Option(help="seed of the held-out query draw")] = 0):
+def data_import_opensearch(
+    src: Path,
+    out: Path,
+    sources: Annotated[Path | None, typer.Option(help="shopping_queries_dataset_sources.csv")] = None,
+    test_fraction: Annotated[float, typer.Option(help="fraction of queries marked split=test (0: none)")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seed of the held-out query draw")] = 0,
+):
     """Convert the OpenSearch ESCI sample (judgments + NDJSON products) into the official layout."""
     from core.data.opensearch import import_opensearch
 
@@ -315,8 +382,12 @@ def data_import_opensearch(src: Path, out: Path,
 
 
 @data_app.command("check")
-def data_check(data_dir: Path, task: Optional[int] = None, split: Optional[str] = None,
-               locale: Annotated[Optional[list[str]], typer.Option()] = None):
+def data_check(
+    data_dir: Path,
+    task: int | None = None,
+    split: str | None = None,
+    locale: Annotated[list[str] | None, typer.Option()] = None,
+):
     """Load and validate an official-layout folder; print counts."""
     from core.data.esci import load_esci
 
@@ -326,25 +397,37 @@ def data_check(data_dir: Path, task: Optional[int] = None, split: Optional[str] 
 
 
 @app.command()
-def demo(data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
-         data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(DEFAULT_DATA_DIR),
-         config: Annotated[Optional[Path], typer.Option(help="config (default demo.yaml: ./configs/demo.yaml, else the bundled one)")] = None,
-         set_: SetOpt = None, db: DbOpt = None):
+def demo(
+    data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
+    data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(
+        DEFAULT_DATA_DIR
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="config (default demo.yaml: ./configs/demo.yaml, else the bundled one)")
+    ] = None,
+    set_: SetOpt = None,
+    db: DbOpt = None,
+):
     """Import the real ESCI sample, train a 5-fold cross-encoder, compare with BM25 and random."""
     from core.demo import DEFAULT_CONFIG, run_demo
 
     store = open_store(db)
     t0 = time.time()
     with RichProgress(err_console) as progress:
-        report = run_demo(data, store, data_dir=data_dir, config_path=config or DEFAULT_CONFIG,
-                          overrides=set_, progress=progress)
+        report = run_demo(
+            data, store, data_dir=data_dir, config_path=config or DEFAULT_CONFIG, overrides=set_, progress=progress
+        )
     res = report.result
-    _print_table(report.table, f"run {res.run_id}: OOF nDCG per fold (f0..), CV = over all "
-                               f"{res.oof['query_id'].nunique()} queries, ± = fold std, Task 2/3 micro-F1")
-    console.print("final = per-query standardised blend, weights fitted on the other folds; weights on all OOF: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in res.blend_weights.items()))
-    console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; "
-                  f"{time.time() - t0:.0f} s")
+    _print_table(
+        report.table,
+        f"run {res.run_id}: OOF nDCG per fold (f0..), CV = over all "
+        f"{res.oof['query_id'].nunique()} queries, ± = fold std, Task 2/3 micro-F1",
+    )
+    console.print(
+        "final = per-query standardised blend, weights fitted on the other folds; weights on all OOF: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in res.blend_weights.items())
+    )
+    console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; {time.time() - t0:.0f} s")
 
 
 def main() -> None:

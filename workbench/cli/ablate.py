@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,21 +17,34 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the baseline (step 0)")],
-           tricks: Annotated[Optional[str], typer.Option("--tricks", help="techniques added one after another, "
-                                                         "comma-separated: ema, fgm, pgd, awp, rdrop, poly1, focal, ls, "
-                                                         "msd, wlp, mixup, distill, pseudo, llrd, gc, or key=value of a "
-                                                         "config section (required unless --runs)")] = None,
-           set_: SetOpt = None,
-           db: DbOpt = None,
-           dry_run: Annotated[bool, typer.Option("--dry-run", help="print the planned runs and exit")] = False,
-           runs: Annotated[Optional[str], typer.Option("--runs", help="rebuild the table from these finished run ids "
-                                                       "(comma-separated, baseline first) instead of training")] = None,
-           markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown")] = False,
-           as_json: Annotated[bool, typer.Option("--json", help="print the table as JSON rows")] = False):
+def ablate(
+    config: Annotated[Path, typer.Argument(help="YAML/TOML config: the baseline (step 0)")],
+    tricks: Annotated[
+        str | None,
+        typer.Option(
+            "--tricks",
+            help="techniques added one after another, "
+            "comma-separated: ema, fgm, pgd, awp, rdrop, poly1, focal, ls, "
+            "msd, wlp, mixup, distill, pseudo, llrd, gc, or key=value of a "
+            "config section (required unless --runs)",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    db: DbOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the planned runs and exit")] = False,
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            "--runs",
+            help="rebuild the table from these finished run ids (comma-separated, baseline first) instead of training",
+        ),
+    ] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the table as JSON rows")] = False,
+):
     """Cumulative ablation: baseline, then + each technique in turn; one run per step in runs.db."""
-    from core.training.ablate import ablation_table, plan_ablation, run_ablation, split_items, to_markdown
     from core.errors import ConfigError
+    from core.training.ablate import ablation_table, plan_ablation, run_ablation, split_items, to_markdown
 
     if not tricks and not runs:
         raise ConfigError("ablate: --tricks is required (or --runs to rebuild a table from finished runs)")
@@ -57,8 +70,12 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
     if as_json:
         print(json.dumps(table.to_dict(orient="records"), indent=1, default=str))
         return
-    t = Table(title=f"cumulative ablation of {config} ({len(table)} runs in {store.path})", title_justify="left",
-              padding=(0, 1), collapse_padding=True)
+    t = Table(
+        title=f"cumulative ablation of {config} ({len(table)} runs in {store.path})",
+        title_justify="left",
+        padding=(0, 1),
+        collapse_padding=True,
+    )
     for col in ("step", "CV nDCG", "± fold", "Δ", "± paired", "final", "T2 F1", "s/ep"):
         t.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
 
@@ -66,14 +83,27 @@ def ablate(config: Annotated[Path, typer.Argument(help="YAML/TOML config: the ba
         return "-" if v is None or v != v else f"{v:.{d}f}"
 
     for _, r in table.iterrows():
-        delta = "-" if r["delta"] != r["delta"] else f"{r['delta']:+.4f}" + ("" if r["within_noise"] is None
-                                                                            else " ~" if r["within_noise"] else " *")
-        t.add_row(str(r["added"]), f(r["cv_ndcg"]), f(r["fold_std"], 3), delta, f(r["paired_std"], 3),
-                  f(r["final_ndcg"]), f(r["task2_f1"]), f(r["sec_per_epoch"], 0))
+        delta = (
+            "-"
+            if r["delta"] != r["delta"]
+            else f"{r['delta']:+.4f}" + ("" if r["within_noise"] is None else " ~" if r["within_noise"] else " *")
+        )
+        t.add_row(
+            str(r["added"]),
+            f(r["cv_ndcg"]),
+            f(r["fold_std"], 3),
+            delta,
+            f(r["paired_std"], 3),
+            f(r["final_ndcg"]),
+            f(r["task2_f1"]),
+            f(r["sec_per_epoch"], 0),
+        )
     console.print(t)
     console.print("runs (for --runs): " + ",".join(table["run_id"]), soft_wrap=True)
-    console.print("CV nDCG: cross-encoder OOF nDCG over all queries; ± fold: std of the per-fold nDCG; Δ: change "
-                  "from the previous step (~ within the paired fold std, * outside it); final: after the blend; "
-                  "T2 F1: Task 2 micro-F1; s/ep: training seconds per fold and epoch")
+    console.print(
+        "CV nDCG: cross-encoder OOF nDCG over all queries; ± fold: std of the per-fold nDCG; Δ: change "
+        "from the previous step (~ within the paired fold std, * outside it); final: after the blend; "
+        "T2 F1: Task 2 micro-F1; s/ep: training seconds per fold and epoch"
+    )
     if markdown:
         print(to_markdown(table))

@@ -43,8 +43,10 @@ def configs_list():
 
 
 @configs_app.command("copy")
-def configs_copy(name: Annotated[str, typer.Argument(help="a bundled config: demo, demo.yaml, ...")],
-                 dest: Annotated[Path | None, typer.Argument(help="file or folder (default: here)")] = None):
+def configs_copy(
+    name: Annotated[str, typer.Argument(help="a bundled config: demo, demo.yaml, ...")],
+    dest: Annotated[Path | None, typer.Argument(help="file or folder (default: here)")] = None,
+):
     """Copy a bundled config into the current folder (or DEST) to edit it; never overwrites."""
     from core.config import bundled_configs
     from core.errors import ConfigError, WorkbenchError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -60,8 +60,10 @@ def print_result(res, names: list[str]) -> None:
                 row += ["-", "-"]
         t.add_row(*row)
     t.add_section()
-    t.add_row("[bold]ensemble", *[c for task in sorted(res.tasks)
-                                  for c in (f"[bold]{res.tasks[task]['oof_ensemble']:.4f}", "")])
+    t.add_row(
+        "[bold]ensemble",
+        *[c for task in sorted(res.tasks) for c in (f"[bold]{res.tasks[task]['oof_ensemble']:.4f}", "")],
+    )
     console.print(t)
     held = [task for task in sorted(res.tasks) if "test_member" in res.tasks[task]]
     if held:
@@ -71,18 +73,28 @@ def print_result(res, names: list[str]) -> None:
         for task in held:
             h.add_column(f"T{task}", justify="right")
         for name in names:
-            h.add_row(_short(name), *[f"{res.tasks[k]['test_member'][name]:.4f}"
-                                      if name in res.tasks[k]["test_member"] else "-" for k in held])
+            h.add_row(
+                _short(name),
+                *[
+                    f"{res.tasks[k]['test_member'][name]:.4f}" if name in res.tasks[k]["test_member"] else "-"
+                    for k in held
+                ],
+            )
         h.add_section()
         h.add_row("[bold]ensemble", *[f"[bold]{res.tasks[k]['test_ensemble']:.4f}" for k in held])
         console.print(h)
     if 3 in res.tasks:
-        console.print(f"Task 3: substitute iff p(S) >= {res.tasks[3]['threshold']:.4f} (tuned on OOF; "
-                      f"argmax rule {res.tasks[3]['oof_argmax']:.4f})")
+        console.print(
+            f"Task 3: substitute iff p(S) >= {res.tasks[3]['threshold']:.4f} (tuned on OOF; "
+            f"argmax rule {res.tasks[3]['oof_argmax']:.4f})"
+        )
     if 2 in res.tasks and any(res.tasks[2]["log_prior_bias"].values()):
         b = res.tasks[2]["log_prior_bias"]
-        console.print("Task 2 log-prior bias: " + ", ".join(f"{k} {v:+.2f}" for k, v in b.items())
-                      + f" (argmax without: {res.tasks[2]['oof_argmax']:.4f})")
+        console.print(
+            "Task 2 log-prior bias: "
+            + ", ".join(f"{k} {v:+.2f}" for k, v in b.items())
+            + f" (argmax without: {res.tasks[2]['oof_argmax']:.4f})"
+        )
     if res.corr is not None and len(names) > 1:
         console.print("[bold]correlation of per-query standardised OOF ranking scores")
         c = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
@@ -104,11 +116,15 @@ def ensemble_build(
     task: Annotated[str, typer.Option(help="1, 2, 3 or all")] = "all",
     weights: Annotated[str, typer.Option(help="auto (fitted on OOF), equal, or w1,w2,...")] = "auto",
     method: Annotated[str, typer.Option(help="Task 1 combination: zscore | rank | prob")] = "zscore",
-    shrink: Annotated[Optional[float], typer.Option(help="shrink weights of members correlated >= this")] = None,
-    prior_adjust: Annotated[bool, typer.Option("--prior-adjust", help="Task 2: tune class log-prior bias on OOF")] = False,
-    name: Annotated[Optional[str], typer.Option(help="submission name (default: ens-<time>)")] = None,
+    shrink: Annotated[float | None, typer.Option(help="shrink weights of members correlated >= this")] = None,
+    prior_adjust: Annotated[
+        bool, typer.Option("--prior-adjust", help="Task 2: tune class log-prior bias on OOF")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="submission name (default: ens-<time>)")] = None,
     out: Annotated[Path, typer.Option(help="folder of submission folders")] = Path("submissions"),
-    examples: Annotated[Optional[Path], typer.Option(help="validate against these test examples (data dir or file)")] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="validate against these test examples (data dir or file)")
+    ] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="only print the OOF figures")] = False,
     db: DbOpt = None,
 ):
@@ -116,8 +132,8 @@ def ensemble_build(
     submission files under OUT/NAME with a manifest, and record the ensemble in runs.db."""
     import time
 
-    from core.scoring.ensemble import build_ensemble, load_members, parse_weights, write_ensemble
     from core.errors import WorkbenchError
+    from core.scoring.ensemble import build_ensemble, load_members, parse_weights, write_ensemble
 
     # --runs A B C (the extra words), --runs A --runs B, or --runs A,B,C
     specs = [s for r in [*runs, *ctx.args] for s in re.split(r"[,\s]+", r) if s]
@@ -130,8 +146,14 @@ def ensemble_build(
         raise WorkbenchError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     store = open_store(db)
     steps = 3 if no_write else 4
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
         job = bar.add_task("loading members", total=steps)
         ms = load_members(store, specs)
         bar.update(job, advance=1, description="parsing weights")
@@ -141,12 +163,22 @@ def ensemble_build(
         bar.update(job, advance=1, description="writing + validating files")
         manifest = None
         if not no_write:
-            manifest = write_ensemble(res, ms, out / name, name, store=store, examples=examples,
-                                      extra={"options": {"weights": weights, "method": method, "shrink": shrink,
-                                                         "prior_adjust": prior_adjust}})
+            manifest = write_ensemble(
+                res,
+                ms,
+                out / name,
+                name,
+                store=store,
+                examples=examples,
+                extra={
+                    "options": {"weights": weights, "method": method, "shrink": shrink, "prior_adjust": prior_adjust}
+                },
+            )
             bar.update(job, advance=1)
-    console.print(f"[bold]{len(ms.members)} members[/], {len(ms.oof)} OOF rows"
-                  + (f", {len(ms.test)} test rows" if ms.test is not None else ", no test rows"))
+    console.print(
+        f"[bold]{len(ms.members)} members[/], {len(ms.oof)} OOF rows"
+        + (f", {len(ms.test)} test rows" if ms.test is not None else ", no test rows")
+    )
     print_result(res, ms.names)
     if manifest is not None:
         for t, f in manifest["files"].items():
@@ -170,8 +202,13 @@ def ensemble_list(db: DbOpt = None):
     for r in rows:
         m = json.loads(r["manifest"])
         t1 = m.get("tasks", {}).get("1", {}).get("oof_ensemble")
-        t.add_row(r["name"], r["created"], r["tasks"], str(len(json.loads(r["members"]))),
-                  f"{t1:.4f}" if t1 is not None else "-")
+        t.add_row(
+            r["name"],
+            r["created"],
+            r["tasks"],
+            str(len(json.loads(r["members"]))),
+            f"{t1:.4f}" if t1 is not None else "-",
+        )
     console.print(t)
 
 
@@ -179,7 +216,9 @@ def ensemble_list(db: DbOpt = None):
 def submission_validate(
     file: Annotated[Path, typer.Argument(help="the submission CSV")],
     task: Annotated[int, typer.Option(help="1, 2 or 3")],
-    examples: Annotated[Path, typer.Option(help="test examples: an official data dir, an examples file or a run's test.parquet")],
+    examples: Annotated[
+        Path, typer.Option(help="test examples: an official data dir, an examples file or a run's test.parquet")
+    ],
 ):
     """Check columns, the exact id set against the test examples, duplicates, NaN, labels, and
     (Task 1) that every test query is present. Exit 2 with one line on any problem."""

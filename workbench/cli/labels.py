@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -13,31 +13,48 @@ from rich.table import Table
 
 from workbench.cli.common import DbOpt, open_store
 
-labels_app = typer.Typer(no_args_is_help=True,
-                         help="Label errors: find them from a run's OOF probabilities, review, export.")
+labels_app = typer.Typer(
+    no_args_is_help=True, help="Label errors: find them from a run's OOF probabilities, review, export."
+)
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 @labels_app.command("find")
-def find(run: Annotated[str, typer.Argument(help="run id (or unique prefix) with OOF probabilities")],
-         filter_by: Annotated[str, typer.Option(help="cleanlab find_label_issues filter_by")] = "prune_by_noise_rate",
-         rank_by: Annotated[str, typer.Option(help="ranking: self_confidence, normalized_margin, "
-                                                    "confidence_weighted_entropy")] = "self_confidence",
-         n_jobs: Annotated[Optional[int], typer.Option(help="cleanlab worker processes")] = None,
-         db: DbOpt = None):
+def find(
+    run: Annotated[str, typer.Argument(help="run id (or unique prefix) with OOF probabilities")],
+    filter_by: Annotated[str, typer.Option(help="cleanlab find_label_issues filter_by")] = "prune_by_noise_rate",
+    rank_by: Annotated[
+        str, typer.Option(help="ranking: self_confidence, normalized_margin, confidence_weighted_entropy")
+    ] = "self_confidence",
+    n_jobs: Annotated[int | None, typer.Option(help="cleanlab worker processes")] = None,
+    db: DbOpt = None,
+):
     """Find label issues in RUN's OOF probabilities (cleanlab) and store them in runs.db."""
     from core.cleaning.labels import find_issues
 
     store = open_store(db)
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("labels find", total=None)
-        res = find_issues(store, run, filter_by=filter_by, rank_by=rank_by, n_jobs=n_jobs,
-                          progress=lambda msg: bar.update(task, description=msg))
-    console.print(f"run {res.run_id}: {len(res.issues):,} label issues in {res.n_examples:,} OOF examples "
-                  f"({100 * res.share:.1f}%), filter_by={filter_by}, ranked by {rank_by}")
+        res = find_issues(
+            store,
+            run,
+            filter_by=filter_by,
+            rank_by=rank_by,
+            n_jobs=n_jobs,
+            progress=lambda msg: bar.update(task, description=msg),
+        )
+    console.print(
+        f"run {res.run_id}: {len(res.issues):,} label issues in {res.n_examples:,} OOF examples "
+        f"({100 * res.share:.1f}%), filter_by={filter_by}, ranked by {rank_by}"
+    )
     table = Table(title="issues: given (rows) vs suggested (columns)", box=box.SIMPLE)
     table.add_column("given")
     for c in res.crosstab.columns:
@@ -50,9 +67,11 @@ def find(run: Annotated[str, typer.Argument(help="run id (or unique prefix) with
 
 
 @labels_app.command("review")
-def review(run: Annotated[Optional[str], typer.Argument(help="run whose issues to review (default: newest)")] = None,
-           reviewer: Annotated[Optional[str], typer.Option(help="name recorded with decisions (default $USER)")] = None,
-           db: DbOpt = None):
+def review(
+    run: Annotated[str | None, typer.Argument(help="run whose issues to review (default: newest)")] = None,
+    reviewer: Annotated[str | None, typer.Option(help="name recorded with decisions (default $USER)")] = None,
+    db: DbOpt = None,
+):
     """Open the review queue: 1-4 set E/S/C/I, k keep, a accept, d drop, u undo."""
     from core.cleaning.labels import default_issues_run
     from workbench.tui.review import run_review_app
@@ -70,43 +89,62 @@ def _default_db() -> str:
 
 
 @labels_app.command("export")
-def export(out: Annotated[Path, typer.Argument(help="new folder for the cleaned release (official layout)")],
-           run: Annotated[Optional[str], typer.Option("--run", help="apply decisions reviewed on this run's issues "
-                                                                    "(default: newest run with issues)")] = None,
-           data: Annotated[Optional[Path], typer.Option(help="official-layout folder (default: the run's data.dir)")] = None,
-           auto_drop_fraction: Annotated[float, typer.Option(help="also drop this fraction of training examples: "
-                                                                  "the top-ranked issues")] = 0.0,
-           db: DbOpt = None):
+def export(
+    out: Annotated[Path, typer.Argument(help="new folder for the cleaned release (official layout)")],
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="apply decisions reviewed on this run's issues (default: newest run with issues)"),
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="official-layout folder (default: the run's data.dir)")] = None,
+    auto_drop_fraction: Annotated[
+        float, typer.Option(help="also drop this fraction of training examples: the top-ranked issues")
+    ] = 0.0,
+    db: DbOpt = None,
+):
     """Write the cleaned examples (drops removed, relabels applied, original_esci_label) plus products."""
-    from core.config import DEFAULT_DATA_DIR
     from core.cleaning.labels import default_issues_run, export_cleaned
+    from core.config import DEFAULT_DATA_DIR
 
     store = open_store(db)
     run_id = store.get_run(run)["id"] if run else default_issues_run(store)
     if data is None:
         data = Path(store.get_record(run_id).data.get("dir", DEFAULT_DATA_DIR))
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
         bar.add_task(f"exporting {data} -> {out}", total=None)
-        counts = export_cleaned(store, out, data, decisions_from=run_id, auto_drop_fraction=auto_drop_fraction,
-                                issues_run=run_id)
-    console.print(f"wrote {out}: {counts['examples']:,} examples, {counts['dropped']:,} dropped, "
-                  f"{counts['relabelled']:,} relabelled (decisions of run {run_id}); test examples untouched")
+        counts = export_cleaned(
+            store, out, data, decisions_from=run_id, auto_drop_fraction=auto_drop_fraction, issues_run=run_id
+        )
+    console.print(
+        f"wrote {out}: {counts['examples']:,} examples, {counts['dropped']:,} dropped, "
+        f"{counts['relabelled']:,} relabelled (decisions of run {run_id}); test examples untouched"
+    )
 
 
 @labels_app.command("compare")
-def compare(base: Annotated[str, typer.Argument(help="run trained on the labels as released")],
-            cleaned: Annotated[str, typer.Argument(help="run trained with labels.* cleaning, same data and folds")],
-            db: DbOpt = None):
+def compare(
+    base: Annotated[str, typer.Argument(help="run trained on the labels as released")],
+    cleaned: Annotated[str, typer.Argument(help="run trained with labels.* cleaning, same data and folds")],
+    db: DbOpt = None,
+):
     """Per-fold nDCG of BASE and CLEANED on the original labels of all examples, and the difference."""
     from core.cleaning.labels import compare_runs
 
     table = compare_runs(open_store(db, readonly=True), base, cleaned)
     folds = [c for c in table.columns if c.startswith("fold") and c != "fold_std"]
     runs = list(table.index.get_level_values(0).unique())
-    out = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
-                title=f"OOF nDCG, original labels of all examples, same folds\nbase = {runs[0].split()[-1]}, "
-                      f"cleaned = {runs[1].split()[-1]}; CE = cross-encoder")
+    out = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0, 0, 1),
+        title=f"OOF nDCG, original labels of all examples, same folds\nbase = {runs[0].split()[-1]}, "
+        f"cleaned = {runs[1].split()[-1]}; CE = cross-encoder",
+    )
     for col in ["run", "", *[f"f{c[4:]}" for c in folds], "CV", "sd"]:
         out.add_column(col, justify="left" if col in ("run", "") else "right", no_wrap=True)
 
@@ -115,9 +153,13 @@ def compare(base: Annotated[str, typer.Argument(help="run trained on the labels 
 
     for (run, scorer), row in table.iterrows():
         signed = run.startswith("cleaned -")
-        out.add_row("diff" if signed else run.split()[0].replace("cleaned", "clean"),
-                    "CE" if scorer == "cross-encoder" else scorer,
-                    *[f(row[c], signed) for c in folds], f(row["cv_ndcg"], signed), f"{row['fold_std']:.4f}")
+        out.add_row(
+            "diff" if signed else run.split()[0].replace("cleaned", "clean"),
+            "CE" if scorer == "cross-encoder" else scorer,
+            *[f(row[c], signed) for c in folds],
+            f(row["cv_ndcg"], signed),
+            f"{row['fold_std']:.4f}",
+        )
     console.print(out)
     ce = table.xs("cross-encoder", level=1)
     for task in ("task2", "task3"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -15,10 +15,12 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def pretrain(config: Annotated[Path, typer.Argument(help="YAML/TOML pre-training config (see configs/pretrain.yaml)")],
-             set_: SetOpt = None,
-             db: DbOpt = None,
-             run_id: Annotated[Optional[str], typer.Option("--run-id", help="a queued run")] = None):
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="YAML/TOML pre-training config (see configs/pretrain.yaml)")],
+    set_: SetOpt = None,
+    db: DbOpt = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="a queued run")] = None,
+):
     """Multitask pre-training (MLM, Product2Query, Product2Brand/Color, contrastive): one summed loss per
     batch; writes runs/<id>/backbone for `model.name` of `workbench train`."""
     from core.pretrain.multitask import load_pretrain_config, run_pretraining
@@ -36,4 +38,8 @@ def pretrain(config: Annotated[Path, typer.Argument(help="YAML/TOML pre-training
     console.print(f"run {res.run_id} finished: {res.steps} steps in {res.seconds:.0f} s", highlight=False)
     console.print(f"losses, first step(s): {fmt(res.first_losses)}", highlight=False)
     console.print(f"losses, last step(s):  {fmt(res.last_losses)}", highlight=False)
-    console.print(f"backbone: {res.backbone_dir}  (fine-tune with --set model.name={res.backbone_dir})", highlight=False, soft_wrap=True)
+    console.print(
+        f"backbone: {res.backbone_dir}  (fine-tune with --set model.name={res.backbone_dir})",
+        highlight=False,
+        soft_wrap=True,
+    )

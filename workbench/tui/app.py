@@ -37,11 +37,19 @@ class WorkbenchApp(WorkerErrors, RunLifecycle, App):
     Screen { background: $background; }
     """
 
-    def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
-                 configs_dir: str = "configs", refresh_interval: float = 2.0, host_stats=None):
+    def __init__(
+        self,
+        db_path: str,
+        gpu_probe=None,
+        clock: Callable[[], float] | None = None,
+        configs_dir: str = "configs",
+        refresh_interval: float = 2.0,
+        host_stats=None,
+    ):
         super().__init__()
-        self.services = Services(db_path, gpu_probe=gpu_probe, clock=clock, configs_dir=configs_dir,
-                                 host_stats=host_stats)
+        self.services = Services(
+            db_path, gpu_probe=gpu_probe, clock=clock, configs_dir=configs_dir, host_stats=host_stats
+        )
         self.refresh_interval = refresh_interval
         self.runs_screen: RunsScreen | None = None
 
@@ -57,8 +65,9 @@ class WorkbenchApp(WorkerErrors, RunLifecycle, App):
         yield SystemCommand("New run", "pick a config, edit overrides, launch detached", runs.action_new_run)
         yield SystemCommand("Compare marked runs", "metrics, config diff, curves", runs.action_compare)
         yield SystemCommand("Filter runs", "by words or key:value", runs.action_filter)
-        yield SystemCommand("Ensemble", "weights, OOF scores and one-key submission files for the marked runs",
-                            runs.action_ensemble)
+        yield SystemCommand(
+            "Ensemble", "weights, OOF scores and one-key submission files for the marked runs", runs.action_ensemble
+        )
         yield SystemCommand("Review label issues", "the label-error queue of the current run", runs.action_labels)
         yield SystemCommand("Reload runs", "re-read runs.db now", lambda: runs.reload(force=True))
         yield SystemCommand("Keys", "all key bindings", runs.action_help)

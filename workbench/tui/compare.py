@@ -12,7 +12,7 @@ from textual_hires_canvas import HiResMode
 from textual_plot import PlotWidget
 
 from core.runs import metric_names as mn
-from core.runs.compare import CURVE_METRICS, COMPARE_METRICS, config_diff, curve, metric_summary, run_configs
+from core.runs.compare import COMPARE_METRICS, CURVE_METRICS, config_diff, curve, metric_summary, run_configs
 from workbench.tui.messages import CompareLoaded
 from workbench.tui.workers import WorkerErrors
 
@@ -57,7 +57,9 @@ class CompareScreen(WorkerErrors, Screen):
         self.loaded = False
 
     def compose(self) -> ComposeResult:
-        yield Static(f"comparing {len(self.run_ids)} runs   [dim]1 metrics · 2 config diff · 3 curves[/]", id="cmp-title")
+        yield Static(
+            f"comparing {len(self.run_ids)} runs   [dim]1 metrics · 2 config diff · 3 curves[/]", id="cmp-title"
+        )
         with TabbedContent(initial="metrics"):
             with TabPane("metrics", id="metrics"):
                 yield DataTable(id="metrics-table", cursor_type="row", zebra_stripes=True)
@@ -109,8 +111,10 @@ class CompareScreen(WorkerErrors, Screen):
                     text = f"[b green]{text}[/]"
                 cells.append(text)
             mt.add_row(label, *cells)
-        mt.add_row("status", *[f"{r['status']}" + (f" ({r['exit_code']})" if r.get("exit_code") not in (None, 0) else "")
-                               for r in runs])
+        mt.add_row(
+            "status",
+            *[f"{r['status']}" + (f" ({r['exit_code']})" if r.get("exit_code") not in (None, 0) else "") for r in runs],
+        )
         ct = self.query_one("#config-table", DataTable)
         ct.clear(columns=True)
         ct.add_column("key", key="key")
@@ -139,8 +143,9 @@ class CompareScreen(WorkerErrors, Screen):
             else:
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=self.names.get(rid, rid))
         plot.show_legend()
-        legend = "  ".join(f"[{RUN_COLOURS[i % len(RUN_COLOURS)]}]■ {self.names.get(r, r)}[/]"
-                           for i, r in enumerate(self.run_ids))
+        legend = "  ".join(
+            f"[{RUN_COLOURS[i % len(RUN_COLOURS)]}]■ {self.names.get(r, r)}[/]" for i, r in enumerate(self.run_ids)
+        )
         self.query_one("#curve-title", Static).update(f"[b]{name}[/] ({n} points)  {legend}  [dim]m: next[/]")
 
     def action_back(self) -> None:

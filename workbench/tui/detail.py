@@ -24,7 +24,18 @@ from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, n_fol
 from workbench.tui.workers import RunActions, WorkerErrors
 
 DETAIL_CURVES = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.TRAIN_LR, mn.TRAIN_SAMPLES_PER_S, mn.EVAL_TASK3_F1]
-FOLD_COLOURS = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_cyan", "bright_magenta", "bright_yellow"]
+FOLD_COLOURS = [
+    "cyan",
+    "magenta",
+    "yellow",
+    "green",
+    "red",
+    "blue",
+    "white",
+    "bright_cyan",
+    "bright_magenta",
+    "bright_yellow",
+]
 
 
 class RunDetailScreen(WorkerErrors, RunActions, Screen):
@@ -60,7 +71,9 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self.run_id = run_id
         self.refresh_interval = refresh_interval
         self.run: dict | None = None
-        self.series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)  # name -> (fold, x, value, time)
+        self.series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(
+            list
+        )  # name -> (fold, x, value, time)
         self.last_rowid = 0
         self.curve_index = 0
         self.epochs = 1.0
@@ -123,8 +136,16 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         if epochs is None:
             epochs = RunRecord.from_row(run, store.path).epochs
         new = store.metrics_since(run["id"], after_rowid)
-        points = [(m["name"], m["fold"], m["fold"] * epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0),
-                   m["value"], m["time"]) for m in new]
+        points = [
+            (
+                m["name"],
+                m["fold"],
+                m["fold"] * epochs + (m["epoch"] or 0.0) if m["fold"] >= 0 else (m["step"] or 0),
+                m["value"],
+                m["time"],
+            )
+            for m in new
+        ]
         last = new[-1]["rowid"] if new else after_rowid
         best = store.best_values([run["id"]]).get(run["id"], {})
         self.post_message(DetailPolled(run, points, last, self._poll_log(run), self._read_system(run), epochs, best))
@@ -135,7 +156,9 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         for name, fold, x, value, t in message.points:
             self.series[name].append((fold, x, value, t))
         run = message.run
-        self._apply(run, bool(message.points) or self.polls == 0, message.lines, self._system_text(run, message.readings))
+        self._apply(
+            run, bool(message.points) or self.polls == 0, message.lines, self._system_text(run, message.readings)
+        )
         self.polls += 1
 
     def on_worker_failed(self, message: WorkerFailed) -> None:
@@ -167,8 +190,10 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         if gpus:
             for g in gpus:
                 power = f" {g.power:.0f}W" if g.power is not None else ""
-                out.append(f"[b]GPU{g.index}[/] {g.util:.0f}% {g.mem_used / 1024:.1f}/{g.mem_total / 1024:.0f}G "
-                           f"{g.temperature:.0f}°C{power}")
+                out.append(
+                    f"[b]GPU{g.index}[/] {g.util:.0f}% {g.mem_used / 1024:.1f}/{g.mem_total / 1024:.0f}G "
+                    f"{g.temperature:.0f}°C{power}"
+                )
             if tree:
                 mine = sum(mem for g in gpus for pid, mem in g.processes.items() if pid in tree.pids)
                 out.append(f"run GPU mem {mine / 1024:.2f} GiB")
@@ -206,7 +231,8 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
             f"{escape((run['model'] or '').rsplit('/', 1)[-1])}  pid {run['pid'] or '-'}\n"
             f"folds {folds}  nDCG {fmt_float(best.get('ndcg'))}  F1 {fmt_float(best.get('task2_f1'))}  "
             f"final {fmt_float(best.get('final_ndcg'))}  time {fmt_duration(self.services.duration(run))}"
-            + (f"  [red]{escape(run['error'][:80])}[/]" if run.get("error") else ""))
+            + (f"  [red]{escape(run['error'][:80])}[/]" if run.get("error") else "")
+        )
         if lines:
             self.query_one("#log", Log).write_lines(lines)
         self.query_one("#system", Static).update(system)
@@ -234,7 +260,8 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
                 plot.scatter(xs, ys, marker="●", marker_style=colour, label=f"fold {fold}")
         title = f"[b]{name}[/] {len(pts)} pts" if pts else f"[b]{name}[/] no points yet"
         self.query_one("#curve-title", Static).update(
-            f"{title}  [dim]x: epoch, folds in sequence · m/M: {' '.join(self.curves)}[/]")
+            f"{title}  [dim]x: epoch, folds in sequence · m/M: {' '.join(self.curves)}[/]"
+        )
 
     # -- actions ---------------------------------------------------------------------------------
     def action_back(self) -> None:

@@ -22,8 +22,11 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 class ConfirmScreen(ModalScreen[bool]):
     """Yes/no; ``y``/Enter confirm, ``n``/Escape cancel."""
 
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n", "answer(False)", "no"),
-                Binding("escape", "answer(False)", "cancel", show=False)]
+    BINDINGS = [
+        Binding("y", "answer(True)", "yes"),
+        Binding("n", "answer(False)", "no"),
+        Binding("escape", "answer(False)", "cancel", show=False),
+    ]
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 64; max-width: 95%; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
@@ -101,8 +104,13 @@ class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(f"[b]New run[/]  config from {escape(str(self.services.configs_dir))}/")
-            yield Select([(p.name, str(p)) for p in self.configs], id="config", prompt="config",
-                         value=str(self.configs[0]) if self.configs else Select.BLANK, allow_blank=not self.configs)
+            yield Select(
+                [(p.name, str(p)) for p in self.configs],
+                id="config",
+                prompt="config",
+                value=str(self.configs[0]) if self.configs else Select.BLANK,
+                allow_blank=not self.configs,
+            )
             yield Label("overrides, key=value (one or more per line), e.g. train.epochs=2")
             yield TextArea("", id="overrides")
             yield Static("", id="check")
@@ -112,7 +120,9 @@ class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         if not self.configs:
-            self.query_one("#check", Static).update(f"[red]no configs (*.yaml, *.toml) in {self.services.configs_dir}[/]")
+            self.query_one("#check", Static).update(
+                f"[red]no configs (*.yaml, *.toml) in {self.services.configs_dir}[/]"
+            )
         self.validate_config()
 
     def _values(self) -> tuple[str | None, str]:
@@ -139,11 +149,15 @@ class NewRunScreen(WorkerErrors, ModalScreen[str | None]):
             cfg = load_any_config(path, parse_overrides(text))
             if getattr(cfg, "kind", "train") == "pretrain":
                 tasks = ", ".join(cfg.tasks.enabled())
-                msg = (f"[green]ok[/]: pre-training {escape(cfg.name)} · {escape(cfg.model.name)} · "
-                       f"{escape(tasks)} · data {escape(str(cfg.data.dir))}")
+                msg = (
+                    f"[green]ok[/]: pre-training {escape(cfg.name)} · {escape(cfg.model.name)} · "
+                    f"{escape(tasks)} · data {escape(str(cfg.data.dir))}"
+                )
             else:
-                msg = (f"[green]ok[/]: {escape(cfg.name)} · {escape(cfg.model.name)} · {cfg.train.folds} folds × "
-                       f"{cfg.train.epochs} epochs · data {escape(str(cfg.data.dir))}")
+                msg = (
+                    f"[green]ok[/]: {escape(cfg.name)} · {escape(cfg.model.name)} · {cfg.train.folds} folds × "
+                    f"{cfg.train.epochs} epochs · data {escape(str(cfg.data.dir))}"
+                )
             ok = True
         except (WorkbenchError, ValueError) as exc:  # a bad config or override is the answer, not a failure
             msg, ok = f"[red]{escape(str(exc))}[/]", False
@@ -204,8 +218,11 @@ mean of each fold's best evaluation so far), never the last one."""
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape", "close", "close"), Binding("question_mark", "close", show=False),
-                Binding("q", "close", show=False)]
+    BINDINGS = [
+        Binding("escape", "close", "close"),
+        Binding("question_mark", "close", show=False),
+        Binding("q", "close", show=False),
+    ]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > VerticalScroll { width: 80; max-width: 100%; height: auto; max-height: 100%; border: thick $primary;

@@ -19,8 +19,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from core.scoring.ensemble import SCORERS, MemberSet, build_ensemble, load_members, write_ensemble
 from core.runs.store import RunStore
+from core.scoring.ensemble import SCORERS, MemberSet, build_ensemble, load_members, write_ensemble
 from workbench.tui.messages import EnsembleBuilt, EnsembleComputed, MembersLoaded, WorkerFailed
 from workbench.tui.workers import WorkerErrors
 
@@ -227,8 +227,9 @@ class EnsembleScreen(WorkerErrors, Screen):
         self._refresh_table()
         parts = [f"T{k} {v['oof_ensemble']:.4f}" for k, v in sorted(res.tasks.items())]
         thr = f"  T3 threshold p(S) >= {res.tasks[3]['threshold']:.3f}" if 3 in res.tasks else ""
-        self.query_one("#ens-score", Static).update("OOF ensemble: " + "  ".join(parts) + thr
-                                                   + ("\n" + "; ".join(res.notes) if res.notes else ""))
+        self.query_one("#ens-score", Static).update(
+            "OOF ensemble: " + "  ".join(parts) + thr + ("\n" + "; ".join(res.notes) if res.notes else "")
+        )
 
     def action_build(self) -> None:
         if self.ms is None or not any(self.marked):
@@ -246,8 +247,14 @@ class EnsembleScreen(WorkerErrors, Screen):
         name = time.strftime("ens-%Y%m%d-%H%M%S")
         writer = RunStore(self.db_path)
         try:
-            manifest = write_ensemble(res, sub, self.out_dir / name, name, store=writer,
-                                      extra={"options": {"weights": [float(x) for x in w], "source": "tui"}})
+            manifest = write_ensemble(
+                res,
+                sub,
+                self.out_dir / name,
+                name,
+                store=writer,
+                extra={"options": {"weights": [float(x) for x in w], "source": "tui"}},
+            )
         finally:
             writer.close()
         self.post_message(EnsembleBuilt(res, manifest))

@@ -76,8 +76,16 @@ class DetailPolled(Message):
     system readings, the run's epochs per fold (the x axis) and its best values so far
     (:meth:`core.runs.store.RunStore.best_values`)."""
 
-    def __init__(self, run: dict, points: list[tuple], last_rowid: int, lines: list[str],
-                 readings: SystemReadings, epochs: float, best: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        run: dict,
+        points: list[tuple],
+        last_rowid: int,
+        lines: list[str],
+        readings: SystemReadings,
+        epochs: float,
+        best: dict[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.best = best or {}
         self.run = run

@@ -40,9 +40,16 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
-from core.cleaning.labels import ReviewData, decision_log, load_review_data, record_decision, replay_decisions, undo_target
-from core.scoring.metrics import ESCI_LABELS
+from core.cleaning.labels import (
+    ReviewData,
+    decision_log,
+    load_review_data,
+    record_decision,
+    replay_decisions,
+    undo_target,
+)
 from core.runs.store import RunStore, now_iso
+from core.scoring.metrics import ESCI_LABELS
 from workbench.tui.messages import DecisionLogLoaded, DecisionSaved, ReviewLoaded, WorkerFailed
 from workbench.tui.workers import WorkerErrors
 
@@ -74,8 +81,7 @@ class ReviewScreen(WorkerErrors, Screen):
     ReviewScreen #rv-keys { height: 1; background: $panel; color: $text-muted; }
     """
 
-    WORKER_TITLES = {"review-load": "label review", "review-write": "decision not saved",
-                     "review-log": "label review"}
+    WORKER_TITLES = {"review-load": "label review", "review-write": "decision not saved", "review-log": "label review"}
     BINDINGS = [
         Binding("1", "relabel('E')", "E", show=False),
         Binding("2", "relabel('S')", "S", show=False),
@@ -116,8 +122,7 @@ class ReviewScreen(WorkerErrors, Screen):
         with VerticalScroll(id="rv-product"):
             yield Static("", id="rv-text")
         yield Input(placeholder="query contains... (Enter applies, empty clears, Esc cancels)", id="rv-query")
-        yield Static(" 1-4 E/S/C/I  k keep  a accept  d drop  u undo  n/p skip  g/s/l / filter  q close",
-                     id="rv-keys")
+        yield Static(" 1-4 E/S/C/I  k keep  a accept  d drop  u undo  n/p skip  g/s/l / filter  q close", id="rv-keys")
 
     def on_mount(self) -> None:
         self._load()
@@ -194,8 +199,13 @@ class ReviewScreen(WorkerErrors, Screen):
         n = len(self.queue)
         decided = self.decided_count()
         flt = " ".join(f"{k}={v}" for k, v in self.filters.items() if v) or "none"
-        head.update(Text(f" Label review - run {self.run_id} - {decided:,} of {n:,} decided - filter {flt}",
-                         no_wrap=True, overflow="ellipsis"))
+        head.update(
+            Text(
+                f" Label review - run {self.run_id} - {decided:,} of {n:,} decided - filter {flt}",
+                no_wrap=True,
+                overflow="ellipsis",
+            )
+        )
         item = self.current
         if item is None:
             info.update("No label issues match the filters." if self.data is not None else "")
@@ -206,11 +216,15 @@ class ReviewScreen(WorkerErrors, Screen):
         lines = []
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(f"#{self.pos + 1}/{n}  rank {int(item['rank'])}  quality {item['label_quality']:.4f}  given ")
-        t.append(f"{item['given_label']} {LABEL_NAMES.get(item['given_label'], '?')}",
-                 LABEL_STYLES.get(item["given_label"], ""))
+        t.append(
+            f"{item['given_label']} {LABEL_NAMES.get(item['given_label'], '?')}",
+            LABEL_STYLES.get(item["given_label"], ""),
+        )
         t.append("  suggested ")
-        t.append(f"{item['suggested_label']} {LABEL_NAMES.get(item['suggested_label'], '?')}",
-                 LABEL_STYLES.get(item["suggested_label"], ""))
+        t.append(
+            f"{item['suggested_label']} {LABEL_NAMES.get(item['suggested_label'], '?')}",
+            LABEL_STYLES.get(item["suggested_label"], ""),
+        )
         lines.append(t)
         q = Text(no_wrap=True, overflow="ellipsis")
         q.append("query ", "dim")
@@ -221,8 +235,10 @@ class ReviewScreen(WorkerErrors, Screen):
         p.append("OOF   ", "dim")
         for lab, col in zip(ESCI_LABELS, _PROBS):
             v = item.get(col)
-            p.append(f"{lab} {v:.3f}  " if v is not None and v == v else f"{lab} -  ",
-                     LABEL_STYLES[lab] if lab == item["suggested_label"] else "")
+            p.append(
+                f"{lab} {v:.3f}  " if v is not None and v == v else f"{lab} -  ",
+                LABEL_STYLES[lab] if lab == item["suggested_label"] else "",
+            )
         lines.append(p)
         counts = self.data.query_labels.get(int(item["query_id"]), {}) if item["query_id"] == item["query_id"] else {}
         c = Text(no_wrap=True, overflow="ellipsis")
@@ -240,8 +256,10 @@ class ReviewScreen(WorkerErrors, Screen):
         lines.append(d)
         info.update(Text("\n").join(lines))
         parts = [f"[b]{escape(item['product_title'] or '(no title)')}[/b]"]
-        parts.append(f"[dim]brand[/] {escape(item['product_brand'] or '-')}   "
-                     f"[dim]color[/] {escape(item['product_color'] or '-')}   [dim]id[/] {escape(item['product_id'])}")
+        parts.append(
+            f"[dim]brand[/] {escape(item['product_brand'] or '-')}   "
+            f"[dim]color[/] {escape(item['product_color'] or '-')}   [dim]id[/] {escape(item['product_id'])}"
+        )
         if item["product_bullet_point"]:
             bullets = [b.strip() for b in str(item["product_bullet_point"]).split("\n") if b.strip()]
             parts.append("[dim]bullet points[/]\n" + "\n".join(f" - {escape(b)}" for b in bullets))
@@ -253,8 +271,15 @@ class ReviewScreen(WorkerErrors, Screen):
     # -- decisions ------------------------------------------------------------------------
     def _append(self, decision: str, example_id: int, new_label: str | None = None) -> dict[str, Any]:
         """Add a decision to the shown log at once and queue it for the writer worker."""
-        row = {"id": None, "example_id": example_id, "decision": decision, "new_label": new_label,
-               "reviewer": self.reviewer, "time": now_iso(), "source_run": self.run_id}
+        row = {
+            "id": None,
+            "example_id": example_id,
+            "decision": decision,
+            "new_label": new_label,
+            "reviewer": self.reviewer,
+            "time": now_iso(),
+            "source_run": self.run_id,
+        }
         self.data.log.append(row)
         self.in_force, self.active = replay_decisions(self.data.log)
         self._pending.put(row)
@@ -276,8 +301,9 @@ class ReviewScreen(WorkerErrors, Screen):
                     while not self._pending.empty():
                         row = self._pending.get()
                         try:
-                            row_id = record_decision(store, self.run_id, row["example_id"], row["decision"],
-                                                     row["new_label"], self.reviewer)
+                            row_id = record_decision(
+                                store, self.run_id, row["example_id"], row["decision"], row["new_label"], self.reviewer
+                            )
                         finally:
                             self._pending.task_done()
                         self.post_message(DecisionSaved(row, row_id))

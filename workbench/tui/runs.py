@@ -40,14 +40,25 @@ def run_rows(raw: list[dict], services) -> list[dict]:
     rows = []
     for r in raw:
         k = r["n_folds"] if "n_folds" in r else n_folds(r)
-        rows.append({
-            "id": r["id"], "name": r["name"] or "", "status": r["status"] or "", "task": r["task"],
-            "model": (r["model"] or "").rsplit("/", 1)[-1], "folds_done": r["folds_done"] or 0,
-            "folds": f"{r['folds_done'] or 0}/{k}" if k else "-",  # no folds: a pre-training run
-            "ndcg": r["best_ndcg"], "f1": r["best_f1"], "final": r["best_final_ndcg"],
-            "duration_s": services.duration(r), "started": r["started"] or r["created"],
-            "exit_code": r["exit_code"], "pid": r["pid"], "run_dir": r["run_dir"],
-        })
+        rows.append(
+            {
+                "id": r["id"],
+                "name": r["name"] or "",
+                "status": r["status"] or "",
+                "task": r["task"],
+                "model": (r["model"] or "").rsplit("/", 1)[-1],
+                "folds_done": r["folds_done"] or 0,
+                "folds": f"{r['folds_done'] or 0}/{k}" if k else "-",  # no folds: a pre-training run
+                "ndcg": r["best_ndcg"],
+                "f1": r["best_f1"],
+                "final": r["best_final_ndcg"],
+                "duration_s": services.duration(r),
+                "started": r["started"] or r["created"],
+                "exit_code": r["exit_code"],
+                "pid": r["pid"],
+                "run_dir": r["run_dir"],
+            }
+        )
     return rows
 
 
@@ -72,7 +83,7 @@ def sort_rows(rows: list[dict], key: str | None, reverse: bool) -> list[dict]:
         return rows
     present = [r for r in rows if r.get(key) is not None]
     missing = [r for r in rows if r.get(key) is None]
-    present.sort(key=lambda r: (r[key] if not isinstance(r[key], str) else r[key].lower()), reverse=reverse)
+    present.sort(key=lambda r: r[key] if not isinstance(r[key], str) else r[key].lower(), reverse=reverse)
     return present + missing
 
 
@@ -122,8 +133,9 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         styles = {s: Style.parse(v) for s, v in STATUS_STYLES.items()}
         yield VirtualTable(COLUMNS, styles=styles, id="runs")
         yield Static("loading runs…", id="statusline")
-        yield Input(placeholder="filter: words or key:value (status:running model:minilm); Enter keeps, Esc clears",
-                    id="filter")
+        yield Input(
+            placeholder="filter: words or key:value (status:running model:minilm); Enter keeps, Esc clears", id="filter"
+        )
         yield Footer(show_command_palette=False)
 
     @property
@@ -210,7 +222,8 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         running = sum(r["status"] == Status.RUNNING for r in self.all_rows)
         self.query_one("#topbar", Static).update(
             f"[b]{self.services.display_path()}[/b]  runs {running} running / {len(self.all_rows)} total  "
-            f"{self.gpu_line}")
+            f"{self.gpu_line}"
+        )
         t = self.table
         parts = [f"{len(t.rows)} shown"]
         if self.filter_text:

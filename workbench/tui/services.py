@@ -10,17 +10,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from core.errors import ReadOnlyDatabaseError, WorkbenchError
 from core.runs.monitor import GpuProbe
 from core.runs.monitor import host_stats as psutil_host_stats
-from core.errors import ReadOnlyDatabaseError, WorkbenchError
 from core.runs.store import RunRecord, RunStore, Status
 
 STATUS_STYLES = {
-    Status.RUNNING: "bold cyan", Status.QUEUED: "cyan", Status.FINISHED: "green", Status.FAILED: "bold red",
-    Status.CRASHED: "bold red", Status.STOPPED: "yellow", Status.PARTIAL: "yellow",
+    Status.RUNNING: "bold cyan",
+    Status.QUEUED: "cyan",
+    Status.FINISHED: "green",
+    Status.FAILED: "bold red",
+    Status.CRASHED: "bold red",
+    Status.STOPPED: "yellow",
+    Status.PARTIAL: "yellow",
 }
 
 
@@ -36,8 +41,14 @@ class Services:
         host_stats: ``() -> (CPU %, RAM used GiB, RAM total GiB)`` (default psutil; tests freeze it).
     """
 
-    def __init__(self, db_path: str, gpu_probe=None, clock: Callable[[], float] | None = None,
-                 configs_dir: str | Path = "configs", host_stats: Callable[[], tuple[float, float, float]] | None = None):
+    def __init__(
+        self,
+        db_path: str,
+        gpu_probe=None,
+        clock: Callable[[], float] | None = None,
+        configs_dir: str | Path = "configs",
+        host_stats: Callable[[], tuple[float, float, float]] | None = None,
+    ):
         self.db_path = db_path
         self.host_stats = host_stats or psutil_host_stats
         self._probe = gpu_probe
@@ -111,7 +122,7 @@ def fmt_started(iso: str | None) -> str:
     """``MM-DD HH:MM`` in UTC."""
     if not iso:
         return "-"
-    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%m-%d %H:%M")
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%m-%d %H:%M")
 
 
 def n_folds(run: dict) -> int | None:

@@ -69,13 +69,19 @@ class VirtualTable(ScrollView, can_focus=True):
     class CursorMoved(Message):
         """The cursor is on another row (``row`` is None when the table is empty)."""
 
-        def __init__(self, table: "VirtualTable", row: dict | None):
+        def __init__(self, table: VirtualTable, row: dict | None):
             super().__init__()
             self.table = table
             self.row = row
 
-    def __init__(self, columns: Sequence[Column], id_key: str = "id", styles: dict[str, Style] | None = None,
-                 *, id: str | None = None):
+    def __init__(
+        self,
+        columns: Sequence[Column],
+        id_key: str = "id",
+        styles: dict[str, Style] | None = None,
+        *,
+        id: str | None = None,
+    ):
         super().__init__(id=id)
         self.columns = list(columns)
         self.id_key = id_key
@@ -164,7 +170,7 @@ class VirtualTable(ScrollView, can_focus=True):
         self.move_to(int(self.scroll_y) + y - 1)
 
     class HeaderClicked(Message):
-        def __init__(self, table: "VirtualTable", key: str):
+        def __init__(self, table: VirtualTable, key: str):
             super().__init__()
             self.table = table
             self.key = key
@@ -229,7 +235,9 @@ class VirtualTable(ScrollView, can_focus=True):
             if is_cursor or (index == self.cursor and not self.has_focus):
                 style = style + (cursor_style if is_cursor else Style(underline=True))
             segs.append(Segment(_fit(text, w, col.align), style))
-            segs.append(Segment(" ", base + (cursor_style if is_cursor else Style()) + (mark_style if marked else Style())))
+            segs.append(
+                Segment(" ", base + (cursor_style if is_cursor else Style()) + (mark_style if marked else Style()))
+            )
         return Strip(segs).crop_extend(0, width, base + (cursor_style if is_cursor else Style()))
 
     def on_focus(self) -> None:

@@ -69,8 +69,13 @@ class RunActions:
                 self.notify(f"stopping {run['id']}…")
                 self.app.stop_run(run["id"])
 
-        self.app.push_screen(ConfirmScreen(f"Stop run {run['id']} ({run['name']}, pid {run['pid']})?\n"
-                                           "SIGTERM to its process group, SIGKILL after 10 s."), confirmed)
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Stop run {run['id']} ({run['name']}, pid {run['pid']})?\n"
+                "SIGTERM to its process group, SIGKILL after 10 s."
+            ),
+            confirmed,
+        )
 
     def action_relaunch(self) -> None:
         run = self.lifecycle_run()
@@ -89,22 +94,29 @@ class RunLifecycle:
     handlers here show the outcome and call :meth:`runs_changed`."""
 
     def _lifecycle(self, what: str, run_id: str, work: Callable[[], Message]) -> None:
-        self.run_worker(lambda: self.post_message(work()), thread=True, group="lifecycle",
-                        name=f"{what} {run_id}", exit_on_error=False)
+        self.run_worker(
+            lambda: self.post_message(work()),
+            thread=True,
+            group="lifecycle",
+            name=f"{what} {run_id}",
+            exit_on_error=False,
+        )
 
     def stop_run(self, run_id: str) -> None:
         """SIGTERM to the run's process group, SIGKILL after 10 s (``core.runs.launcher.stop_run``)."""
         import core.runs.launcher as launcher
 
-        self._lifecycle("stop", run_id,
-                        lambda: RunStopped(run_id, launcher.stop_run(self.services.store(), run_id, grace=10.0)))
+        self._lifecycle(
+            "stop", run_id, lambda: RunStopped(run_id, launcher.stop_run(self.services.store(), run_id, grace=10.0))
+        )
 
     def relaunch_run(self, run_id: str) -> None:
         """A new run with the run's stored config, detached (``core.runs.launcher.relaunch``)."""
         import core.runs.launcher as launcher
 
-        self._lifecycle("relaunch", run_id,
-                        lambda: RunRelaunched(run_id, *launcher.relaunch(self.services.store(), run_id)))
+        self._lifecycle(
+            "relaunch", run_id, lambda: RunRelaunched(run_id, *launcher.relaunch(self.services.store(), run_id))
+        )
 
     def resume_run(self, run_id: str, all_folds: bool = False) -> None:
         """``workbench resume RUN --detach`` (``--all-folds`` for a partial run): the same run id
