@@ -17,7 +17,7 @@ from rich.table import Table
 from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
 from core.runs import metric_names as mn
-from workbench.cli.common import DbOpt, SetOpt, open_store
+from workbench.cli.common import DbOpt, SetOpt, open_store, with_progress
 
 app = typer.Typer(
     add_completion=False,
@@ -165,11 +165,7 @@ def train(
         raise ConfigError(f"{config}: a pre-training config (kind: pretrain): run `workbench pretrain {config}`")
     cfg = load_config(config, set_)
     store = open_store(db)
-    if sys.stderr.isatty():
-        with RichProgress(err_console) as progress:
-            result = run_training(cfg, store, run_id=run_id, progress=progress)
-    else:
-        result = run_training(cfg, store, run_id=run_id)
+    result = with_progress(err_console, run_training, cfg=cfg, store=store, run_id=run_id)
     console.print(
         f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items())
@@ -217,11 +213,7 @@ def resume(
         return
     from core.training.train import run_training
 
-    if sys.stderr.isatty():
-        with RichProgress(err_console) as progress:
-            result = run_training(cfg, store, run_id=run_id, progress=progress, resume=True)
-    else:
-        result = run_training(cfg, store, run_id=run_id, resume=True)
+    result = with_progress(err_console, run_training, cfg=cfg, store=store, run_id=run_id, resume=True)
     console.print(
         f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items())

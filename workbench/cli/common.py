@@ -6,7 +6,9 @@ Each command module keeps its own ``console`` / ``err_console``: tests set one m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -26,3 +28,24 @@ def open_store(db: str | None, readonly: bool = False) -> RunStore:
     from core.runs.store import RunStore, default_db_path  # lazy: `workbench --help` stays fast
 
     return RunStore(db or default_db_path(), readonly=readonly)
+
+
+def spinner(console) -> Any:
+    """A transient rich spinner with elapsed time on ``console`` (stderr): ``with spinner(c) as
+    bar: bar.add_task("what", total=None)`` for work of unknown length."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    )
+
+
+def with_progress(err_console, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """``fn(**kwargs, progress=bar)`` with a rich progress bar on stderr when it is a terminal,
+    else ``fn(**kwargs)`` (logs and CI stay free of control characters)."""
+    if not sys.stderr.isatty():
+        return fn(**kwargs)
+    from workbench.cli import RichProgress
+
+    with RichProgress(err_console) as progress:
+        return fn(**kwargs, progress=progress)

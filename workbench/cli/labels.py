@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workbench.cli.common import DbOpt, open_store
+from workbench.cli.common import DbOpt, open_store, spinner
 
 labels_app = typer.Typer(
     no_args_is_help=True, help="Label errors: find them from a run's OOF probabilities, review, export."
@@ -35,13 +34,7 @@ def find(
     from core.cleaning.labels import find_issues
 
     store = open_store(db)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with spinner(err_console) as bar:
         task = bar.add_task("labels find", total=None)
         res = find_issues(
             store,
@@ -109,13 +102,7 @@ def export(
     run_id = store.get_run(run)["id"] if run else default_issues_run(store)
     if data is None:
         data = Path(store.get_record(run_id).data.get("dir", DEFAULT_DATA_DIR))
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with spinner(err_console) as bar:
         bar.add_task(f"exporting {data} -> {out}", total=None)
         counts = export_cleaned(
             store, out, data, decisions_from=run_id, auto_drop_fraction=auto_drop_fraction, issues_run=run_id

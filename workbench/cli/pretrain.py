@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from workbench.cli.common import DbOpt, SetOpt, open_store
+from workbench.cli.common import DbOpt, SetOpt, open_store, with_progress
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,13 +26,7 @@ def pretrain(
 
     cfg = load_pretrain_config(config, set_)
     store = open_store(db)
-    if sys.stderr.isatty():
-        from workbench.cli import RichProgress
-
-        with RichProgress(err_console) as progress:
-            res = run_pretraining(cfg, store, run_id=run_id, progress=progress)
-    else:
-        res = run_pretraining(cfg, store, run_id=run_id)
+    res = with_progress(err_console, run_pretraining, cfg=cfg, store=store, run_id=run_id)
     fmt = lambda d: ", ".join(f"{k} {v:.4f}" for k, v in d.items())  # noqa: E731
     console.print(f"run {res.run_id} finished: {res.steps} steps in {res.seconds:.0f} s", highlight=False)
     console.print(f"losses, first step(s): {fmt(res.first_losses)}", highlight=False)
