@@ -278,8 +278,20 @@ class FeaturesConfig:
             raise ConfigError("features.id_fields: empty while features.id_embeddings is on")
 
 
+class ConfigDict:
+    """``to_dict`` / ``to_json`` of a top-level config dataclass (training and pre-training)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The config as JSON with sorted keys (stored in runs.db)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(ConfigDict):
     """Everything a training run needs; saved as ``runs/<run_id>/config.yaml``."""
 
     name: str = "run"
@@ -292,13 +304,6 @@ class RunConfig:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML serialisable)."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -274,6 +274,17 @@ def load_state_dict(path: str | Path) -> tuple[E5Header, dict[str, np.ndarray]]:
     return head, state
 
 
+#: the XLM-R special tokens (tokenizer_config.json and special_tokens_map.json; the mask token apart)
+XLMR_SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "sep_token": "</s>",
+    "cls_token": "<s>",
+    "unk_token": "<unk>",
+    "pad_token": "<pad>",
+}
+
+
 def bert_config(head: E5Header) -> dict:
     """transformers ``BertConfig`` dict of the file's model (exact-erf gelu, absolute positions)."""
     return {
@@ -314,12 +325,7 @@ def _tokenizer_files(tokenizer_json: Path, head: E5Header) -> dict[str, str]:
     config = {
         "tokenizer_class": "XLMRobertaTokenizer",
         "model_max_length": head.max_positions,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "sep_token": "</s>",
-        "cls_token": "<s>",
-        "unk_token": "<unk>",
-        "pad_token": "<pad>",
+        **XLMR_SPECIAL_TOKENS,
         "mask_token": {
             "content": "<mask>",
             "lstrip": True,
@@ -332,12 +338,7 @@ def _tokenizer_files(tokenizer_json: Path, head: E5Header) -> dict[str, str]:
         "clean_up_tokenization_spaces": True,
     }
     special = {
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "sep_token": "</s>",
-        "cls_token": "<s>",
-        "unk_token": "<unk>",
-        "pad_token": "<pad>",
+        **XLMR_SPECIAL_TOKENS,
         "mask_token": "<mask>",
     }
     return {

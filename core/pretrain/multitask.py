@@ -26,7 +26,6 @@ fine-tunes with ``workbench train``. Per-task losses go to runs.db as ``pretrain
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from core.config import DEFAULT_DATA_DIR, check_ranges, parse_overrides, read_config_file
+from core.config import DEFAULT_DATA_DIR, ConfigDict, check_ranges, parse_overrides, read_config_file
 from core.config import build_section as _build
 from core.config import set_dotted as _set_dotted
 from core.errors import ConfigError, DataError
@@ -200,7 +199,7 @@ class TasksConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ConfigDict):
     """Everything a pre-training run needs; saved as ``runs/<run_id>/config.yaml``."""
 
     name: str = "pretrain"
@@ -210,12 +209,6 @@ class PretrainConfig:
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def check_pretrain_config(cfg: PretrainConfig) -> None:
