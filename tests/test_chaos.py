@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import REPO
 from core.runs.store import RunStore
 
 pytestmark = pytest.mark.chaos
@@ -221,3 +223,34 @@ def test_sigkill_at_random_moments_always_resumes_to_the_same_oof(chaos_referenc
     # the random moments covered a start-up, the middle of a fold (a step checkpoint) and a finished fold
     assert any(not done and not ckpts for _, done, ckpts in kills)
     assert any(ckpts for _, _, ckpts in kills) and any(done for _, done, _ in kills)
+
+
+def test_full_disk_while_writing_fold_predictions(tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE, the kernel's EFBIG, like a full disk's ENOSPC) while
+    a fold's predictions are written: one clear line, exit 2, the previous files intact, no temp
+    file left."""
+    run = tmp_path / "fold0"
+    run.mkdir()
+    old = pd.DataFrame({"example_id": range(10), "p_E": 0.25})
+    old.to_parquet(run / "oof.parquet", index=False)
+    before = (run / "oof.parquet").read_bytes()
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        import numpy as np, pandas as pd
+        from core.errors import WorkbenchError
+        from core.runs.lifecycle import atomic_write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        big = pd.DataFrame({{"example_id": np.arange(400_000), "p_E": np.random.default_rng(0).random(400_000)}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        try:
+            atomic_write({str(run / "oof.parquet")!r}, lambda p: big.to_parquet(p, index=False))
+        except WorkbenchError as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(2)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "oof.parquet: cannot write (" in lines[0] and "File too large" in lines[0], out.stderr
+    assert (run / "oof.parquet").read_bytes() == before
+    assert [p.name for p in run.iterdir()] == ["oof.parquet"]
