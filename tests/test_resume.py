@@ -233,3 +233,21 @@ def test_fold_files_are_written_at_once_and_assembled(reference):
     np.testing.assert_allclose(test_mean, ref.test[PROBS].to_numpy(), rtol=1e-6)
     for k in range(3):
         assert (ref.run_dir / f"fold{k}" / "result.json").is_file()
+
+
+def test_resume_detached_checks_the_stored_config_and_data_before_starting(tmp_path, small_dataset):
+    """`R` / `resume --detach` on a run whose data folder is gone: one line at once, the run stays
+    crashed, no process is started (the child would only have failed in the background)."""
+    from core.errors import DataError
+    from core.runs.launcher import resume_detached
+
+    store = RunStore(tmp_path / "runs.db")
+    cfg = {"name": "gone", "data": {"dir": str(tmp_path / "moved-away")}, "train": {"folds": 2}}
+    run_id = store.create_run("gone", cfg)
+    store.update_run(run_id, status="crashed", exit_code=137, run_dir=str(tmp_path / "runs" / run_id))
+    with pytest.raises(DataError, match="moved-away") as info:
+        resume_detached(store, run_id)
+    assert "\n" not in str(info.value)
+    run = store.get_run(run_id)
+    assert run["status"] == "crashed" and run["exit_code"] == 137 and run["pid"] is None
+    assert not (tmp_path / "runs").exists()

@@ -187,9 +187,11 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
         (run_id, pid).
 
     Raises:
-        WorkbenchError / ConfigError: as :func:`resume_config` (nothing is started).
+        WorkbenchError / ConfigError: as :func:`resume_config`; ConfigError / DataError: the stored
+        config or its data no longer validate (:func:`validate_any`). Nothing is started.
     """
     run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
+    validate_any(cfg)  # a config or data that no longer validates fails here, in one line, nothing started
     run_dir = store.get_record(run_id).run_dir
     cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
     if all_folds:

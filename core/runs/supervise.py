@@ -70,13 +70,28 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
                 status=Status.CRASHED if rc < 0 else Status.FAILED,
                 ended=now_iso(),
                 exit_code=code,
-                error=run.get("error") or f"trainer exited with code {code} without a final status",
+                error=run.get("error")
+                or _last_console_line(run)
+                or f"trainer exited with code {code} without a final status",
             )
         elif run.get("exit_code") is None:
             store.update_run(run_id, exit_code=code)
     finally:
         store.close()
     return code
+
+
+def _last_console_line(run: dict) -> str | None:
+    """The last non-empty line the trainer printed (``run_dir/console.log``): for a trainer that
+    refused its input before it could record anything, that line is the one-line error."""
+    from pathlib import Path
+
+    try:
+        lines = (Path(run["run_dir"]) / "console.log").read_text(errors="replace").splitlines()
+    except (OSError, TypeError, KeyError):
+        return None
+    last = next((ln.strip() for ln in reversed(lines) if ln.strip()), None)
+    return last[:500] if last else None
 
 
 def main(argv: list[str] | None = None) -> int:
