@@ -43,7 +43,8 @@ def main() -> None:
     from core.data.text import clean_text
     from core.modeling.model import resolve_model_path
     from core.runs.store import RunStore
-    from core.training.train import load_training_frame, run_training
+    from core.training.train import run_training
+    from core.training.validate import load_training_frame
 
     tmp = Path(tempfile.mkdtemp(prefix="esci-bench-"))
     import_opensearch(args.sample, tmp / "data")

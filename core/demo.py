@@ -15,7 +15,8 @@ from core.errors import DataError
 from core.runs.store import RunStore
 from core.scoring.baselines import bm25_scores, random_scores
 from core.scoring.report import argmax_labels, scorer_table
-from core.training.train import Progress, RunResult, load_training_frame, run_training
+from core.training.train import Progress, RunResult, run_training
+from core.training.validate import load_training_frame
 
 #: ./configs/demo.yaml when it exists, else the bundled one (core.config.resolve_config_path)
 DEFAULT_CONFIG = "demo.yaml"

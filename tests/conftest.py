@@ -141,17 +141,23 @@ def tiny_bert(tmp_path_factory, sample_frames) -> Path:
     return folder
 
 
-def tiny_config(tmp_path: Path, data_dir: Path, model_dir: Path, **train) -> str:
-    """A YAML config training the tiny BERT on ``data_dir`` (2 folds, logs every step); returns its path."""
+def tiny_config(
+    tmp_path: Path, data_dir: Path, model_dir: Path, cache: Path | None = None, tricks: dict | None = None, **train
+) -> str:
+    """A YAML config training the tiny BERT on ``data_dir`` (2 folds, logs every step); returns its path.
+
+    ``cache``: the token cache folder (default ``tmp_path/cache``; share one across runs of a test
+    to tokenize once); ``tricks``: the config's ``tricks`` section; ``train``: overrides of ``train``."""
     import yaml
 
     cfg = {
         "name": "cli-tiny",
         "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(data_dir)},
-        "text": {"max_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "text": {"max_length": 32, "cache_dir": str(cache or tmp_path / "cache")},
         "model": {"name": str(model_dir)},
         "train": {"folds": 2, "epochs": 1, "batch_size": 32, "log_every": 1, "save_checkpoints": False, **train},
+        "tricks": tricks or {},
         "blend": {"members": ["bm25"]},
     }
     p = tmp_path / "tiny.yaml"

@@ -19,41 +19,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 from core.runs.store import RunStore
 
 pytestmark = pytest.mark.chaos
 PROBS = ["p_E", "p_S", "p_C", "p_I"]
 
 
-def chaos_config(tmp: Path, data_dir: Path, model_dir: Path, cache: Path, name: str = "chaos") -> Path:
+def chaos_config(tmp: Path, data_dir: Path, model_dir: Path, cache: Path) -> str:
     """2 folds x 2 epochs of the tiny BERT, a metric row every step, a step checkpoint every 3
-    steps, one thread (bit-identical on CPU)."""
-    cfg = {
-        "name": name,
-        "output_dir": str(tmp / "runs"),
-        "data": {"dir": str(data_dir)},
-        "text": {"max_length": 32, "cache_dir": str(cache)},
-        "model": {"name": str(model_dir)},
-        "train": {
-            "folds": 2,
-            "epochs": 2,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "evals_per_epoch": 2,
-            "log_every": 1,
-            "checkpoint_every": 3,
-            "num_threads": 1,
-            "save_checkpoints": False,
-        },
-        "tricks": {"ema": True, "ema_decay": 0.9},
-        "blend": {"members": ["bm25"]},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    steps, EMA on, one thread (bit-identical on CPU)."""
+    return tiny_config(
+        tmp,
+        data_dir,
+        model_dir,
+        cache=cache,
+        tricks={"ema": True, "ema_decay": 0.9},
+        epochs=2,
+        lr=1e-3,
+        evals_per_epoch=2,
+        checkpoint_every=3,
+        num_threads=1,
+    )
 
 
 @pytest.fixture(scope="module")

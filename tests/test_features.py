@@ -332,7 +332,8 @@ def _cfg(tmp_path, data_dir, model_dir, features, **tricks):
 def _reload_predictions(res, cfg, fold, rows):
     """Predict df rows with fold ``fold``'s saved checkpoint and features.json (a fresh process would)."""
     from core.data.text import encode_pairs_cached
-    from core.training.train import load_training_frame, predict_proba
+    from core.training.fold_loop import predict_proba
+    from core.training.validate import load_training_frame
 
     df = load_training_frame(cfg)
     tok = load_tokenizer(cfg.model.name)

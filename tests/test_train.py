@@ -10,7 +10,8 @@ from core.config import config_from_dict
 from core.data.esci import load_esci
 from core.runs.store import RunStore
 from core.scoring.metrics import expected_gain, mean_ndcg
-from core.training.train import LengthGroupedBatchSampler, run_training
+from core.training.fold_loop import LengthGroupedBatchSampler
+from core.training.train import run_training
 
 
 def tiny_config(tmp_path, data_dir, model_dir, **train):

@@ -460,7 +460,8 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
 
     from core.data.text import encode_pairs_cached
     from core.runs.store import RunStore
-    from core.training.train import predict_proba, run_training
+    from core.training.fold_loop import predict_proba
+    from core.training.train import run_training
 
     store = RunStore(tmp_path / "runs.db")
     cfg = _cfg(
@@ -497,7 +498,7 @@ def test_all_tricks_composed_in_one_run(tmp_path, small_dataset, tiny_bert):
     assert all(m["value"] >= 0 for m in store.metrics(res.run_id, ["train/rdrop_kl"]))
     np.testing.assert_allclose(res.oof[["p_E", "p_S", "p_C", "p_I"]].sum(axis=1), 1.0, atol=1e-5)
     # the saved checkpoint (EMA weights) reproduces the fold's OOF predictions
-    from core.training.train import load_training_frame
+    from core.training.validate import load_training_frame
 
     df = load_training_frame(cfg)
     tok = load_tokenizer(str(tiny_bert))

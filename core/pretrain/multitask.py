@@ -750,7 +750,7 @@ def run_pretraining(
 
     Raises:
         ConfigError / DataError: bad config, data or model (nothing written).
-        core.training.train.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
+        core.runs.lifecycle.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
     from core.modeling.model import load_backbone, load_tokenizer
     from core.runs.lifecycle import atomic_write, claim_run, mark_running, recorded_run, setup_file_log

@@ -19,7 +19,8 @@ import psutil
 
 from core.config import config_from_dict, load_config, read_config_file, save_config
 from core.errors import ConfigError, WorkbenchError
-from core.runs.store import ACTIVE, RESUMABLE, RunRecord, RunStore, Status, now_iso
+from core.runs.lifecycle import process_start_time, require_resumable
+from core.runs.store import ACTIVE, RunRecord, RunStore, Status, now_iso
 
 
 def config_kind(path: str | Path) -> str:
@@ -59,6 +60,11 @@ def trainer_command(
     cmd = [sys.executable, "-m", "workbench", command, str(config_path), "--run-id", run_id, "--db", db_path]
     for o in overrides:
         cmd += ["--set", o]
+    return supervised(run_id, db_path, cmd)
+
+
+def supervised(run_id: str, db_path: str, cmd: list[str]) -> list[str]:
+    """``cmd`` under its supervisor (:mod:`core.runs.supervise`), which records its exit code."""
     return [sys.executable, "-m", "core.runs.supervise", "--run-id", run_id, "--db", db_path, "--", *cmd]
 
 
@@ -172,10 +178,7 @@ def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued:
     """
     refresh_statuses(store)  # a run whose process vanished reads crashed first
     run = store.get_record(run_id)
-    if run.status not in RESUMABLE and not (queued and run.status == Status.QUEUED):
-        raise WorkbenchError(
-            f"{store.path}: run {run.id} is {run.status}: only a crashed, stopped, failed or partial run can be resumed"
-        )
+    require_resumable(store, run.id, run.status, queued=queued)
     return run.id, stored_config(store, run, all_folds=all_folds)
 
 
@@ -197,20 +200,7 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
     if all_folds:
         cmd.append("--all-folds")
     store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
-    pid, create_time = _spawn(
-        [
-            sys.executable,
-            "-m",
-            "core.runs.supervise",
-            "--run-id",
-            run_id,
-            "--db",
-            os.path.abspath(store.path),
-            "--",
-            *cmd,
-        ],
-        Path(run_dir),
-    )
+    pid, create_time = _spawn(supervised(run_id, os.path.abspath(store.path), cmd), Path(run_dir))
     store.update_run(run_id, pid=pid, process_start_time=create_time)
     return run_id, pid
 
@@ -232,11 +222,7 @@ def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
         )
     finally:
         console.close()
-    try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        create_time = None
-    return proc.pid, create_time
+    return proc.pid, process_start_time(proc.pid)
 
 
 def process_of(run: dict) -> psutil.Process | None:

@@ -48,8 +48,7 @@ class RunStopped(WorkbenchError):
     run to stop."""
 
 
-_stop_signal: list[int] = []  # signals received while a recorded_run body runs
-_first_signal_at: list[float] = []
+_stop_signal: list[tuple[int, float]] = []  # (signal, monotonic time) of the stop requested in this run
 
 #: a second stop signal this many seconds after the first raises RunStopped at once
 SECOND_SIGNAL_AFTER_S = 2.0
@@ -64,7 +63,7 @@ def check_stop(where: str = "") -> None:
     """Raise :class:`RunStopped` if a stop was requested (call at safe points: between steps,
     prediction batches and phases)."""
     if _stop_signal:
-        raise RunStopped(f"stopped by signal {_stop_signal[0]}" + (f" ({where})" if where else ""))
+        raise RunStopped(f"stopped by signal {_stop_signal[0][0]}" + (f" ({where})" if where else ""))
 
 
 def process_start_time(pid: int) -> float | None:
@@ -121,19 +120,13 @@ def claim_run(
     run = store.get_run(run_id)
     run_id, status = run["id"], run["status"]
     if resume:
-        if status not in (*RESUMABLE, Status.QUEUED):
-            raise WorkbenchError(
-                f"{store.path}: run {run_id} is {status}: only a crashed, stopped, failed or partial run can be resumed"
-            )
+        require_resumable(store, run_id, status, queued=True)
     elif status != Status.QUEUED:
         hint = (
             ("resume it with `workbench resume " + run_id + "`") if status in RESUMABLE else "start a new run instead"
         )
         raise WorkbenchError(f"{store.path}: run {run_id} is {status}: only a queued run can be started by id; {hint}")
-    stored = run.get("run_dir")
-    run_dir = Path(stored) if stored else Path(output_dir) / run_id
-    if not run_dir.is_absolute():  # old rows: relative to the database's folder
-        run_dir = Path(store.path).resolve().parent / run_dir
+    run_dir = store.run_dir(run) or Path(output_dir).resolve() / run_id
     if not resume and run_dir.exists():
         leftovers = sorted(p.name for p in run_dir.iterdir() if p.name not in ("console.log", "launch.yaml"))
         if leftovers:
@@ -142,6 +135,19 @@ def claim_run(
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_id, run_dir
+
+
+def require_resumable(store: RunStore, run_id: str, status: str, queued: bool = False) -> None:
+    """Refuse, in one line, a run that ``resume`` may not continue (``queued``: also accept a run
+    that ``resume --detach`` queued for its child).
+
+    Raises:
+        WorkbenchError: the run's status is not crashed, stopped, failed or partial.
+    """
+    if status not in RESUMABLE and not (queued and status == Status.QUEUED):
+        raise WorkbenchError(
+            f"{store.path}: run {run_id} is {status}: only a crashed, stopped, failed or partial run can be resumed"
+        )
 
 
 def mark_running(store: RunStore, run_id: str, run_dir: Path, **fields: Any) -> None:
@@ -164,12 +170,12 @@ def mark_running(store: RunStore, run_id: str, run_dir: Path, **fields: Any) -> 
 
 
 @contextlib.contextmanager
-def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_status: Callable[[], str] | None = None):
+def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_status: str = Status.FINISHED):
     """The lifecycle of a run's body, shared by training and pre-training.
 
     SIGTERM/SIGINT (main thread only) set the stop flag that :func:`check_stop` turns into
     :class:`RunStopped`; a second signal raises at once. On exit the run row gets its final
-    status and exit code: ``final_status()`` (default ``finished``)/0, stopped/143 (RunStopped),
+    status and exit code: ``final_status`` (``finished``, or ``partial``)/0, stopped/143 (RunStopped),
     failed/2 (any other WorkbenchError, message kept), failed/1 (anything else, type and message
     kept). The exception is re-raised; the signal handlers are restored and the file log
     ``handler`` closed.
@@ -178,11 +184,10 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     def _on_signal(signum, frame):
         now = time.monotonic()
         if _stop_signal:
-            if now - _first_signal_at[0] >= SECOND_SIGNAL_AFTER_S:
+            if now - _stop_signal[0][1] >= SECOND_SIGNAL_AFTER_S:
                 raise RunStopped(f"run {run_id}: stopped by a second signal {signum}")
             return  # the same stop delivered twice (process group + supervisor): already requested
-        _stop_signal.append(signum)
-        _first_signal_at[:] = [now]
+        _stop_signal.append((signum, now))
         log.warning("signal %d received: the run stops at the next step", signum)
 
     _stop_signal.clear()
@@ -195,9 +200,7 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     try:
         yield
         check_stop("at the end")  # a stop that came during the last writes still counts as a stop
-        store.update_run(
-            run_id, status=final_status() if final_status else Status.FINISHED, ended=now_iso(), exit_code=0
-        )
+        store.update_run(run_id, status=final_status, ended=now_iso(), exit_code=0)
     except RunStopped:
         log.warning("run %s stopped", run_id)
         store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=143)

@@ -56,8 +56,6 @@ from core.scoring.report import PROB_COLUMNS
 
 log = logging.getLogger("esci.train")
 
-STAGES = ("teacher", "final")
-
 
 class LengthGroupedBatchSampler:
     """Batches of similar length (less padding), in random order, deterministic by seed.
@@ -195,6 +193,10 @@ class TrainContext:
         """``<run>/fold<k>`` (final stage) or ``<run>/teacher/fold<k>``."""
         return (self.run_dir if stage == "final" else self.run_dir / "teacher") / f"fold{k}"
 
+    def val_rows(self, k: int) -> np.ndarray:
+        """Rows of df in validation fold ``k`` (train order): its OOF rows."""
+        return self.train_idx[self.folds == k]
+
     def train_rows(self, k: int) -> np.ndarray:
         """Rows of df that fold ``k`` trains on (the other folds, label-cleaning drops left out)."""
         return self.train_idx[(self.folds != k) & self.fit_mask[self.train_idx]]
@@ -226,7 +228,7 @@ def write_fold_result(ctx: TrainContext, res: FoldResult) -> None:
     """
     fold_dir = ctx.fold_dir(res.stage, res.fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    va = ctx.train_idx[ctx.folds == res.fold]
+    va = ctx.val_rows(res.fold)
     oof = pd.DataFrame({"example_id": ctx.df["example_id"].to_numpy()[va], "fold": res.fold})
     oof[PROB_COLUMNS] = res.oof
     atomic_write(fold_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
@@ -262,7 +264,7 @@ def load_fold_result(ctx: TrainContext, stage: str, k: int) -> FoldResult | None
     except (OSError, ValueError) as exc:
         raise WorkbenchError(f"{fold_dir}: cannot read the fold's saved result ({exc})") from None
     ids = ctx.df["example_id"].to_numpy()
-    va = ctx.train_idx[ctx.folds == k]
+    va = ctx.val_rows(k)
     if not np.array_equal(oof["example_id"].to_numpy(), ids[va]) or (
         test is not None and not np.array_equal(test["example_id"].to_numpy(), ids[ctx.test_idx])
     ):
@@ -391,7 +393,7 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     id_vocab = build_id_vocab(ctx.df.iloc[tr], fc.id_fields, fc.id_min_count) if fc.id_embeddings else None
     if len(extra):
         tr = np.concatenate([tr, extra])
-    va = ctx.train_idx[ctx.folds == k]
+    va = ctx.val_rows(k)
     feats = (
         RowFeatures(ctx.bags, encode_ids(ctx.df, id_vocab) if id_vocab is not None else None)
         if features_on(fc)
@@ -542,6 +544,10 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
             s["batches_done"],
             s["fold_step"],
         )
+    # rows an earlier attempt of this fold logged after its checkpoint (all of them without one)
+    # are logged again from here: delete them first, so none is ever duplicated
+    ctx.store.delete_metrics(ctx.run_id, fold=k, teacher=not fs.final, after_step=s["fold_step"])
+    ctx.store.delete_metrics(ctx.run_id, fold=-1, names=[mn.PROGRESS_STEP], after_step=ctx.global_step)
     window_t = time.time()
     for epoch in range(s["epoch"], tc.epochs):
         s["epoch"] = epoch

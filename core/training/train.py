@@ -34,34 +34,15 @@ from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
 from core.modeling.model import load_tokenizer
 from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
 from core.runs import metric_names as mn
-from core.runs.lifecycle import (  # noqa: F401
-    RunStopped,
-    atomic_write,
-    check_stop,
-    claim_run,
-    mark_running,
-    process_start_time,
-    recorded_run,
-    setup_file_log,
-)
+from core.runs.lifecycle import atomic_write, check_stop, claim_run, mark_running, recorded_run, setup_file_log
 from core.runs.store import RunStore, Status
 from core.scoring.baselines import bm25_scores, random_scores
 from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.dense import dense_scores
 from core.scoring.metrics import expected_gain, mean_ndcg
 from core.scoring.report import PROB_COLUMNS
-from core.training.fold_loop import (  # noqa: F401
-    STAGES,
-    FoldResult,
-    LengthGroupedBatchSampler,
-    TrainContext,
-    eval_metrics,
-    load_fold_result,
-    load_step_checkpoint,
-    predict_proba,
-    train_fold,
-)
-from core.training.validate import load_training_frame, validate_run  # noqa: F401 - load_training_frame: older imports
+from core.training.fold_loop import FoldResult, TrainContext, eval_metrics, load_fold_result, train_fold
+from core.training.validate import validate_run
 
 log = logging.getLogger("esci.train")
 
@@ -73,10 +54,6 @@ BLEND_MEMBERS = {
     "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
     "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
-
-# kept for older imports (core.pretrain.multitask and tests used the private names)
-_setup_file_log = setup_file_log
-_process_start_time = process_start_time
 
 
 class Progress(Protocol):
@@ -165,9 +142,7 @@ def run_training(
     mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
     _record_artifact(store, run_id, "config", run_dir / "config.yaml")
     _record_artifact(store, run_id, "log", run_dir / "train.log")
-    with recorded_run(
-        store, run_id, handler, final_status=lambda: Status.PARTIAL if is_partial(cfg) else Status.FINISHED
-    ):
+    with recorded_run(store, run_id, handler, final_status=Status.PARTIAL if is_partial(cfg) else Status.FINISHED):
         if resume:
             log.info("run %s resumed", run_id)
         result = _train(cfg, df, store, run_id, run_dir, progress, resume)
@@ -193,7 +168,7 @@ def _train(
     two_stage = tk.self_distill or tk.pseudo_label  # a teacher k-fold pass first
     stages = ["teacher", "final"] if two_stage else ["final"]
     if resume:
-        prune_metrics_for_resume(ctx, stages)
+        prune_run_metrics_for_resume(ctx)
 
     # ---- the folds (teacher pass first for self-distillation / pseudo-labels) -----------------
     total_steps = sum(
@@ -338,27 +313,14 @@ def run_stage(
     return results
 
 
-def prune_metrics_for_resume(ctx: TrainContext, stages: list[str]) -> None:
-    """Before a resume: delete the metric rows that the resumed run will log again, so none is
-    duplicated: rows of a not-finished fold after its step checkpoint (all of them without one),
-    ``progress/step`` rows after the resume point, and the run-level CV/blend/progress rows."""
-    store, run_id = ctx.store, ctx.run_id
-    resume_step = 0
-    for stage in stages:
-        for k in ctx.run_folds:
-            fold_dir = ctx.fold_dir(stage, k)
-            if (fold_dir / "result.json").is_file():
-                done = load_fold_result(ctx, stage, k)
-                resume_step = max(resume_step, done.global_step if done else 0)
-                continue
-            ckpt = load_step_checkpoint(fold_dir / "resume.pt")
-            after = ckpt["loop"]["fold_step"] if ckpt else 0
-            if ckpt:
-                resume_step = max(resume_step, ckpt["global_step"])
-            store.delete_metrics(run_id, fold=k, teacher=stage == "teacher", after_step=after)
-    store.delete_metrics(run_id, fold=-1, names=[mn.PROGRESS_STEP], after_step=resume_step)
-    store.delete_metrics(run_id, fold=-1, name_prefixes=[mn.CV_PREFIX, mn.BLEND_PREFIX, mn.PROGRESS_TOTAL_STEPS])
-    store.delete_metrics(run_id, names=[mn.FOLD_FINAL_NDCG])
+def prune_run_metrics_for_resume(ctx: TrainContext) -> None:
+    """Before a resume: delete the run-level rows the resumed run logs again (CV, blend weights,
+    ``progress/total_steps``, ``fold/final_ndcg``). A fold's own rows after its step checkpoint are
+    deleted by :func:`core.training.fold_loop.train_fold` when the fold starts again."""
+    ctx.store.delete_metrics(
+        ctx.run_id, fold=-1, name_prefixes=[mn.CV_PREFIX, mn.BLEND_PREFIX, mn.PROGRESS_TOTAL_STEPS]
+    )
+    ctx.store.delete_metrics(ctx.run_id, names=[mn.FOLD_FINAL_NDCG])
 
 
 def _side_features(cfg: RunConfig, df: pd.DataFrame):
