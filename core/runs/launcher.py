@@ -186,8 +186,10 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
     """``workbench resume RUN`` in the background under a supervisor (own session), like
     :func:`launch`: the run goes back to ``queued`` with the supervisor's pid.
 
+    A Slurm run is submitted again instead (:func:`core.runs.slurm.resubmit`).
+
     Returns:
-        (run_id, pid).
+        (run_id, pid), or (run_id, Slurm job id) for a Slurm run.
 
     Raises:
         WorkbenchError / ConfigError: as :func:`resume_config`; ConfigError / DataError: the stored
@@ -195,6 +197,12 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
     """
     run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
     validate_any(cfg)  # a config or data that no longer validates fails here, in one line, nothing started
+    if store.get_record(run_id).backend == "slurm":
+        from core.runs import slurm
+
+        if all_folds:
+            store.update_run(run_id, config=cfg.to_json())  # the job reads the config from the snapshot
+        return run_id, int(slurm.resubmit(store, run_id))
     run_dir = store.get_record(run_id).run_dir
     cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
     if all_folds:
@@ -242,13 +250,18 @@ def process_of(run: dict) -> psutil.Process | None:
 
 
 def refresh_statuses(store: RunStore) -> list[str]:
-    """Mark runs ``crashed`` whose status says active but whose process is gone
-    (SIGKILL, OOM, reboot: no one wrote a final status). Returns their ids; nothing on a store
-    opened read-only (statuses as stored)."""
-    if getattr(store, "readonly", False):
+    """Mark local runs ``crashed`` whose status says active but whose process is gone (SIGKILL, OOM,
+    reboot: no one wrote a final status), and bring Slurm runs up to date (their journals ingested,
+    their job states read: :func:`core.runs.slurm.refresh`). Returns the ids of the runs changed;
+    nothing on a store opened read-only (statuses as stored)."""
+    if getattr(store, "readonly", False) or getattr(store, "remote", False):
         return []
-    crashed = []
+    from core.runs import slurm
+
+    crashed = slurm.refresh(store)
     for run in store.active_runs():
+        if run.get("backend") == "slurm":
+            continue
         if run.get("pid") and process_of(run) is None:
             store.update_run(run["id"], status=Status.CRASHED, ended=run.get("ended") or now_iso())
             crashed.append(run["id"])
@@ -260,10 +273,16 @@ def stop_run(store: RunStore, run_id: str, grace: float = 10.0) -> str:
 
     Returns the run's status afterwards.
 
+    A Slurm run is cancelled with ``scancel`` instead (:func:`core.runs.slurm.cancel`).
+
     Raises:
-        WorkbenchError: unknown run id.
+        WorkbenchError: unknown run id; scancel failed.
     """
     run = store.get_run(run_id)
+    if run.get("backend") == "slurm":
+        from core.runs import slurm
+
+        return slurm.cancel(store, run["id"], grace=max(grace, 30.0))
     proc = process_of(run)
     if proc is None:
         refresh_statuses(store)

@@ -59,6 +59,13 @@ def stop_requested() -> bool:
     return bool(_stop_signal)
 
 
+def checkpoint_requested() -> bool:
+    """True once SIGUSR1 asked this run to stop *after a step checkpoint* (Slurm's warning before a
+    time limit or preemption, ``sbatch --signal=B:USR1@s``): the training loops write one at their
+    next optimiser step, then stop there (:mod:`core.runs.slurm`)."""
+    return bool(_stop_signal) and _stop_signal[0][0] == signal.SIGUSR1
+
+
 def check_stop(where: str = "") -> None:
     """Raise :class:`RunStopped` if a stop was requested (call at safe points: between steps,
     prediction batches and phases)."""
@@ -174,7 +181,8 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     """The lifecycle of a run's body, shared by training and pre-training.
 
     SIGTERM/SIGINT (main thread only) set the stop flag that :func:`check_stop` turns into
-    :class:`RunStopped`; a second signal raises at once. On exit the run row gets its final
+    :class:`RunStopped`; a second signal raises at once. SIGUSR1 (Slurm's time-limit warning) does the
+    same after a step checkpoint (:func:`checkpoint_requested`). On exit the run row gets its final
     status and exit code: ``final_status`` (``finished``, or ``partial``)/0, stopped/143 (RunStopped),
     failed/2 (any other WorkbenchError, message kept), failed/1 (anything else, type and message
     kept). The exception is re-raised; the signal handlers are restored and the file log
@@ -193,7 +201,7 @@ def recorded_run(store: RunStore, run_id: str, handler: logging.Handler, final_s
     _stop_signal.clear()
     previous = {}
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             previous[sig] = signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread (e.g. a UI worker): no signal handling
         previous = {}

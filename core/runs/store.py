@@ -10,12 +10,13 @@ is a :class:`RunStore` method.
 
 Tables:
   runs(id, name, status, task, model, config JSON, pid, process_start_time, host, created,
-       started, ended, exit_code, git_commit, run_dir, error)
+       started, ended, exit_code, git_commit, run_dir, error, backend, job_id, job_state, job_reason, node)
   metrics(run_id, fold, step, epoch, name, value, time)   fold = -1 for run-level values
   artifacts(run_id, fold, kind, path, time)
   label_issues(run_id, example_id, given_label, suggested_label, label_quality, rank)
   label_decisions(id, example_id, decision, new_label, reviewer, time, source_run)   append-only
   ensembles(name, created, tasks, members JSON, manifest JSON, dir)
+  journal_offsets(run_id, offset, events)   how much of a run's journal is ingested (core.runs.journal)
 (the meaning of the label tables: :mod:`core.cleaning.labels`; of ensembles: :mod:`core.scoring.ensemble`)
 """
 
@@ -179,6 +180,13 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("git_commit", "TEXT"),
         ("run_dir", "TEXT"),
         ("error", "TEXT"),
+        # where the run executes (version 2): "local" (NULL in older rows) or "slurm"; for Slurm the
+        # job id, its Slurm state (PENDING, RUNNING, ...), Slurm's reason and the node it runs on
+        ("backend", "TEXT"),
+        ("job_id", "TEXT"),
+        ("job_state", "TEXT"),
+        ("job_reason", "TEXT"),
+        ("node", "TEXT"),
     ),
     "metrics": (
         ("run_id", "TEXT"),
@@ -207,6 +215,8 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("time", "TEXT"),
         ("source_run", "TEXT"),
     ),
+    # how far each run's append-only journal (core.runs.journal) has been ingested, in bytes
+    "journal_offsets": (("run_id", "TEXT PRIMARY KEY"), ("offset", "INTEGER"), ("events", "INTEGER")),
     "ensembles": (
         ("name", "TEXT PRIMARY KEY"),
         ("created", "TEXT"),
@@ -250,8 +260,17 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     _create_schema(conn)
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2: the runs' ``backend``, ``job_id``, ``job_state``, ``job_reason`` and ``node`` columns
+    (NULL in older rows: local runs) and the ``journal_offsets`` table (runs on other hosts)."""
+    _create_schema(conn)
+
+
 #: (version reached, migration from the one before), in order; a new file runs them all
-MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = ((1, _migrate_0_to_1),)
+MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
+    (1, _migrate_0_to_1),
+    (2, _migrate_1_to_2),
+)
 #: ``PRAGMA user_version`` of a runs.db with this module's schema
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -287,6 +306,11 @@ class RunRecord:
     exit_code: int | None = None
     git_commit: str | None = None
     error: str | None = None
+    backend: str = "local"
+    job_id: str | None = None
+    job_state: str | None = None
+    job_reason: str | None = None
+    node: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], db: str = DEFAULT_DB) -> RunRecord:
@@ -322,6 +346,11 @@ class RunRecord:
             exit_code=row.get("exit_code"),
             git_commit=row.get("git_commit"),
             error=row.get("error"),
+            backend=row.get("backend") or "local",
+            job_id=row.get("job_id"),
+            job_state=row.get("job_state"),
+            job_reason=row.get("job_reason"),
+            node=row.get("node"),
         )
 
     @property
@@ -370,12 +399,13 @@ class RunStore:
     def __init__(self, path: str | Path | None = None, readonly: bool = False):
         self.path = str(path or default_db_path())
         self.readonly = readonly
+        self._tx_depth = 0
         if readonly:
             if Path(self.path).is_dir():
                 raise WorkbenchError(f"{self.path}: is a folder, not a runs database")
             if not Path(self.path).is_file():
                 raise WorkbenchError(f"{self.path}: no runs database here (run `workbench train` first or pass --db)")
-        else:
+        elif self.path != ":memory:":
             check_db_location(self.path)
         conn = None
         try:
@@ -507,9 +537,13 @@ class RunStore:
             )
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection, path: str = "runs.db"):
-            self.conn = conn
-            self.path = path
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested inside another ``_Tx`` of the same store it
+        joins the outer transaction (the outer one commits or rolls back everything)."""
+
+        def __init__(self, store: RunStore):
+            self.store = store
+            self.conn = store.conn
+            self.path = store.path
 
         def _wrapped(self, exc: sqlite3.Error):
             err = db_error(self.path, exc, "write")
@@ -518,13 +552,18 @@ class RunStore:
             raise err from None
 
         def __enter__(self):
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                self._wrapped(exc)
+            if self.store._tx_depth == 0:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    self._wrapped(exc)
+            self.store._tx_depth += 1
             return self.conn
 
         def __exit__(self, exc_type, exc, tb):
+            self.store._tx_depth -= 1
+            if self.store._tx_depth > 0:
+                return False  # the outer transaction decides
             if exc_type is None:
                 try:
                     self.conn.execute("COMMIT")
@@ -544,7 +583,16 @@ class RunStore:
         """A short ``BEGIN IMMEDIATE`` ... ``COMMIT`` write transaction. A SQLite error of the file
         or disk inside it (read-only, disk full, I/O error) becomes a one-line WorkbenchError
         naming the database, after the rollback."""
-        return RunStore._Tx(self.conn, self.path)
+        return RunStore._Tx(self)
+
+    def transaction(self) -> _Tx:
+        """One write transaction around several writes (``with store.transaction(): ...``): every
+        write method called inside joins it, so they land together or not at all.
+
+        Raises:
+            WorkbenchError: as the writes (one line naming the database); nothing is kept.
+        """
+        return self._tx()
 
     def close(self) -> None:
         self.conn.close()
@@ -662,12 +710,29 @@ class RunStore:
         with self._tx() as c:
             return c.execute(f"DELETE FROM metrics WHERE {' AND '.join(where)}", params).rowcount
 
-    def add_artifact(self, run_id: str, kind: str, path: str | Path, fold: int = -1) -> None:
-        """Record one file the run wrote (``oof``, ``test``, ``checkpoint``, ``log``, ``config``)."""
+    def add_artifact(self, run_id: str, kind: str, path: str | Path, fold: int = -1, time: str | None = None) -> None:
+        """Record one file the run wrote (``oof``, ``test``, ``checkpoint``, ``log``, ``config``);
+        ``time``: ISO-8601 (default now)."""
         with self._tx() as c:
             c.execute(
                 "INSERT INTO artifacts (run_id, fold, kind, path, time) VALUES (?,?,?,?,?)",
-                (run_id, fold, kind, str(path), now_iso()),
+                (run_id, fold, kind, str(path), time or now_iso()),
+            )
+
+    def journal_offset(self, run_id: str) -> int:
+        """Bytes of ``run_id``'s journal (:mod:`core.runs.journal`) already ingested (0: none)."""
+        with self._guard():
+            row = self.conn.execute("SELECT offset FROM journal_offsets WHERE run_id = ?", [run_id]).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_journal_offset(self, run_id: str, offset: int, events: int) -> None:
+        """Record that ``run_id``'s journal is ingested up to byte ``offset`` (``events`` more events
+        applied); call inside the :meth:`transaction` that applied them, so both land together."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO journal_offsets (run_id, offset, events) VALUES (?, ?, ?) ON CONFLICT(run_id) "
+                "DO UPDATE SET offset = excluded.offset, events = journal_offsets.events + excluded.events",
+                [run_id, int(offset), int(events)],
             )
 
     def replace_label_issues(self, run_id: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -793,6 +858,19 @@ class RunStore:
                     f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id", [str(s) for s in ACTIVE]
                 )
             ]
+
+    def watched_jobs(self, backend: str, terminal_states: Sequence[str]) -> list[RunRecord]:
+        """The runs of ``backend`` (e.g. ``"slurm"``) with a job id that may still change: active, or
+        their job not yet seen in one of ``terminal_states``."""
+        marks = ", ".join("?" for _ in terminal_states)
+        active = ", ".join("?" for _ in ACTIVE)
+        sql = (
+            f"SELECT * FROM runs WHERE backend = ? AND job_id IS NOT NULL AND (status IN ({active}) "
+            f"OR job_state IS NULL OR job_state NOT IN ({marks})) ORDER BY id"
+        )
+        with self._guard():
+            rows = [self._resolved(r) for r in self.db.query(sql, [backend, *map(str, ACTIVE), *terminal_states])]
+        return [RunRecord.from_row(r, self.path) for r in rows]
 
     def best_values(
         self, run_ids: Sequence[str] | None = None, names: Sequence[str] = (mn.NDCG, mn.TASK2_F1, mn.FINAL_NDCG)

@@ -27,8 +27,39 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def supervise(run_id: str, db: str, cmd: list[str]) -> int:
-    """Run ``cmd`` as a child, wait for it, record its end in ``db``. Returns the exit code."""
+def open_store(db: str | None, journal_dir: str | None):
+    """The store the end is recorded in: runs.db (``db``), or for a run on another host (a Slurm
+    job) the run folder's journal (:class:`core.runs.journal.JournalStore`)."""
+    if journal_dir:
+        from core.runs.journal import JournalStore
+
+        return JournalStore(journal_dir)
+    return RunStore(db)
+
+
+def requeue_job(store, run_id: str) -> None:
+    """A Slurm job signalled before its time limit (SIGUSR1, ``--signal=B:USR1@s``) whose trainer
+    stopped after a step checkpoint: mark the run ``queued`` and ``scontrol requeue`` the job, whose
+    next start resumes the run (:mod:`core.runs.slurm`)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return
+    store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        store.update_run(
+            run_id,
+            status=Status.CRASHED,
+            ended=now_iso(),
+            error=f"scontrol requeue {job_id} failed: {(out.stderr or out.stdout).strip()[:300]}",
+        )
+    print(f"supervisor: requeued Slurm job {job_id}: rc {out.returncode} {out.stderr.strip()}", flush=True)
+
+
+def supervise(run_id: str, db: str | None, cmd: list[str], journal_dir: str | None = None) -> int:
+    """Run ``cmd`` as a child, wait for it, record its end in ``db`` (or, for a Slurm job, the run's
+    journal in ``journal_dir``). SIGUSR1 (Slurm's warning before the time limit) is passed on too; when
+    it came, the job is requeued (:func:`requeue_job`). Returns the exit code."""
     env = {**os.environ, "WORKBENCH_SUPERVISOR_PID": str(os.getpid())}
     stop_requested: list[int] = []
     children: list[subprocess.Popen] = []
@@ -42,7 +73,7 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
                 pass
 
     # the handlers first, so a stop can never land between the child's start and them
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, _forward)
     if not stop_requested:
         children.append(subprocess.Popen(cmd, env=env))
@@ -58,10 +89,12 @@ def supervise(run_id: str, db: str, cmd: list[str]) -> int:
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
     code = exit_code_of(rc)
-    store = RunStore(db)
+    store = open_store(db, journal_dir)
     try:
         run = store.get_run(run_id)
-        if run["status"] not in FINAL and stop_requested:
+        if stop_requested and stop_requested[0] == signal.SIGUSR1 and run["status"] != Status.FINISHED:
+            requeue_job(store, run_id)
+        elif run["status"] not in FINAL and stop_requested:
             # stopped before the trainer installed its own handler (e.g. while importing torch)
             store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=code)
         elif run["status"] not in FINAL:
@@ -97,13 +130,15 @@ def _last_console_line(run: dict) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.runs.supervise")
     parser.add_argument("--run-id", required=True)
-    parser.add_argument("--db", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="runs.db (a run on this host)")
+    where.add_argument("--journal", help="the run folder whose journal records the run (a Slurm job)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no trainer command after --")
-    return supervise(args.run_id, args.db, cmd)
+    return supervise(args.run_id, args.db, cmd, journal_dir=args.journal)
 
 
 if __name__ == "__main__":

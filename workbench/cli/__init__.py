@@ -172,9 +172,59 @@ def train(
     )
 
 
+Backend = Annotated[
+    str, typer.Option("--backend", help="local: a detached process here; slurm: a Slurm batch job (sbatch)")
+]
+
+
 @app.command()
-def launch(config: Annotated[Path, typer.Argument(help="YAML/TOML config")], set_: SetOpt = None, db: DbOpt = None):
-    """Start training (or pre-training, for a `kind: pretrain` config) detached (own session); prints the run id."""
+def launch(
+    config: Annotated[Path, typer.Argument(help="YAML/TOML config")],
+    set_: SetOpt = None,
+    db: DbOpt = None,
+    backend: Backend = "local",
+    partition: Annotated[str | None, typer.Option(help="Slurm --partition", rich_help_panel="Slurm")] = None,
+    gpus: Annotated[int | None, typer.Option(help="Slurm --gpus", rich_help_panel="Slurm")] = None,
+    time_limit: Annotated[
+        str | None,
+        typer.Option("--time", help="Slurm --time: minutes, H:MM:SS or D-HH:MM", rich_help_panel="Slurm"),
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm --account", rich_help_panel="Slurm")] = None,
+    qos: Annotated[str | None, typer.Option(help="Slurm --qos", rich_help_panel="Slurm")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm --cpus-per-task", rich_help_panel="Slurm")] = None,
+    mem: Annotated[str | None, typer.Option(help="Slurm --mem, e.g. 32G", rich_help_panel="Slurm")] = None,
+    requeue: Annotated[
+        bool | None,
+        typer.Option(
+            "--requeue/--no-requeue",
+            help="checkpoint and requeue the job when Slurm signals its time limit (default: yes)",
+            rich_help_panel="Slurm",
+        ),
+    ] = None,
+):
+    """Start training (or pre-training, for a `kind: pretrain` config) detached (own session), or
+    submit it to Slurm (--backend slurm; defaults from the [slurm] table of
+    ~/.config/esci-workbench/config.toml); prints the run id."""
+    if backend not in ("local", "slurm"):
+        raise ConfigError(f"--backend {backend!r}: must be local or slurm")
+    if backend == "slurm":
+        from core.runs import slurm
+        from core.runs.launcher import load_any_config
+
+        opts = slurm.slurm_options(
+            partition=partition,
+            gpus=gpus,
+            time=time_limit,
+            account=account,
+            qos=qos,
+            cpus_per_task=cpus_per_task,
+            mem=mem,
+            requeue=requeue,
+        )
+        run_id, job_id = slurm.submit(load_any_config(config, set_), open_store(db), opts, config)
+        console.print(run_id)
+        err_console.print(f"submitted Slurm job {job_id}; follow with `workbench runs show {run_id}`")
+        return
     from core.runs.launcher import launch as _launch
 
     run_id, pid = _launch(config, set_, open_store(db))
@@ -193,16 +243,37 @@ def resume(
     queued: Annotated[
         bool, typer.Option("--queued", hidden=True, help="the run was queued by resume --detach")
     ] = False,
+    journal: Annotated[
+        Path | None,
+        typer.Option(
+            "--journal", hidden=True, help="report through this run folder's journal, not runs.db (Slurm jobs)"
+        ),
+    ] = None,
 ):
     """Continue a crashed/stopped/failed/partial run under its id: finished folds are kept, the
-    interrupted fold restarts from its last step checkpoint."""
+    interrupted fold restarts from its last step checkpoint. A Slurm run is submitted again (--detach)."""
     from core.runs.launcher import resume_config, resume_detached
 
-    store = open_store(db)
+    if journal is not None:
+        from core.runs.journal import JournalStore
+        from core.runs.store import Status
+
+        store = JournalStore(journal)
+        if store.get_run(run)["status"] == Status.RUNNING:  # Slurm requeued a job that died running
+            store.update_run(
+                run, status=Status.CRASHED, error="the job's previous start ended without a final status (requeued)"
+            )
+    else:
+        store = open_store(db)
+        if store.get_record(run).backend == "slurm" and not detach:
+            raise WorkbenchError(
+                f"{store.path}: run {run} ran on Slurm: resume it with `workbench resume {run} --detach` (a new job)"
+            )
     if detach:
-        run_id, pid = resume_detached(store, run, all_folds=all_folds)
+        run_id, handle = resume_detached(store, run, all_folds=all_folds)
         console.print(run_id)
-        err_console.print(f"resumed in the background, pid {pid}; follow with `workbench runs show {run_id}`")
+        where = f"Slurm job {handle}" if store.get_record(run_id).backend == "slurm" else f"pid {handle}"
+        err_console.print(f"resumed in the background, {where}; follow with `workbench runs show {run_id}`")
         return
     run_id, cfg = resume_config(store, run, all_folds=all_folds, queued=queued)
     if getattr(cfg, "kind", "train") == "pretrain":
@@ -293,9 +364,16 @@ def runs_show(run: str, db: DbOpt = None):
     """One run: status, config, per-fold best metrics, CV, artifacts."""
     store = _reading_store(db)
     r = store.get_run(run)
+    where = (
+        f"Slurm job {r['job_id']} {r['job_state'] or '?'}"
+        + (f" ({r['job_reason']})" if r.get("job_reason") not in (None, "", "None") else "")
+        + (f" on {r['node']}" if r.get("node") else "")
+        if r.get("backend") == "slurm"
+        else f"pid {r['pid']}"
+    )
     console.print(
         f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
-        f"pid {r['pid']}  duration {_duration(r)}  git {r['git_commit']}"
+        f"{where}  duration {_duration(r)}  git {r['git_commit']}"
     )
     if r.get("error"):
         console.print(f"[red]error: {r['error']}")
