@@ -50,7 +50,7 @@ from core.config import set_dotted as _set_dotted
 from core.errors import ConfigError, DataError
 from core.modeling.tricks import param_groups
 from core.runs import metric_names as mn
-from core.runs.lifecycle import check_stop
+from core.runs.lifecycle import check_stop, checkpoint_requested
 from core.runs.store import RunStore
 
 log = logging.getLogger("esci.pretrain")
@@ -1050,8 +1050,8 @@ class PretrainLoop:
                     window_t = time.time()
                 if self.global_step >= self.total:
                     return
-                if tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
-                    self.checkpoint(epoch, b, epoch_rng)
+                if checkpoint_requested() or tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
+                    self.checkpoint(epoch, b, epoch_rng)  # SIGUSR1: checkpoint now, stop at the next step
 
     def log_window(self, ep: float, seconds: float) -> None:
         """Per-task and total mean losses, lr and products/s of the window (``pretrain/*_loss``,

@@ -49,7 +49,7 @@ from core.modeling.features import (
 from core.modeling.model import CrossEncoder, collate
 from core.modeling.tricks import AWP, EMA, FGM, PGD, classification_loss, draw_mixup, param_groups, rdrop_kl
 from core.runs import metric_names as mn
-from core.runs.lifecycle import atomic_write, check_stop
+from core.runs.lifecycle import atomic_write, check_stop, checkpoint_requested
 from core.runs.store import RunStore
 from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
 from core.scoring.report import PROB_COLUMNS
@@ -579,7 +579,8 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
             if b_i in fs.eval_points:
                 _evaluate(ctx, k, stage, fs.unwrapped, fs.ema, fs.va, fs.va_frame, fs.feats, s, ep)
                 fs.model.train()
-            if sync and tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0:
+            if sync and (checkpoint_requested() or tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0):
+                # SIGUSR1 (a Slurm job near its time limit): a checkpoint now, the stop at the next step
                 save_step_checkpoint(ckpt_path, checkpoint_state(ctx, fs, s, epoch, b_i))
         s["batches_done"] = 0
     result = finish_fold(ctx, fs, s, t_fold)
