@@ -9,6 +9,15 @@ signal, as a shell reports it). SIGTERM/SIGINT are passed on to the trainer, whi
 ``stopped`` itself (or, if the stop came before the trainer could handle it, the supervisor
 writes ``stopped``). If the machine reboots nobody writes anything; a UI then finds the pid gone
 and marks the run ``crashed`` with no exit code (:func:`core.runs.launcher.refresh_statuses`).
+
+``--nproc N`` (``train.num_processes``) starts N ranks of the trainer instead of one
+(:class:`core.runs.ranks.RankGroup`: the ``torchrun`` environment, data parallel on one host) and
+forwards every stop signal to each. When a rank exits non-zero or is killed, the others are
+terminated (SIGTERM, a grace period, SIGKILL), so no rank is ever left. The end
+(:func:`core.runs.ranks.outcome_of`): all ranks exit 0 -> what rank 0 recorded; a stop -> ``stopped``;
+a rank killed by a signal nobody asked for -> ``crashed`` naming the rank and the signal (even when
+rank 0 recorded ``failed`` because its peer vanished); another rank's non-zero exit first ->
+``failed`` naming it. :func:`record_end` writes it into any store with ``get_run``/``update_run``.
 """
 
 from __future__ import annotations
@@ -19,12 +28,13 @@ import signal
 import subprocess
 import sys
 
+from core.runs.ranks import Outcome, RankGroup, outcome_of
 from core.runs.store import FINAL, RunStore, Status, now_iso
 
 
 def exit_code_of(returncode: int) -> int:
     """Shell convention: a negative Popen returncode ``-N`` (killed by signal N) becomes ``128 + N``."""
-    return 128 - returncode if returncode < 0 else returncode
+    return Outcome(returncode).exit_code
 
 
 def open_store(db: str | None, journal_dir: str | None):
@@ -56,62 +66,77 @@ def requeue_job(store, run_id: str) -> None:
     print(f"supervisor: requeued Slurm job {job_id}: rc {out.returncode} {out.stderr.strip()}", flush=True)
 
 
-def supervise(run_id: str, db: str | None, cmd: list[str], journal_dir: str | None = None) -> int:
-    """Run ``cmd`` as a child, wait for it, record its end in ``db`` (or, for a Slurm job, the run's
-    journal in ``journal_dir``). SIGUSR1 (Slurm's warning before the time limit) is passed on too; when
-    it came, the job is requeued (:func:`requeue_job`). Returns the exit code."""
+def supervise(run_id: str, db: str | None, cmd: list[str], journal_dir: str | None = None, nproc: int = 1) -> int:
+    """Run ``cmd`` as ``nproc`` ranks (:class:`core.runs.ranks.RankGroup`; 1: one plain child), wait
+    for them, record the end in ``db`` (or, for a Slurm job, the run's journal in ``journal_dir``)
+    with :func:`record_end`. SIGTERM/SIGINT/SIGHUP and SIGUSR1 (Slurm's warning before the time
+    limit) are passed on to every rank; after SIGUSR1 the job is requeued (:func:`requeue_job`).
+    Returns the exit code (``128 + N`` for a signal)."""
     env = {**os.environ, "WORKBENCH_SUPERVISOR_PID": str(os.getpid())}
+    group = RankGroup(cmd, nproc, env)
     stop_requested: list[int] = []
-    children: list[subprocess.Popen] = []
 
     def _forward(signum, frame):
         stop_requested.append(signum)
-        for child in children:  # a stop before the child exists: the child is not started
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
+        group.send_signal(signum)  # a stop before the ranks exist: they are not started
 
-    # the handlers first, so a stop can never land between the child's start and them
+    # the handlers first, so a stop can never land between the ranks' start and them
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, _forward)
     if not stop_requested:
-        children.append(subprocess.Popen(cmd, env=env))
-        if stop_requested:  # the stop came while the child was being started: pass it on now
-            children[0].send_signal(stop_requested[0])
-    if not children:
-        rc = -signal.SIGTERM
-    child = children[0] if children else None
-    while child is not None:
-        try:
-            rc = child.wait()
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
-    code = exit_code_of(rc)
+        group.start()
+        if stop_requested:  # the stop came while the ranks were being started: pass it on now
+            group.send_signal(stop_requested[0])
+    stop = stop_requested[0] if stop_requested else None
+    outcome = outcome_of(group.wait(), stop) if group.procs else Outcome(-signal.SIGTERM, stop)
     store = open_store(db, journal_dir)
     try:
-        run = store.get_run(run_id)
-        if stop_requested and stop_requested[0] == signal.SIGUSR1 and run["status"] != Status.FINISHED:
-            requeue_job(store, run_id)
-        elif run["status"] not in FINAL and stop_requested:
-            # stopped before the trainer installed its own handler (e.g. while importing torch)
-            store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=code)
-        elif run["status"] not in FINAL:
-            store.update_run(
-                run_id,
-                status=Status.CRASHED if rc < 0 else Status.FAILED,
-                ended=now_iso(),
-                exit_code=code,
-                error=run.get("error")
-                or _last_console_line(run)
-                or f"trainer exited with code {code} without a final status",
-            )
-        elif run.get("exit_code") is None:
-            store.update_run(run_id, exit_code=code)
+        record_end(store, run_id, outcome)
     finally:
         store.close()
-    return code
+    return outcome.exit_code
+
+
+def record_end(store, run_id: str, outcome: Outcome) -> None:
+    """Record how the run's process(es) ended (:class:`core.runs.ranks.Outcome`) in ``store`` (a
+    :class:`RunStore` or any store with its ``get_run``/``update_run``, e.g. a run's journal).
+
+    - SIGUSR1 (Slurm) and the run not finished: requeued (:func:`requeue_job`);
+    - a stop was asked for and the trainer wrote no final status (stopped before its handler was
+      installed): ``stopped`` with the exit code;
+    - a rank's failure that overrides rank 0's record (``outcome.rank``; a run rank 0 finished is
+      kept): ``crashed`` (killed by a signal) or ``failed``, with ``outcome.error``;
+    - no final status written: ``crashed`` (signal) or ``failed``, with the trainer's error, its last
+      console line or the exit code;
+    - else only the exit code, if the trainer did not record one.
+    """
+    run = store.get_run(run_id)
+    code, rc = outcome.exit_code, outcome.returncode
+    if outcome.stop_signal == signal.SIGUSR1 and run["status"] != Status.FINISHED:
+        requeue_job(store, run_id)
+    elif run["status"] not in FINAL and outcome.stop_signal is not None:
+        # stopped before the trainer installed its own handler (e.g. while importing torch)
+        store.update_run(run_id, status=Status.STOPPED, ended=now_iso(), exit_code=code)
+    elif outcome.rank is not None and run["status"] not in (Status.FINISHED, Status.PARTIAL):
+        store.update_run(
+            run_id,
+            status=Status.CRASHED if rc < 0 else Status.FAILED,
+            ended=run.get("ended") or now_iso(),
+            exit_code=code,
+            error=outcome.error,
+        )
+    elif run["status"] not in FINAL:
+        store.update_run(
+            run_id,
+            status=Status.CRASHED if rc < 0 else Status.FAILED,
+            ended=now_iso(),
+            exit_code=code,
+            error=run.get("error")
+            or _last_console_line(run)
+            or f"trainer exited with code {code} without a final status",
+        )
+    elif run.get("exit_code") is None:
+        store.update_run(run_id, exit_code=code)
 
 
 def _last_console_line(run: dict) -> str | None:
@@ -133,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--db", help="runs.db (a run on this host)")
     where.add_argument("--journal", help="the run folder whose journal records the run (a Slurm job)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks to start (data parallel; default 1)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc}: must be >= 1")
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no trainer command after --")
-    return supervise(args.run_id, args.db, cmd, journal_dir=args.journal)
+    return supervise(args.run_id, args.db, cmd, journal_dir=args.journal, nproc=args.nproc)
 
 
 if __name__ == "__main__":
