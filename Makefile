@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 DATA ?= ../shared/data/esci_us_opensearch_150q
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench clean slurm-up slurm-down
 
 $(BIN)/workbench: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/load_scale.py
 	$(BIN)/python benchmarks/tui_runs.py
+
+# a single-node Slurm cluster on this machine (root; installs slurm-wlm + munge with apt-get when missing)
+slurm-up:
+	scripts/slurm-local.sh start
+
+slurm-down:
+	scripts/slurm-local.sh stop
 
 clean:
 	rm -rf runs runs.db runs.db-* .cache
