@@ -87,8 +87,9 @@ def supervise(run_id: str, db: str | None, cmd: list[str], journal_dir: str | No
         group.start()
         if stop_requested:  # the stop came while the ranks were being started: pass it on now
             group.send_signal(stop_requested[0])
-    stop = stop_requested[0] if stop_requested else None
-    outcome = outcome_of(group.wait(), stop) if group.procs else Outcome(-signal.SIGTERM, stop)
+    returncodes = group.wait() if group.procs else None
+    stop = stop_requested[0] if stop_requested else None  # after the wait: a stop may come during it
+    outcome = outcome_of(returncodes, stop) if returncodes is not None else Outcome(-signal.SIGTERM, stop)
     store = open_store(db, journal_dir)
     try:
         record_end(store, run_id, outcome)
