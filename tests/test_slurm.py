@@ -204,3 +204,28 @@ def test_user_defaults_fill_the_job_options_and_the_command_line_wins(tmp_path, 
         "launch", str(tmp_path / "tiny.yaml"), "--db", db, "--backend", "slurm", env={"WORKBENCH_CONFIG": str(user)}
     )
     assert "[slurm]: unknown keys ['nodes']" in err
+
+
+def test_a_pretraining_config_runs_as_a_slurm_job(tmp_path, small_dataset, tiny_bert):
+    import yaml
+
+    cfg = {
+        "kind": "pretrain",
+        "name": "pretrain-slurm",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"dir": str(small_dataset), "max_products": 96},
+        "model": {"name": str(tiny_bert), "max_length": 24},
+        "train": {"batch_size": 16, "max_steps": 3, "log_every": 1, "lr": 1e-3},
+        "tasks": {"contrastive": {"queue_size": 20}},
+    }
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    db = str(tmp_path / "runs.db")
+    run_id = _cli("launch", str(path), "--db", db, "--backend", "slurm", "--time", "10")
+    store = RunStore(db)
+    seen = _watch(store, run_id, lambda r: r["job_state"] in TERMINAL_STATES)
+    assert seen[-1] == (Status.FINISHED, "COMPLETED"), seen
+    row = store.get_run(run_id)
+    assert (Path(row["run_dir"]) / "backbone" / "model.safetensors").is_file()
+    assert {"pretrain/mlm_loss", "train/loss"} <= {m["name"] for m in store.metrics(run_id)}
+    assert any(a["kind"] == "backbone" for a in store.artifacts(run_id))
