@@ -61,8 +61,11 @@ TERMINAL_STATES = frozenset(
         "PREEMPTED",
         "SPECIAL_EXIT",
         "REVOKED",
+        "GONE",
     }
 )
+#: the ``job_state`` the workbench records for a job Slurm no longer knows (neither squeue nor sacct)
+GONE = "GONE"
 #: job states in which the job waits to start (again)
 PENDING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "CONFIGURING"})
 #: job states in which the trainer may be running
@@ -370,18 +373,28 @@ def job_states(job_ids: list[str]) -> dict[str, JobInfo]:
     (where accounting is configured). A job neither knows is absent.
 
     Raises:
-        WorkbenchError: squeue cannot be run (no Slurm on PATH, or it hangs).
+        WorkbenchError: squeue cannot be run or fails for another reason than an unknown job id (no
+            Slurm on PATH, the controller does not answer): nothing can be said about any job then.
     """
     out: dict[str, JobInfo] = {}
     if not job_ids:
         return out
     require_slurm()
-    for job_id in job_ids:  # one call per job: squeue fails the whole call on one purged id
-        res = _slurm(["squeue", "-h", "--states=all", "-j", str(job_id), "-o", "%i|%T|%r|%N"])
-        for line in res.stdout.splitlines() if res.returncode == 0 else []:
+    ids = [str(j) for j in job_ids]
+    batches = [ids] if len(ids) > 1 else []
+    batches += [[j] for j in ids]  # one job at a time when the batch names a job Slurm has purged
+    for batch in batches:
+        res = _slurm(["squeue", "-h", "--states=all", "-j", ",".join(batch), "-o", "%i|%T|%r|%N"])
+        if res.returncode != 0:
+            if "invalid job id" in (res.stderr or "").lower():
+                continue  # purged from the controller's memory (MinJobAge): sacct below, or gone
+            raise WorkbenchError(f"squeue: {_first_line(res.stderr) or f'exit {res.returncode}'}")
+        for line in res.stdout.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 4 and parts[0] == str(job_id):
-                out[str(job_id)] = JobInfo(parts[1], parts[2], parts[3])
+            if len(parts) == 4 and parts[0] in batch:
+                out[parts[0]] = JobInfo(parts[1], parts[2], parts[3])
+        if len(batch) > 1:
+            break  # the batch call answered for every job it knows
     missing = [j for j in job_ids if str(j) not in out]
     if missing and shutil.which("sacct"):
         res = _slurm(
@@ -406,14 +419,15 @@ def run_fields(status: str, info: JobInfo | None, requeue: bool) -> dict[str, An
         Columns to update: always ``job_state``/``job_reason``/``node`` (when known), plus
         ``status``/``ended``/``error`` where the job's state decides the run's status.
     """
-    if info is None:
+    if info is None:  # GONE: stop asking Slurm about it
         if status in ACTIVE:
             return {
+                "job_state": GONE,
                 "status": Status.CRASHED,
                 "ended": now_iso(),
                 "error": "the Slurm job is gone (not in squeue or sacct) and the trainer recorded no end",
             }
-        return {}
+        return {"job_state": GONE}
     fields: dict[str, Any] = {"job_state": info.state, "job_reason": info.reason, "node": info.node or None}
     state, reason = info.state, (info.reason if info.reason not in ("None", "") else "")
     if state in PENDING_STATES:
@@ -432,7 +446,9 @@ def run_fields(status: str, info: JobInfo | None, requeue: bool) -> dict[str, An
     elif state == "COMPLETED":
         if status in ACTIVE:
             fields.update(
-                status=Status.CRASHED, ended=now_iso(), error="the Slurm job completed without a final status"
+                status=Status.CRASHED,
+                ended=now_iso(),
+                error="Slurm job COMPLETED without a final status from the trainer",
             )
     elif status in ACTIVE or status == Status.STOPPED:
         # the job died (FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...); a trainer that got Slurm's
@@ -466,11 +482,18 @@ def refresh(store: RunStore) -> list[str]:
     runs = store.watched_jobs("slurm", sorted(TERMINAL_STATES))
     if not runs or shutil.which("squeue") is None:
         return []
-    states = job_states([r.job_id for r in runs])  # before the journals: a job ending now is read finished
+    try:
+        states: dict[str, JobInfo] | None = job_states([r.job_id for r in runs])  # before the journals
+    except WorkbenchError as exc:  # the controller is down or busy: ingest, decide nothing from Slurm
+        log.warning("%s", exc)
+        states = None
     changed = []
     for r in runs:
         events = ingest_quietly(store, r.id, r.run_dir)
         status = store.get_run(r.id)["status"]
+        if states is None:
+            changed += [r.id] if events else []
+            continue
         fields = run_fields(status, states.get(str(r.job_id)), _requeues(r.run_dir))
         fields = {k: v for k, v in fields.items() if store.get_run(r.id).get(k) != v}
         if fields:
