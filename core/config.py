@@ -100,6 +100,7 @@ class TrainConfig:
         "log_every": ">= 1",
         "num_threads": ">= 1",
         "checkpoint_every": ">= 0",
+        "num_processes": ">= 1",
     }
 
     folds: int = 5  # >= 2
@@ -121,6 +122,7 @@ class TrainConfig:
     save_checkpoints: bool = True
     length_grouping: bool = True
     checkpoint_every: int = 200  # >= 0; optimiser steps between step checkpoints (resume); 0 = none
+    num_processes: int = 1  # >= 1; data-parallel ranks here (one per GPU; gloo on CPU), batch_size each
 
 
 @dataclass

@@ -51,6 +51,18 @@ from core.errors import ConfigError, DataError
 from core.modeling.tricks import param_groups
 from core.runs import metric_names as mn
 from core.runs.lifecycle import check_stop, checkpoint_requested
+from core.runs.ranks import (
+    all_ranks,
+    any_rank,
+    average_gradients,
+    broadcast_module,
+    distributed_world,
+    is_main_rank,
+    join_ranks,
+    leave_ranks,
+    rank,
+    rank_store,
+)
 from core.runs.store import RunStore
 
 log = logging.getLogger("esci.pretrain")
@@ -110,6 +122,7 @@ class PretrainTrainConfig:
         "log_every": ">= 1",
         "num_threads": ">= 1",
         "checkpoint_every": ">= 0",
+        "num_processes": ">= 1",
     }
 
     seed: int = 42  # >= 0
@@ -125,6 +138,7 @@ class PretrainTrainConfig:
     num_threads: int | None = None  # >= 1 or null
     freeze_embeddings: bool = False  # word embeddings not optimised (much faster AdamW steps on CPU)
     checkpoint_every: int = 200  # >= 0; steps between step checkpoints (workbench resume); 0 = none
+    num_processes: int = 1  # >= 1; data-parallel ranks on this host (each its own batches; gradients averaged)
 
 
 @dataclass
@@ -501,7 +515,7 @@ class P2QSampler:
     negatives: the same query with a uniformly random other product (not judged positive for it).
     """
 
-    def __init__(self, corpus: PretrainCorpus, cfg: P2QTaskConfig, seed: int):
+    def __init__(self, corpus: PretrainCorpus, cfg: P2QTaskConfig, seed: int | list[int]):
         self.corpus = corpus
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
@@ -737,6 +751,11 @@ def run_pretraining(
     and no folder behind. The backbone is written to a temp folder under the run folder and
     renamed to ``runs/<run_id>/backbone`` at the end.
 
+    With several ranks (``WORLD_SIZE`` > 1, :mod:`core.runs.ranks`) every rank draws its own
+    batches (every N-th of the epoch's product order; its own Product2Query and masking draws and
+    its own contrastive queue), the gradients are averaged over the ranks at every step, and rank 0
+    alone writes runs.db, ``train.log``, ``resume.pt`` and the backbone.
+
     Args:
         cfg: the resolved config (see :func:`load_pretrain_config`).
         store: runs.db connection of this process.
@@ -753,7 +772,6 @@ def run_pretraining(
         core.runs.lifecycle.RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``, no backbone folder).
     """
     from core.modeling.model import load_backbone, load_tokenizer
-    from core.runs.lifecycle import atomic_write, claim_run, mark_running, recorded_run, setup_file_log
     from core.training.train import NullProgress
 
     progress = progress or NullProgress()
@@ -768,9 +786,27 @@ def run_pretraining(
     corpus = validate_pretrain(cfg, separator=sep)
     backbone = load_backbone(cfg.model.name)
 
+    join_ranks(cpu=not torch.cuda.is_available())  # several ranks (WORLD_SIZE > 1): torch.distributed
+    if tc.num_threads:  # again: accelerate may set its own for several ranks on CPU
+        torch.set_num_threads(tc.num_threads)
+    try:
+        return _run_pretraining(cfg, rank_store(store), run_id, progress, resume, tokenizer, corpus, backbone)
+    finally:
+        leave_ranks()
+
+
+def _run_pretraining(
+    cfg: PretrainConfig, store: RunStore, run_id: str | None, progress, resume: bool, tokenizer, corpus, backbone
+) -> PretrainResult:
+    """:func:`run_pretraining` after the checks: claim the run (other ranks than 0: ``store`` writes
+    nothing), record it, pre-train, write the backbone."""
+    from core.runs.lifecycle import atomic_write, claim_run, mark_running, recorded_run, setup_file_log
+
     run_id, run_dir = claim_run(store, cfg.name, cfg.to_dict(), cfg.output_dir, run_id=run_id, resume=resume)
-    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-    handler = setup_file_log(run_dir)
+    main = is_main_rank()
+    if main:
+        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    handler = setup_file_log(run_dir) if main else logging.NullHandler()
     mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=0)
     if not resume:
         store.add_artifact(run_id, "config", run_dir / "config.yaml")
@@ -806,6 +842,14 @@ def _pretrain(
     ckpt = None
     if resume:  # metric rows after the last step checkpoint are logged again: delete them first
         ckpt = load_step_checkpoint(run_dir / "resume.pt")
+        if ckpt and ckpt.get("world", 1) != distributed_world():
+            log.warning(
+                "resume.pt was written by a run with %d process(es), this one has %d: ignored, pre-training "
+                "starts again",
+                ckpt.get("world", 1),
+                distributed_world(),
+            )
+            ckpt = None
         after = ckpt["global_step"] if ckpt else 0
         store.delete_metrics(run_id, fold=0, after_step=after)
         store.delete_metrics(run_id, fold=-1, names=[mn.PROGRESS_STEP], after_step=after)
@@ -816,6 +860,8 @@ def _pretrain(
     loop.train()
     if loop.global_step == 0:
         raise DataError(cfg.data.dir, "no pre-training step could run (fewer than 2 products with text?)")
+    if not is_main_rank():  # rank 0 alone writes the backbone
+        return PretrainResult(run_id, run_dir, run_dir / "backbone", {}, {}, loop.global_step, time.time() - t0)
     final = loop.save_backbone(tmp_dir)
     loop.ckpt_path.unlink(missing_ok=True)
     seconds = time.time() - t0
@@ -863,9 +909,11 @@ class PretrainLoop:
         tc, tk = cfg.train, cfg.tasks
         self.enabled = tk.enabled()
         torch.manual_seed(tc.seed)
-        self.rng = np.random.default_rng(tc.seed)
-        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.rng = np.random.default_rng(tc.seed)  # the epochs' product order: the same on every rank
+        self.gen = torch.Generator().manual_seed(tc.seed + 104_729 * rank())  # masking: each rank its own
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and distributed_world() > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
         prods = self.prods = corpus.products
         self.n = len(prods)
         self._build_targets()
@@ -886,11 +934,17 @@ class PretrainLoop:
             for p in self.momentum_bb.parameters():
                 p.requires_grad_(False)
             self.queue = FeatureQueue(tk.contrastive.queue_size, backbone.config.hidden_size)
+        if distributed_world() > 1:  # rank 0's weights everywhere, then each rank its own dropout draws
+            broadcast_module(self.model)
+            if self.momentum_bb is not None:
+                broadcast_module(self.momentum_bb)
+            torch.manual_seed(tc.seed + rank())
         # backbone at lr (no decay on biases / LayerNorm), task heads at head_lr without decay
         groups = param_groups(self.model, tc.lr, tc.head_lr, tc.weight_decay)
         self.optimizer = torch.optim.AdamW(groups)
         self.trainable = [p for g in groups for p in g["params"]]
-        self.steps_per_epoch = math.ceil(self.n / tc.batch_size)
+        # N ranks: each takes every N-th batch of an epoch (N x batch_size products a step)
+        self.steps_per_epoch = math.ceil(math.ceil(self.n / tc.batch_size) / distributed_world())
         total = self.steps_per_epoch * tc.epochs
         self.total = min(total, tc.max_steps) if tc.max_steps else total
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(tc.warmup_ratio * self.total), self.total)
@@ -929,7 +983,8 @@ class PretrainLoop:
                 mask_values(t, [b if self.brand_vocab else "", c if self.color_vocab else ""], mask_tok)
                 for t, b, c in zip(prods["text"], prods["brand"], prods["color"])
             ]
-        self.p2q = P2QSampler(self.corpus, tk.p2q, cfg.train.seed + 1) if tk.p2q.enabled else None
+        seed = cfg.train.seed + 1 if rank() == 0 else [cfg.train.seed + 1, rank()]  # N ranks: own pairs each
+        self.p2q = P2QSampler(self.corpus, tk.p2q, seed) if tk.p2q.enabled else None
         log.info(
             "pre-training %s on %s: %d products, %d judged positive pairs, tasks %s%s%s",
             cfg.model.name,
@@ -1011,53 +1066,79 @@ class PretrainLoop:
 
     def train(self) -> None:
         """Steps until ``total`` (epochs x batches, capped by ``max_steps``); a requested stop
-        takes effect before each step (:func:`core.runs.lifecycle.check_stop`)."""
-        tc, tk = self.cfg.train, self.cfg.tasks
+        takes effect before each step (:func:`core.runs.lifecycle.check_stop`, decided by all
+        ranks together)."""
+        tc = self.cfg.train
         self.model.train()
         window_t = time.time()
         for epoch in range(self.start_epoch, tc.epochs):
             epoch_rng = self.rng.bit_generator.state
             order = self.rng.permutation(self.n)
             for b in range(self.start_b if epoch == self.start_epoch else 0, self.steps_per_epoch):
-                check_stop(f"pre-training step {self.global_step}")  # SIGTERM/SIGINT take effect here
-                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
-                if len(idx) < 2:  # in-batch negatives need two products
+                check_stop(f"pre-training step {self.global_step}", collective=True)  # SIGTERM/SIGINT
+                idx = self.batch_rows(order, b)
+                losses = self.step_losses(idx) if len(idx) >= 2 else {}  # in-batch negatives need two
+                if not any_rank(bool(losses)):  # N ranks: a step is skipped only when every rank has nothing
                     continue
-                losses = self.step_losses(idx)
-                if not losses:
-                    continue
-                loss = sum(self.weights[t] * v for t, v in losses.items())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.momentum_bb is not None:
-                    momentum_update(self.momentum_bb, self.model.backbone, tk.contrastive.momentum)
-                    self.queue.enqueue(self.keys.cpu())
-                    self.keys = None
+                loss = self.optimise(losses)
                 self.global_step += 1
                 self.window_items += len(idx)
                 for t, v in losses.items():
                     self.window.setdefault(t, []).append(float(v.item()))
-                self.window.setdefault("total", []).append(float(loss.item()))
+                if loss is not None:
+                    self.window.setdefault("total", []).append(loss)
                 ep = epoch + (b + 1) / self.steps_per_epoch
                 self.progress.advance(
-                    1, description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}"
+                    1,
+                    description=f"pre-training epoch {epoch + 1}/{tc.epochs} loss {loss if loss is not None else float('nan'):.3f}",
                 )
                 if self.global_step % tc.log_every == 0 or self.global_step == self.total:
                     self.log_window(ep, time.time() - window_t)
                     window_t = time.time()
                 if self.global_step >= self.total:
                     return
-                if checkpoint_requested() or tc.checkpoint_every and self.global_step % tc.checkpoint_every == 0:
+                if (
+                    any_rank(checkpoint_requested())
+                    or tc.checkpoint_every
+                    and self.global_step % tc.checkpoint_every == 0
+                ):
                     self.checkpoint(epoch, b, epoch_rng)  # SIGUSR1: checkpoint now, stop at the next step
+
+    def batch_rows(self, order: np.ndarray, b: int) -> np.ndarray:
+        """This rank's product rows of step ``b`` of an epoch in ``order``: batch ``b`` with one
+        process; with N ranks batch ``b * N + rank`` of the epoch, the epoch's first batches again
+        past its end (every rank takes ``steps_per_epoch`` steps)."""
+        bs, n_ranks = self.cfg.train.batch_size, distributed_world()
+        g = b if n_ranks == 1 else (b * n_ranks + rank()) % math.ceil(self.n / bs)
+        return order[g * bs : (g + 1) * bs]
+
+    def optimise(self, losses: dict[str, torch.Tensor]) -> float | None:
+        """Backward of the weighted sum of ``losses`` (none: this rank adds no gradient), the
+        gradients averaged over the ranks, clipping, optimizer and schedule step, the momentum
+        encoder and queue. Returns the loss (None without losses)."""
+        tc, tk = self.cfg.train, self.cfg.tasks
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = sum(self.weights[t] * v for t, v in losses.items()) if losses else None
+        if loss is not None:
+            loss.backward()
+        average_gradients(self.trainable)  # N ranks: one all_reduce; nothing with one process
+        torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.momentum_bb is not None:
+            momentum_update(self.momentum_bb, self.model.backbone, tk.contrastive.momentum)
+            if self.keys is not None:
+                self.queue.enqueue(self.keys.cpu())
+            self.keys = None
+        return float(loss.item()) if loss is not None else None
 
     def log_window(self, ep: float, seconds: float) -> None:
         """Per-task and total mean losses, lr and products/s of the window (``pretrain/*_loss``,
-        ``train/*``, ``progress/step``); keeps the first and last window's means."""
-        dt, step = max(seconds, 1e-9), self.global_step
+        ``train/*``, ``progress/step``); keeps the first and last window's means. With N ranks the
+        losses are rank 0's own batches' and products/s counts all ranks (rank 0's x N)."""
+        dt, step = max(seconds, 1e-9) / distributed_world(), self.global_step  # products/s of all ranks
         means = {t: float(np.mean(v)) for t, v in self.window.items()}
+        means.setdefault("total", float("nan"))  # N ranks: this rank may have had no loss in the window
         lr_now = self.scheduler.get_last_lr()[0]
         rows = [
             {"name": mn.pretrain_loss_name(t), "value": v, "fold": 0, "step": step, "epoch": ep}
@@ -1088,11 +1169,22 @@ class PretrainLoop:
 
     def checkpoint(self, epoch: int, b: int, epoch_rng: dict) -> None:
         """Write ``resume.pt`` after batch ``b`` of ``epoch`` (``epoch_rng``: the order generator's
-        state when the epoch began; at an epoch's end the next epoch starts from its state now)."""
+        state when the epoch began; at an epoch's end the next epoch starts from its state now).
+        With N ranks every rank calls it: rank 0 writes the file with every rank's own generators
+        and contrastive queue under ``ranks``."""
         from core.training.fold_loop import rng_state, save_step_checkpoint
 
         last_b = b + 1 == self.steps_per_epoch
         p2q, queue, momentum_bb = self.p2q, self.queue, self.momentum_bb
+        own = {
+            "queue": queue.buf if queue is not None else None,
+            "gen": self.gen.get_state(),
+            "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
+            "rng": rng_state(),
+        }
+        ranks = all_ranks(own)
+        if not is_main_rank():
+            return
         save_step_checkpoint(
             self.ckpt_path,
             {
@@ -1100,11 +1192,10 @@ class PretrainLoop:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "momentum": momentum_bb.state_dict() if momentum_bb is not None else None,
-                "queue": queue.buf if queue is not None else None,
-                "gen": self.gen.get_state(),
-                "p2q": (p2q.rng.bit_generator.state, p2q.order, p2q.pos) if p2q is not None else None,
+                **own,
+                "world": distributed_world(),
+                "ranks": ranks,
                 "epoch_rng": self.rng.bit_generator.state if last_b else epoch_rng,
-                "rng": rng_state(),
                 "global_step": self.global_step,
                 "window": self.window,
                 "window_items": self.window_items,
@@ -1120,17 +1211,18 @@ class PretrainLoop:
         every generator, the epoch's order and position, the loss windows."""
         from core.training.fold_loop import set_rng_state
 
+        own = ckpt["ranks"][rank()] if "ranks" in ckpt else ckpt  # this rank's generators and queue
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.momentum_bb is not None:
             self.momentum_bb.load_state_dict(ckpt["momentum"])
-            self.queue.buf = ckpt["queue"]
-        self.gen.set_state(ckpt["gen"])
+            self.queue.buf = own["queue"]
+        self.gen.set_state(own["gen"])
         if self.p2q is not None:
-            self.p2q.rng.bit_generator.state, self.p2q.order, self.p2q.pos = ckpt["p2q"]
+            self.p2q.rng.bit_generator.state, self.p2q.order, self.p2q.pos = own["p2q"]
         self.rng.bit_generator.state = ckpt["epoch_rng"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(own["rng"])
         self.global_step, self.window, self.window_items = ckpt["global_step"], ckpt["window"], ckpt["window_items"]
         self.first_losses, self.last_losses = ckpt["first_losses"], ckpt["last_losses"]
         self.start_epoch, self.start_b = ckpt["epoch"], ckpt["b"]

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -50,22 +51,29 @@ def load_any_config(path: str | Path, overrides: list[str] | None = None):
 
 
 def trainer_command(
-    config_path: str | Path, run_id: str, db_path: str, overrides: list[str], command: str = "train"
+    config_path: str | Path, run_id: str, db_path: str, overrides: list[str], command: str = "train", nproc: int = 1
 ) -> list[str]:
     """The argument list of a detached trainer under its supervisor (same interpreter as the caller):
-    ``python -m core.runs.supervise --run-id ID --db DB -- python -m workbench train CONFIG --run-id ID ...``
-    (``command="pretrain"``: ``workbench pretrain``)."""
+    ``python -m core.runs.supervise --run-id ID --db DB [--nproc N] -- python -m workbench train CONFIG
+    --run-id ID ...`` (``command="pretrain"``: ``workbench pretrain``; ``nproc``: data-parallel ranks)."""
     if command not in ("train", "pretrain"):
         raise ValueError(f"unknown trainer command {command!r}")
     cmd = [sys.executable, "-m", "workbench", command, str(config_path), "--run-id", run_id, "--db", db_path]
     for o in overrides:
         cmd += ["--set", o]
-    return supervised(run_id, db_path, cmd)
+    return supervised(run_id, db_path, cmd, nproc)
 
 
-def supervised(run_id: str, db_path: str, cmd: list[str]) -> list[str]:
-    """``cmd`` under its supervisor (:mod:`core.runs.supervise`), which records its exit code."""
-    return [sys.executable, "-m", "core.runs.supervise", "--run-id", run_id, "--db", db_path, "--", *cmd]
+def supervised(run_id: str, db_path: str, cmd: list[str], nproc: int = 1) -> list[str]:
+    """``cmd`` under its supervisor (:mod:`core.runs.supervise`), which records its exit code;
+    ``nproc`` > 1: the supervisor starts that many data-parallel ranks of ``cmd``."""
+    ranks = ["--nproc", str(nproc)] if nproc > 1 else []
+    return [sys.executable, "-m", "core.runs.supervise", "--run-id", run_id, "--db", db_path, *ranks, "--", *cmd]
+
+
+def num_processes(cfg) -> int:
+    """``train.num_processes`` of a training or pre-training config (1 when absent)."""
+    return int(getattr(cfg.train, "num_processes", 1) or 1)
 
 
 def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
@@ -143,6 +151,16 @@ def validate_any(cfg) -> None:
 
 
 def _start(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, int]:
+    run_id, run_dir, cmd = _queue(cfg, config_path, overrides, store)
+    proc = _spawn(cmd, run_dir)
+    store.update_run(run_id, pid=proc.pid, process_start_time=process_start_time(proc.pid))
+    store.add_artifact(run_id, "console", run_dir / "console.log")
+    return run_id, proc.pid
+
+
+def _queue(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, Path, list[str]]:
+    """Validate ``cfg``, create its queued run and folder; returns (run id, run folder, the
+    supervised trainer command)."""
     validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
     run_id = store.create_run(cfg.name, cfg.to_dict(), status=Status.QUEUED)
     run_dir = Path(cfg.output_dir).expanduser().resolve() / run_id  # absolute: readable from any cwd
@@ -151,12 +169,63 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
         config_path = run_dir / "launch.yaml"
         save_config(cfg, config_path)
     cmd = trainer_command(
-        config_path, run_id, os.path.abspath(store.path), overrides, command=getattr(cfg, "kind", "train")
+        config_path,
+        run_id,
+        os.path.abspath(store.path),
+        overrides,
+        command=getattr(cfg, "kind", "train"),
+        nproc=num_processes(cfg),
     )
-    pid, create_time = _spawn(cmd, run_dir)
-    store.update_run(run_id, pid=pid, process_start_time=create_time, run_dir=str(run_dir))
-    store.add_artifact(run_id, "console", run_dir / "console.log")
-    return run_id, pid
+    store.update_run(run_id, run_dir=str(run_dir))
+    return run_id, run_dir, cmd
+
+
+def run_in_foreground(
+    store: RunStore, run_id: str, run_dir: Path, cmd: list[str], poll: Callable[[str], None] | None = None
+) -> RunRecord:
+    """Run a supervised command (:func:`supervised`) as a child of this process, in its process
+    group (so Ctrl+C reaches the supervisor and every rank, which stop the run), its output in
+    ``run_dir/console.log``; the run's pid is the supervisor's, as with :func:`launch`. Waits for it,
+    calling ``poll(run_id)`` about once a second (a progress display); Ctrl+C is ignored here while
+    the supervisor and the ranks stop. Returns the run's record afterwards.
+
+    ``workbench train/resume/pretrain`` with ``train.num_processes`` > 1: the ranks need the
+    supervisor, and the command still returns when the run ends.
+    """
+    proc = _spawn(cmd, run_dir, detach=False)
+    store.update_run(run_id, pid=proc.pid, process_start_time=process_start_time(proc.pid))
+    if not any(a["kind"] == "console" for a in store.artifacts(run_id)):
+        store.add_artifact(run_id, "console", run_dir / "console.log")
+    try:  # Ctrl+C reaches the supervisor and the ranks (same process group): this one waits for their stop
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        while True:
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if poll is not None:
+                    poll(run_id)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return store.get_record(run_id)
+
+
+def train_in_ranks(
+    cfg, config_path: str | Path, overrides: list[str], store: RunStore, poll: Callable[[str], None] | None = None
+) -> RunRecord:
+    """``workbench train/pretrain CONFIG`` with ``train.num_processes`` > 1: ``cfg`` (loaded from
+    ``config_path`` with ``overrides``) as a queued run as :func:`launch` makes it, its supervisor and
+    ranks in the foreground (:func:`run_in_foreground`). Returns the run's record when it has ended.
+
+    Raises:
+        ConfigError / DataError: as :func:`launch` (nothing is created or started).
+    """
+    run_id, run_dir, cmd = _queue(cfg, config_path, list(overrides), store)
+    return run_in_foreground(store, run_id, run_dir, cmd, poll)
 
 
 def resume_config(store: RunStore, run_id: str, all_folds: bool = False, queued: bool = False):
@@ -203,19 +272,42 @@ def resume_detached(store: RunStore, run_id: str, all_folds: bool = False) -> tu
         if all_folds:
             store.update_run(run_id, config=cfg.to_json())  # the job reads the config from the snapshot
         return run_id, int(slurm.resubmit(store, run_id))
-    run_dir = store.get_record(run_id).run_dir
-    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", os.path.abspath(store.path), "--queued"]
+    run_dir, cmd = _queue_resume(store, run_id, cfg, all_folds)
+    proc = _spawn(cmd, run_dir)
+    store.update_run(run_id, pid=proc.pid, process_start_time=process_start_time(proc.pid))
+    return run_id, proc.pid
+
+
+def resume_in_ranks(
+    store: RunStore, run_id: str, all_folds: bool = False, poll: Callable[[str], None] | None = None
+) -> RunRecord:
+    """``workbench resume RUN`` of a run with ``train.num_processes`` > 1: queued again as
+    :func:`resume_detached` does, its supervisor and ranks in the foreground
+    (:func:`run_in_foreground`). Returns the run's record when it has ended.
+
+    Raises:
+        WorkbenchError / ConfigError / DataError: as :func:`resume_detached` (nothing is started).
+    """
+    run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
+    validate_any(cfg)
+    run_dir, cmd = _queue_resume(store, run_id, cfg, all_folds)
+    return run_in_foreground(store, run_id, run_dir, cmd, poll)
+
+
+def _queue_resume(store: RunStore, run_id: str, cfg, all_folds: bool) -> tuple[Path, list[str]]:
+    """Put a resumable run back to ``queued``; returns (its folder, the supervised ``workbench resume``
+    command with the config's ranks)."""
+    db = os.path.abspath(store.path)
+    cmd = [sys.executable, "-m", "workbench", "resume", run_id, "--db", db, "--queued"]
     if all_folds:
         cmd.append("--all-folds")
     store.update_run(run_id, status=Status.QUEUED, ended=None, exit_code=None, error=None)
-    pid, create_time = _spawn(supervised(run_id, os.path.abspath(store.path), cmd), Path(run_dir))
-    store.update_run(run_id, pid=pid, process_start_time=create_time)
-    return run_id, pid
+    return Path(store.get_record(run_id).run_dir), supervised(run_id, db, cmd, num_processes(cfg))
 
 
-def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
-    """Start ``cmd`` in a new session, stdout/stderr appended to ``run_dir/console.log``;
-    returns (pid, process create time)."""
+def _spawn(cmd: list[str], run_dir: Path, detach: bool = True) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (``detach``; else in this process's group), stdout/stderr
+    appended to ``run_dir/console.log``; returns the process."""
     run_dir.mkdir(parents=True, exist_ok=True)
     console = open(run_dir / "console.log", "ab")
     try:
@@ -224,13 +316,13 @@ def _spawn(cmd: list[str], run_dir: Path) -> tuple[int, float | None]:
             stdin=subprocess.DEVNULL,
             stdout=console,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=detach,
             close_fds=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     finally:
         console.close()
-    return proc.pid, process_start_time(proc.pid)
+    return proc
 
 
 def process_of(run: dict) -> psutil.Process | None:

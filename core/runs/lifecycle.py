@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import WorkbenchError
+from core.runs.ranks import any_rank, broadcast_from_main, distributed_world, is_main_rank
 from core.runs.store import RESUMABLE, RunStore, Status, now_iso
 
 log = logging.getLogger("esci.lifecycle")
@@ -66,11 +67,21 @@ def checkpoint_requested() -> bool:
     return bool(_stop_signal) and _stop_signal[0][0] == signal.SIGUSR1
 
 
-def check_stop(where: str = "") -> None:
+def check_stop(where: str = "", collective: bool = False) -> None:
     """Raise :class:`RunStopped` if a stop was requested (call at safe points: between steps,
-    prediction batches and phases)."""
-    if _stop_signal:
-        raise RunStopped(f"stopped by signal {_stop_signal[0][0]}" + (f" ({where})" if where else ""))
+    prediction batches and phases).
+
+    ``collective``: the point is reached by every rank of a data-parallel run the same number of
+    times (a training step, a prediction batch, a phase); the stop is then decided for all ranks at
+    once (all_reduce MAX of the flag, :func:`core.runs.ranks.any_rank`), so no rank stops while
+    another waits for it in a collective operation. In a 1-process run it is the plain check.
+    """
+    requested = bool(_stop_signal)
+    if collective and distributed_world() > 1:
+        requested = any_rank(requested)
+    if requested:
+        why = f"stopped by signal {_stop_signal[0][0]}" if _stop_signal else "stopped by a signal to another rank"
+        raise RunStopped(why + (f" ({where})" if where else ""))
 
 
 def process_start_time(pid: int) -> float | None:
@@ -110,6 +121,9 @@ def claim_run(
     - ``resume=True``: a ``crashed``/``stopped``/``failed``/``partial`` run (or a ``queued`` one
       that ``workbench resume --detach`` queued); its folder is kept as it is.
 
+    With several ranks (:mod:`core.runs.ranks`), rank 0 alone claims the run and the others get its
+    id and folder (or its refusal) from rank 0.
+
     Returns:
         (run_id, run_dir) with run_dir absolute.
 
@@ -117,6 +131,29 @@ def claim_run(
         WorkbenchError: the run is not in a state that allows it (one line naming the run, its
         status and what to do), e.g. ``train --run-id`` on a finished run.
     """
+    if distributed_world() == 1:
+        return _claim_here(store, name, config, output_dir, run_id, resume)
+    claimed: tuple[str, Path] | WorkbenchError | None = None
+    if is_main_rank():
+        try:
+            claimed = _claim_here(store, name, config, output_dir, run_id, resume)
+        except WorkbenchError as exc:
+            claimed = exc
+    claimed = broadcast_from_main(claimed)
+    if isinstance(claimed, WorkbenchError):
+        raise claimed
+    return claimed
+
+
+def _claim_here(
+    store: RunStore,
+    name: str,
+    config: dict[str, Any],
+    output_dir: str | Path,
+    run_id: str | None = None,
+    resume: bool = False,
+) -> tuple[str, Path]:
+    """The claim itself (one process: :func:`claim_run`)."""
     if run_id is None:
         if resume:
             raise WorkbenchError("resume needs a run id")

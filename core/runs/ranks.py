@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+#: the exit code of a rank that stopped at a stop all ranks agreed on (``workbench`` exits 143 for a
+#: :class:`core.runs.lifecycle.RunStopped` inside ranks): not a failure that overrides rank 0's record
+STOPPED_EXIT = 143
 #: seconds a rank gets to exit after SIGTERM (another rank failed) before SIGKILL
 GRACE_S = 10.0
 #: how long a collective operation may wait for the other ranks (rank 0 tokenizes a large
@@ -159,7 +162,8 @@ def outcome_of(exits: list[RankExit], stop_signal: int | None = None) -> Outcome
     - one rank (N = 1), or a stop was requested: rank 0's return code decides (its own record);
     - a rank killed by a signal the supervisor did not send: ``crashed``, naming rank and signal;
     - else a rank other than 0 that exited non-zero first (the others were then terminated):
-      ``failed``, naming the rank and its code;
+      ``failed``, naming the rank and its code (:data:`STOPPED_EXIT`, a rank that stopped with
+      the others, is no failure);
     - else (all 0, or rank 0 failed first): rank 0's record decides.
 
     Raises:
@@ -170,7 +174,7 @@ def outcome_of(exits: list[RankExit], stop_signal: int | None = None) -> Outcome
         raise ValueError("outcome_of: rank 0 has no exit")
     if len(exits) == 1 or stop_signal is not None:
         return Outcome(first.returncode, stop_signal)
-    causes = [e for e in exits if e.returncode != 0 and not e.terminated]
+    causes = [e for e in exits if e.returncode not in (0, STOPPED_EXIT) and not e.terminated]
     killed = [e for e in causes if e.returncode < 0]
     if killed:
         e = killed[0]
@@ -289,6 +293,17 @@ def join_ranks(cpu: bool) -> None:
     PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
 
 
+def leave_ranks() -> None:
+    """Tear this rank's ``torch.distributed`` group down (nothing with one rank). Call it before the
+    process exits: a gloo group left to the interpreter's exit now and then aborts the process
+    (``terminate called without an active exception``, SIGABRT), which the supervisor would have
+    to read as a crash."""
+    if distributed_world() > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (pickled); ``obj`` itself with one rank."""
     if distributed_world() == 1:
@@ -298,6 +313,18 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_ranks(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (pickled), in rank order, on every rank; ``[obj]`` with one rank."""
+    n = distributed_world()
+    if n == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * n
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
@@ -369,3 +396,43 @@ def sum_over_ranks(array):
     t = torch.from_numpy(array.copy()).to(_device())
     dist.all_reduce(t)
     return t.cpu().numpy()
+
+
+def broadcast_module(module) -> None:
+    """Rank 0's parameters and buffers copied into ``module`` on every rank (nothing with one rank)."""
+    if distributed_world() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the ranks, in one all_reduce of a flat
+    float32 buffer (a rank without a gradient for a parameter adds zeros); a parameter no rank has a
+    gradient for keeps ``grad=None`` (so AdamW skips it, as with one process). Every rank must call
+    it with the same parameters in the same order; nothing happens with one rank.
+
+    For a model that is not called through one ``forward`` (DDP's reducer needs that): the
+    pre-training loop calls its backbone and heads separately."""
+    n = distributed_world()
+    if n == 1 or not params:
+        return
+    import torch
+    import torch.distributed as dist
+
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params] + [has]
+    )
+    dist.all_reduce(flat)
+    offset = 0
+    for p, count in zip(params, flat[-len(params) :].tolist()):
+        size = p.numel()
+        if count > 0:
+            p.grad = (flat[offset : offset + size] / n).view_as(p).to(p.dtype)
+        offset += size

@@ -16,6 +16,15 @@ Files of a fold (``stage_dir`` is the run folder, or ``<run>/teacher`` for the t
 self-distillation / pseudo-labels): ``fold<k>/oof.parquet`` (example_id, fold, p_E..p_I),
 ``fold<k>/test.parquet`` (example_id, p_E..p_I), ``fold<k>/model.safetensors`` (final stage),
 and ``fold<k>/result.json`` written last: a fold is done when its result.json exists.
+
+With N data-parallel ranks (:mod:`core.runs.ranks`) ``accelerate`` wraps the model in DDP and
+deals each rank every N-th batch of the sampler's epoch (padded to a multiple of N), so a rank
+takes ``ceil(batches / N)`` steps of ``batch_size`` rows (N x ``batch_size`` rows a step; the
+learning-rate schedule runs over the same rows as one process). Evaluation and prediction are
+split by batches and summed over the ranks (:func:`predict_proba`): every rank holds all the
+probabilities, in the order of one process. A stop is decided by all ranks together at every step
+and prediction batch. Rank 0 alone writes the files and ``resume.pt``, which then holds every
+rank's RNG states; it resumes only a run with the same number of ranks (else the fold restarts).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from core.modeling.model import CrossEncoder, collate
 from core.modeling.tricks import AWP, EMA, FGM, PGD, classification_loss, draw_mixup, param_groups, rdrop_kl
 from core.runs import metric_names as mn
 from core.runs.lifecycle import atomic_write, check_stop, checkpoint_requested
+from core.runs.ranks import all_ranks, any_rank, mean_over_ranks, sum_over_ranks
 from core.runs.store import RunStore
 from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
 from core.scoring.report import PROB_COLUMNS
@@ -60,32 +70,47 @@ log = logging.getLogger("esci.train")
 class LengthGroupedBatchSampler:
     """Batches of similar length (less padding), in random order, deterministic by seed.
 
-    Shuffles the indices, cuts them into mega-batches of ``batch_size * mega`` rows, sorts
-    each mega-batch by length (longest first) and cuts it into batches; the batch order is
-    shuffled again (the ``LengthGroupedSampler`` idea of transformers' Trainer). Each call of
-    ``__iter__`` draws a new permutation; ``epoch_state`` is the generator state it started from,
-    and :meth:`resume_at` makes the next ``__iter__`` replay an epoch from such a state, skipping
-    the batches already trained (the resume of a step checkpoint).
+    Shuffles the indices, cuts them into mega-batches of ``rows * mega`` rows (``rows``: the
+    batch size), sorts each mega-batch by length (longest first) and cuts it into batches; the
+    batch order is shuffled again (the ``LengthGroupedSampler`` idea of transformers' Trainer).
+    Each call of ``__iter__`` draws a new permutation; ``epoch_state`` is the generator state it
+    started from, and :meth:`resume_at` makes the next ``__iter__`` replay an epoch from such a
+    state, skipping the batches already trained (the resume of a step checkpoint).
+
+    ``pad_to`` (the number of ranks): the epoch's batch list is padded with its first batches to
+    a multiple of ``pad_to``, so accelerate's ``BatchSamplerShard`` deals every rank the same
+    number of batches (rank r: batches r, r + N, ...) and never pads on its own. The sampler has
+    no ``batch_size`` attribute on purpose: its batches vary in size (the last of a mega-batch),
+    and ``BatchSamplerShard`` would drop a group of N batches holding a short one at its end.
     """
 
     def __init__(
-        self, indices: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, grouped: bool = True, mega: int = 50
+        self,
+        indices: np.ndarray,
+        lengths: np.ndarray,
+        batch_size: int,
+        seed: int,
+        grouped: bool = True,
+        mega: int = 50,
+        pad_to: int = 1,
     ):
         self.indices = np.asarray(indices)
         self.lengths = np.asarray(lengths)
-        self.batch_size = batch_size
+        self.rows = batch_size
         self.grouped = grouped
         self.mega = mega
+        self.pad_to = pad_to
         self.rng = np.random.default_rng(seed)
         self.epoch_state: dict | None = None
         self._skip = 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        n = math.ceil(len(self.indices) / self.rows)
+        return math.ceil(n / self.pad_to) * self.pad_to if n else 0
 
     def resume_at(self, epoch_state: dict, skip: int) -> None:
         """Replay the epoch that started from generator state ``epoch_state``, without its first
-        ``skip`` batches (next ``__iter__`` only)."""
+        ``skip`` batches (next ``__iter__`` only; with N ranks, ``skip`` counts all ranks' batches)."""
         self.rng.bit_generator.state = epoch_state
         self._skip = int(skip)
 
@@ -94,16 +119,18 @@ class LengthGroupedBatchSampler:
         skip, self._skip = self._skip, 0
         perm = self.rng.permutation(self.indices)
         if not self.grouped:
-            batches = [perm[i : i + self.batch_size] for i in range(0, len(perm), self.batch_size)]
+            batches = [perm[i : i + self.rows] for i in range(0, len(perm), self.rows)]
         else:
-            size = self.batch_size * self.mega
+            size = self.rows * self.mega
             batches = []
             for i in range(0, len(perm), size):
                 chunk = perm[i : i + size]
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+                batches += [chunk[j : j + self.rows] for j in range(0, len(chunk), self.rows)]
             order = self.rng.permutation(len(batches))
             batches = [batches[o] for o in order]
+        while batches and len(batches) % self.pad_to:  # N ranks: every rank the same number of batches
+            batches += batches[: self.pad_to - len(batches) % self.pad_to]
         for b in batches[skip:]:
             yield b.tolist()
 
@@ -118,27 +145,36 @@ def predict_proba(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     features: RowFeatures | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> np.ndarray:
     """Class probabilities for the sequences ``indices``: float32 (len(indices), 4), order kept.
 
     Batches are formed from length-sorted rows (little padding), then put back in order.
     ``features``: the rows' side features (n-gram bags / ID ids) for a model with ``semantic``.
+    ``shard=(rank, world)``: with several ranks each computes every ``world``-th batch and the
+    rows are summed over the ranks (a row is non-zero on one rank only), so every rank returns
+    all of them, exactly as one process computes them with the same weights.
 
     Raises:
-        core.runs.lifecycle.RunStopped: a stop was requested (checked before every batch).
+        core.runs.lifecycle.RunStopped: a stop was requested (checked before every batch, on every
+        rank the same number of times).
     """
     model.eval()
     indices = np.asarray(indices)
+    rank, world = shard
     out = np.zeros((len(indices), 4), dtype=np.float32)
     order = np.argsort(-encoded.lengths[indices], kind="stable")
-    for start in range(0, len(order), batch_size):
-        check_stop("prediction")
-        pos = order[start : start + batch_size]
+    n_batches = math.ceil(len(order) / batch_size)
+    for j in range(rank, rank + world * math.ceil(n_batches / world), world):
+        check_stop("prediction", collective=True)
+        if j >= n_batches:  # this rank's share ran out: it still takes part in the stop decision
+            continue
+        pos = order[j * batch_size : (j + 1) * batch_size]
         batch = {k: v.to(device) for k, v in collate(encoded, indices[pos], pad_id, features).items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(**batch)
         out[pos] = torch.softmax(logits.float(), -1).cpu().numpy()
-    return out
+    return sum_over_ranks(out) if world > 1 else out
 
 
 def eval_metrics(probs: np.ndarray, frame: pd.DataFrame) -> dict[str, float]:
@@ -188,6 +224,16 @@ class TrainContext:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        """The number of data-parallel ranks of the run (1: one process)."""
+        return self.accelerator.num_processes
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(this rank, number of ranks): the prediction shard of :func:`predict_proba`."""
+        return self.accelerator.process_index, self.accelerator.num_processes
 
     def fold_dir(self, stage: str, k: int) -> Path:
         """``<run>/fold<k>`` (final stage) or ``<run>/teacher/fold<k>``."""
@@ -423,10 +469,12 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     attack_only_emb = (tk.fgm or tk.pgd) and not emb.requires_grad
     if attack_only_emb:  # frozen embeddings still need their gradient for the attack (not optimised)
         emb.requires_grad_(True)
-    batches_per_epoch = math.ceil(len(tr) / tc.batch_size)
-    n_steps = math.ceil(batches_per_epoch / tc.grad_accum) * tc.epochs
+    # the schedule in 1-process steps: with N ranks accelerate's scheduler steps it N times a step
+    n_steps = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum) * tc.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * n_steps), n_steps)
-    sampler = LengthGroupedBatchSampler(tr, ctx.encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping)
+    sampler = LengthGroupedBatchSampler(
+        tr, ctx.encoded.lengths, tc.batch_size, tc.seed + k, tc.length_grouping, pad_to=acc.num_processes
+    )
     loader = torch.utils.data.DataLoader(
         np.arange(len(ctx.encoded)),
         batch_sampler=sampler,  # the sampler yields rows of df
@@ -436,7 +484,11 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
         },
     )
     raw_optimizer, raw_scheduler = optimizer, scheduler
+    # N ranks: DDP model, each rank every N-th batch of the sampler's epoch (same permutation on all)
     model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    batches_per_epoch = len(loader)  # this rank's batches: ceil(batches / N)
+    if acc.num_processes > 1:  # the same weights everywhere (DDP), other dropout draws on each rank
+        set_seed(tc.seed + k, device_specific=True)
     unwrapped = acc.unwrap_model(model)
     adversary = (
         FGM(unwrapped, tk.fgm_epsilon)
@@ -533,6 +585,16 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
     fs = setup_fold(ctx, k, stage, targets, extra)
     s, pending_rng = new_loop_state(len(fs.va)), None
     ckpt = load_step_checkpoint(ckpt_path)
+    if ckpt is not None and ckpt.get("world", 1) != ctx.world:
+        log.warning(
+            "%sfold %d: %s was written by a run with %d process(es), this one has %d: ignored, the fold starts again",
+            fs.who,
+            k,
+            ckpt_path.name,
+            ckpt.get("world", 1),
+            ctx.world,
+        )
+        ckpt = None
     if ckpt is not None:
         s, pending_rng = restore_step_checkpoint(ctx, fs, ckpt)
         log.info(
@@ -556,11 +618,11 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
             if pending_rng is not None:
                 set_rng_state(pending_rng)
                 pending_rng = None
-            check_stop(f"{fs.who}fold {k} step {s['fold_step']}")
+            check_stop(f"{fs.who}fold {k} step {s['fold_step']}", collective=True)
             ep = epoch + b_i / fs.batches_per_epoch
             loss, grad_norm = train_step(ctx, fs, batch, s, ep)
             s["batches_done"] = b_i
-            lv = loss.item()
+            lv = mean_over_ranks(loss.item())  # N ranks: the same running loss (AWP's start) on all
             s["running_loss"] = lv if s["running_loss"] is None else 0.9 * s["running_loss"] + 0.1 * lv
             s["window"][0] += lv
             s["window"][1] += 1
@@ -579,12 +641,16 @@ def train_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
             if b_i in fs.eval_points:
                 _evaluate(ctx, k, stage, fs.unwrapped, fs.ema, fs.va, fs.va_frame, fs.feats, s, ep)
                 fs.model.train()
-            if sync and (checkpoint_requested() or tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0):
-                # SIGUSR1 (a Slurm job near its time limit): a checkpoint now, the stop at the next step
-                save_step_checkpoint(ckpt_path, checkpoint_state(ctx, fs, s, epoch, b_i))
+            if sync and (
+                any_rank(checkpoint_requested()) or tc.checkpoint_every and s["fold_step"] % tc.checkpoint_every == 0
+            ):  # SIGUSR1 (a Slurm job near its time limit): a checkpoint now, the stop at the next step
+                state = checkpoint_state(ctx, fs, s, epoch, b_i)  # N ranks: collective (every rank's RNG)
+                if ctx.accelerator.is_main_process:
+                    save_step_checkpoint(ckpt_path, state)
         s["batches_done"] = 0
     result = finish_fold(ctx, fs, s, t_fold)
-    ckpt_path.unlink(missing_ok=True)
+    if ctx.accelerator.is_main_process:
+        ckpt_path.unlink(missing_ok=True)
     return result
 
 
@@ -648,8 +714,9 @@ def train_step(
 
 def log_window(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], ep: float, grad_norm, seconds: float) -> None:
     """Log the window's mean loss, lr, grad norm, pairs/s and extra losses (``train/*``) and the
-    run's ``progress/step``; reset the window."""
-    dt = max(seconds, 1e-9)
+    run's ``progress/step``; reset the window. With N ranks the loss is the mean over the ranks and
+    pairs/s counts all ranks (this rank's pairs x N); the extra losses are this rank's."""
+    dt = max(seconds, 1e-9) / ctx.world  # pairs/s of all ranks (each counts its own pairs)
     w_loss, w_n, w_pairs = s["window"]
     lr_now = fs.scheduler.get_last_lr()[0]
     step, fold_step, k = ctx.global_step, s["fold_step"], fs.k
@@ -688,14 +755,18 @@ def checkpoint_state(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], epoch:
     AWP, every RNG, the accelerator's accumulation counter, the sampler's position and the loop
     state ``s`` (at an epoch's end: the next epoch, batch 0, and the generator's current state)."""
     last = b_i >= fs.batches_per_epoch
+    rng, mix_rng = rng_state(), fs.mix_rng.bit_generator.state
     return {
+        "world": ctx.world,
+        "rng_ranks": all_ranks(rng),  # one process: [rng]; N ranks: rank r's at [r]
+        "mix_rng_ranks": all_ranks(mix_rng),
         "model": fs.unwrapped.state_dict(),
         "optimizer": fs.raw_optimizer.state_dict(),
         "scheduler": fs.raw_scheduler.state_dict(),
         "ema": {"shadow": fs.ema.shadow, "num_updates": fs.ema.num_updates} if fs.ema is not None else None,
         "awp_started": fs.awp.started if fs.awp is not None else None,
-        "mix_rng": fs.mix_rng.bit_generator.state,
-        "rng": rng_state(),
+        "mix_rng": mix_rng,
+        "rng": rng,
         "accelerator_step": ctx.accelerator.step,
         "sampler_epoch_state": fs.sampler.rng.bit_generator.state if last else fs.sampler.epoch_state,
         "global_step": ctx.global_step,
@@ -714,16 +785,18 @@ def restore_step_checkpoint(ctx: TrainContext, fs: FoldSetup, ckpt: dict[str, An
         fs.ema.shadow, fs.ema.num_updates = ckpt["ema"]["shadow"], ckpt["ema"]["num_updates"]
     if fs.awp is not None:
         fs.awp.started = ckpt["awp_started"]
-    fs.mix_rng.bit_generator.state = ckpt["mix_rng"]
+    r = ctx.accelerator.process_index  # N ranks: this rank's generators (rank 0's = "rng"/"mix_rng")
+    fs.mix_rng.bit_generator.state = ckpt["mix_rng_ranks"][r] if "mix_rng_ranks" in ckpt else ckpt["mix_rng"]
+    rng = ckpt["rng_ranks"][r] if "rng_ranks" in ckpt else ckpt["rng"]
     ctx.accelerator.step = ckpt["accelerator_step"]
     s = ckpt["loop"]
-    fs.sampler.resume_at(ckpt["sampler_epoch_state"], s["batches_done"])
+    fs.sampler.resume_at(ckpt["sampler_epoch_state"], s["batches_done"] * ctx.world)  # all ranks' batches
     ctx.global_step = ckpt["global_step"]
     if ctx.progress is not None:
         ctx.progress.advance(0, description=f"{fs.who}fold {fs.k} resumed at step {s['fold_step']}")
     if s["batches_done"]:  # mid-epoch: the saved state already had this epoch's base seed drawn
-        return s, ckpt["rng"]
-    set_rng_state(ckpt["rng"])
+        return s, rng
+    set_rng_state(rng)
     return s, None
 
 
@@ -746,6 +819,7 @@ def finish_fold(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], t_fold: flo
             ctx.device,
             ctx.autocast_dtype,
             fs.feats,
+            shard=ctx.shard,
         )
         if len(ctx.test_idx)
         else None
@@ -772,10 +846,12 @@ def finish_fold(ctx: TrainContext, fs: FoldSetup, s: dict[str, Any], t_fold: flo
         else []
     )
     result = FoldResult(k, fs.stage, s["oof"], test_probs, best, seconds, ctx.global_step, rows)
-    write_fold_result(ctx, result)
+    if ctx.accelerator.is_main_process:
+        write_fold_result(ctx, result)
     ctx.store.log_metrics(ctx.run_id, rows)
     log.info("%sfold %d done in %.0f s: best nDCG %.4f at epoch %.2f", fs.who, k, seconds, best["ndcg"], best["epoch"])
     ctx.accelerator.free_memory()
+    ctx.accelerator.wait_for_everyone()  # N ranks: the fold's files are on disk before any rank goes on
     return result
 
 
@@ -798,11 +874,19 @@ def _evaluate(
     if ema is not None:  # evaluation and checkpoints use the EMA weights
         with ema.applied(unwrapped):
             probs = predict_proba(
-                unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device, ctx.autocast_dtype, feats
+                unwrapped,
+                ctx.encoded,
+                va,
+                tc.eval_batch_size,
+                ctx.pad_id,
+                ctx.device,
+                ctx.autocast_dtype,
+                feats,
+                ctx.shard,
             )
     else:
         probs = predict_proba(
-            unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device, ctx.autocast_dtype, feats
+            unwrapped, ctx.encoded, va, tc.eval_batch_size, ctx.pad_id, ctx.device, ctx.autocast_dtype, feats, ctx.shard
         )
     m = eval_metrics(probs, va_frame)
     m["loss"] = float(-np.log(np.clip(probs[np.arange(len(va)), ctx.labels_all[va]], 1e-12, 1)).mean())

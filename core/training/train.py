@@ -35,6 +35,7 @@ from core.modeling.model import load_tokenizer
 from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
 from core.runs import metric_names as mn
 from core.runs.lifecycle import atomic_write, check_stop, claim_run, mark_running, recorded_run, setup_file_log
+from core.runs.ranks import distributed_world, is_main_rank, join_ranks, leave_ranks, main_first, rank_store
 from core.runs.store import RunStore, Status
 from core.scoring.baselines import bm25_scores, random_scores
 from core.scoring.blend import nested_blend, standardize_per_query
@@ -128,6 +129,12 @@ def run_training(
     Returns:
         RunResult with the OOF and test frames and the CV metrics.
 
+    With several ranks (``WORLD_SIZE`` > 1, started by the supervisor or torchrun: see
+    :mod:`core.runs.ranks`) each rank trains on its shard of every fold's batches; evaluation and
+    prediction are gathered over the ranks, so the files hold every example once, in the order
+    of a 1-process run. Rank 0 alone writes runs.db, ``train.log`` and the files; the other ranks
+    return a RunResult without predictions or CV after the last fold.
+
     Raises:
         DataError, ConfigError: bad data or settings (nothing created).
         WorkbenchError: ``run_id`` is not a run that may be started or resumed; a file cannot
@@ -136,10 +143,30 @@ def run_training(
     """
     progress = progress or NullProgress()
     df = validate_run(cfg)
+    join_ranks(cpu=not torch.cuda.is_available())  # several ranks (WORLD_SIZE > 1): torch.distributed
+    try:
+        return _run(cfg, df, rank_store(store), run_id, progress, resume)  # other ranks than 0: no writes
+    finally:
+        leave_ranks()
+
+
+def _run(
+    cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str | None, progress: Progress, resume: bool
+) -> RunResult:
+    """:func:`run_training` after the checks: claim the run, record it, train."""
     run_id, run_dir = claim_run(store, cfg.name, cfg.to_dict(), cfg.output_dir, run_id=run_id, resume=resume)
-    atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
-    handler = setup_file_log(run_dir)
+    main = is_main_rank()
+    if main:
+        atomic_write(run_dir / "config.yaml", lambda p: save_config(cfg, p))
+    handler = setup_file_log(run_dir) if main else logging.NullHandler()
     mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
+    if cfg.train.num_processes != distributed_world():
+        log.warning(
+            "train.num_processes=%d but this run has %d process(es): start it with `workbench train/launch` "
+            "(the supervisor starts the ranks) or torchrun",
+            cfg.train.num_processes,
+            distributed_world(),
+        )
     _record_artifact(store, run_id, "config", run_dir / "config.yaml")
     _record_artifact(store, run_id, "log", run_dir / "train.log")
     with recorded_run(store, run_id, handler, final_status=Status.PARTIAL if is_partial(cfg) else Status.FINISHED):
@@ -171,9 +198,7 @@ def _train(
         prune_run_metrics_for_resume(ctx)
 
     # ---- the folds (teacher pass first for self-distillation / pseudo-labels) -----------------
-    total_steps = sum(
-        math.ceil(math.ceil(len(ctx.train_rows(k)) / tc.batch_size) / tc.grad_accum) * tc.epochs for k in run_folds
-    ) * len(stages)
+    total_steps = sum(fold_steps(len(ctx.train_rows(k)), tc, ctx.world) for k in run_folds) * len(stages)
     progress.start(total_steps, "training")
     # progress/*: what a monitor needs for an ETA (run-level, fold = -1)
     store.log_metrics(run_id, [{"name": mn.PROGRESS_TOTAL_STEPS, "value": float(total_steps), "fold": -1}])
@@ -183,6 +208,8 @@ def _train(
         teacher = run_stage(ctx, "teacher", targets_of)
         targets_of = _student_targets(ctx, teacher, hard_targets)
     results = run_stage(ctx, "final", targets_of)
+    if not ctx.accelerator.is_main_process:  # rank 0 alone assembles, blends and writes the run's files
+        return RunResult(run_id, run_dir, pd.DataFrame(), None, {}, partial=is_partial(cfg))
 
     # ---- OOF and test frames from the folds' files, blend, CV metrics, run-level files -------
     oof, test = assemble_predictions(ctx, results)
@@ -218,6 +245,14 @@ def _train(
     return RunResult(run_id, run_dir, oof, test, cv, fold_metrics, weights)
 
 
+def fold_steps(n_rows: int, tc, world: int = 1) -> int:
+    """Optimiser steps of one fold of ``n_rows`` training rows on each of ``world`` ranks: the
+    ``ceil(n_rows / batch_size)`` batches are dealt out to the ranks (every rank gets
+    ``ceil(batches / world)``, the last ones padded from the epoch's first batches, as accelerate's
+    ``even_batches``), then ``grad_accum`` batches make a step; times ``epochs``."""
+    return math.ceil(math.ceil(math.ceil(n_rows / tc.batch_size) / world) / tc.grad_accum) * tc.epochs
+
+
 def build_context(
     cfg: RunConfig, df: pd.DataFrame, store: RunStore, run_id: str, run_dir: Path, progress: Progress
 ) -> TrainContext:
@@ -243,18 +278,28 @@ def build_context(
         tc.folds,
         run_folds,
     )
-    check_stop("after loading the data")
+    check_stop("after loading the data", collective=True)
     progress.message("tokenizing")
     tokenizer = load_tokenizer(cfg.model.name)
-    encoded = encode_pairs_cached(df, tokenizer, cfg.text)
+    with main_first():  # rank 0 tokenizes and writes the caches, the other ranks read them
+        encoded = encode_pairs_cached(df, tokenizer, cfg.text)
+        bags, bag_init = _side_features(cfg, df)
     log.info("tokenized: mean length %.1f, max %d", encoded.lengths.mean(), encoded.lengths.max())
-    bags, bag_init = _side_features(cfg, df)
-    check_stop("after tokenizing")
+    check_stop("after tokenizing", collective=True)
     mp = resolve_mixed_precision(tc.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum, cpu=not torch.cuda.is_available()
     )
-    log.info("device %s, mixed precision %s, processes %d", accelerator.device, mp, accelerator.num_processes)
+    if tc.num_threads:  # after the Accelerator, which may set its own on CPU
+        torch.set_num_threads(tc.num_threads)
+    log.info(
+        "device %s, mixed precision %s, processes %d (%s), %d threads",
+        accelerator.device,
+        mp,
+        accelerator.num_processes,
+        accelerator.distributed_type,
+        torch.get_num_threads(),
+    )
     # targets are class-probability rows (one-hot for hard labels; soft for distillation/pseudo-labels)
     hard_targets = np.zeros((len(df), 4), dtype=np.float32)
     codes = pd.Series(fit_labels).map(LABEL_TO_INDEX)
@@ -387,17 +432,12 @@ def _student_targets(ctx: TrainContext, teacher: dict[int, FoldResult], hard_tar
 
     if tk.pseudo_label:  # the student folds train on more rows: exact ETA total
         steps = sum(
-            math.ceil(
-                math.ceil(
-                    (
-                        len(ctx.train_rows(k))
-                        + (select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum() if k in t_test else 0)
-                    )
-                    / tc.batch_size
-                )
-                / tc.grad_accum
+            fold_steps(
+                len(ctx.train_rows(k))
+                + (select_pseudo_labels(t_test[k], tk.pseudo_threshold).sum() if k in t_test else 0),
+                tc,
+                ctx.world,
             )
-            * tc.epochs
             for k in ctx.run_folds
         )
         ctx.store.log_metrics(

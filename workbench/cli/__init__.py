@@ -17,7 +17,15 @@ from rich.table import Table
 from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
 from core.runs import metric_names as mn
-from workbench.cli.common import DbOpt, SetOpt, open_store, with_progress
+from workbench.cli.common import (
+    DbOpt,
+    ProcessesOpt,
+    SetOpt,
+    follow_ranks,
+    open_store,
+    with_processes,
+    with_progress,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -155,21 +163,55 @@ def train(
     set_: SetOpt = None,
     db: DbOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="a queued run (used by launch)")] = None,
+    processes: ProcessesOpt = None,
 ):
-    """Train a config in the foreground (k-fold CV) and record the run."""
+    """Train a config in the foreground (k-fold CV) and record the run. With --processes N (or
+    train.num_processes) the supervisor runs N data-parallel ranks; this waits for them."""
     from core.config import load_config
     from core.runs.launcher import config_kind
+    from core.runs.ranks import in_ranks, is_main_rank
     from core.training.train import run_training
 
     if config_kind(config) == "pretrain":
         raise ConfigError(f"{config}: a pre-training config (kind: pretrain): run `workbench pretrain {config}`")
-    cfg = load_config(config, set_)
+    overrides = with_processes(set_, processes)
+    cfg = load_config(config, overrides)
     store = open_store(db)
+    if cfg.train.num_processes > 1 and not in_ranks():
+        if run_id is not None:
+            raise ConfigError(f"--run-id with train.num_processes={cfg.train.num_processes}: start it with launch")
+        from core.runs.launcher import train_in_ranks
+
+        record = follow_ranks(err_console, train_in_ranks, store, cfg=cfg, config_path=config, overrides=overrides)
+        _print_ranked_result(store, record)
+        return
+    if not is_main_rank():  # a data-parallel rank other than 0: no progress bar, nothing printed
+        run_training(cfg=cfg, store=store, run_id=run_id)
+        return
     result = with_progress(err_console, run_training, cfg=cfg, store=store, run_id=run_id)
     console.print(
         f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in result.cv.items())
     )
+
+
+def _print_ranked_result(store, record) -> None:
+    """The end of a run whose ranks ran under a foreground supervisor, as ``train`` prints it
+    (its CV figures from runs.db).
+
+    Raises:
+        WorkbenchError: the run did not finish (stopped, failed, crashed): its status and error.
+    """
+    from core.runs.store import Status
+
+    if record.status not in (Status.FINISHED, Status.PARTIAL):
+        raise WorkbenchError(f"run {record.id} {record.status}" + (f": {record.error}" if record.error else ""))
+    if record.kind == "pretrain":
+        console.print(f"run {record.id} finished: backbone {Path(record.run_dir) / 'backbone'}", soft_wrap=True)
+        return
+    rows = store.metrics(record.id)
+    cv = {m["name"][len(mn.CV_PREFIX) :]: m["value"] for m in rows if m["name"].startswith(mn.CV_PREFIX)}
+    console.print(f"run {record.id} {record.status}: " + ", ".join(f"{k} {v:.4f}" for k, v in cv.items()))
 
 
 Backend = Annotated[
@@ -182,6 +224,7 @@ def launch(
     config: Annotated[Path, typer.Argument(help="YAML/TOML config")],
     set_: SetOpt = None,
     db: DbOpt = None,
+    processes: ProcessesOpt = None,
     backend: Backend = "local",
     partition: Annotated[str | None, typer.Option(help="Slurm --partition", rich_help_panel="Slurm")] = None,
     gpus: Annotated[int | None, typer.Option(help="Slurm --gpus", rich_help_panel="Slurm")] = None,
@@ -207,6 +250,7 @@ def launch(
     ~/.config/esci-workbench/config.toml); prints the run id."""
     if backend not in ("local", "slurm"):
         raise ConfigError(f"--backend {backend!r}: must be local or slurm")
+    set_ = with_processes(set_, processes)
     if backend == "slurm":
         from core.runs import slurm
         from core.runs.launcher import load_any_config
@@ -253,18 +297,19 @@ def resume(
     """Continue a crashed/stopped/failed/partial run under its id: finished folds are kept, the
     interrupted fold restarts from its last step checkpoint. A Slurm run is submitted again (--detach)."""
     from core.runs.launcher import resume_config, resume_detached
+    from core.runs.ranks import in_ranks, is_main_rank, rank_store
 
     if journal is not None:
         from core.runs.journal import JournalStore
         from core.runs.store import Status
 
-        store = JournalStore(journal)
+        store = rank_store(JournalStore(journal))  # a data-parallel rank other than 0 never writes
         if store.get_run(run)["status"] == Status.RUNNING:  # Slurm requeued a job that died running
             store.update_run(
                 run, status=Status.CRASHED, error="the job's previous start ended without a final status (requeued)"
             )
     else:
-        store = open_store(db)
+        store = rank_store(open_store(db))
         if store.get_record(run).backend == "slurm" and not detach:
             raise WorkbenchError(
                 f"{store.path}: run {run} ran on Slurm: resume it with `workbench resume {run} --detach` (a new job)"
@@ -275,15 +320,31 @@ def resume(
         where = f"Slurm job {handle}" if store.get_record(run_id).backend == "slurm" else f"pid {handle}"
         err_console.print(f"resumed in the background, {where}; follow with `workbench runs show {run_id}`")
         return
-    run_id, cfg = resume_config(store, run, all_folds=all_folds, queued=queued)
+    if not is_main_rank():  # rank 0 checks the run's status (and then marks it running) for all ranks
+        from core.runs.launcher import stored_config
+
+        record = store.get_record(run)
+        run_id, cfg = record.id, stored_config(store, record, all_folds=all_folds)
+    else:
+        run_id, cfg = resume_config(store, run, all_folds=all_folds, queued=queued)
+    if cfg.train.num_processes > 1 and not in_ranks():  # the supervisor starts the ranks; wait for them
+        from core.runs.launcher import resume_in_ranks
+
+        record = follow_ranks(err_console, resume_in_ranks, store, run_id=run_id, all_folds=all_folds)
+        _print_ranked_result(store, record)
+        return
     if getattr(cfg, "kind", "train") == "pretrain":
         from core.pretrain.multitask import run_pretraining
 
         res = run_pretraining(cfg, store, run_id=run_id, resume=True)
-        console.print(f"run {res.run_id} finished: backbone {res.backbone_dir}")
+        if is_main_rank():
+            console.print(f"run {res.run_id} finished: backbone {res.backbone_dir}")
         return
     from core.training.train import run_training
 
+    if not is_main_rank():
+        run_training(cfg=cfg, store=store, run_id=run_id, resume=True)
+        return
     result = with_progress(err_console, run_training, cfg=cfg, store=store, run_id=run_id, resume=True)
     console.print(
         f"run {result.run_id} {'partial' if result.partial else 'finished'}: "
@@ -500,13 +561,26 @@ def demo(
     console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; {time.time() - t0:.0f} s")
 
 
+def _exit_code(exc: WorkbenchError) -> int:
+    """2 for bad input or a failed run; 143 for a stopped run inside data-parallel ranks, so their
+    supervisor tells a rank that stopped with the others from one that failed
+    (:data:`core.runs.ranks.STOPPED_EXIT`)."""
+    from core.runs.lifecycle import RunStopped
+    from core.runs.ranks import STOPPED_EXIT, in_ranks
+
+    return STOPPED_EXIT if isinstance(exc, RunStopped) and in_ranks() else 2
+
+
 def main() -> None:
     """Console-script entry point: one-line errors and exit code 2 for bad input."""
     try:
         app(standalone_mode=False)
     except WorkbenchError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        from rich.markup import escape
+
+        # escaped: a message may hold brackets ("[slurm]", a list) that rich would read as markup
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(_exit_code(exc))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -49,3 +49,43 @@ def with_progress(err_console, fn: Callable[..., Any], **kwargs: Any) -> Any:
 
     with RichProgress(err_console) as progress:
         return fn(**kwargs, progress=progress)
+
+
+ProcessesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        min=1,
+        help="data-parallel processes on this host (one per GPU; gloo on CPU): sets train.num_processes",
+    ),
+]
+
+
+def with_processes(set_: list[str] | None, processes: int | None) -> list[str]:
+    """The ``--set`` overrides plus ``train.num_processes=N`` for ``--processes N``."""
+    return [*(set_ or []), *([f"train.num_processes={processes}"] if processes else [])]
+
+
+def follow_ranks(err_console, fn: Callable[..., Any], store: RunStore, **kwargs: Any) -> Any:
+    """``fn(store=store, **kwargs, poll=...)`` for a run whose supervisor and ranks run in the
+    foreground (:func:`core.runs.launcher.run_in_foreground`), with a rich progress bar on stderr
+    (when it is a terminal) fed by the run's ``progress/*`` rows in runs.db. Returns what ``fn`` does."""
+    if not sys.stderr.isatty():
+        return fn(store=store, **kwargs)
+    from core.runs import metric_names as mn
+    from workbench.cli import RichProgress
+
+    with RichProgress(err_console) as bar:
+        done = [0.0]
+
+        def poll(run_id: str) -> None:
+            rows = store.metrics(run_id, [mn.PROGRESS_TOTAL_STEPS, mn.PROGRESS_STEP])
+            total = [r["value"] for r in rows if r["name"] == mn.PROGRESS_TOTAL_STEPS]
+            step = [r["value"] for r in rows if r["name"] == mn.PROGRESS_STEP]
+            if total and bar.task is None:
+                bar.start(int(total[-1]), f"run {run_id}")
+            if step and step[-1] > done[0]:
+                bar.advance(int(step[-1] - done[0]))
+                done[0] = step[-1]
+
+        return fn(store=store, **kwargs, poll=poll)
