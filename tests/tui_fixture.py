@@ -226,3 +226,33 @@ def fixture_app(db: Path, configs_dir: str = "configs", **kw):
 
 def config_json(cfg: dict) -> str:
     return json.dumps(cfg, sort_keys=True)
+
+
+#: the Slurm fixture run of :func:`add_slurm_run`: queued, its job pending for resources
+SLURM_RUN = "20261122-115500-ffff"
+SLURM_JOB = "4242"
+
+
+def add_slurm_run(db: Path, job_state: str = "PENDING", job_reason: str = "Resources", node: str | None = None) -> str:
+    """Add a Slurm run to a fixture runs.db: ``queued`` (``running`` once its job is RUNNING), job
+    :data:`SLURM_JOB` in ``job_state`` for ``job_reason`` on ``node``. Returns its id.
+
+    Slurm is never asked about it in a test that patches ``core.runs.slurm.refresh`` away."""
+    store = RunStore(db)
+    status = "running" if job_state == "RUNNING" else "queued"
+    cfg = _config("minilm-slurm", 1e-4, 9)
+    store.create_run("minilm-slurm", cfg, run_dir=f"runs/{SLURM_RUN}", run_id=SLURM_RUN, status=status)
+    store.update_run(
+        SLURM_RUN,
+        created=_iso(-300),
+        started=_iso(-60) if status == "running" else None,
+        host="gpu-box",
+        git_commit="abc1234",
+        backend="slurm",
+        job_id=SLURM_JOB,
+        job_state=job_state,
+        job_reason=job_reason,
+        node=node,
+    )
+    store.close()
+    return SLURM_RUN

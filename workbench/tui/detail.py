@@ -20,7 +20,7 @@ from core.runs.launcher import ACTIVE, process_of, refresh_statuses
 from core.runs.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
 from core.runs.store import RunRecord
 from workbench.tui.messages import DetailPolled, SystemReadings, WorkerFailed
-from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, n_folds
+from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, job_line, n_folds, watched
 from workbench.tui.workers import RunActions, WorkerErrors
 
 DETAIL_CURVES = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.TRAIN_LR, mn.TRAIN_SAMPLES_PER_S, mn.EVAL_TASK3_F1]
@@ -57,7 +57,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
     ]
 
     DEFAULT_CSS = """
-    RunDetailScreen #info { height: 2; padding: 0 1; background: $primary-background; }
+    RunDetailScreen #info { height: auto; min-height: 2; max-height: 4; padding: 0 1; background: $primary-background; }
     RunDetailScreen #curve-title { height: 1; padding: 0 1; color: $text-muted; }
     RunDetailScreen #curve { height: 1fr; min-height: 6; }
     RunDetailScreen #bottom { height: 1fr; max-height: 14; }
@@ -130,7 +130,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         metric rows after ``after_rowid``, the new log lines and the system readings."""
         store = self.services.store()
         run = store.get_run(self.run_id)
-        if run["status"] in ACTIVE:
+        if watched(run):  # active, or a Slurm job not yet reported ended
             refresh_statuses(store)
             run = store.get_run(self.run_id)
         if epochs is None:
@@ -201,6 +201,9 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
             out.append(f"[dim]no GPU ({escape(readings.gpu_reason or 'NVML unavailable')})[/]")
         if tree:
             out.append(f"run: CPU {tree.cpu_percent:.0f}% RSS {tree.rss / 1024**3:.2f}G, {len(tree.pids)} proc")
+        elif run.get("backend") == "slurm":
+            node = f" on {run['node']}" if run.get("node") else ""
+            out.append(f"run: a Slurm job{escape(node)}, not sampled here")
         else:
             out.append("run: no live process")
         out.append(f"host CPU {cpu:.0f}% RAM {ram_used:.1f}/{ram_total:.0f}G")
@@ -226,9 +229,12 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         folds_done = len(self.series.get(mn.FOLD_DONE, []))
         k = n_folds(run)
         folds = f"{folds_done}/{k}" if k else "-"  # a pre-training run has no folds
+        model = escape((run["model"] or "").rsplit("/", 1)[-1])
+        where = escape(job_line(run))
+        # a local run: its pid ends the first line; a Slurm run: its job, state, reason and node on a line of its own
+        where = f"  {where}\n" if run.get("backend") != "slurm" else f"\n[b]{where}[/]\n"
         self.query_one("#info", Static).update(
-            f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  "
-            f"{escape((run['model'] or '').rsplit('/', 1)[-1])}  pid {run['pid'] or '-'}\n"
+            f"[b]{escape(run['name'] or '')}[/] {run['id']}  [{style}]{status}{exit_code}[/]  {model}{where}"
             f"folds {folds}  nDCG {fmt_float(best.get('ndcg'))}  F1 {fmt_float(best.get('task2_f1'))}  "
             f"final {fmt_float(best.get('final_ndcg'))}  time {fmt_duration(self.services.duration(run))}"
             + (f"  [red]{escape(run['error'][:80])}[/]" if run.get("error") else "")

@@ -174,14 +174,27 @@ class ConfigChecked(Message):
         self.ok = ok
 
 
-class RunLaunched(Message):
-    """A run was launched detached from ``config`` (a file name)."""
+class SlurmProbed(Message):
+    """The new-run dialog's Slurm probe: why Slurm cannot be used here (``missing``, None when it can),
+    the user config's ``[slurm]`` ``defaults`` and the ``error`` reading that file (None when readable)."""
 
-    def __init__(self, run_id: str, pid: int, config: str) -> None:
+    def __init__(self, missing: str | None, defaults: dict, error: str | None = None) -> None:
+        super().__init__()
+        self.missing = missing
+        self.defaults = defaults
+        self.error = error
+
+
+class RunLaunched(Message):
+    """A run was launched detached from ``config`` (a file name): process ``pid`` (local), or
+    submitted as Slurm job ``job_id`` (``pid`` None)."""
+
+    def __init__(self, run_id: str, pid: int | None, config: str, job_id: str | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.pid = pid
         self.config = config
+        self.job_id = job_id
 
 
 class RunStopped(Message):
@@ -204,9 +217,10 @@ class RunRelaunched(Message):
 
 
 class RunResumed(Message):
-    """A run continues under its own id, detached (process ``pid``)."""
+    """A run continues under its own id, detached (process ``pid``), or as Slurm job ``job_id``."""
 
-    def __init__(self, run_id: str, pid: int) -> None:
+    def __init__(self, run_id: str, pid: int | None, job_id: str | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.pid = pid
+        self.job_id = job_id

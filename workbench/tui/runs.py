@@ -1,4 +1,8 @@
-"""The Runs screen: every run in runs.db, live, sortable, filterable, with marks."""
+"""The Runs screen: every run in runs.db, live, sortable, filterable, with marks.
+
+While any run is a Slurm run, a ``where`` column says where each executes: ``local``, or the Slurm
+job's id and state code (``4242 PD``); the status line names the highlighted Slurm run's job, its
+state and Slurm's reason (``Slurm job 4242 PD Resources``)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,17 @@ from textual.widgets import Footer, Input, Static
 from core.runs.launcher import refresh_statuses
 from core.runs.store import ACTIVE, Status
 from workbench.tui.messages import GpuRead, RunsLoaded, RunsUnchanged, WorkerFailed
-from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, fmt_started, n_folds
+from workbench.tui.services import (
+    STATUS_STYLES,
+    fmt_duration,
+    fmt_float,
+    fmt_started,
+    n_folds,
+    slurm_code,
+    slurm_reason,
+    watched,
+    where_cell,
+)
 from workbench.tui.table import Column, VirtualTable
 from workbench.tui.workers import RunActions, WorkerErrors
 
@@ -31,8 +45,14 @@ COLUMNS = [
     Column("duration_s", "time", width=7, align="right", render=lambda v, r: (fmt_duration(v), "")),
     Column("started", "started", width=11, render=lambda v, r: (fmt_started(v), "")),
 ]
+#: shown (last, sortable by a header click) while any run in the list is a Slurm run
+WHERE = Column("where", "where", width=7, render=lambda v, r: (v, "slurm" if r["backend"] == "slurm" else ""))
 SORTABLE = [c.key for c in COLUMNS if c.key != "mark"]
-FILTER_FIELDS = ("id", "name", "status", "model", "task")
+#: the fields a bare filter term searches
+FILTER_FIELDS = ("id", "name", "status", "model", "task", "backend")
+#: the fields ``key:value`` terms may name (``backend:slurm``, ``job:4242``, ``state:pending``)
+KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node")
+SLURM_STYLE = "magenta"
 
 
 def run_rows(raw: list[dict], services) -> list[dict]:
@@ -54,23 +74,41 @@ def run_rows(raw: list[dict], services) -> list[dict]:
                 "final": r["best_final_ndcg"],
                 "duration_s": services.duration(r),
                 "started": r["started"] or r["created"],
+                "started_at": r["started"],  # None while queued (a pending Slurm job): no running time yet
                 "exit_code": r["exit_code"],
                 "pid": r["pid"],
                 "run_dir": r["run_dir"],
+                "backend": r.get("backend") or "local",
+                "job_id": r.get("job_id"),
+                "job_state": r.get("job_state"),
+                "job_reason": r.get("job_reason"),
+                "node": r.get("node"),
+                "job": r.get("job_id") or "",
+                "state": r.get("job_state") or "",
+                "where": where_cell(r),
             }
         )
     return rows
 
 
+def slurm_status(row: dict | None) -> str:
+    """The status line's words for a Slurm run's job: ``Slurm job 4242 PD Resources on node1``
+    ('' for a local run or none)."""
+    if not row or row.get("backend") != "slurm" or not row.get("job_id"):
+        return ""
+    text = f"Slurm job {row['job_id']} {slurm_code(row.get('job_state'))} {slurm_reason(row.get('job_reason'))}"
+    text = " ".join(text.split())
+    return text + (f" on {row['node']}" if row.get("node") else "")
+
+
 def matches(row: dict, query: str) -> bool:
-    """Filter: every whitespace-separated term must match. ``key:value`` matches a field
-    (id, name, status, model, task) by substring; a bare term matches any of them."""
+    """Filter: every whitespace-separated term must match. ``key:value`` matches a field (id, name,
+    status, model, task, backend, job, state, node) by substring; a bare term matches any of
+    id, name, status, model, task, backend."""
     for term in query.lower().split():
         if ":" in term:
             key, _, val = term.partition(":")
-            if key in FILTER_FIELDS and val not in str(row.get(key, "")).lower():
-                return False
-            if key not in FILTER_FIELDS:
+            if key not in KEY_FIELDS or val not in str(row.get(key) or "").lower():
                 return False
         elif not any(term in str(row.get(f, "")).lower() for f in FILTER_FIELDS):
             return False
@@ -126,15 +164,17 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self._data_version: int | None = None
         self.loaded = False
         self.first_paint_s: float | None = None
+        self._select_id: str | None = None  # a run just launched: the cursor goes to it once it is listed
         self._t0 = time.perf_counter()
 
     def compose(self) -> ComposeResult:
         yield Static("", id="topbar")
-        styles = {s: Style.parse(v) for s, v in STATUS_STYLES.items()}
+        styles = {s: Style.parse(v) for s, v in {**STATUS_STYLES, "slurm": SLURM_STYLE}.items()}
         yield VirtualTable(COLUMNS, styles=styles, id="runs")
         yield Static("loading runs…", id="statusline")
         yield Input(
-            placeholder="filter: words or key:value (status:running model:minilm); Enter keeps, Esc clears", id="filter"
+            placeholder="filter: words or key:value (status:running backend:slurm); Enter keeps, Esc clears",
+            id="filter",
         )
         yield Footer(show_command_palette=False)
 
@@ -152,17 +192,17 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
     # -- data ---------------------------------------------------------------------------------
     def reload(self, force: bool = False) -> None:
         """Re-read runs.db in a worker (every ``refresh_interval`` s; ``force``: even if unchanged)."""
-        active = any(r["status"] in ACTIVE for r in self.all_rows)
+        active = any(watched(r) for r in self.all_rows)
         self._read_runs(force or not self.loaded, active or force, self._data_version)
 
     @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
     def _read_runs(self, force: bool, check_processes: bool, known_version: int | None) -> None:
-        """Worker: mark runs whose processes vanished ``crashed`` (a write, ``check_processes``),
-        then the runs list unless the database is still at ``known_version``."""
+        """Worker: mark runs whose processes vanished ``crashed`` and read Slurm jobs' states (a write,
+        ``check_processes``), then the runs list unless the database is still at ``known_version``."""
         store = self.services.store()
-        if check_processes:
-            refresh_statuses(store)
-        if not force and store.data_version() == known_version:
+        changed = refresh_statuses(store) if check_processes else []
+        # data_version moves with other connections' commits only: this worker's own writes are ``changed``
+        if not force and not changed and store.data_version() == known_version:
             self.post_message(RunsUnchanged())
             return
         rows = run_rows(store.list_runs(), self.services)
@@ -198,7 +238,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         changed = False
         for r in self.all_rows:
             if r["status"] in ACTIVE:
-                r["duration_s"] = self.services.duration({"started": r["started"], "ended": None})
+                r["duration_s"] = self.services.duration({"started": r["started_at"], "ended": None})
                 changed = True
         if changed:
             self.table.refresh()
@@ -215,7 +255,13 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         view = [r for r in self.all_rows if matches(r, self.filter_text)] if self.filter_text else list(self.all_rows)
         view = sort_rows(view, t.sort_key, t.sort_reverse)
         t.marked &= {r["id"] for r in self.all_rows}
+        t.set_columns(COLUMNS + [WHERE] if any(r["backend"] == "slurm" for r in self.all_rows) else COLUMNS)
         t.set_rows(view)
+        if self._select_id is not None:
+            index = next((i for i, r in enumerate(view) if r["id"] == self._select_id), None)
+            if index is not None:
+                self._select_id = None
+                t.move_to(index)
         self._update_bars()
 
     def _update_bars(self) -> None:
@@ -226,6 +272,9 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         )
         t = self.table
         parts = [f"{len(t.rows)} shown"]
+        job = slurm_status(t.current)
+        if job:
+            parts.insert(0, job)
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}'")
         if t.marked:
@@ -235,13 +284,17 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         parts.append("nDCG/F1: best CV, not last")
         self.query_one("#statusline", Static).update(" · ".join(parts))
 
+    @on(VirtualTable.CursorMoved)
+    def _cursor_moved(self) -> None:
+        self._update_bars()
+
     # -- actions ------------------------------------------------------------------------------
     def action_sort(self, index: int) -> None:
         self._sort_by(SORTABLE[index])
 
     @on(VirtualTable.HeaderClicked)
     def _header_clicked(self, event: VirtualTable.HeaderClicked) -> None:
-        if event.key in SORTABLE:
+        if event.key in SORTABLE or event.key == WHERE.key:
             self._sort_by(event.key)
 
     def _sort_by(self, key: str) -> None:
@@ -328,6 +381,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
         def done(run_id: str | None) -> None:
             if run_id:
+                self._select_id = run_id
                 self.reload(force=True)
 
         self.app.push_screen(NewRunScreen(self.services), done)

@@ -16,7 +16,7 @@ from pathlib import Path
 from core.errors import ReadOnlyDatabaseError, WorkbenchError
 from core.runs.monitor import GpuProbe
 from core.runs.monitor import host_stats as psutil_host_stats
-from core.runs.store import RunRecord, RunStore, Status
+from core.runs.store import ACTIVE, RunRecord, RunStore, Status
 
 STATUS_STYLES = {
     Status.RUNNING: "bold cyan",
@@ -131,3 +131,87 @@ def n_folds(run: dict) -> int | None:
         return RunRecord.from_row(run).n_folds
     except WorkbenchError:
         return None
+
+
+#: squeue's compact job state codes (``%t``), https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES
+SLURM_STATE_CODES = {
+    "BOOT_FAIL": "BF",
+    "CANCELLED": "CA",
+    "COMPLETED": "CD",
+    "COMPLETING": "CG",
+    "CONFIGURING": "CF",
+    "DEADLINE": "DL",
+    "FAILED": "F",
+    "NODE_FAIL": "NF",
+    "OUT_OF_MEMORY": "OOM",
+    "PENDING": "PD",
+    "PREEMPTED": "PR",
+    "REQUEUED": "RQ",
+    "REQUEUE_FED": "RF",
+    "REQUEUE_HOLD": "RH",
+    "RESIZING": "RS",
+    "RESV_DEL_HOLD": "RD",
+    "REVOKED": "RV",
+    "RUNNING": "R",
+    "SIGNALING": "SI",
+    "SPECIAL_EXIT": "SE",
+    "STAGE_OUT": "SO",
+    "STOPPED": "ST",
+    "SUSPENDED": "S",
+    "TIMEOUT": "TO",
+}
+
+
+def slurm_code(state: str | None) -> str:
+    """A Slurm job state as squeue's short code (``PENDING`` -> ``PD``; ``CANCELLED by 0`` -> ``CA``;
+    an unknown state as it is; '' when unknown)."""
+    if not state:
+        return ""
+    word = state.split()[0].upper()
+    return SLURM_STATE_CODES.get(word, word)
+
+
+def slurm_reason(reason: str | None) -> str:
+    """Slurm's reason, '' when it gives none (``None``)."""
+    return "" if not reason or reason == "None" else reason
+
+
+def watched(run: dict) -> bool:
+    """Whether a run may still change without the app doing anything: an active status, or a Slurm job
+    that Slurm has not yet reported ended (a trainer records ``finished`` before its job completes)."""
+    from core.runs.slurm import TERMINAL_STATES
+
+    if run.get("status") in ACTIVE:
+        return True
+    state = (run.get("job_state") or "").split()
+    return run.get("backend") == "slurm" and bool(run.get("job_id")) and (not state or state[0] not in TERMINAL_STATES)
+
+
+def where_cell(run: dict, width: int = 7) -> str:
+    """The Runs table's ``where`` cell: ``local``, or a Slurm run's job id and state code
+    (``4242 PD``), the job id alone when both do not fit in ``width``, ``slurm`` before it has one."""
+    if run.get("backend") != "slurm":
+        return "local"
+    job = str(run.get("job_id") or "")
+    if not job:
+        return "slurm"
+    text = f"{job} {slurm_code(run.get('job_state'))}".strip()
+    return text if len(text) <= width else job if len(job) <= width else "…" + job[-(width - 1) :]
+
+
+def job_line(run: dict) -> str:
+    """Where a run executes, in words: ``Slurm job 4242 PENDING (Resources) on node1`` for a Slurm
+    run (no reason when Slurm gives none, no node until it has one), ``pid 123`` for a local one."""
+    if run.get("backend") != "slurm":
+        return f"pid {run.get('pid') or '-'}"
+    if not run.get("job_id"):
+        return "Slurm job (not submitted)"
+    text = f"Slurm job {run['job_id']}"
+    if run.get("job_state"):
+        text += f" {run['job_state']}"
+    reason = slurm_reason(run.get("job_reason"))
+    if reason:
+        text += f" ({reason})"
+    if run.get("node"):
+        text += f" on {run['node']}"
+    return text

@@ -94,6 +94,13 @@ class VirtualTable(ScrollView, can_focus=True):
         self._widths: list[int] = []
 
     # -- data -------------------------------------------------------------------------------
+    def set_columns(self, columns: Sequence[Column]) -> None:
+        """Show ``columns`` (a no-op when they are the ones shown); the widths are laid out again."""
+        if [c.key for c in columns] != [c.key for c in self.columns]:
+            self.columns = list(columns)
+            self._widths = []
+            self.refresh()
+
     def set_rows(self, rows: list[dict]) -> None:
         """Replace the rows (already sorted/filtered by the caller); keep the cursor on its row id."""
         current = self.current_id

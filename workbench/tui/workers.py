@@ -42,6 +42,16 @@ class WorkerErrors:
         self.notify(message.text, title=title, severity="error", timeout=10)
 
 
+def stop_question(run: dict) -> str:
+    """The stop confirmation of a run: ``scancel`` for a Slurm job, signals to the process group else."""
+    if run.get("backend") == "slurm" and run.get("job_id"):
+        return (
+            f"Stop run {run['id']} ({run['name']}, Slurm job {run['job_id']})?\n"
+            f"scancel job {run['job_id']}: Slurm sends SIGTERM, then SIGKILL after its KillWait."
+        )
+    return f"Stop run {run['id']} ({run['name']}, pid {run['pid']})?\nSIGTERM to its process group, SIGKILL after 10 s."
+
+
 class RunActions:
     """Screen mixin: ``s`` stop (confirm first), ``r`` relaunch, ``R`` resume.
 
@@ -69,13 +79,7 @@ class RunActions:
                 self.notify(f"stopping {run['id']}…")
                 self.app.stop_run(run["id"])
 
-        self.app.push_screen(
-            ConfirmScreen(
-                f"Stop run {run['id']} ({run['name']}, pid {run['pid']})?\n"
-                "SIGTERM to its process group, SIGKILL after 10 s."
-            ),
-            confirmed,
-        )
+        self.app.push_screen(ConfirmScreen(stop_question(run)), confirmed)
 
     def action_relaunch(self) -> None:
         run = self.lifecycle_run()
@@ -103,7 +107,8 @@ class RunLifecycle:
         )
 
     def stop_run(self, run_id: str) -> None:
-        """SIGTERM to the run's process group, SIGKILL after 10 s (``core.runs.launcher.stop_run``)."""
+        """SIGTERM to the run's process group, SIGKILL after 10 s; ``scancel`` for a Slurm job
+        (``core.runs.launcher.stop_run``)."""
         import core.runs.launcher as launcher
 
         self._lifecycle(
@@ -124,7 +129,10 @@ class RunLifecycle:
         import core.runs.launcher as launcher
 
         def resume() -> RunResumed:
-            _, pid = launcher.resume_detached(self.services.store(), run_id, all_folds=all_folds)
+            store = self.services.store()
+            _, pid = launcher.resume_detached(store, run_id, all_folds=all_folds)
+            if store.get_run(run_id).get("backend") == "slurm":  # resubmitted: the number is the job id
+                return RunResumed(run_id, None, job_id=str(pid))
             return RunResumed(run_id, pid)
 
         self._lifecycle("resume", run_id, resume)
@@ -141,7 +149,8 @@ class RunLifecycle:
         self.runs_changed()
 
     def on_run_resumed(self, message: RunResumed) -> None:
-        self.notify(f"resumed {message.run_id} (pid {message.pid})")
+        where = f"Slurm job {message.job_id}" if message.job_id else f"pid {message.pid}"
+        self.notify(f"resumed {message.run_id} ({where})")
         self.runs_changed()
 
     def on_worker_failed(self, message: WorkerFailed) -> None:
