@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import wait_until as wait_for
-from tui_fixture import NOW, RUNS, build_fixture_db, fixture_app
+from tui_fixture import NOW, RUNS, SLURM_JOB, SLURM_RUN, add_slurm_run, build_fixture_db, fixture_app
 from workbench.tui.compare import CompareScreen
 from workbench.tui.detail import RunDetailScreen
 from workbench.tui.dialogs import ConfirmScreen, HelpScreen, NewRunScreen, parse_overrides
@@ -379,3 +379,239 @@ async def test_detail_of_a_pretraining_run_cycles_through_its_task_losses(tmp_pa
         assert seen[-1] == "pretrain/mlm_loss"
         await pilot.press("M")  # back from train/loss to the last curve
         assert "pretrain/mlm_loss 3 pts" in str(detail.query_one("#curve-title").render())
+
+
+# -- Slurm runs in the app, without Slurm: fake rows, Slurm's refresh patched away ----------------------
+@pytest.fixture
+def no_slurm_refresh(monkeypatch, tmp_path):
+    """Slurm is never asked about the fake job (its refresh would mark it crashed); no user [slurm] defaults."""
+    import core.runs.slurm
+
+    monkeypatch.setattr(core.runs.slurm, "refresh", lambda store: [])
+    monkeypatch.setenv("WORKBENCH_CONFIG", str(tmp_path / "no-user-config.toml"))
+
+
+async def test_a_pending_slurm_run_shows_its_job_state_and_reason_at_80x24(fixture_db, no_slurm_refresh):
+    add_slurm_run(fixture_db)
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        assert screen.table.current_id == SLURM_RUN  # the newest
+        lines = screen.table.plain_lines()
+        assert lines[0].split()[-1] == "where" and all(len(line) <= 80 for line in lines)
+        row = next(line for line in lines if "minilm-sl" in line)
+        assert row.split()[1] == "queued" and row.rstrip().endswith(f"{SLURM_JOB} PD")
+        assert sum(line.rstrip().endswith("local") for line in lines) == len(RUNS)
+        status = str(screen.query_one("#statusline").render())
+        assert status.startswith(f"Slurm job {SLURM_JOB} PD Resources · 6 shown")
+        await pilot.press("down")  # a local run: no job in the status line
+        assert "Slurm job" not in str(screen.query_one("#statusline").render())
+        await pilot.press("slash", *"backend:slurm", "enter")
+        assert ids(screen) == [SLURM_RUN]
+        await pilot.press("slash", "ctrl+a", "ctrl+k", *"backend:local", "enter")
+        assert SLURM_RUN not in ids(screen) and len(ids(screen)) == len(RUNS)
+        await pilot.press("escape", "home", "enter")
+        detail = app.screen
+        assert isinstance(detail, RunDetailScreen)
+        await wait_for(pilot, lambda: detail.polls >= 1)
+        await pilot.pause()
+        info = str(detail.query_one("#info").render()).splitlines()
+        assert info[1] == f"Slurm job {SLURM_JOB} PENDING (Resources)"
+        assert info[0].startswith("minilm-slurm") and "queued" in info[0] and info[2].startswith("folds 0/3")
+        assert "a Slurm job, not sampled here" in str(detail.query_one("#system").render())
+        await pilot.press("s")
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen) and f"scancel job {SLURM_JOB}" in confirm.question
+        await pilot.press("n")
+
+
+async def test_a_running_slurm_run_names_its_node(fixture_db, no_slurm_refresh):
+    add_slurm_run(fixture_db, job_state="RUNNING", job_reason="None", node="gpu-node-07")
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        assert screen.table.current["where"] == f"{SLURM_JOB} R"
+        assert str(screen.query_one("#statusline").render()).startswith(f"Slurm job {SLURM_JOB} R on gpu-node-07 ·")
+        await pilot.press("enter")
+        detail = app.screen
+        await wait_for(pilot, lambda: detail.polls >= 1)
+        await pilot.pause()
+        info = str(detail.query_one("#info").render()).splitlines()
+        assert info[1] == f"Slurm job {SLURM_JOB} RUNNING on gpu-node-07"  # Slurm's reason "None": none shown
+
+
+def test_where_cell_and_job_line():
+    from workbench.tui.services import job_line, where_cell
+
+    assert where_cell({"backend": None}) == "local" and where_cell({"backend": "slurm"}) == "slurm"
+    assert where_cell({"backend": "slurm", "job_id": "1234", "job_state": "CANCELLED by 0"}) == "1234 CA"
+    assert where_cell({"backend": "slurm", "job_id": "1234567", "job_state": "PENDING"}) == "1234567"
+    assert where_cell({"backend": "slurm", "job_id": "123456789", "job_state": "PENDING"}) == "…456789"
+    assert job_line({"backend": "local", "pid": 42}) == "pid 42"
+    assert job_line({"backend": "slurm", "job_id": "7", "job_state": "PENDING", "job_reason": "Priority"}) == (
+        "Slurm job 7 PENDING (Priority)"
+    )
+
+
+async def _slurm_dialog(pilot, app) -> NewRunScreen:
+    await loaded(pilot)
+    await pilot.press("n")
+    dlg = app.screen
+    assert isinstance(dlg, NewRunScreen)
+    await wait_for(pilot, lambda: dlg.valid, what="the config check")
+    await pilot.press("tab", "tab")  # config -> overrides -> backend
+    assert app.focused is dlg.query_one("#backend")
+    await pilot.press("enter", "down", "enter")  # open the list, pick slurm
+    assert dlg.query_one("#backend").value == "slurm"
+    return dlg
+
+
+@pytest.fixture
+def configs_a(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "a.yaml").write_text("name: a\ndata: {dir: data/x}\nmodel: {name: all-MiniLM-L6-v2}\n")
+    return configs
+
+
+async def test_new_run_dialog_refuses_bad_slurm_values_and_creates_nothing(
+    fixture_db, configs_a, tmp_path, no_slurm_refresh, monkeypatch
+):
+    import core.runs.slurm
+    import workbench.tui.dialogs as dialogs
+
+    monkeypatch.setattr(dialogs, "slurm_missing", lambda: None)
+    submitted = []
+    monkeypatch.setattr(core.runs.slurm, "submit", lambda *a, **kw: submitted.append(a) or ("x", "1"))
+    (tmp_path / "user.toml").write_text('[slurm]\npartition = "debug"\ntime = "30"\n')
+    monkeypatch.setenv("WORKBENCH_CONFIG", str(tmp_path / "user.toml"))
+    app = fixture_app(fixture_db, configs_dir=str(configs_a))
+    async with app.run_test(size=(80, 24)) as pilot:
+        dlg = await _slurm_dialog(pilot, app)
+        check = dlg.query_one("#check")
+        assert dlg.query_one("#slurm").display
+        await wait_for(pilot, lambda: dlg.query_one("#partition").value == "debug", what="the [slurm] defaults")
+        assert dlg.query_one("#time").value == "30"
+        await wait_for(pilot, lambda: "on Slurm: partition debug, time 30" in str(check.render()))
+        for field, value, error in [
+            ("time", "abc", "slurm time 'abc': not a Slurm time"),
+            ("processes", "0", "processes '0': must be an integer >= 1"),
+            ("gpus", "two", "slurm gpus 'two': must be an integer >= 1"),
+        ]:
+            box = dlg.query_one(f"#{field}")
+            old, box.value = box.value, value
+            await wait_for(pilot, lambda e=error: e in str(check.render()) and not dlg.valid, what=error)
+            assert len(str(check.render()).splitlines()) <= 2
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: not dlg.query_one("#launch").disabled, what="the launch to be refused")
+            assert error in str(check.render()) and isinstance(app.screen, NewRunScreen)
+            box.value = old
+        assert submitted == [] and len(app.services.store().list_runs()) == len(RUNS)
+
+
+async def test_new_run_dialog_without_sbatch_says_why(fixture_db, configs_a, no_slurm_refresh, monkeypatch):
+    import workbench.tui.dialogs as dialogs
+
+    monkeypatch.setattr(dialogs, "slurm_missing", lambda: "Slurm: sbatch, squeue, scancel not found on PATH")
+    app = fixture_app(fixture_db, configs_dir=str(configs_a))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("n")
+        dlg = app.screen
+        await wait_for(pilot, lambda: "sbatch not on PATH" in str(dlg.query_one("#backend-note").render()))
+        dlg.query_one("#backend").value = "slurm"
+        await wait_for(pilot, lambda: "not found on PATH" in str(dlg.query_one("#check").render()))
+        assert dlg.valid is False
+
+
+async def test_new_run_dialog_launches_local_with_processes_and_submits_to_slurm(
+    fixture_db, configs_a, no_slurm_refresh, monkeypatch
+):
+    import core.runs.launcher
+    import core.runs.slurm
+    import workbench.tui.dialogs as dialogs
+
+    calls = []
+
+    def fake_launch(path, overrides, store):
+        calls.append(("local", overrides))
+        return store.create_run("a", {"name": "a"}, status="queued"), 4242
+
+    def fake_submit(cfg, store, opts, config_path=None):
+        calls.append(("slurm", opts.time, opts.partition, cfg.name))
+        return store.create_run("a", {"name": "a"}, status="queued"), "777"
+
+    monkeypatch.setattr(core.runs.launcher, "launch", fake_launch)
+    monkeypatch.setattr(core.runs.slurm, "submit", fake_submit)
+    monkeypatch.setattr(dialogs, "slurm_missing", lambda: None)
+    app = fixture_app(fixture_db, configs_dir=str(configs_a))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        await pilot.press("n")
+        dlg = app.screen
+        await wait_for(pilot, lambda: dlg.valid)
+        dlg.query_one("#processes").value = "2"
+        await wait_for(pilot, lambda: "2 processes" in str(dlg.query_one("#check").render()), what="2 processes")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, what="the local launch")
+        await wait_for(pilot, lambda: screen.table.current_id == dlg.launched, what="the cursor on the new run")
+        assert calls == [("local", ["train.num_processes=2"])]
+        assert any(n.message.startswith(f"launched {dlg.launched} (pid 4242)") for n in app._notifications)
+
+        # Slurm, at 80x24: the dialog scrolls; the Launch button is reached with the keyboard and clicked
+        dlg = await _slurm_dialog(pilot, app)
+        dlg.query_one("#time").value = "5"
+        await wait_for(pilot, lambda: dlg.valid and "time 5" in str(dlg.query_one("#check").render()))
+        launch_button = dlg.query_one("#launch")
+        for _ in range(12):
+            if app.focused is launch_button:
+                break
+            await pilot.press("tab")
+        assert app.focused is launch_button
+        await pilot.pause()
+        assert app.screen.region.contains_region(launch_button.region)
+        await pilot.click("#launch")
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen) and dlg.launched, what="the submission")
+        assert calls[1] == ("slurm", "5", None, "a")
+        assert any(n.message.startswith("submitted Slurm job 777: run ") for n in app._notifications)
+
+
+async def test_a_finished_slurm_run_is_watched_until_its_job_ends(monkeypatch, tmp_path):
+    """The trainer records ``finished`` before Slurm reports the job COMPLETED: the table keeps reading
+    the job's state (found driving the app: the job stayed ``R`` after it had completed)."""
+    import core.runs.slurm
+    from core.runs.store import RunStore
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "slurm.db"  # the only run: nothing else active
+    add_slurm_run(db, job_state="RUNNING", job_reason="None", node="vm")
+    store = RunStore(db)
+    store.update_run(SLURM_RUN, status="finished", ended="2026-11-22T11:59:30+00:00")
+    store.close()
+    asked = []
+
+    def fake_refresh(store):  # the first load: still RUNNING; then Slurm says the job has completed
+        asked.append(1)
+        if len(asked) == 1:
+            return []
+        store.update_run(SLURM_RUN, job_state="COMPLETED", job_reason="None")
+        return [SLURM_RUN]
+
+    monkeypatch.setattr(core.runs.slurm, "refresh", fake_refresh)
+    app = fixture_app(db, refresh_interval=0.2)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        assert screen.table.rows[0]["status"] == "finished" and screen.table.rows[0]["where"] == f"{SLURM_JOB} R"
+        await wait_for(pilot, lambda: screen.table.rows[0]["where"] == f"{SLURM_JOB} CD", what="CD in the table")
+        n = len(asked)
+        await pilot.pause(0.8)  # every job ended, no run active: Slurm is not asked again
+        assert len(asked) == n
+
+
+def test_watched():
+    from workbench.tui.services import watched
+
+    assert watched({"status": "queued"}) and not watched({"status": "finished"})
+    slurm = {"status": "finished", "backend": "slurm", "job_id": "7"}
+    assert watched({**slurm, "job_state": "RUNNING"}) and watched({**slurm, "job_state": None})
+    assert not watched({**slurm, "job_state": "COMPLETED"}) and not watched({**slurm, "job_state": "CANCELLED by 0"})

@@ -9,14 +9,22 @@ from __future__ import annotations
 import pytest
 
 from conftest import wait_until
-from tui_fixture import build_fixture_db, fixture_app
+from tui_fixture import add_slurm_run, build_fixture_db, fixture_app
 
 SIZES = [(80, 24), (160, 48)]
 
 
 @pytest.fixture
 def app(tmp_path, monkeypatch):
+    import core.runs.slurm
+    import workbench.tui.dialogs
+
     monkeypatch.chdir(tmp_path)
+    # the same shots with or without Slurm here: sbatch "found", Slurm never asked, fixed [slurm] defaults
+    monkeypatch.setattr(workbench.tui.dialogs, "slurm_missing", lambda: None)
+    monkeypatch.setattr(core.runs.slurm, "refresh", lambda store: [])
+    (tmp_path / "user.toml").write_text('[slurm]\npartition = "debug"\ntime = "30"\n')
+    monkeypatch.setenv("WORKBENCH_CONFIG", str(tmp_path / "user.toml"))
     db = build_fixture_db(tmp_path)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text(
@@ -91,3 +99,38 @@ def test_new_run_dialog(snap_compare, app):
         await _settle(pilot, lambda: "2 epochs" in str(pilot.app.screen.query_one("#check").render()))
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+def test_new_run_dialog_slurm(snap_compare, app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("n")
+        await _settle(pilot, lambda: "ok" in str(pilot.app.screen.query_one("#check").render()))
+        await pilot.press("tab", "tab", "enter", "down", "enter")  # backend: slurm
+        await _settle(
+            pilot, lambda: "on Slurm: partition debug, time 30" in str(pilot.app.screen.query_one("#check").render())
+        )
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
+
+
+@pytest.fixture
+def slurm_app(app):
+    add_slurm_run(app.services.db_path)  # queued, job 4242 PENDING (Resources)
+    return app
+
+
+def test_runs_screen_with_a_pending_slurm_job(snap_compare, slurm_app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+
+    assert snap_compare(slurm_app, terminal_size=(80, 24), run_before=before)
+
+
+def test_run_detail_of_a_pending_slurm_job(snap_compare, slurm_app):
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        await pilot.press("enter")  # the newest run: the Slurm one
+        await _settle(pilot, lambda: getattr(pilot.app.screen, "polls", 0) >= 1)
+
+    assert snap_compare(slurm_app, terminal_size=(80, 24), run_before=before)

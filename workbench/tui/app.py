@@ -62,7 +62,9 @@ class WorkbenchApp(WorkerErrors, RunLifecycle, App):
         runs = self.runs_screen
         if runs is None:
             return
-        yield SystemCommand("New run", "pick a config, edit overrides, launch detached", runs.action_new_run)
+        yield SystemCommand(
+            "New run", "pick a config, edit overrides, launch here or submit to Slurm", runs.action_new_run
+        )
         yield SystemCommand("Compare marked runs", "metrics, config diff, curves", runs.action_compare)
         yield SystemCommand("Filter runs", "by words or key:value", runs.action_filter)
         yield SystemCommand(
