@@ -76,6 +76,23 @@ def test_rank_env_is_the_torchrun_contract():
     assert rank_env({"OMP_NUM_THREADS": "3"}, 0, 2, 1)["OMP_NUM_THREADS"] == "3"  # a setting is kept
 
 
+def test_more_processes_than_gpus_is_refused_before_a_run_exists(tmp_path, small_dataset, tiny_bert, monkeypatch):
+    """One rank per GPU: on a host with 1 GPU, `--processes 2` fails at once (accelerate would put both
+    ranks on GPU 0, which nccl refuses only once the run is running)."""
+    import torch
+
+    from conftest import tiny_config
+    from core.errors import ConfigError
+    from core.runs.launcher import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    store = RunStore(tmp_path / "runs.db")
+    with pytest.raises(ConfigError, match=r"train.num_processes=2: this host has 1 GPU\(s\)"):
+        launch(tiny_config(tmp_path, small_dataset, tiny_bert), ["train.num_processes=2"], store)
+    assert store.list_runs() == [] and not (tmp_path / "runs").exists()
+
+
 def _stand_in(tmp_path: Path, body: str) -> list[str]:
     """A trainer stand-in: Python that knows its RANK and the run (argv[1] db, argv[2] run id)."""
     script = tmp_path / "rank.py"
@@ -197,7 +214,7 @@ def test_two_gloo_ranks_accelerate_and_the_collectives(tmp_path):
         ranks.leave_ranks()  # without it the exit aborts now and then (SIGABRT in gloo's teardown)
         """,
     )
-    group = RankGroup(cmd, 2, {**os.environ, "OMP_NUM_THREADS": "1"})
+    group = RankGroup(cmd, 2, {**_env(), "OMP_NUM_THREADS": "1"})
     group.start()
     assert [e.returncode for e in group.wait()] == [0, 0]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -217,10 +234,15 @@ PROBS = ["p_E", "p_S", "p_C", "p_I"]
 NDCG_TOLERANCE = 0.03
 
 
+def _env() -> dict[str, str]:
+    """This environment for a `workbench` child: no rank variables, no GPU (gloo on CPU everywhere)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    return {**env, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run(
-        [sys.executable, "-m", "workbench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "workbench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env()
     )
 
 
@@ -429,14 +451,13 @@ def test_ctrl_c_stops_a_foreground_two_process_train(tmp_path, small_dataset, ti
 
     db = tmp_path / "runs.db"
     cfg = _ddp_config(tmp_path, small_dataset, tiny_bert, cache, epochs=200)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "workbench", "train", cfg, "--db", str(db), "--processes", "2"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=_env(),
         start_new_session=True,  # its own group, as a shell gives a foreground job
     )
     try:

@@ -76,6 +76,24 @@ def num_processes(cfg) -> int:
     return int(getattr(cfg.train, "num_processes", 1) or 1)
 
 
+def check_processes(cfg) -> None:
+    """On a host with GPUs, one rank per GPU: refuse more ranks than GPUs (accelerate would put two
+    ranks on one GPU, which nccl refuses only after the run started). CPU-only hosts take any N (gloo).
+
+    Raises:
+        ConfigError: ``train.num_processes`` > the number of visible GPUs (one line).
+    """
+    n = num_processes(cfg)
+    if n == 1:
+        return
+    import torch
+
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.num_processes={n}: this host has {torch.cuda.device_count()} GPU(s) and runs one process per GPU"
+        )
+
+
 def launch(config_path: str | Path, overrides: list[str] | None, store: RunStore) -> tuple[str, int]:
     """Create a queued run and start its trainer detached.
 
@@ -162,6 +180,7 @@ def _queue(cfg, config_path: str | Path | None, overrides: list[str], store: Run
     """Validate ``cfg``, create its queued run and folder; returns (run id, run folder, the
     supervised trainer command)."""
     validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
+    check_processes(cfg)
     run_id = store.create_run(cfg.name, cfg.to_dict(), status=Status.QUEUED)
     run_dir = Path(cfg.output_dir).expanduser().resolve() / run_id  # absolute: readable from any cwd
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +309,7 @@ def resume_in_ranks(
     """
     run_id, cfg = resume_config(store, run_id, all_folds=all_folds)
     validate_any(cfg)
+    check_processes(cfg)
     run_dir, cmd = _queue_resume(store, run_id, cfg, all_folds)
     return run_in_foreground(store, run_id, run_dir, cmd, poll)
 
