@@ -229,3 +229,35 @@ def test_a_pretraining_config_runs_as_a_slurm_job(tmp_path, small_dataset, tiny_
     assert (Path(row["run_dir"]) / "backbone" / "model.safetensors").is_file()
     assert {"pretrain/mlm_loss", "train/loss"} <= {m["name"] for m in store.metrics(run_id)}
     assert any(a["kind"] == "backbone" for a in store.artifacts(run_id))
+
+
+def test_a_two_process_run_as_a_slurm_job_and_its_relaunch(tmp_path, small_dataset, tiny_bert):
+    """--processes 2 on Slurm: the job's supervisor starts two gloo ranks (--cpus-per-task 2); the run
+    is the 1-process run's OOF rows in the same order. `r` (relaunch) submits a new job with the same
+    options."""
+    cfg = tiny_config(tmp_path, small_dataset, tiny_bert, num_threads=1)
+    db = str(tmp_path / "runs.db")
+    args = ("--db", db, "--backend", "slurm", "--time", "10", "--cpus-per-task", "2")
+    run_id = _cli("launch", cfg, *args, "--processes", "2")
+    store = RunStore(db)
+    seen = _watch(store, run_id, lambda r: r["job_state"] in TERMINAL_STATES)
+    assert seen[-1] == (Status.FINISHED, "COMPLETED"), seen
+    row = store.get_run(run_id)
+    assert "--nproc 2" in (Path(row["run_dir"]) / "job.sbatch").read_text()
+    assert "processes 2" in (Path(row["run_dir"]) / "train.log").read_text()
+    keys = [(m["fold"], m["step"], m["name"]) for m in store.metrics(run_id) if m["step"] is not None]
+    assert keys and len(keys) == len(set(keys))  # rank 1 wrote nothing
+    oof = pd.read_parquet(Path(row["run_dir"]) / "oof.parquet")
+    assert oof["example_id"].is_unique
+    from core.runs.launcher import relaunch
+
+    new_id, job = relaunch(store, run_id)
+    try:
+        new = store.get_run(new_id)
+        assert new["backend"] == "slurm" and new["job_id"] == str(job) and new_id != run_id
+        script = (Path(new["run_dir"]) / "job.sbatch").read_text()
+        assert "#SBATCH --time=10\n" in script and "#SBATCH --cpus-per-task=2\n" in script and "--nproc 2" in script
+    finally:
+        subprocess.run(["scancel", str(job)], check=False)
+    err = _fails("launch", cfg, "--db", db, "--backend", "slurm", "--gpus", "1", "--processes", "2")
+    assert "one process per GPU" in err

@@ -118,14 +118,24 @@ def relaunch(store: RunStore, run_id: str) -> tuple[str, int]:
     """Launch a new run with exactly the resolved config of ``run_id`` (its runs.db config JSON,
     overrides included), written to ``runs/<new id>/launch.yaml``.
 
+    A Slurm run is submitted again as a new Slurm job with its last job's options
+    (:func:`core.runs.slurm.submit`).
+
     Returns:
-        (new run_id, pid).
+        (new run_id, pid), or (new run_id, Slurm job id) for a Slurm run.
 
     Raises:
-        WorkbenchError: unknown run, or a run without a stored config.
+        WorkbenchError: unknown run, or a run without a stored config; sbatch refuses the job.
         ConfigError / DataError: the stored config or its data no longer validates (nothing is created).
     """
-    return _start(stored_config(store, store.get_record(run_id)), None, [], store)
+    run = store.get_record(run_id)
+    cfg = stored_config(store, run)
+    if run.backend == "slurm":
+        from core.runs import slurm
+
+        new_id, job_id = slurm.submit(cfg, store, slurm.options_of(run.run_dir))
+        return new_id, int(job_id)
+    return _start(cfg, None, [], store)
 
 
 def stored_config(store: RunStore, run: RunRecord, all_folds: bool = False):

@@ -262,7 +262,8 @@ def submit(cfg, store: RunStore, opts: SlurmOptions, config_path: str | Path | N
         (run_id, job_id).
 
     Raises:
-        ConfigError / DataError: the config, its data or the options are refused; WorkbenchError: no
+        ConfigError / DataError: the config, its data or the options are refused (more processes than
+        ``opts.gpus``); WorkbenchError: no
         Slurm, or ``sbatch --test-only`` refuses the job. In all these cases no run row or folder exists.
     """
     from core.config import save_config
@@ -272,6 +273,10 @@ def submit(cfg, store: RunStore, opts: SlurmOptions, config_path: str | Path | N
     require_slurm()
     validate_any(cfg)
     nproc = int(getattr(cfg.train, "num_processes", 1) or 1)
+    if opts.gpus is not None and nproc > opts.gpus:
+        raise ConfigError(
+            f"train.num_processes={nproc} with --gpus {opts.gpus}: one process per GPU (ask for {nproc} GPUs)"
+        )
     with tempfile.TemporaryDirectory() as tmp:  # sbatch checks the options before anything exists
         probe = Path(tmp) / "job.sbatch"
         probe.write_text(batch_script("probe", cfg.name, Path(tmp), opts, nproc))
@@ -320,18 +325,18 @@ def resubmit(store: RunStore, run_id: str, opts: SlurmOptions | None = None) -> 
         raise WorkbenchError(f"{store.path}: run {run.id} is not a Slurm run")
     require_slurm()
     if opts is None:
-        opts = _options_of(run.run_dir)
+        opts = options_of(run.run_dir)
     ingest_quietly(store, run.id, run.run_dir)
     nproc = int((run.config.get("train") or {}).get("num_processes", 1) or 1)
     return _submit_job(store, run.id, run.name, run.run_dir, opts, nproc)
 
 
-def _options_of(run_dir: Path) -> SlurmOptions:
-    """The options of the run's last ``job.sbatch`` (for a resubmission)."""
+def options_of(run_dir: Path | None) -> SlurmOptions:
+    """The options of a run's last ``job.sbatch`` (a resubmission, a relaunch); defaults without one."""
     kw: dict[str, Any] = {"requeue": False}
     try:
-        lines = (run_dir / "job.sbatch").read_text().splitlines()
-    except OSError:
+        lines = (Path(run_dir) / "job.sbatch").read_text().splitlines()
+    except (OSError, TypeError):
         return SlurmOptions()
     names = {
         "partition": "partition",
