@@ -207,13 +207,15 @@ class RunStopped(Message):
 
 
 class RunRelaunched(Message):
-    """A run was launched again with its stored config, as ``new_id`` (process ``pid``)."""
+    """A run was launched again with its stored config, as ``new_id`` (process ``pid``), or submitted
+    as Slurm job ``job_id`` (``pid`` None)."""
 
-    def __init__(self, run_id: str, new_id: str, pid: int) -> None:
+    def __init__(self, run_id: str, new_id: str, pid: int | None, job_id: str | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.new_id = new_id
         self.pid = pid
+        self.job_id = job_id
 
 
 class RunResumed(Message):

@@ -119,9 +119,14 @@ class RunLifecycle:
         """A new run with the run's stored config, detached (``core.runs.launcher.relaunch``)."""
         import core.runs.launcher as launcher
 
-        self._lifecycle(
-            "relaunch", run_id, lambda: RunRelaunched(run_id, *launcher.relaunch(self.services.store(), run_id))
-        )
+        def relaunch() -> RunRelaunched:
+            store = self.services.store()
+            new_id, handle = launcher.relaunch(store, run_id)
+            if store.get_run(run_id).get("backend") == "slurm":  # a new job: the number is the job id
+                return RunRelaunched(run_id, new_id, None, job_id=str(handle))
+            return RunRelaunched(run_id, new_id, handle)
+
+        self._lifecycle("relaunch", run_id, relaunch)
 
     def resume_run(self, run_id: str, all_folds: bool = False) -> None:
         """``workbench resume RUN --detach`` (``--all-folds`` for a partial run): the same run id
@@ -145,7 +150,8 @@ class RunLifecycle:
         self.runs_changed()
 
     def on_run_relaunched(self, message: RunRelaunched) -> None:
-        self.notify(f"relaunched {message.run_id} as {message.new_id} (pid {message.pid})")
+        where = f"Slurm job {message.job_id}" if message.job_id else f"pid {message.pid}"
+        self.notify(f"relaunched {message.run_id} as {message.new_id} ({where})")
         self.runs_changed()
 
     def on_run_resumed(self, message: RunResumed) -> None:
