@@ -59,6 +59,8 @@ def test_rank_store_reads_pass_through_and_writes_do_nothing(tmp_path):
     ranked.add_artifact(run_id, "oof", tmp_path / "oof.parquet")
     ranked.delete_metrics(run_id, fold=0)
     assert ranked.create_run("other", {}) is None
+    with ranked.transaction():  # no BEGIN IMMEDIATE on runs.db
+        assert not store.conn.in_transaction
     assert store.get_run(run_id)["status"] == "queued" and store.metrics(run_id) == []
     assert store.artifacts(run_id) == [] and len(store.list_runs()) == 1
 

@@ -462,11 +462,11 @@ def test_pretrain_resumes_from_its_step_checkpoint_bit_identical(tmp_path, small
     calls = {"n": 0}
     real = pretrain_mod.check_stop
 
-    def crash_at_step_8(where=""):
+    def crash_at_step_8(where="", **kwargs):  # kwargs: collective=True at a step
         calls["n"] += 1
         if calls["n"] == 8:
             raise Crash("simulated kill at step 8")
-        real(where)
+        real(where, **kwargs)
 
     store = RunStore(tmp_path / "runs.db")
     monkeypatch.setattr(pretrain_mod, "check_stop", crash_at_step_8)

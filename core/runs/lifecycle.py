@@ -133,15 +133,18 @@ def claim_run(
     """
     if distributed_world() == 1:
         return _claim_here(store, name, config, output_dir, run_id, resume)
-    claimed: tuple[str, Path] | WorkbenchError | None = None
+    claimed: tuple[str, Path] | str | None = None
+    error: WorkbenchError | None = None
     if is_main_rank():
         try:
             claimed = _claim_here(store, name, config, output_dir, run_id, resume)
         except WorkbenchError as exc:
-            claimed = exc
+            claimed, error = str(exc), exc  # the others get the message
     claimed = broadcast_from_main(claimed)
-    if isinstance(claimed, WorkbenchError):
-        raise claimed
+    if error is not None:
+        raise error
+    if isinstance(claimed, str):
+        raise WorkbenchError(claimed)
     return claimed
 
 

@@ -264,6 +264,10 @@ class RankStore:
             return _ignore
         return getattr(self._store, name)
 
+    def transaction(self) -> contextlib.AbstractContextManager:
+        """No write transaction (its writes do nothing anyway)."""
+        return contextlib.nullcontext()
+
     @property
     def wrapped(self) -> Any:
         """The store whose reads this one passes through."""

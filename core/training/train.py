@@ -162,8 +162,8 @@ def _run(
     mark_running(store, run_id, run_dir, config=cfg.to_json(), model=cfg.model.name, task=cfg.data.task)
     if cfg.train.num_processes != distributed_world():
         log.warning(
-            "train.num_processes=%d but this run has %d process(es): start it with `workbench train/launch` "
-            "(the supervisor starts the ranks) or torchrun",
+            "train.num_processes=%d, but %d process(es) train this run (WORLD_SIZE decides: `workbench "
+            "train/launch` start train.num_processes ranks, torchrun its --nproc_per_node)",
             cfg.train.num_processes,
             distributed_world(),
         )
