@@ -93,3 +93,40 @@ def test_not_a_database(tmp_path):
         RunStore(bad)
     with pytest.raises(WorkbenchError, match="no runs database"):
         RunStore(tmp_path / "missing.db", readonly=True)
+
+
+def test_runs_compare_gives_each_difference_with_its_interval(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from core.scoring.significance import describe, f1_diff, ndcg_diff
+    from oof_fixture import oof_frame, oof_run
+    from workbench.cli import app
+
+    store = RunStore(tmp_path / "runs.db")
+    fa = oof_frame(noise=1.5, seed=1)
+    fb = oof_frame(noise=0.5, seed=2)  # the same examples, better predictions
+    fc = oof_frame(noise=0.6, seed=3).drop(columns="ce_score").iloc[: 6 * 30]  # 30 of the 40 queries
+    a, b, c = (oof_run(store, tmp_path, n, f) for n, f in (("base", fa), ("better", fb), ("other", fc)))
+    res = CliRunner().invoke(app, ["runs", "compare", a, b, c, "--db", store.path, "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["run_id"] for r in rows] == [b, c] and rows[0]["base_id"] == a
+    want = ndcg_diff(fa, fb)  # the same interval from the frames themselves
+    assert rows[0]["deltas"]["ndcg"] == want.to_dict()
+    assert rows[0]["deltas"]["ce_ndcg"] == ndcg_diff(fa, fb, "ce_score").to_dict()
+    assert rows[0]["deltas"]["task2_f1"] == f1_diff(fa, fb).to_dict()
+    assert want.diff > 0 and not want.within_noise and f1_diff(fa, fb).within_noise
+    assert rows[1]["deltas"]["ce_ndcg"] is None and rows[1]["deltas"]["ndcg"]["n_queries"] == 30
+    res = CliRunner().invoke(app, ["runs", "compare", a, b, c, "--db", store.path], terminal_width=80)
+    assert res.exit_code == 0, res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
+    assert describe(want) in res.output and "(40 common queries)" in res.output and "(30 common" in res.output
+    assert "no ce_score" in res.output and "(2,000 resamples of queries, seed 0)" in " ".join(res.output.split())
+    # no query in common: one line, exit 2
+    d = oof_run(store, tmp_path, "elsewhere", oof_frame(first_query=1000))
+    res = CliRunner().invoke(app, ["runs", "compare", a, d, "--db", store.path])
+    assert isinstance(res.exception, WorkbenchError) and "share no query" in str(res.exception)
+    res = CliRunner().invoke(app, ["runs", "compare", a, "--db", store.path])
+    assert isinstance(res.exception, WorkbenchError) and "at least two runs" in str(res.exception)

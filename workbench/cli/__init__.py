@@ -466,6 +466,56 @@ def runs_show(run: str, db: DbOpt = None):
         console.print(f"  {a['kind']:<10} fold {a['fold']:>2}  {a['path']}")
 
 
+@runs_app.command("compare")
+def runs_compare(
+    runs: Annotated[list[str], typer.Argument(help="run ids (or unique prefixes); the first is the baseline")],
+    resamples: Annotated[int, typer.Option("--resamples", min=1, help="bootstrap resamples of queries")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the resamples")] = 0,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """Each run against the first on their common OOF queries: Δ nDCG (final and cross-encoder)
+    and Δ Task 2 F1, each with a paired bootstrap 95% interval; "within noise" when it covers 0."""
+    from rich.markup import escape
+
+    from core.runs.compare import OOF_DELTAS, compare_oof
+    from core.scoring.significance import describe, method_note
+
+    rows = compare_oof(open_store(db, readonly=True), runs, n_resamples=resamples, seed=seed)
+    if as_json:
+        out = [{**r, "deltas": {k: d.to_dict() if d else None for k, d in r["deltas"].items()}} for r in rows]
+        print(json.dumps(out, indent=1))
+        return
+    console.print(f"[bold]baseline[/] {rows[0]['base_id']} {escape(rows[0]['base_name'])}", soft_wrap=True)
+    for i, r in enumerate(rows):
+        if i:
+            console.print()
+        n = r["deltas"]["ndcg"].n_queries
+        t = Table(
+            title=escape(f"{r['run_id']} {r['name']} ({n:,} common queries)"),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            pad_edge=False,
+            show_edge=False,
+        )
+        t.add_column("metric", no_wrap=True)
+        for col in ("base", "run"):
+            t.add_column(col, justify="right", no_wrap=True)
+        t.add_column("run - base [95% interval]", no_wrap=True)
+        for key, label in OOF_DELTAS:
+            d = r["deltas"][key]
+            name = label.removeprefix("Δ ")
+            if d is None:
+                t.add_row(name, "-", "-", "- (no ce_score in an OOF file)")
+            else:
+                t.add_row(name, f"{d.a:.4f}", f"{d.b:.4f}", describe(d))
+        console.print(t)
+    console.print(
+        escape(f"nDCG: final ranking (score); CE nDCG: cross-encoder (ce_score); {method_note(resamples, seed)}")
+    )
+
+
 @app.command()
 def evaluate(run: str, db: DbOpt = None):
     """Recompute the run's metrics from its oof.parquet (independent of what the trainer logged)."""
