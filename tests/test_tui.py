@@ -245,6 +245,57 @@ async def test_compare_needs_two_marks_then_shows_metrics_diff_curves(fixture_db
         assert isinstance(app.screen, RunsScreen)
 
 
+async def test_compare_shows_oof_differences_with_intervals_and_cycles_the_baseline(fixture_db, tmp_path):
+    from textual.widgets import DataTable
+
+    from core.scoring.significance import describe, f1_diff, ndcg_diff
+    from tui_fixture import add_oof_files, oof_frame_of
+
+    a, b = add_oof_files(tmp_path)  # the two finished runs; the crashed run has no OOF file
+    crashed = "20261122-110000-cccc"
+    app = fixture_app(fixture_db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await loaded(pilot)
+        for rid in (b, a, crashed):
+            await goto(pilot, screen, lambda r, rid=rid: r["id"] == rid)
+            await pilot.press("space")
+        await pilot.press("c")
+        cmp = app.screen
+        assert isinstance(cmp, CompareScreen)
+        await wait_for(pilot, lambda: cmp.loaded and cmp.deltas_loaded, what="the compare screen and its Δ rows")
+        mt = cmp.query_one("#metrics-table", DataTable)
+        cols = [str(c.key.value) for c in mt.columns.values()]
+        rows = {str(mt.get_row_at(i)[0]): [str(c) for c in mt.get_row_at(i)[1:]] for i in range(mt.row_count)}
+
+        # columns in the Runs table's order (newest first); the crashed run, first, has no OOF
+        # file, so the baseline is the next run that has one
+        assert cols[1:] == [crashed, b, a] and cmp.base_id == b
+        fb, fa = oof_frame_of(b), oof_frame_of(a)  # the same OOF frames the files hold
+        want = {
+            "Δ nDCG": ndcg_diff(fb, fa),
+            "Δ CE nDCG": ndcg_diff(fb, fa, "ce_score"),
+            "Δ Task 2 F1": f1_diff(fb, fa),
+        }
+        for label, d in want.items():
+            cells = dict(zip(cols[1:], rows[label], strict=True))
+            assert "baseline" in cells[b] and "no OOF file" in cells[crashed]
+            assert describe(d, 3, compact=True) in cells[a], (label, cells[a])
+        assert want["Δ nDCG"].diff < 0  # a's predictions are noisier
+        note = str(cmp.query_one("#delta-note").render())
+        assert "2,000 resamples of queries, seed 0" in note and "minilm-lr3e-5 bbbb" in note
+        await pilot.press("b")  # the next run is the baseline: the signs flip
+        await wait_for(pilot, lambda: cmp.deltas_loaded, what="the differences against the new baseline")
+        assert cmp.base_id == a
+        rows = {str(mt.get_row_at(i)[0]): [str(c) for c in mt.get_row_at(i)[1:]] for i in range(mt.row_count)}
+        cells = dict(zip(cols[1:], rows["Δ nDCG"], strict=True))
+        assert describe(ndcg_diff(fa, fb), 3, compact=True) in cells[b] and "baseline" in cells[a]
+        await pilot.press("b")  # the crashed run: nothing to compare against
+        await wait_for(pilot, lambda: cmp.deltas_loaded, what="the crashed baseline")
+        rows = {str(mt.get_row_at(i)[0]): [str(c) for c in mt.get_row_at(i)[1:]] for i in range(mt.row_count)}
+        assert all("baseline: no OOF file" in c for c in rows["Δ nDCG"][1:]) and "baseline" in rows["Δ nDCG"][0]
+        assert not any(n.severity == "error" for n in app._notifications)
+
+
 async def test_new_run_dialog_validates_overrides(fixture_db, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import wait_until
-from tui_fixture import add_slurm_run, build_fixture_db, fixture_app
+from tui_fixture import add_oof_files, add_slurm_run, build_fixture_db, fixture_app
 
 SIZES = [(80, 24), (160, 48)]
 
@@ -63,12 +63,22 @@ def test_run_detail_screen(snap_compare, app, size):
 
 
 @pytest.mark.parametrize("tab", ["1", "2", "3"], ids=["metrics", "config", "curves"])
-def test_compare_screen(snap_compare, app, tab):
+def test_compare_screen(snap_compare, app, tab, tmp_path):
+    add_oof_files(tmp_path)  # the finished runs' OOF files: the Δ rows against the first of them
+
     async def before(pilot):
         await _runs_loaded(pilot)
-        await pilot.press("end", "space", "up", "space", "up")
-        await pilot.press("space", "c")  # the two finished runs and the crashed one
-        await _settle(pilot, lambda: getattr(pilot.app.screen, "loaded", False))
+        table = pilot.app.screen.table
+        for rid in ("20261122-110000-cccc", "20261122-100000-bbbb", "20261122-090000-aaaa"):
+            await pilot.press("home")  # the two finished runs and the crashed one, newest first
+            while table.current_id != rid:
+                await pilot.press("down")
+            await pilot.press("space")
+        await pilot.press("c")
+        await _settle(
+            pilot,
+            lambda: getattr(pilot.app.screen, "loaded", False) and getattr(pilot.app.screen, "deltas_loaded", False),
+        )
         await pilot.press(tab)
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=before)

@@ -256,3 +256,27 @@ def add_slurm_run(db: Path, job_state: str = "PENDING", job_reason: str = "Resou
     )
     store.close()
     return SLURM_RUN
+
+
+#: noise of the synthetic OOF predictions of :func:`add_oof_files` (lower = better), per run
+OOF_NOISE = {"20261122-090000-aaaa": 1.5, "20261122-100000-bbbb": 1.0}
+
+
+def add_oof_files(root: Path, noise: dict[str, float] | None = None) -> list[str]:
+    """Write ``runs/<id>/oof.parquet`` under ``root`` for the fixture runs in ``noise`` (default
+    :data:`OOF_NOISE`: the two finished runs): 40 queries, the same examples, labels and folds for
+    every run, predictions drawn with a fixed seed per run (``tests/oof_fixture.py``). Returns the ids."""
+    from oof_fixture import oof_frame
+
+    noise = OOF_NOISE if noise is None else noise
+    for i, (rid, level) in enumerate(noise.items()):
+        oof_frame(noise=level, seed=i + 1).to_parquet(root / "runs" / rid / "oof.parquet", index=False)
+    return list(noise)
+
+
+def oof_frame_of(run_id: str):
+    """The OOF frame :func:`add_oof_files` writes for ``run_id`` (with the default noise levels)."""
+    from oof_fixture import oof_frame
+
+    i = list(OOF_NOISE).index(run_id)
+    return oof_frame(noise=OOF_NOISE[run_id], seed=i + 1)

@@ -404,6 +404,8 @@ HELP = """\
 [b]Compare[/]
   1 metrics (best ± fold std \\[min-max])   2 config diff (differing keys)
   3 curves (one colour per run), m next metric    r reload    esc  back
+  Δ rows: run - baseline on common OOF queries \\[95% paired bootstrap];
+  "noise" when the interval covers 0; b next baseline
 nDCG / F1 are the best values (CV over all OOF rows when finished, else the
 mean of each fold's best evaluation so far), never the last one."""
 

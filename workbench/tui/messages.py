@@ -109,6 +109,20 @@ class CompareLoaded(Message):
         self.curves = curves
 
 
+class CompareDeltas(Message):
+    """The compare screen's OOF differences vs its baseline run (``core.runs.compare.oof_deltas``).
+
+    ``base_id``: the baseline; ``deltas``: run id -> {key: PairedDiff or None}, or a short reason
+    ("no OOF file", "no common query") when there is nothing to show; ``metrics``: run id -> the
+    per-query metrics read (kept for another baseline without reading the files again)."""
+
+    def __init__(self, base_id: str, deltas: dict, metrics: dict) -> None:
+        super().__init__()
+        self.base_id = base_id
+        self.deltas = deltas
+        self.metrics = metrics
+
+
 # -- Label review ---------------------------------------------------------------------------------
 class ReviewLoaded(Message):
     """A run's issues, OOF probabilities, example text and decision log (``core.cleaning.labels.ReviewData``)."""
