@@ -154,10 +154,45 @@ def test_a_file_from_a_newer_workbench_is_refused_by_a_writer(tmp_path):
     RunStore(db, readonly=True).close()
 
 
+def test_a_version_2_file_gets_the_sweep_columns(tmp_path):
+    db = _old_db(tmp_path / "runs.db", V0_CORE)
+    RunStore(db).close()
+    conn = sqlite3.connect(db)  # back to version 2: no sweep columns, no index on them
+    conn.executescript(
+        'DROP INDEX "idx_runs_sweep_trial"; ALTER TABLE runs DROP COLUMN sweep; ALTER TABLE runs DROP COLUMN trial;'
+        "PRAGMA user_version = 2;"
+    )
+    conn.close()
+    assert "sweep" not in _schema(db)["runs"]
+    store = RunStore(db)
+    assert _version(db) == SCHEMA_VERSION == 3
+    assert _schema(db)["runs"][-2:] == ["sweep", "trial"]
+    rec = store.get_record(RID)
+    assert (rec.sweep, rec.trial, rec.status) == (None, None, Status.FINISHED)
+    rid = store.create_run("t", {"train": {"folds": 2}})
+    store.set_sweep_trial(rid, "sw", 4)
+    assert (store.get_record(rid).sweep, store.get_record(rid).trial) == ("sw", 4)
+    assert [r.id for r in store.sweep_runs("sw")] == [rid] and store.sweeps() == {"sw": 1}
+    store.update_run(rid, status=Status.STOPPED, exit_code=143)
+    assert store.mark_pruned(rid, "pruned at fold 0") == Status.PRUNED
+    rec = store.get_record(rid)
+    assert (rec.status, rec.exit_code, rec.error, rec.active) == (Status.PRUNED, 143, "pruned at fold 0", False)
+    assert store.mark_pruned(RID) == Status.FINISHED  # a finished run keeps its end
+
+
 def test_status_groups():
-    assert [str(s) for s in Status] == ["queued", "running", "finished", "partial", "failed", "stopped", "crashed"]
+    assert [str(s) for s in Status] == [
+        "queued",
+        "running",
+        "finished",
+        "partial",
+        "failed",
+        "stopped",
+        "crashed",
+        "pruned",
+    ]
     assert ACTIVE == ("queued", "running")
-    assert FINAL == ("finished", "partial", "failed", "stopped", "crashed")
+    assert FINAL == ("finished", "partial", "failed", "stopped", "crashed", "pruned")
     assert RESUMABLE == ("crashed", "stopped", "failed", "partial")
     assert set(ACTIVE) | set(FINAL) == set(Status) and not set(ACTIVE) & set(FINAL)
     assert Status.RUNNING == "running" and f"{Status.CRASHED}" == "crashed"

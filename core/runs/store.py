@@ -10,7 +10,8 @@ is a :class:`RunStore` method.
 
 Tables:
   runs(id, name, status, task, model, config JSON, pid, process_start_time, host, created,
-       started, ended, exit_code, git_commit, run_dir, error, backend, job_id, job_state, job_reason, node)
+       started, ended, exit_code, git_commit, run_dir, error, backend, job_id, job_state, job_reason, node,
+       sweep, trial)   sweep/trial: the hyperparameter sweep and its trial number (core.runs.sweep)
   metrics(run_id, fold, step, epoch, name, value, time)   fold = -1 for run-level values
   artifacts(run_id, fold, kind, path, time)
   label_issues(run_id, example_id, given_label, suggested_label, label_quality, rank)
@@ -57,6 +58,7 @@ class Status(StrEnum):
     FAILED = "failed"  # an error (bad data, exception): exit code and error recorded
     STOPPED = "stopped"  # ``workbench stop`` / Ctrl+C
     CRASHED = "crashed"  # killed (SIGKILL, OOM, reboot): nobody wrote a final status
+    PRUNED = "pruned"  # stopped by its sweep's pruner (core.runs.sweep): partial figures kept, not resumable
 
 
 #: statuses of a run whose process may still be alive
@@ -187,6 +189,10 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("job_state", "TEXT"),
         ("job_reason", "TEXT"),
         ("node", "TEXT"),
+        # the hyperparameter sweep (version 3) that launched the run and its Optuna trial number
+        # (NULL for runs outside a sweep; core.runs.sweep)
+        ("sweep", "TEXT"),
+        ("trial", "INTEGER"),
     ),
     "metrics": (
         ("run_id", "TEXT"),
@@ -234,6 +240,7 @@ INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("idx_artifacts_run_id", "artifacts", ("run_id",)),
     ("idx_label_issues_run_id_rank", "label_issues", ("run_id", "rank")),
     ("idx_label_decisions_source_run_id", "label_decisions", ("source_run", "id")),
+    ("idx_runs_sweep_trial", "runs", ("sweep", "trial")),
 )
 LABEL_ISSUE_COLUMNS = tuple(c for c, _ in TABLES["label_issues"])
 LABEL_DECISION_COLUMNS = tuple(c for c, _ in TABLES["label_decisions"])
@@ -266,10 +273,17 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     _create_schema(conn)
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Version 3: the runs' ``sweep`` and ``trial`` columns (NULL in older rows: no sweep) and the
+    index on them (core.runs.sweep)."""
+    _create_schema(conn)
+
+
 #: (version reached, migration from the one before), in order; a new file runs them all
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
     (1, _migrate_0_to_1),
     (2, _migrate_1_to_2),
+    (3, _migrate_2_to_3),
 )
 #: ``PRAGMA user_version`` of a runs.db with this module's schema
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -311,6 +325,8 @@ class RunRecord:
     job_state: str | None = None
     job_reason: str | None = None
     node: str | None = None
+    sweep: str | None = None
+    trial: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], db: str = DEFAULT_DB) -> RunRecord:
@@ -351,6 +367,8 @@ class RunRecord:
             job_state=row.get("job_state"),
             job_reason=row.get("job_reason"),
             node=row.get("node"),
+            sweep=row.get("sweep"),
+            trial=row.get("trial"),
         )
 
     @property
@@ -756,6 +774,59 @@ class RunStore:
                 [int(example_id), decision, new_label, reviewer, now_iso(), source_run],
             )
             return int(cur.lastrowid)
+
+    def set_sweep_trial(self, run_id: str, sweep: str, trial: int) -> None:
+        """Tag a run as trial number ``trial`` of the sweep ``sweep`` (:mod:`core.runs.sweep`).
+
+        Raises:
+            WorkbenchError: no run with this id.
+        """
+        self.update_run(run_id, sweep=str(sweep), trial=int(trial))
+
+    def mark_pruned(self, run_id: str, reason: str | None = None) -> str:
+        """Give a run its sweep's ``pruned`` status once its process has stopped: any status but
+        ``finished`` / ``partial`` (a run that ended before the prune keeps its end) becomes
+        :attr:`Status.PRUNED`, with ``reason`` as its error; metric rows and files are kept.
+
+        Returns:
+            The run's status afterwards.
+
+        Raises:
+            WorkbenchError: no run with this id.
+        """
+        with self._tx() as c:
+            row = c.execute("SELECT status, ended FROM runs WHERE id = ?", [run_id]).fetchone()
+            if row is None:
+                raise WorkbenchError(f"{self.path}: no run {run_id}")
+            if row[0] in (Status.FINISHED, Status.PARTIAL):
+                return str(row[0])
+            c.execute(
+                "UPDATE runs SET status = ?, ended = ?, error = COALESCE(?, error) WHERE id = ?",
+                [str(Status.PRUNED), row[1] or now_iso(), reason, run_id],
+            )
+        return str(Status.PRUNED)
+
+    def sweep_runs(self, sweep: str) -> list[RunRecord]:
+        """The runs of the sweep ``sweep`` (:meth:`set_sweep_trial`), by trial number."""
+        if "sweep" not in {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}:
+            return []  # a reader of a file from before version 3
+        with self._guard():
+            rows = [
+                self._resolved(r)
+                for r in self.db.query("SELECT * FROM runs WHERE sweep = ? ORDER BY trial, id", [str(sweep)])
+            ]
+        return [RunRecord.from_row(r, self.path) for r in rows]
+
+    def sweeps(self) -> dict[str, int]:
+        """{sweep name: number of its runs} of every sweep with a run in this database."""
+        if "sweep" not in {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}:
+            return {}
+        with self._guard():
+            return dict(
+                self.conn.execute(
+                    "SELECT sweep, COUNT(*) FROM runs WHERE sweep IS NOT NULL GROUP BY sweep ORDER BY sweep"
+                ).fetchall()
+            )
 
     def put_ensemble(self, name: str, tasks: str, members: str, manifest: str, out_dir: str) -> None:
         """Record an ensemble (``members`` and ``manifest`` are JSON text); a rebuild under the

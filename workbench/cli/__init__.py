@@ -402,6 +402,7 @@ def runs_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")]
         Status.FAILED: "red",
         Status.CRASHED: "red",
         Status.STOPPED: "yellow",
+        Status.PRUNED: "magenta",
     }
     for r in rows:
         n_folds = r["n_folds"]

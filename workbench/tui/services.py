@@ -26,6 +26,7 @@ STATUS_STYLES = {
     Status.CRASHED: "bold red",
     Status.STOPPED: "yellow",
     Status.PARTIAL: "yellow",
+    Status.PRUNED: "magenta",
 }
 
 
