@@ -423,3 +423,22 @@ def test_compare_runs_on_original_labels(labelled, tmp_path):
     assert res.exit_code == 0, res.output
     diff_line = next(line for line in res.output.splitlines() if line.strip().startswith("diff") and "final" in line)
     assert f"{t.loc[('cleaned - base', 'final'), 'cv_ndcg']:+.4f}" in diff_line
+    # every difference with its paired bootstrap interval over the queries, equal to the table's diff
+    from core.scoring.significance import describe, f1_diff, ndcg_diff
+
+    t = compare_runs(store, run_id, r2)
+    diffs = t.attrs["differences"]
+    assert diffs[("final", "cv_ndcg")] == ndcg_diff(base, other, what=f"runs {run_id} and {r2}")
+    for key, d in diffs.items():
+        assert d.diff == pytest.approx(t.loc[("cleaned - base", key[0]), key[1]], abs=1e-12), key
+        assert d.n_resamples == 2000 and d.seed == 0 and d.low <= d.high
+    assert diffs[("cross-encoder", "task3_f1")] == f1_diff(base, other, task=3)
+    assert not diffs[("final", "cv_ndcg")].within_noise  # random scores against the run's own: clearly worse
+    assert compare_runs(store, run_id, r2, n_resamples=None).attrs["differences"] == {}
+    lines = res.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), res.output
+    final = next(line for line in lines if line.strip().startswith("nDCG final"))
+    assert describe(diffs[("final", "cv_ndcg")]) in final
+    t2 = next(line for line in lines if line.strip().startswith("Task 2 micro-F1"))
+    assert describe(diffs[("cross-encoder", "task2_f1")]) in t2 and "within noise" in t2  # the same probabilities
+    assert "2,000 resamples of queries, seed 0" in " ".join(res.output.split())

@@ -533,7 +533,9 @@ def default_issues_run(store: RunStore) -> str:
     return runs[0]["run_id"]
 
 
-def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFrame:
+def compare_runs(
+    store: RunStore, base_run: str, cleaned_run: str, n_resamples: int | None = 2000, seed: int = 0
+) -> pd.DataFrame:
     """Per-fold nDCG of two runs on the same examples and folds, on the *original* labels.
 
     The fair comparison of a run trained on cleaned labels: both runs' OOF predictions over all
@@ -542,6 +544,13 @@ def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFra
     micro-F1 of the argmax) and the final ranking (``score``), plus ``diff`` rows (cleaned - base)
     for each scorer; columns ``fold0..``, ``cv_ndcg``, ``fold_std``, ``task2_f1``, ``task3_f1``
     (see :func:`core.scoring.report.scorer_table`).
+
+    ``table.attrs["differences"]`` holds the cleaned - base differences over all OOF queries with
+    their paired bootstrap 95% interval (:mod:`core.scoring.significance`: queries resampled
+    ``n_resamples`` times with ``seed``, the same draws for both runs): keys ``("cross-encoder",
+    "cv_ndcg")``, ``("final", "cv_ndcg")``, ``("cross-encoder", "task2_f1")``, ``("cross-encoder",
+    "task3_f1")`` -> :class:`~core.scoring.significance.PairedDiff` (its ``diff`` equals the
+    table's diff row); ``n_resamples=None`` skips them (empty dict).
 
     Raises:
         WorkbenchError: unknown run; the two OOF files differ in examples, labels or folds.
@@ -572,6 +581,18 @@ def compare_runs(store: RunStore, base_run: str, cleaned_run: str) -> pd.DataFra
     out = pd.concat(
         {f"base {rb['id']}": tables["base"], f"cleaned {rc['id']}": tables["cleaned"], "cleaned - base": diff}
     )
+    out.attrs["differences"] = {}
+    if n_resamples:
+        from core.scoring.significance import f1_diff, ndcg_diff
+
+        kw = {"n_resamples": n_resamples, "seed": seed, "what": f"runs {rb['id']} and {rc['id']}"}
+        ce_b, ce_c = ("ce_score" if "ce_score" in oof else "score" for oof in (base, clean))
+        out.attrs["differences"] = {
+            ("cross-encoder", "cv_ndcg"): ndcg_diff(base, clean, ce_b, ce_c, **kw),
+            ("final", "cv_ndcg"): ndcg_diff(base, clean, "score", **kw),
+            ("cross-encoder", "task2_f1"): f1_diff(base, clean, 2, **kw),
+            ("cross-encoder", "task3_f1"): f1_diff(base, clean, 3, **kw),
+        }
     return out
 
 

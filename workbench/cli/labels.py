@@ -117,12 +117,18 @@ def export(
 def compare(
     base: Annotated[str, typer.Argument(help="run trained on the labels as released")],
     cleaned: Annotated[str, typer.Argument(help="run trained with labels.* cleaning, same data and folds")],
+    resamples: Annotated[int, typer.Option("--resamples", min=1, help="bootstrap resamples of queries")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the resamples")] = 0,
     db: DbOpt = None,
 ):
-    """Per-fold nDCG of BASE and CLEANED on the original labels of all examples, and the difference."""
-    from core.cleaning.labels import compare_runs
+    """Per-fold nDCG of BASE and CLEANED on the original labels of all examples, and the difference
+    with its paired bootstrap 95% interval over queries."""
+    from rich.markup import escape
 
-    table = compare_runs(open_store(db, readonly=True), base, cleaned)
+    from core.cleaning.labels import compare_runs
+    from core.scoring.significance import describe, method_note
+
+    table = compare_runs(open_store(db, readonly=True), base, cleaned, n_resamples=resamples, seed=seed)
     folds = [c for c in table.columns if c.startswith("fold") and c != "fold_std"]
     runs = list(table.index.get_level_values(0).unique())
     out = Table(
@@ -148,8 +154,29 @@ def compare(
             f"{row['fold_std']:.4f}",
         )
     console.print(out)
-    ce = table.xs("cross-encoder", level=1)
-    for task in ("task2", "task3"):
-        b, c, d = ce[f"{task}_f1"].tolist()
-        console.print(f"Task {task[-1]} micro-F1 (CE argmax): base {b:.4f}, clean {c:.4f}, diff {d:+.4f}")
-    console.print("diff = clean - base; sd = std over folds (for diff: of the paired per-fold differences)")
+    diffs = table.attrs["differences"]
+    n = diffs[("final", "cv_ndcg")].n_queries
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0, 0, 1),
+        title=f"clean - base over all {n:,} OOF queries, 95% paired bootstrap interval",
+    )
+    for col in ("", "base", "clean", "clean - base [95% interval]"):
+        t.add_column(col, justify="right" if col in ("base", "clean") else "left", no_wrap=True)
+    rows = (
+        ("nDCG CE", ("cross-encoder", "cv_ndcg")),
+        ("nDCG final", ("final", "cv_ndcg")),
+        ("Task 2 micro-F1 CE", ("cross-encoder", "task2_f1")),
+        ("Task 3 micro-F1 CE", ("cross-encoder", "task3_f1")),
+    )
+    for label, key in rows:
+        d = diffs[key]
+        t.add_row(label, f"{d.a:.4f}", f"{d.b:.4f}", describe(d))
+    console.print(t)
+    console.print(
+        escape(
+            "diff = clean - base; sd = std over folds (for diff: of the paired per-fold differences); "
+            f"F1 of the cross-encoder's argmax; {method_note(resamples, seed)}"
+        )
+    )
