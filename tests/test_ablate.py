@@ -87,6 +87,39 @@ def test_table_from_runs_db_by_hand(tmp_path):
     assert md.count("\n") == 4 and "+0.0100" in md and a in md
 
 
+def test_each_step_has_its_paired_bootstrap_interval_from_the_oof_files(tmp_path):
+    from core.scoring.significance import ndcg_diff
+    from oof_fixture import oof_frame
+
+    store = RunStore(tmp_path / "runs.db")
+    frames = [oof_frame(noise=1.5, seed=1), oof_frame(noise=0.5, seed=2)]
+    frames.append(frames[1].copy())  # step 2 changes nothing: the interval is exactly [0, 0]
+    ids = []
+    for name, fr, folds in zip(("base", "ema", "ls"), frames, ([0.8, 0.82, 0.84], [0.9, 0.9, 0.93], [0.9, 0.9, 0.93])):
+        rid = _fake_run(store, name, folds, [100, 100, 100])
+        (tmp_path / "runs" / rid).mkdir(parents=True)
+        fr.to_parquet(tmp_path / "runs" / rid / "oof.parquet", index=False)
+        ids.append(rid)
+    t = ablation_table(store, ids, ["baseline", "+ ema", "+ ls"])
+    want = ndcg_diff(frames[0], frames[1], "ce_score")  # the cross-encoder's per-query nDCG, step vs previous
+    assert (t.loc[1, "ci_low"], t.loc[1, "ci_high"], t.loc[1, "ci_queries"]) == (want.low, want.high, 40)
+    assert t.loc[1, "noise_rule"] == "bootstrap" and t.loc[1, "within_noise"] == want.within_noise is False
+    assert (t.loc[2, "ci_low"], t.loc[2, "ci_high"]) == (0.0, 0.0) and t.loc[2, "within_noise"]
+    assert np.isnan(t.loc[0, "ci_low"]) and t.loc[0, "within_noise"] is None and pd.isna(t.loc[0, "noise_rule"])
+    md = to_markdown(t)
+    assert f"[{want.low:+.4f}, {want.high:+.4f}]" in md and "| Δ 95% interval |" in md
+    res = runner.invoke(
+        app, ["ablate", "configs/ablation.yaml", "--db", store.path, "--runs", ",".join(ids)]
+    )  # run names
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    ema = next(i for i, line in enumerate(lines) if "│ ema " in line)  # Δ, then its interval on the next line
+    assert " *" in lines[ema] and f"[{want.low:+.3f},{want.high:+.3f}]" in lines[ema + 1]
+    ls = next(i for i, line in enumerate(lines) if "│ ls " in line)
+    assert "+0.0000 ~" in lines[ls] and "[+0.000,+0.000]" in lines[ls + 1]
+    assert all(len(line) <= 80 for line in res.output.splitlines() if "│" in line), res.output
+
+
 def test_ablation_end_to_end_through_the_cli(tmp_path, small_dataset, tiny_bert):
     import yaml
 

@@ -130,22 +130,45 @@ def _per_fold(ms: list[dict], name: str) -> dict[int, float]:
     return {m["fold"]: m["value"] for m in ms if m["name"] == name and m["fold"] >= 0}
 
 
-def ablation_table(store: RunStore, run_ids: list[str], labels: list[str] | None = None) -> pd.DataFrame:
-    """One row per run (in order) from runs.db: what the run logged, no retraining.
+def _query_ndcg(store: RunStore, run_id: str) -> pd.Series | None:
+    """The cross-encoder's nDCG per query from the run's oof.parquet (``ce_score``, else ``score``);
+    None when the run has no readable OOF file."""
+    from core.errors import DataError
+    from core.runs.compare import query_metrics
+
+    try:
+        qm = query_metrics(store, run_id)
+    except DataError:
+        return None
+    return qm.ce_ndcg if qm.ce_ndcg is not None else qm.ndcg
+
+
+def ablation_table(
+    store: RunStore, run_ids: list[str], labels: list[str] | None = None, n_resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """One row per run (in order) from runs.db and the runs' OOF files: no retraining.
 
     Columns: ``run_id``, ``added``, ``cv_ndcg`` (cross-encoder OOF nDCG over all queries),
     ``final_ndcg`` (after the blend), ``task2_f1`` (micro-F1 of the argmax), ``fold_std`` (std of the
     per-fold nDCG), ``delta`` (CV nDCG minus the previous row's), ``paired_std`` (std over folds of
-    the per-fold nDCG difference to the previous row: the noise yardstick for ``delta``, the folds
-    being the same queries), ``within_noise`` (|delta| < paired_std), ``sec_per_epoch`` (training
-    seconds per fold and epoch, the teacher pass of distillation / pseudo-labels included).
+    the per-fold nDCG difference to the previous row, the folds being the same queries),
+    ``ci_low`` / ``ci_high`` (the paired bootstrap 95% interval of the change of the mean per-query
+    cross-encoder nDCG from the previous row, over the queries both OOF files have:
+    :func:`core.scoring.significance.paired_bootstrap`, ``n_resamples`` draws of queries with
+    ``seed``; NaN when a run has no OOF file or none in common), ``ci_queries`` (those queries), ``within_noise``
+    (the interval covers 0; without an interval, |delta| < paired_std), ``noise_rule``
+    (``"bootstrap"``, ``"paired fold std"`` or None), ``sec_per_epoch`` (training seconds per fold
+    and epoch, the teacher pass of distillation / pseudo-labels included).
 
     Raises:
         WorkbenchError: an unknown run id.
     """
+    from core.scoring.significance import paired_bootstrap
+
     rows = []
     prev_folds: dict[int, float] | None = None
     prev_cv = None
+    prev_q: pd.Series | None = None
     for i, rid in enumerate(run_ids):
         run = store.get_record(rid)
         ms = store.metrics(run.id)
@@ -167,16 +190,25 @@ def ablation_table(store: RunStore, run_ids: list[str], labels: list[str] | None
             if secs
             else float("nan"),
         }
+        row.update(ci_low=float("nan"), ci_high=float("nan"), ci_queries=0)
+        q_ndcg = _query_ndcg(store, run.id)
         if prev_folds is not None:
             row["delta"] = cv - prev_cv
             common = sorted(set(folds) & set(prev_folds))
             if len(common) > 1:
                 row["paired_std"] = float(np.std([folds[f] - prev_folds[f] for f in common], ddof=1))
-        row["within_noise"] = (
-            bool(abs(row["delta"]) < row["paired_std"]) if row["paired_std"] == row["paired_std"] else None
-        )
+            q = prev_q.index.intersection(q_ndcg.index) if q_ndcg is not None and prev_q is not None else []
+            if len(q):
+                d = paired_bootstrap(prev_q.loc[q].to_numpy(), q_ndcg.loc[q].to_numpy(), n_resamples, seed)
+                row.update(ci_low=d.low, ci_high=d.high, ci_queries=d.n_queries)
+        if row["ci_low"] == row["ci_low"]:
+            row["within_noise"], row["noise_rule"] = bool(row["ci_low"] <= 0.0 <= row["ci_high"]), "bootstrap"
+        elif row["paired_std"] == row["paired_std"]:
+            row["within_noise"], row["noise_rule"] = bool(abs(row["delta"]) < row["paired_std"]), "paired fold std"
+        else:
+            row["within_noise"], row["noise_rule"] = None, None
         rows.append(row)
-        prev_folds, prev_cv = folds, cv
+        prev_folds, prev_cv, prev_q = folds, cv, q_ndcg
     return pd.DataFrame(rows)
 
 
@@ -218,10 +250,22 @@ def run_ablation(
     return steps, ablation_table(store, run_ids, labels)
 
 
+def interval(row, digits: int = 4) -> str:
+    """``[low, high]`` of a row of :func:`ablation_table` (``-`` without one)."""
+    low, high = row.get("ci_low", float("nan")), row.get("ci_high", float("nan"))
+    if low != low:
+        return "-"
+    return f"[{low + 0.0:+.{digits}f}, {high + 0.0:+.{digits}f}]"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """The ablation table as a Markdown table (README)."""
-    head = "| step | run | CV nDCG | fold std | Δ nDCG | paired fold std | within noise | final nDCG | Task 2 micro-F1 | s / fold-epoch |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    """The ablation table as a Markdown table (README); ``within noise``: the Δ's 95% paired
+    bootstrap interval covers 0 (without OOF files: |Δ| < the paired fold std)."""
+    head = (
+        "| step | run | CV nDCG | fold std | Δ nDCG | Δ 95% interval | paired fold std | within noise | final nDCG "
+        "| Task 2 micro-F1 | s / fold-epoch |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, d=4):
         return "-" if v is None or v != v else f"{v:.{d}f}"
@@ -230,7 +274,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         wn = "-" if r["within_noise"] is None else ("yes" if r["within_noise"] else "no")
         delta = "-" if r["delta"] != r["delta"] else f"{r['delta']:+.4f}"
         lines.append(
-            f"| {r['added']} | {r['run_id']} | {f(r['cv_ndcg'])} | {f(r['fold_std'])} | {delta} | "
+            f"| {r['added']} | {r['run_id']} | {f(r['cv_ndcg'])} | {f(r['fold_std'])} | {delta} | {interval(r)} | "
             f"{f(r['paired_std'])} | {wn} | {f(r['final_ndcg'])} | {f(r['task2_f1'])} | {f(r['sec_per_epoch'], 0)} |"
         )
     return "\n".join(lines)

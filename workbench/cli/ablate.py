@@ -44,7 +44,14 @@ def ablate(
 ):
     """Cumulative ablation: baseline, then + each technique in turn; one run per step in runs.db."""
     from core.errors import ConfigError
-    from core.training.ablate import ablation_table, plan_ablation, run_ablation, split_items, to_markdown
+    from core.training.ablate import (
+        ablation_table,
+        interval,
+        plan_ablation,
+        run_ablation,
+        split_items,
+        to_markdown,
+    )
 
     if not tricks and not runs:
         raise ConfigError("ablate: --tricks is required (or --runs to rebuild a table from finished runs)")
@@ -76,7 +83,7 @@ def ablate(
         padding=(0, 1),
         collapse_padding=True,
     )
-    for col in ("step", "CV nDCG", "± fold", "Δ", "± paired", "final", "T2 F1", "s/ep"):
+    for col in ("step", "CV nDCG", "± fold", "Δ [95%]", "± paired", "final", "T2 F1", "s/ep"):
         t.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
 
     def f(v, d=4):
@@ -92,7 +99,7 @@ def ablate(
             str(r["added"]),
             f(r["cv_ndcg"]),
             f(r["fold_std"], 3),
-            delta,
+            delta if r["ci_low"] != r["ci_low"] else f"{delta}\n{interval(r, 3).replace(', ', ',')}",
             f(r["paired_std"], 3),
             f(r["final_ndcg"]),
             f(r["task2_f1"]),
@@ -102,8 +109,11 @@ def ablate(
     console.print("runs (for --runs): " + ",".join(table["run_id"]), soft_wrap=True)
     console.print(
         "CV nDCG: cross-encoder OOF nDCG over all queries; ± fold: std of the per-fold nDCG; Δ: change "
-        "from the previous step (~ within the paired fold std, * outside it); final: after the blend; "
-        "T2 F1: Task 2 micro-F1; s/ep: training seconds per fold and epoch"
+        "from the previous step (~ within noise: its 95% interval covers 0, * outside it); [95%]: its "
+        "paired bootstrap interval over the queries of both OOF files (2,000 resamples of queries, seed 0; without "
+        "OOF files ~/* compare Δ with ± paired, the std of the per-fold changes); final: after the blend; "
+        "T2 F1: Task 2 micro-F1; s/ep: training seconds per fold and epoch",
+        markup=False,
     )
     if markdown:
         print(to_markdown(table))
