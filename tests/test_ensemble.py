@@ -191,6 +191,37 @@ def test_fitted_weights_beat_equal_weights(fake_store):
     assert set(auto.tasks[3]["test_member"]) == {"run-good", "run-weak", "run-mid"}
 
 
+def test_ensemble_vs_best_member_has_a_paired_bootstrap_interval(fake_store):
+    from core.scoring.ensemble import compare_with_best_member
+    from core.scoring.metrics import ndcg_per_query
+    from core.scoring.significance import f1_diff, paired_bootstrap
+
+    store, ex, _ = fake_store
+    ms = load_members(store, ["run-good", "run-weak", "run-mid"])
+    res = build_ensemble(ms, (1, 2, 3), "equal")
+    vs = compare_with_best_member(res, ms, n_resamples=500, seed=3)
+    assert {t: v["member"] for t, v in vs.items()} == {1: "run-good", 2: "run-good", 3: vs[3]["member"]}
+    assert all(res.tasks[t]["vs_best"] is vs[t] for t in vs)
+    oof, good = res.oof, ms.members[0]
+    q, lab = oof["query_id"].to_numpy(), oof["esci_label"].to_numpy()
+    want = paired_bootstrap(
+        ndcg_per_query(q, good.oof_score, lab).to_numpy(),
+        ndcg_per_query(q, oof["score"].to_numpy(), lab).to_numpy(),
+        n_resamples=500,
+        seed=3,
+    )
+    assert vs[1]["low"] == pytest.approx(want.low, abs=1e-12) and vs[1]["high"] == pytest.approx(want.high, abs=1e-12)
+    for t in (1, 2, 3):  # the figures are the ones the ensemble reports
+        assert vs[t]["a"] == pytest.approx(res.tasks[t]["oof_member"][vs[t]["member"]], abs=1e-12)
+        assert vs[t]["b"] == pytest.approx(res.tasks[t]["oof_ensemble"], abs=1e-12)
+        assert vs[t]["within_noise"] == (vs[t]["low"] <= 0 <= vs[t]["high"])
+        assert vs[t]["diff"] == pytest.approx(vs[t]["b"] - vs[t]["a"], abs=1e-12)
+    # Task 2: the member's argmax against the ensemble's prediction, pooled micro-F1 over drawn queries
+    member_frame = oof.assign(**dict(zip(["p_E", "p_S", "p_C", "p_I"], good.oof_probs.T, strict=True)))
+    t2 = f1_diff(member_frame, oof, 2, pred_b=oof["esci_pred"].to_numpy(), n_resamples=500, seed=3)
+    assert (vs[2]["low"], vs[2]["high"]) == pytest.approx((t2.low, t2.high), abs=1e-12)
+
+
 def test_members_align_on_example_id_and_weights_apply(fake_store):
     store, ex, _ = fake_store
     ms = load_members(store, ["run-good", "run-mid"])
@@ -276,6 +307,15 @@ def test_cli_build_writes_valid_files_manifest_and_record(fake_store):
     assert "ensemble" in r.output and "correlation" in r.output and "run-good" in r.output
     assert "held-out test rows" in r.output
     manifest = json.loads((out / "e1" / "manifest.json").read_text())
+    # the ensemble against its best member on OOF, with the paired bootstrap interval, printed and kept
+    from core.scoring.significance import PairedDiff, describe
+
+    assert "ensemble - best member on OOF" in r.output
+    for t in ("1", "2", "3"):
+        v = manifest["tasks"][t]["vs_best"]
+        d = PairedDiff(**{k: v[k] for k in PairedDiff.__dataclass_fields__})
+        assert f"T{t} vs {v['member']}: {describe(d)}" in r.output
+        assert v["b"] == pytest.approx(manifest["tasks"][t]["oof_ensemble"])
     assert [m["name"] for m in manifest["members"]] == ["run-good", "run-mid", "bm25"]
     assert set(manifest["files"]) == {"1", "2", "3"}
     for f in manifest["files"].values():

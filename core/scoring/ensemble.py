@@ -64,6 +64,7 @@ __all__ = [
     "tune_task3_threshold",
     "tune_task2_bias",
     "build_ensemble",
+    "compare_with_best_member",
     "record_ensemble",
     "write_ensemble",
     "file_sha256",
@@ -411,9 +412,17 @@ class NdcgEvaluator:
         self.n = n
 
     def __call__(self, scores) -> float:
-        s = np.asarray(scores, dtype=np.float64)
+        """Mean nDCG over the queries of ``scores`` (N,); NaN for no rows."""
         if self.n == 0:
             return float("nan")
+        return float(self.per_query(scores).mean())
+
+    def per_query(self, scores) -> np.ndarray:
+        """nDCG of every query for ``scores`` (N,): shape (n_queries,), queries in sorted id order,
+        values in [0, 1] (the per-query values :func:`core.scoring.metrics.ndcg_per_query` gives)."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.n == 0:
+            return np.zeros(0)
         lo, hi = float(s.min()), float(s.max())
         exact = not (np.isfinite(lo) and np.isfinite(hi))  # +-inf scores: no scaled key
         if not exact:
@@ -433,7 +442,7 @@ class NdcgEvaluator:
         dcg = np.bincount(self.q_sorted, weights=self.gains[order] * mean_disc[gid], minlength=self.n_q)
         nd = np.zeros(self.n_q)
         np.divide(dcg, self.idcg, out=nd, where=self.idcg > 0)
-        return float(np.clip(nd, 0.0, 1.0).mean())
+        return np.clip(nd, 0.0, 1.0)
 
 
 def _label_index(labels) -> np.ndarray:
@@ -929,6 +938,54 @@ def _held_out_figures(res: EnsembleResult, ms: MemberSet, tasks) -> None:
             member[n] = float(np.mean((byname[n].test_probs[:, 1] >= thr) == (ty == 1)))
         info["test_member"] = member
         info["test_ensemble"] = float(np.mean(t["is_substitute"].to_numpy() == (ty == 1)))
+
+
+def compare_with_best_member(
+    res: EnsembleResult, ms: MemberSet, n_resamples: int = 2000, seed: int = 0
+) -> dict[int, dict]:
+    """The ensemble against its best member on the OOF rows, per built task, with the paired
+    bootstrap 95% interval of the difference over queries (:mod:`core.scoring.significance`).
+
+    The best member of a task is the one with the highest own OOF figure (``oof_member``); it is
+    compared as it stands alone: Task 1 its ranking score (per-query nDCG, the queries resampled,
+    :func:`~core.scoring.significance.paired_bootstrap`), Task 2 the argmax of its probabilities,
+    Task 3 its own OOF-tuned threshold (micro-F1 pooled over the examples of the drawn queries,
+    :func:`~core.scoring.significance.paired_bootstrap_ratio`). The ensemble's figures are
+    in-sample for fitted weights/thresholds, so the interval is about noise in the queries, not
+    about that optimism. Each result is also stored in ``res.tasks[task]["vs_best"]`` (and so in the
+    manifest when written afterwards).
+
+    Args:
+        res: :func:`build_ensemble`'s result; ms: its members.
+        n_resamples, seed: bootstrap draws of queries and their seed (the same draws for every task).
+
+    Returns:
+        {task: {"member": name, "a": best member's figure, "b": the ensemble's, "diff": b - a,
+        "low", "high", "within_noise", "n_queries", "n_resamples", "confidence", "seed"}}.
+    """
+    from core.scoring.significance import paired_bootstrap, paired_bootstrap_ratio, query_correct
+
+    out: dict[int, dict] = {}
+    oof = res.oof
+    byname = {m.name: m for m in ms.members}
+    kw = {"n_resamples": n_resamples, "seed": seed}
+    for task, info in sorted(res.tasks.items()):
+        best = max(info["oof_member"], key=lambda n: info["oof_member"][n])
+        member = byname[best]
+        if task == 1:
+            ev = NdcgEvaluator(oof["query_id"].to_numpy(), oof["esci_label"].to_numpy())
+            d = paired_bootstrap(ev.per_query(member.oof_score), ev.per_query(oof["score"].to_numpy()), **kw)
+        else:
+            if task == 2:
+                pred_m = np.asarray(ESCI_LABELS)[member.oof_probs.argmax(1)]
+                pred_e = oof["esci_pred"].to_numpy()
+            else:
+                pred_m = member.oof_probs[:, 1] >= info["member_threshold"][best]
+                pred_e = oof["is_substitute"].to_numpy()
+            a, b = query_correct(oof, task, pred_m), query_correct(oof, task, pred_e)
+            d = paired_bootstrap_ratio(a["correct"], a["n"], b["correct"], b["n"], **kw)
+        info["vs_best"] = out[task] = {"member": best, **d.to_dict()}
+    return out
 
 
 def _renorm(w: np.ndarray, what: str) -> np.ndarray:

@@ -65,6 +65,7 @@ def print_result(res, names: list[str]) -> None:
         *[c for task in sorted(res.tasks) for c in (f"[bold]{res.tasks[task]['oof_ensemble']:.4f}", "")],
     )
     console.print(t)
+    print_vs_best(res)
     held = [task for task in sorted(res.tasks) if "test_member" in res.tasks[task]]
     if held:
         console.print("[bold]held-out test rows (labelled; nothing fitted on them)")
@@ -109,6 +110,24 @@ def print_result(res, names: list[str]) -> None:
     console.print("OOF ensemble figures use weights/threshold fitted on the same OOF rows (slightly optimistic).")
 
 
+def print_vs_best(res) -> None:
+    """The ensemble minus its best member per task on OOF, with the paired bootstrap 95% interval
+    (``res.tasks[t]["vs_best"]`` from :func:`core.scoring.ensemble.compare_with_best_member`)."""
+    from rich.markup import escape
+
+    from core.scoring.significance import PairedDiff, describe
+
+    rows = [(task, res.tasks[task]["vs_best"]) for task in sorted(res.tasks) if "vs_best" in res.tasks[task]]
+    if not rows:
+        return
+    n, r, seed = rows[0][1]["n_queries"], rows[0][1]["n_resamples"], rows[0][1]["seed"]
+    console.print("[bold]ensemble - best member on OOF[/], 95% paired bootstrap interval")
+    for task, v in rows:
+        d = PairedDiff(**{k: v[k] for k in PairedDiff.__dataclass_fields__})
+        console.print(f"  T{task} vs {escape(_short(v['member']))}: {describe(d)}")
+    console.print(f"  ({n:,} queries resampled {r:,} times, seed {seed}; within noise: it covers 0)")
+
+
 @ensemble_app.command("build", context_settings={"allow_extra_args": True})
 def ensemble_build(
     ctx: typer.Context,
@@ -133,7 +152,13 @@ def ensemble_build(
     import time
 
     from core.errors import WorkbenchError
-    from core.scoring.ensemble import build_ensemble, load_members, parse_weights, write_ensemble
+    from core.scoring.ensemble import (
+        build_ensemble,
+        compare_with_best_member,
+        load_members,
+        parse_weights,
+        write_ensemble,
+    )
 
     # --runs A B C (the extra words), --runs A --runs B, or --runs A,B,C
     specs = [s for r in [*runs, *ctx.args] for s in re.split(r"[,\s]+", r) if s]
@@ -145,7 +170,7 @@ def ensemble_build(
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise WorkbenchError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     store = open_store(db)
-    steps = 3 if no_write else 4
+    steps = 4 if no_write else 5
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -160,6 +185,8 @@ def ensemble_build(
         mode = parse_weights(weights, len(ms.members))
         bar.update(job, advance=1, description=f"fitting weights ({weights})" if mode == "auto" else "combining")
         res = build_ensemble(ms, tasks, mode, method=method, shrink=shrink, prior_adjust=prior_adjust)
+        bar.update(job, advance=1, description="ensemble vs best member (bootstrap)")
+        compare_with_best_member(res, ms)  # before writing: the manifest records it too
         bar.update(job, advance=1, description="writing + validating files")
         manifest = None
         if not no_write:
