@@ -56,6 +56,9 @@ app.command("pretrain")(pretrain)
 from workbench.cli.configs import configs_app  # noqa: E402
 
 app.add_typer(configs_app, name="configs")
+from workbench.cli.sweep import sweep_app  # noqa: E402
+
+app.add_typer(sweep_app, name="sweep")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -1,0 +1,240 @@
+"""Hyperparameter sweeps (core.runs.sweep, `workbench sweep`) on the tiny BERT: the space is checked
+before anything exists; trials are real detached runs tagged in runs.db; the median pruner stops a
+real running run, which reads `pruned` with its rows kept; a killed driver is resumed without
+duplicated trials; `sweep stop` leaves no trial process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import snapshot
+from conftest import tiny_config as _config
+from core.errors import ConfigError
+from core.runs import metric_names as mn
+from core.runs.launcher import process_of
+from core.runs.store import RunStore, Status
+
+SPACE = {
+    "train.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    "train.seed": {"type": "int", "low": 0, "high": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, small_dataset, tiny_bert):
+    """(folder, config path, space path); the config's token cache is shared by the module's runs."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = _config(tmp, small_dataset, tiny_bert, checkpoint_every=0)
+    space = tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    return tmp, cfg, space
+
+
+def _cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args], capture_output=True, text=True, timeout=kw.get("timeout", 240)
+    )
+
+
+def _popen(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait(pred, timeout=120.0, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _study(db: Path, name: str):
+    from core.runs.sweep import open_sweep
+
+    return open_sweep(RunStore(db), name)[0]
+
+
+@pytest.mark.parametrize(
+    ("space", "words"),
+    [
+        ({"train.nope": {"type": "float", "low": 0.1, "high": 0.2}}, ["train.nope", "unknown config key"]),
+        ({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-5}}, ["train.lr", "empty range"]),
+        ({"train.epochs": {"type": "float", "low": 1.0, "high": 3.0}}, ["train.epochs", "expected an integer"]),
+        ({"train.epochs": {"type": "int", "low": 0, "high": 3}}, ["train.epochs=0", "must be >= 1"]),
+        ({"train.epochs": {"type": "int", "low": 1, "high": "x"}}, ["train.epochs", "high must be an integer"]),
+        ({"model.pooling": {"type": "categorical", "choices": ["mean", "max"]}}, ["model.pooling", "'max'"]),
+        ({"train.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, ["train.lr", "type 'uniform'"]),
+    ],
+)
+def test_space_errors_are_one_line_and_create_nothing(tmp_path, base, space, words):
+    from core.runs.sweep import create_sweep
+
+    _, cfg, _ = base
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(space))
+    store = RunStore(tmp_path / "runs.db")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        create_sweep(store, cfg, path, trials=2)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(path)), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert snapshot(tmp_path) == before and not (tmp_path / "sweeps").exists()
+    assert store.list_runs() == []
+
+
+def test_bad_space_through_the_command_exits_2(tmp_path, base):
+    _, cfg, _ = base
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 0.5, "high": 0.5}}))
+    res = _cli("sweep", cfg, "--space", str(path), "--trials", "2", "--db", str(tmp_path / "runs.db"))
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "empty range" in res.stderr
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs.db").exists()
+
+
+def test_six_trials_two_at_a_time(tmp_path, base):
+    _, cfg, space = base
+    db = tmp_path / "runs.db"
+    res = _cli(
+        "sweep", cfg, "--space", str(space), "--trials", "6", "--parallel", "2", "--name", "six", "--seed", "1",
+        "--db", str(db), "--poll", "0.5",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "of 6" in res.stdout
+    store = RunStore(db)
+    runs = store.sweep_runs("six")
+    assert sorted(r.trial for r in runs) == list(range(6))
+    assert all(r.status in (Status.FINISHED, Status.PRUNED) for r in runs)
+    study = _study(db, "six")
+    assert len(study.trials) == 6 and len({t.number for t in study.trials}) == 6
+    by_run = {t.user_attrs["run_id"]: t for t in study.trials}
+    assert set(by_run) == {r.id for r in runs}
+    for r in runs:  # each run has its trial's values in its config
+        t = by_run[r.id]
+        assert r.config["train"]["lr"] == pytest.approx(t.params["train.lr"])
+        assert r.config["train"]["seed"] == t.params["train.seed"]
+    cv = {r.id: store.best_values([r.id])[r.id][mn.NDCG] for r in runs if r.status == Status.FINISHED}
+    assert study.best_value == pytest.approx(max(cv.values()))
+    assert study.best_trial.user_attrs["run_id"] == max(cv, key=cv.get)
+    res = _cli("sweep", "show", "six", "--db", str(db))
+    assert res.returncode == 0, res.stderr
+    assert f"{study.best_value:.4f}" in res.stdout and "--set train.lr=" in res.stdout
+    assert "importances (" in res.stdout
+    best = yaml.safe_load((tmp_path / "sweeps" / "six.best.yaml").read_text())
+    assert best["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
+    res = _cli("sweep", "list", "--db", str(db))
+    assert res.returncode == 0 and "six" in res.stdout and f"{study.best_value:.4f}" in res.stdout
+
+
+def test_median_pruner_prunes_a_real_running_run(tmp_path, base):
+    """A completed trial with intermediate values of 1.0 at every fold makes any real run worse than
+    the median at fold 0: the driver stops the run (3 folds, 3 epochs: still training) and it reads
+    pruned, its fold-0 rows kept, no process left."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from core.runs.sweep import create_sweep, drive, open_sweep
+
+    _, cfg, space = base
+    db = tmp_path / "runs.db"
+    store = RunStore(db)
+    study, settings = create_sweep(
+        store, cfg, space, trials=2, name="prune", overrides=["train.folds=3", "train.epochs=3"]
+    )
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"train.lr": 1e-4, "train.seed": 0},
+            distributions={p.key: p.distribution() for p in settings.params},
+            value=1.0,
+            intermediate_values={0: 1.0, 1: 1.0, 2: 1.0},
+        )
+    )
+    study, settings = open_sweep(store, "prune", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    progress = drive(store, study, settings, poll_s=0.2)
+    assert (progress.complete, progress.pruned, progress.failed) == (1, 1, 0)
+    trial = study.trials[1]
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    run = store.get_record(trial.user_attrs["run_id"])
+    assert run.status == Status.PRUNED and run.sweep == "prune" and run.trial == 1
+    assert "pruned by sweep prune after fold 0" in run.error and not run.active
+    rows = store.metrics(run.id, [mn.FOLD_NDCG])
+    assert [r["fold"] for r in rows] == [0] and rows[0]["value"] == pytest.approx(trial.intermediate_values[0])
+    assert process_of(store.get_run(run.id)) is None
+    from core.runs.launcher import refresh_statuses
+
+    refresh_statuses(store)
+    assert store.get_record(run.id).status == Status.PRUNED  # final: nobody marks it crashed
+
+
+def test_killed_driver_resumes_without_duplicates(tmp_path, base):
+    _, cfg, space = base
+    db = tmp_path / "runs.db"
+    driver = _popen(
+        "sweep", cfg, "--space", str(space), "--trials", "4", "--parallel", "2", "--name", "k", "--pruner", "none",
+        "--db", str(db), "--poll", "0.3",
+    )  # fmt: skip
+    try:
+        _wait(lambda: db.exists() and len(RunStore(db).sweep_runs("k")) >= 2, what="two trials launched")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+    store = RunStore(db)
+    first = store.sweep_runs("k")
+    assert len(first) == 2
+    _wait(lambda: all(not store.get_record(r.id).active for r in first), what="the first trials to end")
+    assert all(store.get_record(r.id).status == Status.FINISHED for r in first)  # the kill left them running
+    res = _cli("sweep", "resume", "k", "--db", str(db), "--poll", "0.3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    study = _study(db, "k")
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in study.trials)
+    runs = store.sweep_runs("k")
+    assert sorted(r.trial for r in runs) == [0, 1, 2, 3] and len({r.id for r in runs}) == 4
+    assert {t.user_attrs["run_id"] for t in study.trials} == {r.id for r in runs}
+
+
+def test_sweep_stop_leaves_no_trial_process(tmp_path, base):
+    _, cfg, space = base
+    db = tmp_path / "runs.db"
+    driver = _popen(
+        "sweep", cfg, "--space", str(space), "--trials", "4", "--parallel", "2", "--name", "st", "--db", str(db),
+        "--poll", "0.3", "--set", "train.epochs=500",
+    )  # fmt: skip
+    try:
+        _wait(
+            lambda: db.exists() and sum(r.status == Status.RUNNING for r in RunStore(db).sweep_runs("st")) == 2,
+            what="two running trials",
+        )
+        store = RunStore(db)
+        procs = []
+        for r in store.sweep_runs("st"):
+            p = process_of(store.get_run(r.id))
+            procs += [p, *p.children(recursive=True)] if p else []
+        assert procs
+        res = _cli("sweep", "stop", "st", "--db", str(db))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("stopped") == 2
+        assert driver.wait(30) == 0  # the driver launches nothing more and ends
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    runs = store.sweep_runs("st")
+    assert len(runs) == 2 and all(r.status == Status.STOPPED for r in runs)
+    study = _study(db, "st")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert os.path.exists(tmp_path / "sweeps" / "st.journal")
