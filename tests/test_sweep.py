@@ -96,6 +96,19 @@ def test_space_errors_are_one_line_and_create_nothing(tmp_path, base, space, wor
     assert store.list_runs() == []
 
 
+def test_overrides_read_back_and_grid_needs_finite_values():
+    from core.config import parse_overrides
+    from core.runs.sweep import Param, SweepSettings, make_sampler, override
+
+    for value in (1e-05, 0.1, 3, "mean", "true", "", True, None, [1, 2], "a b"):
+        assert parse_overrides([override("k", value)]) == [("k", value)], value
+    space = [{"key": "train.lr", "type": "float", "low": 1e-5, "high": 1e-3, "log": True}]
+    with pytest.raises(ConfigError, match="train.lr: the grid sampler needs int or categorical"):
+        make_sampler(SweepSettings("g", "c.yaml", space, trials=2, sampler="grid"))
+    grid = Param("train.seed", "int", low=0, high=6, step=3).grid()
+    assert grid == [0, 3, 6]
+
+
 def test_bad_space_through_the_command_exits_2(tmp_path, base):
     _, cfg, _ = base
     path = tmp_path / "bad.yaml"

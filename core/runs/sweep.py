@@ -544,12 +544,15 @@ def drive(
 
     Re-attaches first: each trial RUNNING in the study is matched to its run by its ``run_id`` user
     attribute (or runs.db's ``sweep``/``trial`` tag) and watched again; one asked but never launched is
-    told FAIL and marked ``orphan`` (it does not count). Then, every ``poll_s`` seconds:
+    told FAIL and marked ``orphan`` (it does not count); one whose prune was under way when its
+    driver died ends pruned. Then, every ``poll_s`` seconds:
     :func:`core.runs.launcher.refresh_statuses` (crashed local runs, Slurm states and journals); each
     new ``fold/<metric>`` row of a running trial is reported (step = fold) and ``should_prune()`` asked
     (pruned: :func:`core.runs.launcher.stop_run`, then ``pruned`` in runs.db, rows kept); a finished
     run is told its ``cv/<metric>`` (FAIL when absent); a failed, crashed or stopped run FAIL; new
     trials are asked and launched while fewer than ``parallel`` run and fewer than ``trials`` exist.
+    A pruned trial's run that reads ``stopped`` again (a Slurm job's journal ingested after the prune)
+    is marked ``pruned`` again.
     Killing the driver never stops a run.
 
     Args:
@@ -621,6 +624,10 @@ def drive(
         refresh_statuses(store)
         for w in list(watched.values()):
             check(w)
+        pruned = {t.user_attrs.get("run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
+        for run in store.sweep_runs(settings.name):
+            if run.id in pruned and run.status == Status.STOPPED:  # a Slurm job's journal said stopped later
+                store.mark_pruned(run.id, f"pruned by sweep {settings.name}")
         stopping = stop_asked()
         while not stopping and len(watched) < settings.parallel and len(counted_trials(study)) < settings.trials:
             trial = study.ask({p.key: p.distribution() for p in settings.params})
