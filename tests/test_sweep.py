@@ -107,6 +107,10 @@ def test_overrides_read_back_and_grid_needs_finite_values():
         make_sampler(SweepSettings("g", "c.yaml", space, trials=2, sampler="grid"))
     grid = Param("train.seed", "int", low=0, high=6, step=3).grid()
     assert grid == [0, 3, 6]
+    space = [{"key": "train.seed", "type": "int", "low": 0, "high": 6, "step": 3}]
+    with pytest.raises(ConfigError, match="--trials 4: the grid has 3 points"):
+        make_sampler(SweepSettings("g", "c.yaml", space, trials=4, sampler="grid"))
+    make_sampler(SweepSettings("g", "c.yaml", space, trials=3, sampler="grid"))
 
 
 def test_bad_space_through_the_command_exits_2(tmp_path, base):

@@ -279,18 +279,39 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler without its ``study.stop()`` once the grid is covered: that works
+        inside ``study.optimize`` only and raises after ``tell`` (the driver counts trials itself)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return GridSampler
+
+
+def _GridSampler(grid, seed=None):
+    return _grid_sampler_class()(grid, seed=seed)
+
+
 def make_sampler(settings: SweepSettings):
     """The Optuna sampler of ``settings.sampler`` (tpe, random, or grid over every value).
 
     Raises:
-        ConfigError: grid with a float parameter.
+        ConfigError: grid with a float parameter, or more trials than grid points.
     """
     import optuna
 
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: p.grid() for p in settings.params}, seed=settings.seed)
+        grid = {p.key: p.grid() for p in settings.params}
+        points = math.prod(len(v) for v in grid.values())
+        if settings.trials > points:
+            raise ConfigError(f"--trials {settings.trials}: the grid has {points} points (--sampler grid)")
+        return _grid_sampler_class()(grid, seed=settings.seed)
     return optuna.samplers.TPESampler(seed=settings.seed)
 
 
