@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import wait_until
-from tui_fixture import add_oof_files, add_slurm_run, build_fixture_db, fixture_app
+from tui_fixture import add_oof_files, add_slurm_run, add_sweep, build_fixture_db, fixture_app
 
 SIZES = [(80, 24), (160, 48)]
 
@@ -144,3 +144,31 @@ def test_run_detail_of_a_pending_slurm_job(snap_compare, slurm_app):
         await _settle(pilot, lambda: getattr(pilot.app.screen, "polls", 0) >= 1)
 
     assert snap_compare(slurm_app, terminal_size=(80, 24), run_before=before)
+
+
+@pytest.fixture
+def sweep_app(app):
+    add_sweep(app.services.db_path)  # a real Optuna journal: 4 complete, 1 running, 1 pruned, 1 failed of 8
+    return app
+
+
+async def _sweeps_loaded(pilot) -> None:
+    await _runs_loaded(pilot)
+    await pilot.press("w")
+    await _settle(pilot, lambda: type(pilot.app.screen).__name__ == "SweepsScreen" and pilot.app.screen.loaded)
+
+
+def test_sweeps_screen(snap_compare, sweep_app):
+    assert snap_compare(sweep_app, terminal_size=(80, 24), run_before=_sweeps_loaded)
+
+
+@pytest.mark.parametrize("tab", ["1", "2", "3", "4"], ids=["trials", "history", "slices", "importance"])
+def test_sweep_screen(snap_compare, sweep_app, tab):
+    async def before(pilot):
+        await _sweeps_loaded(pilot)
+        await pilot.press("enter")
+        await _settle(pilot, lambda: type(pilot.app.screen).__name__ == "SweepScreen" and pilot.app.screen.loaded)
+        await pilot.press(tab)
+        await pilot.pause()
+
+    assert snap_compare(sweep_app, terminal_size=(80, 24), run_before=before)

@@ -280,3 +280,87 @@ def oof_frame_of(run_id: str):
 
     i = list(OOF_NOISE).index(run_id)
     return oof_frame(noise=OOF_NOISE[run_id], seed=i + 1)
+
+
+#: the sweep of :func:`add_sweep`: (trial state, value, lr, epochs, pooling, run status)
+SWEEP_NAME = "lr-sweep"
+SWEEP_TRIALS = [
+    ("complete", 0.8312, 3e-5, 2, "mean", "finished"),
+    ("complete", 0.8105, 1e-4, 1, "cls", "finished"),
+    ("pruned", None, 5e-4, 1, "cls", "pruned"),
+    ("complete", 0.8421, 2e-5, 3, "mean", "finished"),
+    ("fail", None, 8e-4, 4, "mean", "failed"),
+    ("complete", 0.8268, 6e-5, 3, "cls", "finished"),
+    ("running", None, 4e-5, 2, "mean", "running"),
+]
+
+
+def sweep_run_id(trial: int) -> str:
+    return f"20261122-10{trial:02d}00-sw{trial:02d}"
+
+
+def add_sweep(db: Path, name: str = SWEEP_NAME, total: int = 8) -> str:
+    """Add a small real Optuna sweep next to a fixture runs.db: its journal
+    (``core.runs.sweep.journal_path``) with the study's ``sweep`` settings and the trials of
+    :data:`SWEEP_TRIALS` (each with its ``run_id``), and the trial runs in runs.db tagged with the
+    sweep and trial (``RunStore.set_sweep_trial``), the complete ones with their ``cv/ndcg``. Returns the name."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState, create_trial
+
+    from core.runs.sweep import SweepSettings, journal_path, sweeps_dir
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweeps_dir(db).mkdir(exist_ok=True)
+    settings = SweepSettings(
+        name=name,
+        config=str(sweeps_dir(db) / f"{name}.base.yaml"),
+        space=[
+            {"key": "train.lr", "type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+            {"key": "train.epochs", "type": "int", "low": 1, "high": 4},
+            {"key": "model.pooling", "type": "categorical", "choices": ["mean", "cls"]},
+        ],
+        trials=total,
+        parallel=2,
+        seed=0,
+        created="2026-11-22T10:00:00",
+    )
+    study = optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(str(journal_path(db, name)))), study_name=name, direction="maximize"
+    )
+    study.set_user_attr("sweep", settings.to_attr())
+    dists = {
+        "train.lr": FloatDistribution(1e-5, 1e-3, log=True),
+        "train.epochs": IntDistribution(1, 4),
+        "model.pooling": CategoricalDistribution(["mean", "cls"]),
+    }
+    store = RunStore(db)
+    for i, (state, value, lr, epochs, pooling, status) in enumerate(SWEEP_TRIALS):
+        rid = sweep_run_id(i)
+        study.add_trial(
+            create_trial(
+                state=getattr(TrialState, state.upper()),
+                value=value,
+                params={"train.lr": lr, "train.epochs": epochs, "model.pooling": pooling},
+                distributions=dists,
+                user_attrs={"run_id": rid},
+                intermediate_values={0: 0.78} if state == "pruned" else None,
+            )
+        )
+        cfg = _config(f"{name}-t{i}", lr, 0, folds=2, epochs=epochs)
+        store.create_run(f"{name}-t{i}", cfg, run_dir=f"runs/{rid}", run_id=rid, status=status)
+        start = -3000 + 300 * i
+        store.update_run(
+            rid,
+            created=_iso(start - 5),
+            started=_iso(start),
+            ended=None if status == "running" else _iso(start + 240),
+            host="gpu-box",
+            git_commit="abc1234",
+        )
+        store.set_sweep_trial(rid, name, i)
+        if value is not None:
+            store.log_metrics(rid, [{"name": "cv/ndcg", "value": value, "fold": -1, "time": NOW + start + 240}])
+    store.close()
+    return name

@@ -70,6 +70,7 @@ class WorkbenchApp(WorkerErrors, RunLifecycle, App):
         yield SystemCommand(
             "Ensemble", "weights, OOF scores and one-key submission files for the marked runs", runs.action_ensemble
         )
+        yield SystemCommand("Sweeps", "hyperparameter sweeps: progress, trials, importances", runs.action_sweeps)
         yield SystemCommand("Review label issues", "the label-error queue of the current run", runs.action_labels)
         yield SystemCommand("Reload runs", "re-read runs.db now", lambda: runs.reload(force=True))
         yield SystemCommand("Keys", "all key bindings", runs.action_help)

@@ -394,11 +394,11 @@ HELP = """\
   r  relaunch with the same config        space  mark / unmark
   R  resume a crashed/stopped run (same id, finished folds kept)
   c  compare marked runs                  /      filter: words or key:value,
-     keys id name status model task backend job state node (backend:slurm)
+     keys id name status model task backend job state node sweep trial
   where: local, or a Slurm job's id + state (4242 PD); reason: status line
   1-9  sort by a column (again: reverse)  esc    clear filter
   e  ensemble of the marked runs          l      label review of this run
-  ctrl+p  command palette                 q      quit (runs keep going)
+  w  sweeps: trials, plots, importances   ctrl+p palette  q quit, runs go on
 [b]Run detail[/]
   m / M  next / previous metric curve     s  stop   r  relaunch   esc  back
 [b]Compare[/]

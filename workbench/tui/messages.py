@@ -240,3 +240,25 @@ class RunResumed(Message):
         self.run_id = run_id
         self.pid = pid
         self.job_id = job_id
+
+
+# -- Sweeps ---------------------------------------------------------------------------------------
+class SweepsLoaded(Message):
+    """The Sweeps screen's rows (``workbench.tui.sweeps.read_sweeps``), read at ``keys`` (each
+    journal's mtime and size, runs.db's data_version); ``rows`` None: nothing changed (or the read
+    failed), nothing to redraw."""
+
+    def __init__(self, rows: list[dict] | None, keys: tuple | None) -> None:
+        super().__init__()
+        self.rows = rows
+        self.keys = keys
+
+
+class SweepLoaded(Message):
+    """One sweep as its screen shows it (``workbench.tui.sweeps.SweepView``), read at ``key``;
+    ``view`` None: nothing changed (or the read failed)."""
+
+    def __init__(self, view: Any, key: tuple | None) -> None:
+        super().__init__()
+        self.view = view
+        self.key = key

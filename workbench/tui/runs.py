@@ -50,8 +50,9 @@ WHERE = Column("where", "where", width=7, render=lambda v, r: (v, "slurm" if r["
 SORTABLE = [c.key for c in COLUMNS if c.key != "mark"]
 #: the fields a bare filter term searches
 FILTER_FIELDS = ("id", "name", "status", "model", "task", "backend")
-#: the fields ``key:value`` terms may name (``backend:slurm``, ``job:4242``, ``state:pending``)
-KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node")
+#: the fields ``key:value`` terms may name (``backend:slurm``, ``job:4242``, ``state:pending``,
+#: ``sweep:lr-sweep`` the trial runs of a sweep)
+KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node", "sweep", "trial")
 SLURM_STYLE = "magenta"
 
 
@@ -86,6 +87,8 @@ def run_rows(raw: list[dict], services) -> list[dict]:
                 "job": r.get("job_id") or "",
                 "state": r.get("job_state") or "",
                 "where": where_cell(r),
+                "sweep": r.get("sweep") or "",
+                "trial": "" if r.get("trial") is None else str(r["trial"]),
             }
         )
     return rows
@@ -103,7 +106,7 @@ def slurm_status(row: dict | None) -> str:
 
 def matches(row: dict, query: str) -> bool:
     """Filter: every whitespace-separated term must match. ``key:value`` matches a field (id, name,
-    status, model, task, backend, job, state, node) by substring; a bare term matches any of
+    status, model, task, backend, job, state, node, sweep, trial) by substring; a bare term matches any of
     id, name, status, model, task, backend."""
     for term in query.lower().split():
         if ":" in term:
@@ -142,6 +145,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("e", "ensemble", "ens"),
         Binding("l", "labels", "labels", show=False),
+        Binding("w", "sweeps", "sweeps", show=False),
         Binding("question_mark", "help", "keys", key_display="?"),
         Binding("escape", "clear_filter", "clear", show=False),
         *[Binding(str(i + 1), f"sort({i})", show=False) for i in range(len(SORTABLE))],
@@ -375,6 +379,12 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
             from workbench.tui.review import ReviewScreen
 
             self.app.push_screen(ReviewScreen(self.services.db_path, row["id"]))
+
+    def action_sweeps(self) -> None:
+        """The Sweeps screen: every sweep next to runs.db, its progress and best value."""
+        from workbench.tui.sweeps import SweepsScreen
+
+        self.app.push_screen(SweepsScreen(self.services, self.refresh_interval))
 
     def action_new_run(self) -> None:
         from workbench.tui.dialogs import NewRunScreen
