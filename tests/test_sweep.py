@@ -255,3 +255,58 @@ def test_sweep_stop_leaves_no_trial_process(tmp_path, base):
     study = _study(db, "st")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert os.path.exists(tmp_path / "sweeps" / "st.journal")
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_pruners_on_stub_runs(tmp_path, base, pruner):
+    """Stub runs (rows only, no process) whose per-fold figure is train.seed / 20: the median pruner
+    prunes a trial below the median of the complete ones at the same fold, and Hyperband drives to the
+    end; the pruned runs read pruned and keep their rows."""
+    from optuna.trial import TrialState
+
+    from core.runs.sweep import create_sweep, drive
+
+    _, cfg, space = base
+    store = RunStore(tmp_path / "runs.db")
+    study, settings = create_sweep(
+        store, cfg, space, trials=12, parallel=2, pruner=pruner, sampler="random", seed=0, name=pruner,
+        overrides=["train.folds=3"],
+    )  # fmt: skip
+    fake: dict[str, list] = {}
+
+    def launch_fn(store, settings, overrides):
+        seed = int(next(o for o in overrides if o.startswith("train.seed=")).split("=")[1])
+        run_id = store.create_run("stub", {"train": {"folds": 3}}, status=Status.RUNNING)
+        fake[run_id] = [seed / 20, 0]
+        return run_id
+
+    def advance(_progress):  # one fold per poll for every running stub
+        for run_id, st in fake.items():
+            if store.get_record(run_id).status != Status.RUNNING:
+                continue
+            value, fold = st
+            if fold < 3:
+                store.log_metrics(run_id, [{"name": mn.FOLD_NDCG, "fold": fold, "value": value}])
+                st[1] += 1
+            else:
+                store.log_metrics(run_id, [{"name": mn.CV_NDCG, "fold": -1, "value": value}])
+                store.update_run(run_id, status=Status.FINISHED)
+
+    progress = drive(store, study, settings, poll_s=0, on_poll=advance, launch_fn=launch_fn)
+    assert progress.done == 12 and progress.failed == 0
+    assert len(study.trials) == 12
+    runs = {r.id: r for r in store.sweep_runs(pruner)}
+    for t in study.trials:
+        run = runs[t.user_attrs["run_id"]]
+        want = {TrialState.COMPLETE: Status.FINISHED, TrialState.PRUNED: Status.PRUNED}[t.state]
+        assert run.status == want and run.trial == t.number
+        if t.state == TrialState.PRUNED:  # rows kept up to the prune
+            assert len(store.metrics(run.id, [mn.FOLD_NDCG])) == len(t.intermediate_values) >= 1
+    if pruner == "median":
+        assert progress.pruned >= 1
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        for t in study.trials:
+            if t.state == TrialState.PRUNED:
+                step = max(t.intermediate_values)
+                before = [c.intermediate_values[step] for c in complete if c.number < t.number]
+                assert t.intermediate_values[step] < sorted(before)[len(before) // 2] + 1e-9
