@@ -440,6 +440,8 @@ def runs_show(run: str, db: DbOpt = None):
         f"[bold]{r['id']}[/] {r['name']}  status [bold]{r['status']}[/]  model {r['model']}  "
         f"{where}  duration {_duration(r)}  git {r['git_commit']}"
     )
+    if r.get("sweep"):
+        console.print(f"sweep {r['sweep']} trial {r['trial']} (`workbench sweep show {r['sweep']}`)", highlight=False)
     if r.get("error"):
         console.print(f"[red]error: {r['error']}")
     metrics = store.metrics(r["id"])
