@@ -312,3 +312,33 @@ def test_pruners_on_stub_runs(tmp_path, base, pruner):
                 step = max(t.intermediate_values)
                 before = [c.intermediate_values[step] for c in complete if c.number < t.number]
                 assert t.intermediate_values[step] < sorted(before)[len(before) // 2] + 1e-9
+
+
+def test_a_run_launched_but_never_tagged_is_found_again(tmp_path, base):
+    """A driver killed between launching a trial's run and tagging it: the next driver finds the run by
+    its config (the sampled values), tags it and watches it; no second run is launched."""
+    from core.config import load_config
+    from core.runs.sweep import create_sweep, drive, override
+
+    _, cfg, space = base
+    store = RunStore(tmp_path / "runs.db")
+    study, settings = create_sweep(store, cfg, space, trials=1, pruner="none", name="untagged")
+    trial = study.ask({p.key: p.distribution() for p in settings.params})
+    sampled = load_config(settings.config, [override(k, v) for k, v in trial.params.items()])
+    other = load_config(settings.config, ["train.seed=999"])
+    store.create_run(other.name, other.to_dict(), status=Status.RUNNING)  # not the trial's values
+    run_id = store.create_run(sampled.name, sampled.to_dict(), status=Status.RUNNING)
+
+    def finish(_progress):
+        if store.get_record(run_id).status == Status.RUNNING:
+            store.log_metrics(run_id, [{"name": mn.CV_NDCG, "fold": -1, "value": 0.5}])
+            store.update_run(run_id, status=Status.FINISHED)
+
+    def no_launch(*_args):
+        raise AssertionError("a second run was launched")
+
+    progress = drive(store, study, settings, poll_s=0, on_poll=finish, launch_fn=no_launch)
+    assert (progress.complete, progress.best) == (1, 0.5)
+    rec = store.get_record(run_id)
+    assert (rec.sweep, rec.trial) == ("untagged", 0)
+    assert study.trials[0].user_attrs["run_id"] == run_id and len(study.trials) == 1

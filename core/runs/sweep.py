@@ -525,6 +525,41 @@ def _run_value(store: RunStore, run_id: str, metric: str) -> float | None:
     return float(rows[-1]["value"]) if rows else None
 
 
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def untagged_run(store: RunStore, settings: SweepSettings, params: dict[str, Any]) -> str | None:
+    """The run a driver launched for a trial but was killed before tagging (between ``launch`` and
+    :meth:`RunStore.set_sweep_trial`): the newest run without a sweep tag whose config holds every
+    sampled value and the base config's name and output folder; None when there is none."""
+    if not params:
+        return None
+    base = load_config(settings.config) if Path(settings.config).is_file() else None
+    for r in store.list_records(limit=500):
+        if r.sweep is not None or (
+            base is not None and (r.name, r.config.get("output_dir")) != (base.name, base.output_dir)
+        ):
+            continue
+        if all(_same(_dotted(r.config, k), v) for k, v in params.items()):
+            return r.id
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
 class _Watched:
     """A running trial: its Optuna handle, run id and the folds already reported."""
 
@@ -564,7 +599,8 @@ def drive(
     """Run the sweep until ``settings.trials`` trials have ended (or ``sweep stop`` asked it to end).
 
     Re-attaches first: each trial RUNNING in the study is matched to its run by its ``run_id`` user
-    attribute (or runs.db's ``sweep``/``trial`` tag) and watched again; one asked but never launched is
+    attribute (or runs.db's ``sweep``/``trial`` tag, or, for a run launched but never tagged, its config:
+    :func:`untagged_run`) and watched again; one asked but never launched is
     told FAIL and marked ``orphan`` (it does not count); one whose prune was under way when its
     driver died ends pruned. Then, every ``poll_s`` seconds:
     :func:`core.runs.launcher.refresh_statuses` (crashed local runs, Slurm states and journals); each
@@ -591,7 +627,9 @@ def drive(
     watched: dict[int, _Watched] = {}
     tagged = {r.trial: r.id for r in store.sweep_runs(settings.name)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        run_id = t.user_attrs.get("run_id") or tagged.get(t.number)
+        run_id = t.user_attrs.get("run_id") or tagged.get(t.number) or untagged_run(store, settings, t.params)
+        if run_id is not None and t.number not in tagged:
+            store.set_sweep_trial(run_id, settings.name, t.number)
         if run_id is None:
             optuna.trial.Trial(study, t._trial_id).set_user_attr("orphan", True)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
