@@ -342,3 +342,33 @@ def test_a_run_launched_but_never_tagged_is_found_again(tmp_path, base):
     rec = store.get_record(run_id)
     assert (rec.sweep, rec.trial) == ("untagged", 0)
     assert study.trials[0].user_attrs["run_id"] == run_id and len(study.trials) == 1
+
+
+def test_show_gives_the_best_trial_against_a_baseline_with_its_interval(tmp_path):
+    """`sweep show NAME --baseline RUN`: the best trial is partly the luckiest one, so its difference
+    from the default config's run comes with a paired bootstrap interval over the common queries."""
+    from typer.testing import CliRunner
+
+    from core.scoring.significance import ndcg_diff
+    from oof_fixture import oof_frame, oof_run
+    from tui_fixture import add_sweep, sweep_run_id
+    from workbench.cli import app
+
+    runner = CliRunner()
+
+    db = tmp_path / "runs.db"
+    name = add_sweep(db)
+    best = oof_frame(noise=0.2, seed=1)
+    (tmp_path / "runs" / sweep_run_id(3)).mkdir(parents=True)
+    best.to_parquet(tmp_path / "runs" / sweep_run_id(3) / "oof.parquet", index=False)  # trial 3 is the best
+    store = RunStore(db)
+    base_frame = oof_frame(noise=0.8, seed=2)
+    base = oof_run(store, tmp_path, "default", base_frame)
+    res = runner.invoke(app, ["sweep", "show", name, "--db", str(db), "--baseline", base])
+    assert res.exit_code == 0, res.output
+    assert f"best trial 3 ({sweep_run_id(3)}) - baseline {base}" in res.output
+    want = ndcg_diff(base_frame, best)  # the same seed and resamples as the command
+    line = next(ln for ln in res.output.splitlines() if "Δ nDCG" in ln and "CE" not in ln)
+    assert f"{want.diff:+.4f} [{want.low:+.4f}, {want.high:+.4f}]" in line, line
+    res = runner.invoke(app, ["sweep", "show", name, "--db", str(db), "--baseline", "nosuchrun"])
+    assert res.exit_code != 0

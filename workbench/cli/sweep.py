@@ -190,8 +190,19 @@ def _value(v) -> str:
 
 
 @sweep_app.command("show")
-def show(name: NameArg, db: DbOpt = None):
-    """A sweep's trials by value, the best config (--set line and YAML file) and the parameter importances."""
+def show(
+    name: NameArg,
+    db: DbOpt = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="a run (e.g. the default config) to compare the best trial with, on their common OOF queries",
+        ),
+    ] = None,
+):
+    """A sweep's trials by value, the best config (--set line and YAML file), the parameter importances,
+    and (--baseline RUN) the best trial against that run with paired bootstrap intervals."""
     from core.runs.launcher import refresh_statuses
     from core.runs.sweep import best_config, importances, open_sweep, progress_of, trial_rows
 
@@ -219,6 +230,31 @@ def show(name: NameArg, db: DbOpt = None):
         console.print(f"importances: {escape(how)}")
     else:
         console.print(f"importances ({how}): " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    if baseline is not None:
+        _best_vs_baseline(store, trial_rows(store, study, settings), baseline)
+
+
+def _best_vs_baseline(store, rows: list[dict], baseline: str) -> None:
+    """The best trial's run against ``baseline``: the differences of its OOF figures on their common
+    queries with paired bootstrap 95% intervals (:func:`core.runs.compare.compare_oof`); the best trial
+    is partly the luckiest one, so "within noise" is said when the interval covers 0."""
+    from core.errors import WorkbenchError
+    from core.runs.compare import OOF_DELTAS, compare_oof
+    from core.scoring.significance import describe, method_note
+
+    best = next((r for r in rows if r["value"] is not None and r["run_id"]), None)
+    if best is None:
+        raise WorkbenchError("sweep show --baseline: no complete trial with a run yet")
+    (row,) = compare_oof(store, [baseline, best["run_id"]])
+    console.print(
+        f"best trial {best['trial']} ({row['run_id']}) - baseline {row['base_id']} {escape(row['base_name'] or '')}:",
+        highlight=False,
+    )
+    for key, label in OOF_DELTAS:
+        d = row["deltas"].get(key)
+        if d is not None:
+            console.print(f"  {label:<12} {d.a:.4f} -> {d.b:.4f}  {describe(d)}", highlight=False)
+    console.print(method_note(), highlight=False, soft_wrap=True)
 
 
 @sweep_app.command("list")
