@@ -18,11 +18,20 @@ from core.config import DEFAULT_DATA_DIR, DEFAULT_SAMPLE_DIR
 from core.errors import ConfigError, WorkbenchError
 from core.runs import metric_names as mn
 from workbench.cli.common import (
+    AccountOpt,
+    CpusOpt,
     DbOpt,
+    GpusOpt,
+    MemOpt,
+    PartitionOpt,
     ProcessesOpt,
+    QosOpt,
+    RequeueOpt,
     SetOpt,
+    TimeOpt,
     follow_ranks,
     open_store,
+    slurm_options,
     with_processes,
     with_progress,
 )
@@ -229,24 +238,14 @@ def launch(
     db: DbOpt = None,
     processes: ProcessesOpt = None,
     backend: Backend = "local",
-    partition: Annotated[str | None, typer.Option(help="Slurm --partition", rich_help_panel="Slurm")] = None,
-    gpus: Annotated[int | None, typer.Option(help="Slurm --gpus", rich_help_panel="Slurm")] = None,
-    time_limit: Annotated[
-        str | None,
-        typer.Option("--time", help="Slurm --time: minutes, H:MM:SS or D-HH:MM", rich_help_panel="Slurm"),
-    ] = None,
-    account: Annotated[str | None, typer.Option(help="Slurm --account", rich_help_panel="Slurm")] = None,
-    qos: Annotated[str | None, typer.Option(help="Slurm --qos", rich_help_panel="Slurm")] = None,
-    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm --cpus-per-task", rich_help_panel="Slurm")] = None,
-    mem: Annotated[str | None, typer.Option(help="Slurm --mem, e.g. 32G", rich_help_panel="Slurm")] = None,
-    requeue: Annotated[
-        bool | None,
-        typer.Option(
-            "--requeue/--no-requeue",
-            help="checkpoint and requeue the job when Slurm signals its time limit (default: yes)",
-            rich_help_panel="Slurm",
-        ),
-    ] = None,
+    partition: PartitionOpt = None,
+    gpus: GpusOpt = None,
+    time_limit: TimeOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    cpus_per_task: CpusOpt = None,
+    mem: MemOpt = None,
+    requeue: RequeueOpt = None,
 ):
     """Start training (or pre-training, for a `kind: pretrain` config) detached (own session), or
     submit it to Slurm (--backend slurm; defaults from the [slurm] table of
@@ -258,10 +257,10 @@ def launch(
         from core.runs import slurm
         from core.runs.launcher import load_any_config
 
-        opts = slurm.slurm_options(
+        opts = slurm_options(
             partition=partition,
             gpus=gpus,
-            time=time_limit,
+            time_limit=time_limit,
             account=account,
             qos=qos,
             cpus_per_task=cpus_per_task,

@@ -18,6 +18,38 @@ if TYPE_CHECKING:
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="WORKBENCH_DB", help="runs database (default ./runs.db)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="config override key=value (repeatable)")]
 
+# the Slurm job options of `launch` and `sweep` (core.runs.slurm.SlurmOptions; None: the [slurm] defaults)
+PartitionOpt = Annotated[str | None, typer.Option(help="Slurm --partition", rich_help_panel="Slurm")]
+GpusOpt = Annotated[int | None, typer.Option(help="Slurm --gpus", rich_help_panel="Slurm")]
+TimeOpt = Annotated[
+    str | None, typer.Option("--time", help="Slurm --time: minutes, H:MM:SS or D-HH:MM", rich_help_panel="Slurm")
+]
+AccountOpt = Annotated[str | None, typer.Option(help="Slurm --account", rich_help_panel="Slurm")]
+QosOpt = Annotated[str | None, typer.Option(help="Slurm --qos", rich_help_panel="Slurm")]
+CpusOpt = Annotated[int | None, typer.Option(help="Slurm --cpus-per-task", rich_help_panel="Slurm")]
+MemOpt = Annotated[str | None, typer.Option(help="Slurm --mem, e.g. 32G", rich_help_panel="Slurm")]
+RequeueOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--requeue/--no-requeue",
+        help="checkpoint and requeue the job when Slurm signals its time limit (default: yes)",
+        rich_help_panel="Slurm",
+    ),
+]
+
+
+def slurm_options(**given: Any):
+    """:func:`core.runs.slurm.slurm_options` of the Slurm options a command was given (``time_limit``
+    is ``--time``).
+
+    Raises:
+        ConfigError: a bad value or an unknown ``[slurm]`` key in the user config (one line).
+    """
+    from core.runs import slurm
+
+    given["time"] = given.pop("time_limit", None)
+    return slurm.slurm_options(**given)
+
 
 def open_store(db: str | None, readonly: bool = False) -> RunStore:
     """The runs database of a command: ``--db`` / ``WORKBENCH_DB``, else ``./runs.db``.

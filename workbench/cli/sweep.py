@@ -20,7 +20,20 @@ from typer.core import TyperGroup
 
 from core.errors import WorkbenchError
 from core.runs import metric_names as mn
-from workbench.cli.common import DbOpt, SetOpt, open_store
+from workbench.cli.common import (
+    AccountOpt,
+    CpusOpt,
+    DbOpt,
+    GpusOpt,
+    MemOpt,
+    PartitionOpt,
+    QosOpt,
+    RequeueOpt,
+    SetOpt,
+    TimeOpt,
+    open_store,
+    slurm_options,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -108,16 +121,14 @@ def start(
     set_: SetOpt = None,
     db: DbOpt = None,
     poll: Annotated[float, typer.Option("--poll", help="seconds between looks at runs.db")] = 2.0,
-    partition: Annotated[str | None, typer.Option(help="Slurm --partition", rich_help_panel="Slurm")] = None,
-    gpus: Annotated[int | None, typer.Option(help="Slurm --gpus", rich_help_panel="Slurm")] = None,
-    time_limit: Annotated[str | None, typer.Option("--time", help="Slurm --time", rich_help_panel="Slurm")] = None,
-    account: Annotated[str | None, typer.Option(help="Slurm --account", rich_help_panel="Slurm")] = None,
-    qos: Annotated[str | None, typer.Option(help="Slurm --qos", rich_help_panel="Slurm")] = None,
-    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm --cpus-per-task", rich_help_panel="Slurm")] = None,
-    mem: Annotated[str | None, typer.Option(help="Slurm --mem", rich_help_panel="Slurm")] = None,
-    requeue: Annotated[
-        bool | None, typer.Option("--requeue/--no-requeue", help="Slurm requeue on time limit", rich_help_panel="Slurm")
-    ] = None,
+    partition: PartitionOpt = None,
+    gpus: GpusOpt = None,
+    time_limit: TimeOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    cpus_per_task: CpusOpt = None,
+    mem: MemOpt = None,
+    requeue: RequeueOpt = None,
 ):
     """Start a sweep and drive it in the foreground: each trial is an ordinary detached run (or Slurm
     job) with the sampled values as --set overrides. Ctrl+C leaves the trials running."""
@@ -125,12 +136,10 @@ def start(
 
     opts = None
     if backend == "slurm":
-        from core.runs import slurm
-
-        opts = slurm.slurm_options(
+        opts = slurm_options(
             partition=partition,
             gpus=gpus,
-            time=time_limit,
+            time_limit=time_limit,
             account=account,
             qos=qos,
             cpus_per_task=cpus_per_task,
