@@ -95,8 +95,13 @@ def test_not_a_database(tmp_path):
         RunStore(tmp_path / "missing.db", readonly=True)
 
 
-def test_runs_compare_gives_each_difference_with_its_interval(tmp_path):
+def test_runs_compare_gives_each_difference_with_its_interval(tmp_path, monkeypatch):
     import json
+
+    import workbench.cli as cli
+
+    # an 80-column terminal, whatever width another test module gave the CLI's console (test_cli: 200)
+    monkeypatch.setattr(cli.console, "width", 80)
 
     from typer.testing import CliRunner
 
