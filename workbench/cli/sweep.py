@@ -263,7 +263,7 @@ def _best_vs_baseline(store, rows: list[dict], baseline: str) -> None:
         d = row["deltas"].get(key)
         if d is not None:
             console.print(f"  {label:<12} {d.a:.4f} -> {d.b:.4f}  {describe(d)}", highlight=False)
-    console.print(method_note(), highlight=False, soft_wrap=True)
+    console.print(escape(method_note()), highlight=False, soft_wrap=True)
 
 
 @sweep_app.command("list")
