@@ -9,7 +9,6 @@ import sqlite3
 import pytest
 
 from core.errors import WorkbenchError
-from core.runs import journal
 from core.runs.journal import JOURNAL, JournalStore, ingest, write_snapshot
 from core.runs.store import RunStore, Status
 
@@ -178,7 +177,3 @@ def test_the_snapshot_carries_the_label_decisions_a_run_reads(submitted):
 def test_no_snapshot_is_one_line(tmp_path):
     with pytest.raises(WorkbenchError, match=r"run\.json: no readable run snapshot"):
         JournalStore(tmp_path)
-
-
-def test_update_run_events_only_set_shared_columns():
-    assert "pid" not in journal.JOURNAL_RUN_FIELDS and "status" in journal.JOURNAL_RUN_FIELDS

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import WorkbenchError
-from core.runs.store import LABEL_DECISION_COLUMNS, LABEL_ISSUE_COLUMNS, RunStore, now_iso
+from core.runs.store import LABEL_DECISION_COLUMNS, LABEL_ISSUE_COLUMNS, TABLES, RunStore, now_iso
 
 #: the journal's file name in the run folder
 JOURNAL = "journal.jsonl"
@@ -264,10 +264,5 @@ class JournalStore(RunStore):
             super().close()
 
 
-def _run_columns() -> frozenset[str]:
-    from core.runs.store import TABLES
-
-    return frozenset(c for c, _ in TABLES["runs"])
-
-
-_RUN_COLUMNS = _run_columns()
+#: the runs table's columns (a snapshot's row may come from a newer or older schema)
+_RUN_COLUMNS = frozenset(c for c, _ in TABLES["runs"])

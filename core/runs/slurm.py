@@ -495,12 +495,13 @@ def refresh(store: RunStore) -> list[str]:
     changed = []
     for r in runs:
         events = ingest_quietly(store, r.id, r.run_dir)
-        status = store.get_run(r.id)["status"]
         if states is None:
             changed += [r.id] if events else []
             continue
-        fields = run_fields(status, states.get(str(r.job_id)), _requeues(r.run_dir))
-        fields = {k: v for k, v in fields.items() if store.get_run(r.id).get(k) != v}
+        row = store.get_run(r.id)
+        info = states.get(str(r.job_id))
+        requeue = info is not None and info.state == "PREEMPTED" and _requeues(r.run_dir)  # read only when it matters
+        fields = {k: v for k, v in run_fields(row["status"], info, requeue).items() if row.get(k) != v}
         if fields:
             store.update_run(r.id, **fields)
         if fields or events:
