@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,10 @@ def find_issues_arrays(
         raise ConfigError(f"filter_by {filter_by!r}: not one of {list(FILTER_BY)}")
     if rank_by not in RANK_BY:
         raise ConfigError(f"rank_by {rank_by!r}: not one of {list(RANK_BY)}")
+    if n_jobs is None and threading.active_count() > 1:
+        # cleanlab's workers are forked; a fork of a process with other threads (the app's workers)
+        # can copy a held lock and hang for ever (seen once in the suite): one process then
+        n_jobs = 1
     idx = find_label_issues(labels, pred_probs, filter_by=filter_by, return_indices_ranked_by=rank_by, n_jobs=n_jobs)
     quality = get_label_quality_scores(labels, pred_probs, method=rank_by)
     return np.asarray(idx, dtype=np.int64), np.asarray(quality, dtype=np.float64)
