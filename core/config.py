@@ -140,6 +140,67 @@ class BlendConfig:
     dense_model: str = "all-MiniLM-L6-v2"  # zero-shot bi-encoder of the "dense" member
 
 
+#: the stacker's feature groups (core.scoring.stack.FEATURE_GROUPS documents each)
+STACK_FEATURE_GROUPS = ("members", "group", "query", "lexical", "zero_shot", "small_share")
+#: the scorers the stacker can compute from the data (core.scoring.stack.STACK_SCORERS)
+STACK_SCORERS = ("bm25", "dense", "dense-e5")
+
+
+@dataclass
+class StackConfig:
+    """The second-level LightGBM stacker (``workbench stack``, core.scoring.stack).
+
+    Defaults are sized for small data (a few hundred queries): few leaves, many rows per leaf,
+    strong L2, row and feature subsampling, several seeds averaged. Task 1 is LambdaRank with the
+    official gains, Task 2 multiclass, Task 3 binary (substitute). Each fold's stacker is fitted on
+    the other folds' OOF rows only (the member runs' own query-grouped folds).
+
+    Raises (at load time): ConfigError for an unknown feature group or scorer, a value out of range.
+    """
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_leaves": ">= 2",
+        "learning_rate": "(0, 1]",
+        "n_estimators": ">= 1",
+        "min_child_samples": ">= 1",
+        "reg_lambda": ">= 0",
+        "feature_fraction": "(0, 1]",
+        "bagging_fraction": "(0, 1]",
+        "early_stopping_rounds": ">= 0",
+        "inner_fraction": "(0, 1)",
+        "seeds": ">= 1",
+        "anchor_weight": "[0, 1]",
+    }
+
+    enabled: bool = False  # a training config: run the stacker on the run's OOF after training
+    scorers: list[str] = field(default_factory=lambda: ["bm25", "dense", "dense-e5"])  # zero-shot/lexical members
+    features: list[str] = field(default_factory=lambda: list(STACK_FEATURE_GROUPS))  # groups switched on
+    ranker: Literal["lambdarank", "multiclass"] = "lambdarank"  # Task 1 model (multiclass: sort by expected gain)
+    test_features: Literal["per_fold", "mean"] = "per_fold"  # test rows: fold k's stacker on fold k's model
+    num_leaves: int = 7  # >= 2
+    learning_rate: float = 0.05  # (0, 1]
+    n_estimators: int = 300  # >= 1; the most boosting rounds (early stopping picks fewer)
+    min_child_samples: int = 40  # >= 1
+    reg_lambda: float = 10.0  # >= 0; L2 on leaf values
+    feature_fraction: float = 0.8  # (0, 1]
+    bagging_fraction: float = 0.8  # (0, 1]; rows per tree (bagging every round)
+    early_stopping_rounds: int = 30  # >= 0 (0: off); on an inner query-grouped split of the training folds
+    inner_fraction: float = 0.2  # (0, 1); queries of the training folds kept for early stopping
+    monotone: bool = True  # Task 1 score non-decreasing in each member's expected gain and each scorer
+    seeds: int = 3  # >= 1; LightGBM seeds averaged (bagging, feature subsampling)
+    anchor: str | None = "auto"  # member blended into the ranking with anchor_weight; auto: best OOF member
+    anchor_weight: float = 0.0  # [0, 1]; 0 = the stacker alone
+
+    def __post_init__(self) -> None:
+        for key, known in (("features", STACK_FEATURE_GROUPS), ("scorers", STACK_SCORERS)):
+            values = getattr(self, key)
+            bad = [f for f in values if f not in known]
+            if bad:
+                raise ConfigError(f"stack.{key}: unknown value(s) {bad}; known: {list(known)}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"stack.{key}: a value is repeated in {values}")
+
+
 @dataclass
 class LabelsConfig:
     """Label cleaning applied to the training rows (core.cleaning.labels); everything off by default.
@@ -306,6 +367,7 @@ class RunConfig(ConfigDict):
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
