@@ -193,7 +193,8 @@ def eval_metrics(probs: np.ndarray, frame: pd.DataFrame) -> dict[str, float]:
 class TrainContext:
     """What every fold of a run shares (built once by :func:`core.training.train.run_training`).
 
-    ``df``: all examples (train and test split); ``train_idx``/``test_idx``: their rows in df;
+    ``df``: all examples (train and test split; then the translated rows of
+    ``data.augment_translations``, split ``augment``, trained on only); ``train_idx``/``test_idx``: their rows in df;
     ``folds``: the fold of each train row (len(train_idx),); ``fit_mask``: rows of df trained on
     (label cleaning); ``encoded``: the tokenized pairs of df; ``global_step``: optimiser steps of
     the run so far (all folds and stages; the ETA's numerator).
@@ -220,6 +221,11 @@ class TrainContext:
     progress: Any = None
     global_step: int = 0
     hard_targets: np.ndarray | None = None  # (len(df), 4) one-hot labels of the rows trained on
+    # data.augment_translations (core.data.augment): rows of df that translate a training example
+    # (after the original rows), the row of df each translates, and that source's fold; all (M,)
+    aug_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    aug_source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    aug_folds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def device(self) -> torch.device:
@@ -244,8 +250,10 @@ class TrainContext:
         return self.train_idx[self.folds == k]
 
     def train_rows(self, k: int) -> np.ndarray:
-        """Rows of df that fold ``k`` trains on (the other folds, label-cleaning drops left out)."""
-        return self.train_idx[(self.folds != k) & self.fit_mask[self.train_idx]]
+        """Rows of df that fold ``k`` trains on (the other folds, label-cleaning drops left out),
+        then the translated rows whose source is in those folds (``data.augment_translations``)."""
+        own = self.train_idx[(self.folds != k) & self.fit_mask[self.train_idx]]
+        return np.concatenate([own, self.aug_idx[(self.aug_folds != k) & self.fit_mask[self.aug_idx]]])
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 
 from core.cleaning.labels import apply_to_training
 from core.config import RunConfig, save_config
+from core.data.augment import check_unchanged, load_translations
 from core.data.esci import ESCI_LABELS
 from core.data.folds import assign_folds
 from core.data.text import encode_pairs_cached
@@ -258,8 +259,9 @@ def build_context(
 ) -> TrainContext:
     """What every fold shares: label cleaning (:mod:`core.cleaning.labels`: a fit mask and labels,
     never df itself, so dropped examples are still scored out-of-fold on their original labels),
-    query-grouped folds, the tokens (cached), side features, the ``accelerate`` device and mixed
-    precision, and the one-hot targets (len(df), 4)."""
+    query-grouped folds, the translated training rows of ``data.augment_translations`` (appended
+    to the context's df: :func:`_add_translations`), the tokens (cached), side features, the
+    ``accelerate`` device and mixed precision, and the one-hot targets (len(ctx.df), 4)."""
     from accelerate import Accelerator
 
     tc, tk = cfg.train, cfg.tricks
@@ -269,6 +271,9 @@ def build_context(
     test_idx = np.flatnonzero((df["split"] == "test").to_numpy())
     folds = assign_folds(df["query_id"].to_numpy()[train_idx], tc.folds, tc.seed)
     run_folds = tc.run_folds if tc.run_folds is not None else list(range(tc.folds))
+    df, fit_mask, fit_labels, aug_idx, aug_source = _add_translations(cfg, df, fit_mask, fit_labels, run_dir)
+    fold_of = np.full(len(df), -1, dtype=np.int64)
+    fold_of[train_idx] = folds
     log.info(
         "data %s: %d train examples (%d queries), %d test examples; %d folds, training %s",
         cfg.data.dir,
@@ -326,7 +331,38 @@ def build_context(
         bag_init=bag_init,
         progress=progress,
         hard_targets=hard_targets,
+        aug_idx=aug_idx,
+        aug_source=aug_source,
+        aug_folds=fold_of[aug_source],
     )
+
+
+def _add_translations(cfg: RunConfig, df: pd.DataFrame, fit_mask: np.ndarray, fit_labels: np.ndarray, run_dir: Path):
+    """``data.augment_translations`` (:mod:`core.data.augment`; off: everything unchanged) ->
+    (df with the M translated rows appended (split ``augment``), fit mask and fit labels (N + M,)
+    taken from each row's source (a dropped or relabelled example's translations are too), the
+    rows' indices (M,) and their sources' rows (M,)). A resumed run checks they are unchanged.
+
+    Raises:
+        DataError: the file is bad (:func:`core.data.augment.load_translations`).
+        WorkbenchError: a resumed run's translations changed (:func:`core.data.augment.check_unchanged`).
+    """
+    none = np.zeros(0, np.int64)
+    path = cfg.data.augment_translations
+    if not path:
+        return df, fit_mask, fit_labels, none, none
+    tr = load_translations(path, df, cfg.data.dir)
+    check_unchanged(run_dir, path, tr, write=is_main_rank())
+    log.info(
+        "translations %s: %d training rows added (locales %s), %d rows of unselected examples ignored",
+        path,
+        len(tr.rows),
+        tr.rows["product_locale"].value_counts().to_dict(),
+        tr.ignored,
+    )
+    frame = pd.concat([df, tr.rows], ignore_index=True)
+    keep, labels = np.concatenate([fit_mask, fit_mask[tr.source]]), np.concatenate([fit_labels, fit_labels[tr.source]])
+    return frame, keep, labels, np.arange(len(df), len(frame), dtype=np.int64), tr.source
 
 
 def run_stage(
@@ -413,6 +449,7 @@ def _student_targets(ctx: TrainContext, teacher: dict[int, FoldResult], hard_tar
             tk.distill_weight,
             1 - tk.distill_weight,
         )
+    student[ctx.aug_idx] = student[ctx.aug_source]  # a translation learns its source's (soft) target
     t_test = {k: r.test for k, r in teacher.items() if r.test is not None}
 
     def targets_of(k: int) -> tuple[np.ndarray, np.ndarray]:

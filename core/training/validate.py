@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from core.config import RunConfig, check_config
+from core.data.augment import load_translations
 from core.data.esci import load_esci
 from core.errors import ConfigError, DataError
 
@@ -66,7 +67,8 @@ def validate_run(cfg: RunConfig) -> pd.DataFrame:
 
     Order: the static checks of :func:`check_run_config` first (fast, no data read), then the data
     selection: the files load (:func:`core.data.esci.load_esci`), ``data.max_queries`` applied, at
-    least one training example, and at least ``train.folds`` distinct training queries.
+    least one training example, at least ``train.folds`` distinct training queries, then the
+    ``data.augment_translations`` file (:func:`core.data.augment.load_translations`).
 
     Raises:
         ConfigError: a setting out of range or in conflict with another (one line naming the key).
@@ -83,4 +85,6 @@ def validate_run(cfg: RunConfig) -> pd.DataFrame:
             f"{n_queries} training queries{cap}, fewer than train.folds={cfg.train.folds} "
             "(every fold needs at least one query)",
         )
+    if cfg.data.augment_translations:
+        load_translations(cfg.data.augment_translations, df, cfg.data.dir)  # read again by the trainer
     return df
