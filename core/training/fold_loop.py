@@ -55,6 +55,7 @@ from core.modeling.features import (
     features_on,
     save_fold_features,
 )
+from core.modeling.markers import resize_for_markers
 from core.modeling.model import CrossEncoder, collate
 from core.modeling.tricks import AWP, EMA, FGM, PGD, classification_loss, draw_mixup, param_groups, rdrop_kl
 from core.runs import metric_names as mn
@@ -221,6 +222,7 @@ class TrainContext:
     progress: Any = None
     global_step: int = 0
     hard_targets: np.ndarray | None = None  # (len(df), 4) one-hot labels of the rows trained on
+    markers: Any = None  # core.modeling.markers.MarkerSpec of the tokenizer's marker tokens, or None
     # data.augment_translations (core.data.augment): rows of df that translate a training example
     # (after the original rows), the row of df each translates, and that source's fold; all (M,)
     aug_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -464,7 +466,10 @@ def setup_fold(ctx: TrainContext, k: int, stage: str, targets: np.ndarray, extra
         msd_rates=tk.msd_rates if tk.msd else None,
         layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
         semantic=build_semantic(fc, id_vocab, ctx.bag_init),
+        marker_slots=(ctx.markers.slot_ids, ctx.markers.slot_segments) if ctx.markers is not None else None,
     )
+    if ctx.markers is not None:  # rows for the marker tokens (with trainable offsets when frozen)
+        resize_for_markers(model, ctx.markers, trainable_offsets=cfg.model.freeze_embeddings)
     if cfg.model.freeze_embeddings:
         model.backbone.get_input_embeddings().weight.requires_grad_(False)
     if tk.grad_checkpointing:  # Chen et al. 2016 (arXiv:1604.06174): recompute activations in backward

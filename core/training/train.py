@@ -32,6 +32,7 @@ from core.data.esci import ESCI_LABELS
 from core.data.folds import assign_folds
 from core.data.text import encode_pairs_cached
 from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
+from core.modeling.markers import add_marker_tokens
 from core.modeling.model import load_tokenizer
 from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
 from core.runs import metric_names as mn
@@ -286,6 +287,9 @@ def build_context(
     check_stop("after loading the data", collective=True)
     progress.message("tokenizing")
     tokenizer = load_tokenizer(cfg.model.name)
+    markers = add_marker_tokens(tokenizer, cfg.text)  # text.field_markers / entity_markers; None when off
+    if markers is not None:
+        log.info("marker tokens added to the tokenizer: ids %s", list(markers.new_ids))
     with main_first():  # rank 0 tokenizes and writes the caches, the other ranks read them
         encoded = encode_pairs_cached(df, tokenizer, cfg.text)
         bags, bag_init = _side_features(cfg, df)
@@ -331,6 +335,7 @@ def build_context(
         bag_init=bag_init,
         progress=progress,
         hard_targets=hard_targets,
+        markers=markers,
         aug_idx=aug_idx,
         aug_source=aug_source,
         aug_folds=fold_of[aug_source],

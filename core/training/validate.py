@@ -40,7 +40,8 @@ def check_run_config(cfg: RunConfig) -> None:
     (:func:`core.config.check_config`, again for configs changed in code), ``tricks.fgm`` with
     ``tricks.pgd``, unknown ``blend.members``, the ``features`` section
     (:func:`core.modeling.features.check_features`, gensim for ``init: word2vec`` included),
-    ``labels.auto_drop_fraction`` without a run to take the issues from.
+    ``labels.auto_drop_fraction`` without a run to take the issues from, ``model.pooling: markers``
+    without ``text.field_markers`` (the pooled hidden states are those of the field markers).
 
     Raises:
         ConfigError: one line naming the key.
@@ -54,6 +55,8 @@ def check_run_config(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"blend.members: unknown {unknown}; known: {sorted(BLEND_MEMBER_NAMES)}")
     check_features(cfg.features)
+    if cfg.model.pooling == "markers" and not cfg.text.field_markers:
+        raise ConfigError("model.pooling=markers needs text.field_markers: true (it pools the field markers' states)")
     if cfg.labels.auto_drop_fraction > 0 and not (cfg.labels.issues_run or cfg.labels.decisions_from):
         raise ConfigError(
             f"labels.auto_drop_fraction={cfg.labels.auto_drop_fraction} needs labels.issues_run "
