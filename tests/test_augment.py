@@ -140,6 +140,7 @@ def test_translations_follow_label_cleaning_and_distillation(tmp_path, small_dat
 
     path, t, _ = write_translations(tmp_path, small_dataset, n=8)
     cfg = aug_config(tmp_path, small_dataset, tiny_bert, path, tricks={"self_distill": True})
+    cfg.data.max_queries = 4  # the 8 translated examples' 3 queries and one more
     df = load_training_frame(cfg)
     cfg.blend.members = []
     run_training(cfg, RunStore(tmp_path / "runs.db"))
@@ -229,3 +230,29 @@ def test_unselected_sources_are_ignored_and_a_resume_checks_the_rows(tmp_path, s
     t.to_parquet(path, index=False)
     with pytest.raises(WorkbenchError, match="differ from those the run started with"):
         check_unchanged(tmp_path, path, load_translations(path, df, small_dataset), write=True)
+
+
+def test_a_resume_trains_on_the_same_translations_or_is_refused(tmp_path, small_dataset, tiny_bert, record_folds):
+    path, t, _ = write_translations(tmp_path, small_dataset, n=8)
+    cfg = aug_config(tmp_path, small_dataset, tiny_bert, path, run_folds=[0])
+    cfg.data.max_queries, cfg.blend.members = 4, []
+    store = RunStore(tmp_path / "runs.db")
+    first = run_training(cfg, store)
+    assert first.partial
+    cfg.train.run_folds = None  # `workbench resume --all-folds`
+    changed = t.copy()
+    changed.loc[0, "query"] = "otra consulta"
+    changed.to_parquet(path, index=False)
+    with pytest.raises(WorkbenchError, match="differ from those the run started with"):
+        run_training(cfg, store, run_id=first.run_id, resume=True)
+    assert [r["k"] for r in record_folds] == [0]  # refused before fold 1 trained
+    t.to_parquet(path, index=False)
+    done = run_training(cfg, store, run_id=first.run_id, resume=True)
+    assert done.run_id == first.run_id and not done.partial
+    assert [r["k"] for r in record_folds] == [0, 1]  # fold 0 kept from the first start
+    ctx0, ctx1 = record_folds[0]["ctx"], record_folds[1]["ctx"]
+    np.testing.assert_array_equal(ctx0.aug_source, ctx1.aug_source)
+    assert ctx0.df.iloc[ctx0.aug_idx].equals(ctx1.df.iloc[ctx1.aug_idx])
+    oof = pd.read_parquet(done.run_dir / "oof.parquet")
+    df = load_training_frame(cfg)
+    assert sorted(oof["example_id"]) == sorted(df.loc[df["split"] == "train", "example_id"])
