@@ -66,9 +66,10 @@ GAZETTEER_MAX_WORDS = 4
 GAZETTEER_MAX_TITLE_DF = 0.2
 GAZETTEER_STOP = frozenset(
     "generic unknown unbranded none null nan n a na other others no brand not applicable see description "
-    "the and for with of in on to by from new one multi multicolor multicolour assorted various pack set".split()
+    "the and for with of in on to by from new one multi multicolor multicolour assorted various pack set "
+    "mix mixed size small medium large xl xxl full queen king twin regular standard".split()  # sizes in the colour field
 )
-GAZETTEER_VERSION = 1
+GAZETTEER_VERSION = 2
 _WORD = re.compile(r"\w+")
 
 _TAG = re.compile(r"<[^>]{0,200}>")
@@ -200,7 +201,8 @@ def build_gazetteer(products: pd.DataFrame) -> Gazetteer:
         split into ``\\w+`` words; a value is left out when it has fewer than
         ``GAZETTEER_MIN_CHARS`` (3) characters, no letter, more than ``GAZETTEER_MAX_WORDS`` (4)
         words, only words of ``GAZETTEER_STOP`` (placeholders such as "generic", "no brand";
-        function words), or when it is a single word found in the titles of more than
+        function words; size words that sellers put in the colour field), or when it is a single
+        word found in the titles of more than
         ``GAZETTEER_MAX_TITLE_DF`` (20%) of the products (a word that common is no entity cue).
         A value that is both a brand and a colour takes the type of more products (brand on a tie).
     """
