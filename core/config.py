@@ -187,6 +187,7 @@ class StackConfig:
         "inner_fraction": "(0, 1)",
         "seeds": ">= 1",
         "anchor_weight": "[0, 1]",
+        "num_threads": ">= 1",
     }
 
     enabled: bool = False  # a training config: run the stacker on the run's OOF after training
@@ -207,6 +208,7 @@ class StackConfig:
     seeds: int = 3  # >= 1; LightGBM seeds averaged (bagging, feature subsampling)
     anchor: str | None = "auto"  # member blended into the ranking with anchor_weight; auto: best OOF member
     anchor_weight: float = 0.0  # [0, 1]; 0 = the stacker alone
+    num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
 
     def __post_init__(self) -> None:
         for key, known in (("features", STACK_FEATURE_GROUPS), ("scorers", STACK_SCORERS)):

@@ -68,6 +68,9 @@ app.add_typer(configs_app, name="configs")
 from workbench.cli.sweep import sweep_app  # noqa: E402
 
 app.add_typer(sweep_app, name="sweep")
+from workbench.cli.stack import stack  # noqa: E402
+
+app.command("stack")(stack)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -1,0 +1,748 @@
+"""The second-level LightGBM stacker (``workbench stack``): finished runs' OOF probabilities plus
+query-group, lexical and zero-shot features into LightGBM.
+
+What the top KDD Cup 2022 ESCI teams did instead of a linear blend (ETS-Lab, "A Semantic Alignment
+System for Multilingual Query-Product Retrieval": the min/median/max of the cross-encoders'
+probabilities within the query added +0.007 on Task 2; the Task 1 ranking sorts by LightGBM's
+output). Models: LambdaRank (Burges 2010, "From RankNet to LambdaRank to LambdaMART") with the
+official gains E=1, S=0.1, C=0.01, I=0 as ``label_gain`` for Task 1, grouped by query; multiclass
+for Task 2; binary substitute-vs-rest for Task 3 (Ke et al. 2017, LightGBM).
+
+Honest CV: the stacker that scores fold k is fitted on the other folds' OOF rows only (the member
+runs' own query-grouped folds, which must be identical across members); early stopping uses an
+inner query-grouped split of those training folds, never fold k.
+
+The OOF-vs-test gap: an OOF prediction comes from one fold model (trained on (K-1)/K of the
+queries), while a run's ``test.parquet`` averages the K fold models, which is a stronger scorer.
+A second level fitted on OOF rows and applied to fold-averaged test features sees a member
+stronger than the one it learnt to weigh. With ``test_features: per_fold`` (the default) fold
+k's stacker is applied to the test features built from fold k's model alone (the same kind of
+input it was fitted on) and the K stacker outputs are averaged; ``mean`` applies every fold
+stacker to the fold-averaged test features instead. :func:`member_gap` measures the gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.config import StackConfig
+from core.data.esci import ESCI_LABELS
+from core.data.text import clean_text
+from core.errors import ConfigError, DataError, WorkbenchError
+from core.scoring.blend import standardize_per_query
+from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
+from core.scoring.report import PROB_COLUMNS, read_predictions
+
+log = logging.getLogger("esci.stack")
+
+#: what each ``stack.features`` group adds (per row)
+FEATURE_GROUPS = {
+    "members": "each member run's p_E..p_I, expected gain, its per-query z-score and percentile rank",
+    "group": "per query, each member's min/median/max/mean of p_E and of the expected gain (ETS-Lab)",
+    "query": "the query's words, characters and number of judged products; the locale",
+    "lexical": "BM25 (raw, z, rank), query-title token overlap, brand/colour named in the query, empty fields",
+    "zero_shot": "the zero-shot bi-encoder cosines (MiniLM, multilingual-e5-small): raw, z, rank",
+    "small_share": "share of the query's products in the small (Task 1) list, where both lists exist",
+}
+#: scorer -> (feature group, dense model or None)
+STACK_SCORERS: dict[str, tuple[str, str | None]] = {
+    "bm25": ("lexical", None),
+    "dense": ("zero_shot", "all-MiniLM-L6-v2"),
+    "dense-e5": ("zero_shot", "multilingual-e5-small"),
+}
+#: Task 1 relevance grades for LambdaRank (label index -> official gain through label_gain)
+RANK_GRADE = {"E": 3, "S": 2, "C": 1, "I": 0}
+LABEL_GAIN = [0.0, 0.01, 0.1, 1.0]
+LABEL_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
+TASKS = ("rank", "esci", "substitute")
+
+
+# ------------------------------------------------------------------------------------- inputs
+@dataclass
+class MemberRun:
+    """A member run's predictions on the stack's rows.
+
+    Attributes:
+        name: short name used in feature names (``m0``, ``m1``, ... in --runs order).
+        run_id: the run's id.
+        oof: float64 (N_oof, 4) OOF probabilities (E, S, C, I), in the stack's OOF row order.
+        test: float64 (N_test, 4) fold-averaged test probabilities, or None.
+        test_by_fold: fold -> float64 (N_test, 4): each fold model's own test probabilities.
+    """
+
+    name: str
+    run_id: str
+    oof: np.ndarray
+    test: np.ndarray | None
+    test_by_fold: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class StackData:
+    """Everything the stacker reads, aligned on example_id.
+
+    Attributes:
+        oof: the OOF rows (N_oof): example_id, query_id, product_id, esci_label, fold, query and
+            product text columns, small/large_version.
+        test: the test rows (N_test) with the same columns (esci_label may be empty), or None.
+        members: the member runs, in --runs order.
+        scorers: scorer -> (oof (N_oof,), test (N_test,) or None) zero-shot / BM25 scores.
+        data_dir: the data folder the members were trained on; task: its data.task.
+    """
+
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    members: list[MemberRun]
+    scorers: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    data_dir: str
+    task: int
+
+    @property
+    def folds(self) -> list[int]:
+        """The member runs' folds, sorted."""
+        return sorted(int(k) for k in np.unique(self.oof["fold"]))
+
+
+def _resolve_data_dir(store, record) -> Path:
+    """A run's ``data.dir``: as recorded, else relative to the runs.db folder."""
+    raw = record.data.get("dir")
+    if not raw:
+        raise WorkbenchError(f"run {record.id}: its config has no data.dir")
+    p = Path(raw)
+    if p.is_dir() or p.is_absolute():
+        return p
+    alt = Path(store.path).resolve().parent / p
+    return alt if alt.is_dir() else p
+
+
+def _member_files(record, folds: list[int], has_test: bool) -> dict[int, Path]:
+    """fold -> ``<run>/fold<k>/test.parquet`` (only when the run has test rows)."""
+    if not has_test:
+        return {}
+    files = {k: record.run_dir / f"fold{k}" / "test.parquet" for k in folds}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DataError(missing[0], "the fold's test predictions are missing (needed for test_features: per_fold)")
+    return files
+
+
+def load_stack_data(
+    store, run_specs: list[str], scorers: list[str], cache_dir: str | Path = ".cache/scores"
+) -> StackData:
+    """Load the member runs and the data they were trained on; compute (or read cached) scorers.
+
+    Args:
+        store: a :class:`core.runs.store.RunStore`.
+        run_specs: run ids or unique prefixes of finished training runs (at least one).
+        scorers: names from :data:`STACK_SCORERS`; a dense scorer whose model cannot be prepared
+            here (e.g. multilingual-e5-small without its wheels) is dropped with a warning.
+        cache_dir: where scorer outputs are cached (keyed by scorer and rows).
+
+    Returns:
+        StackData aligned on the first run's OOF/test row order.
+
+    Raises:
+        WorkbenchError: no runs, a run given twice, a run that is not a finished training run,
+            runs with different OOF examples, folds, test examples, data folders or tasks.
+        DataError: a prediction or data file missing or malformed (one line naming it).
+    """
+    from core.data.esci import load_esci
+
+    if not run_specs:
+        raise WorkbenchError("stack: no member runs given (--runs RUN [RUN ...])")
+    records = [store.get_record(s) for s in run_specs]
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise WorkbenchError(f"stack: a run is given twice: {ids}")
+    for r in records:
+        if r.kind != "train" or r.status != "finished":
+            raise WorkbenchError(f"run {r.id}: is a {r.status} {r.kind} run; the stacker needs finished training runs")
+        if r.run_dir is None or not (r.run_dir / "oof.parquet").is_file():
+            raise DataError(f"{r.run_dir}/oof.parquet", f"run {r.id} has no OOF predictions")
+    first = records[0]
+    oof0 = read_predictions(first.run_dir / "oof.parquet")
+    test_path = first.run_dir / "test.parquet"
+    test0 = read_predictions(test_path) if test_path.is_file() else None
+    data_dir = _resolve_data_dir(store, first)
+    task = int(first.data.get("task", 1))
+    folds = sorted(int(k) for k in oof0["fold"].unique())
+    members = []
+    for i, r in enumerate(records):
+        oof = read_predictions(r.run_dir / "oof.parquet")
+        if not np.array_equal(oof["example_id"].to_numpy(), oof0["example_id"].to_numpy()):
+            raise WorkbenchError(f"run {r.id}: its OOF examples differ from run {first.id}'s (other data or selection)")
+        if not np.array_equal(oof["fold"].to_numpy(), oof0["fold"].to_numpy()):
+            raise WorkbenchError(f"run {r.id}: its folds differ from run {first.id}'s (train.folds / seed)")
+        if _resolve_data_dir(store, r).resolve() != data_dir.resolve() or int(r.data.get("task", 1)) != task:
+            raise WorkbenchError(f"run {r.id}: trained on other data or task than run {first.id}")
+        test, by_fold = None, {}
+        if test0 is not None:
+            t = read_predictions(r.run_dir / "test.parquet")
+            if not np.array_equal(t["example_id"].to_numpy(), test0["example_id"].to_numpy()):
+                raise WorkbenchError(f"run {r.id}: its test examples differ from run {first.id}'s")
+            test = t[PROB_COLUMNS].to_numpy(np.float64)
+            for k, p in _member_files(r, folds, True).items():
+                ft = pd.read_parquet(p)
+                if not np.array_equal(ft["example_id"].to_numpy(), test0["example_id"].to_numpy()):
+                    raise DataError(p, "its examples differ from the run's test.parquet")
+                by_fold[k] = ft[PROB_COLUMNS].to_numpy(np.float64)
+        members.append(MemberRun(f"m{i}", r.id, oof[PROB_COLUMNS].to_numpy(np.float64), test, by_fold))
+
+    df = load_esci(data_dir, task=task).set_index("example_id")
+    missing = np.setdiff1d(oof0["example_id"].to_numpy(), df.index.to_numpy())
+    if len(missing):
+        raise DataError(
+            data_dir,
+            f"{len(missing)} OOF example_id(s) of run {first.id} are not in the data, first {missing[:3].tolist()}",
+        )
+    oof_rows = df.loc[oof0["example_id"].to_numpy()].reset_index()
+    oof_rows["fold"] = oof0["fold"].to_numpy()
+    test_rows = None
+    if test0 is not None:
+        test_rows = df.loc[test0["example_id"].to_numpy()].reset_index()
+        test_rows["fold"] = -1
+    scores = _scorer_outputs(oof_rows, test_rows, scorers, Path(cache_dir))
+    return StackData(oof_rows, test_rows, members, scores, str(data_dir), task)
+
+
+def _scorer_outputs(oof: pd.DataFrame, test: pd.DataFrame | None, scorers: list[str], cache_dir: Path):
+    """scorer -> (oof scores, test scores): computed once over the OOF and test rows together
+    (one BM25 corpus / one embedding pass, as training computes its blend members), cached."""
+    from core.scoring.baselines import bm25_scores
+    from core.scoring.dense import dense_scores
+
+    both = pd.concat([oof, test], ignore_index=True) if test is not None else oof
+    out = {}
+    for name in scorers:
+        if name not in STACK_SCORERS:
+            raise ConfigError(f"stack.scorers: unknown scorer {name!r}; known: {list(STACK_SCORERS)}")
+        model = STACK_SCORERS[name][1]
+        key = hashlib.sha256(
+            json.dumps([name, model]).encode()
+            + both["example_id"].to_numpy(np.int64).tobytes()
+            + "\x1f".join(both["query"].astype(str)).encode()
+            + "\x1f".join(both["product_id"].astype(str)).encode()
+        ).hexdigest()[:20]
+        path = cache_dir / f"{name}-{key}.npy"
+        if path.is_file():
+            values = np.load(path)
+        else:
+            t0 = time.time()
+            try:
+                values = bm25_scores(both) if model is None else dense_scores(both, model)
+            except ConfigError as exc:
+                log.warning("stack: scorer %s dropped: %s", name, exc)
+                continue
+            values = np.asarray(values, dtype=np.float64)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.save(path, values)
+            log.info("stack: scorer %s over %d rows in %.1f s", name, len(both), time.time() - t0)
+        out[name] = (values[: len(oof)], values[len(oof) :] if test is not None else None)
+    return out
+
+
+# ------------------------------------------------------------------------------------- features
+def _group_stats(qids: np.ndarray, values: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    g = pd.Series(values).groupby(qids, sort=False)
+    return {f"{prefix}_q{stat}": g.transform(stat).to_numpy() for stat in ("min", "median", "max", "mean")}
+
+
+def _norm_words(text: str) -> list[str]:
+    return [w for w in clean_text(text).lower().replace("/", " ").split() if w]
+
+
+def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Query-title overlap, brand/colour named in the query, empty product fields (N,) each."""
+    overlap, brand_in, color_in = [], [], []
+    for q, title, brand, color in zip(
+        rows["query"], rows["product_title"], rows["product_brand"], rows["product_color"]
+    ):
+        qw = _norm_words(q)
+        tw = set(_norm_words(title))
+        overlap.append(sum(w in tw for w in qw) / len(qw) if qw else 0.0)
+        ql = " " + " ".join(qw) + " "
+        b, c = " ".join(_norm_words(brand)), " ".join(_norm_words(color))
+        brand_in.append(float(bool(b) and f" {b} " in ql))
+        color_in.append(float(bool(c) and f" {c} " in ql))
+    empty = sum(
+        (rows[c].astype(str).str.strip() == "").to_numpy(np.float64)
+        for c in ("product_brand", "product_color", "product_bullet_point", "product_description")
+    )
+    return {
+        "lex.query_title_overlap": np.array(overlap),
+        "lex.brand_in_query": np.array(brand_in),
+        "lex.color_in_query": np.array(color_in),
+        "lex.empty_fields": np.asarray(empty, dtype=np.float64),
+        "lex.title_words": rows["product_title"].astype(str).str.split().str.len().fillna(0).to_numpy(np.float64),
+    }
+
+
+def _scaled(name: str, qids: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """raw, per-query z-score and per-query percentile rank of one score."""
+    ranks = pd.Series(values).groupby(qids, sort=False).rank(method="average", pct=True).to_numpy()
+    return {name: values, f"{name}_z": standardize_per_query(qids, values), f"{name}_rank": ranks}
+
+
+def build_features(
+    rows: pd.DataFrame,
+    member_probs: list[tuple[str, np.ndarray]],
+    scorer_scores: dict[str, np.ndarray],
+    groups: list[str],
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The stacker's feature matrix for a set of rows (whole queries).
+
+    Args:
+        rows: N rows with query_id, query, product text, product_locale, small/large_version.
+        member_probs: (member name, float (N, 4) probabilities E, S, C, I) per member run.
+        scorer_scores: scorer name -> float (N,) raw score.
+        groups: feature groups to build (keys of :data:`FEATURE_GROUPS`).
+
+    Returns:
+        (float64 DataFrame N x F, feature -> monotone direction for the Task 1 ranker: +1 for a
+        member's expected gain and each scorer (raw, z, rank), 0 otherwise).
+    """
+    qids = rows["query_id"].to_numpy()
+    cols: dict[str, np.ndarray] = {}
+    mono: dict[str, int] = {}
+    for name, probs in member_probs:
+        eg = expected_gain(probs)
+        if "members" in groups:
+            cols.update({f"{name}.p_{c}": probs[:, i] for i, c in enumerate("ESCI")})
+            scaled = _scaled(f"{name}.eg", qids, eg)
+            cols.update(scaled)
+            mono.update(dict.fromkeys(scaled, 1))
+        if "group" in groups:
+            cols.update(_group_stats(qids, probs[:, 0], f"{name}.p_E"))
+            cols.update(_group_stats(qids, eg, f"{name}.eg"))
+    for sc, values in scorer_scores.items():
+        if STACK_SCORERS[sc][0] in groups:
+            scaled = _scaled(f"{sc}", qids, np.asarray(values, dtype=np.float64))
+            cols.update(scaled)
+            mono.update(dict.fromkeys(scaled, 1))
+    if "query" in groups:
+        q = rows["query"].astype(str)
+        cols["query.words"] = q.str.split().str.len().to_numpy(np.float64)
+        cols["query.chars"] = q.str.len().to_numpy(np.float64)
+        cols["query.products"] = pd.Series(qids).groupby(qids).transform("size").to_numpy(np.float64)
+        locales = {"us": 0.0, "es": 1.0, "jp": 2.0}
+        cols["query.locale"] = rows["product_locale"].astype(str).map(locales).fillna(3.0).to_numpy(np.float64)
+    if "lexical" in groups:
+        cols.update(_lexical(rows))
+    if "small_share" in groups and {"small_version", "large_version"} <= set(rows.columns):
+        small = rows["small_version"].to_numpy(np.float64)
+        cols["query.small_share"] = pd.Series(small).groupby(qids).transform("mean").to_numpy()
+    X = pd.DataFrame(cols, index=rows.index).astype(np.float64)
+    return X, {c: mono.get(c, 0) for c in X.columns}
+
+
+# ------------------------------------------------------------------------------------- models
+def _lgb_params(cfg: StackConfig, objective: str, seed: int, max_group: int) -> dict[str, Any]:
+    p = {
+        "objective": objective,
+        "num_leaves": cfg.num_leaves,
+        "learning_rate": cfg.learning_rate,
+        "min_data_in_leaf": cfg.min_child_samples,
+        "lambda_l2": cfg.reg_lambda,
+        "feature_fraction": cfg.feature_fraction,
+        "bagging_fraction": cfg.bagging_fraction,
+        "bagging_freq": 1 if cfg.bagging_fraction < 1 else 0,
+        "seed": seed,
+        "deterministic": True,
+        "force_col_wise": True,
+        "num_threads": cfg.num_threads,
+        "verbose": -1,
+    }
+    if objective == "lambdarank":
+        p.update(label_gain=LABEL_GAIN, lambdarank_truncation_level=max_group, metric="ndcg", eval_at=[max_group])
+    elif objective == "multiclass":
+        p.update(num_class=4, metric="multi_logloss")
+    else:
+        p.update(metric="binary_logloss")
+    return p
+
+
+def _targets(labels: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "rank":
+        return np.array([RANK_GRADE[v] for v in labels])
+    if kind == "esci":
+        return np.array([LABEL_INDEX[v] for v in labels])
+    return (labels == "S").astype(int)
+
+
+def _dataset(X: pd.DataFrame, y: np.ndarray, qids: np.ndarray, kind: str):
+    """A lightgbm Dataset; for the ranker, rows sorted by query with group sizes."""
+    import lightgbm as lgb
+
+    if kind != "rank":
+        return lgb.Dataset(X, y, free_raw_data=False)
+    order = np.argsort(qids, kind="stable")
+    _, sizes = np.unique(qids[order], return_counts=True)
+    return lgb.Dataset(X.iloc[order], y[order], group=sizes, free_raw_data=False)
+
+
+@dataclass
+class FittedStacker:
+    """One fold's models for one task: the boosters of every seed (their outputs are averaged)."""
+
+    kind: str
+    boosters: list[Any]
+    features: list[str]
+    best_iterations: list[int]
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """(N,) ranker score / P(substitute), or (N, 4) class probabilities; seeds averaged."""
+        outs = [b.predict(X[self.features], num_iteration=it) for b, it in zip(self.boosters, self.best_iterations)]
+        return np.mean(outs, axis=0)
+
+    def gain(self) -> pd.Series:
+        """Total split gain per feature, summed over the seeds."""
+        g = sum(pd.Series(b.feature_importance("gain"), index=self.features) for b in self.boosters)
+        return g.astype(np.float64)
+
+
+def fit_stacker(
+    X: pd.DataFrame, labels: np.ndarray, qids: np.ndarray, kind: str, cfg: StackConfig, mono: dict[str, int], seed: int
+) -> FittedStacker:
+    """Fit one task's LightGBM on the given (training-fold) rows.
+
+    Args:
+        X: (N, F) features; labels: (N,) E/S/C/I; qids: (N,) query of each row.
+        kind: ``rank`` (LambdaRank, official gains), ``esci`` (4-class), ``substitute`` (binary).
+        cfg: the stack settings; mono: feature -> monotone direction (used for ``rank`` when
+            ``cfg.monotone``).
+
+    With ``cfg.early_stopping_rounds`` > 0 a share ``cfg.inner_fraction`` of the queries of these
+    rows is held out to pick the number of rounds, then the model is refitted on all rows with that
+    many rounds. Each of ``cfg.seeds`` seeds gives one booster.
+
+    Raises:
+        WorkbenchError: fewer than 2 queries to fit on.
+    """
+    import lightgbm as lgb
+
+    objective = {"rank": "lambdarank", "esci": "multiclass", "substitute": "binary"}[kind]
+    uq = np.unique(qids)
+    if len(uq) < 2:
+        raise WorkbenchError(f"stack: {len(uq)} query to fit the {kind} model on; need at least 2")
+    y = _targets(labels, kind)
+    max_group = int(pd.Series(qids).value_counts().max())
+    boosters, iters = [], []
+    for s in range(cfg.seeds):
+        params = _lgb_params(cfg, objective, seed + s, max_group)
+        if kind == "rank" and cfg.monotone:
+            params["monotone_constraints"] = [mono.get(c, 0) for c in X.columns]
+            params["monotone_constraints_method"] = "advanced"
+        n_rounds = cfg.n_estimators
+        if cfg.early_stopping_rounds and len(uq) >= 5:
+            rng = np.random.default_rng(seed + s)
+            inner = set(rng.permutation(uq)[: max(1, round(len(uq) * cfg.inner_fraction))].tolist())
+            va = np.array([q in inner for q in qids])
+            dtr = _dataset(X[~va], y[~va], qids[~va], kind)
+            dva = _dataset(X[va], y[va], qids[va], kind)
+            probe = lgb.train(
+                params,
+                dtr,
+                cfg.n_estimators,
+                valid_sets=[dva],
+                callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+            )
+            n_rounds = max(1, probe.best_iteration or cfg.n_estimators)
+        booster = lgb.train(params, _dataset(X, y, qids, kind), n_rounds)
+        boosters.append(booster)
+        iters.append(n_rounds)
+    return FittedStacker(kind, boosters, list(X.columns), iters)
+
+
+# ------------------------------------------------------------------------------------- the stack
+@dataclass
+class StackResult:
+    """The stacker's output.
+
+    Attributes:
+        oof: OOF rows: example_id, query_id, product_id, esci_label, fold, p_E..p_I (Task 2 model),
+            ce_score (their expected gain), score (Task 1 ranking), p_substitute (Task 3 model).
+        test: the same for the test rows (fold -1), or None.
+        cv: OOF figures: ndcg (score), ndcg_probs (expected gain), task2_f1, task3_f1, per fold.
+        held_out: the same figures on the test rows when they carry labels, else {}.
+        members: per member / scorer: OOF and held-out nDCG (the baselines next to the stacker).
+        importance: feature gain per task (columns task, feature, gain, share).
+        rounds: boosting rounds per (task, fold) (seed mean).
+        seconds: wall time of the fits.
+    """
+
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    cv: dict[str, Any]
+    held_out: dict[str, Any]
+    members: dict[str, dict[str, float]]
+    importance: pd.DataFrame
+    rounds: dict[str, dict[int, float]]
+    seconds: float
+
+
+def _z_mean(qids: np.ndarray, outs: list[np.ndarray]) -> np.ndarray:
+    """Mean of several ranker outputs after per-query standardisation (their scales differ)."""
+    return np.mean([standardize_per_query(qids, o) for o in outs], axis=0)
+
+
+def _labelled(frame: pd.DataFrame | None) -> bool:
+    return frame is not None and frame["esci_label"].isin(ESCI_LABELS).all()
+
+
+def _figures(frame: pd.DataFrame) -> dict[str, float]:
+    q, lab = frame["query_id"].to_numpy(), frame["esci_label"].to_numpy()
+    probs = frame[PROB_COLUMNS].to_numpy()
+    pred = np.array(ESCI_LABELS)[probs.argmax(1)]
+    return {
+        "ndcg": mean_ndcg(q, frame["score"].to_numpy(), lab),
+        "ndcg_probs": mean_ndcg(q, frame["ce_score"].to_numpy(), lab),
+        "task2_f1": micro_f1_task2(lab, pred),
+        "task3_f1": micro_f1_task3(lab == "S", frame["p_substitute"].to_numpy() >= 0.5),
+        "majority_f1": float((lab == pd.Series(lab).mode()[0]).mean()),
+    }
+
+
+def _member_baselines(data: StackData) -> dict[str, dict[str, float]]:
+    """OOF and held-out nDCG of each member's expected gain and each scorer (the rows the stack scores)."""
+    q, lab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
+    out: dict[str, dict[str, float]] = {}
+    labelled = _labelled(data.test)
+    for m in data.members:
+        out[m.name] = {"run": m.run_id, "oof_ndcg": mean_ndcg(q, expected_gain(m.oof), lab)}
+        if labelled and m.test is not None:
+            tq, tl = data.test["query_id"].to_numpy(), data.test["esci_label"].to_numpy()
+            out[m.name]["held_out_ndcg"] = mean_ndcg(tq, expected_gain(m.test), tl)
+            out[m.name]["held_out_ndcg_single_fold"] = float(
+                np.mean([mean_ndcg(tq, expected_gain(p), tl) for p in m.test_by_fold.values()])
+            )
+    for sc, (o, t) in data.scorers.items():
+        out[sc] = {"oof_ndcg": mean_ndcg(q, o, lab)}
+        if labelled and t is not None:
+            out[sc]["held_out_ndcg"] = mean_ndcg(
+                data.test["query_id"].to_numpy(), t, data.test["esci_label"].to_numpy()
+            )
+    return out
+
+
+def member_gap(data: StackData) -> pd.DataFrame:
+    """Per member run: OOF nDCG, held-out nDCG of one fold model (mean over folds) and of the
+    fold-averaged test predictions (labelled test rows only): the gap the stacker must not fall into."""
+    rows = []
+    for name, fig in _member_baselines(data).items():
+        rows.append({"member": name, **{k: v for k, v in fig.items() if k != "run"}})
+    return pd.DataFrame(rows)
+
+
+def run_stack(
+    data: StackData, cfg: StackConfig, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> StackResult:
+    """Fit the stacker fold by fold and score the OOF and test rows.
+
+    Args:
+        data: :func:`load_stack_data` output.
+        cfg: stack settings (feature groups, LightGBM parameters, test_features, anchor).
+        seed: base seed of LightGBM.
+        progress: called with a short message before each fold.
+
+    Returns:
+        StackResult; the OOF figures are out of fold (fold k scored by a stacker fitted on the
+        other folds' rows), the test rows by the fold stackers (see the module notes).
+
+    Raises:
+        WorkbenchError: a single fold (nothing to fit fold k on), fewer than 2 queries to fit.
+    """
+    t0 = time.time()
+    folds = data.folds
+    if len(folds) < 2:
+        raise WorkbenchError("stack: the member runs have one fold; the stacker needs at least 2")
+    groups = list(cfg.features)
+    X, mono = build_features(
+        data.oof, [(m.name, m.oof) for m in data.members], {k: v[0] for k, v in data.scorers.items()}, groups
+    )
+    q, lab, fold = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy(), data.oof["fold"].to_numpy()
+    has_test = data.test is not None
+    test_X: dict[int | str, pd.DataFrame] = {}
+    if has_test:
+        t_scores = {k: v[1] for k, v in data.scorers.items()}
+        if cfg.test_features == "per_fold":
+            for k in folds:
+                test_X[k] = build_features(
+                    data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups
+                )[0]
+        else:
+            test_X["mean"] = build_features(data.test, [(m.name, m.test) for m in data.members], t_scores, groups)[0]
+    oof_out = {"rank": np.zeros(len(X)), "esci": np.zeros((len(X), 4)), "substitute": np.zeros(len(X))}
+    test_outs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    gains: dict[str, pd.Series] = {}
+    rounds: dict[str, dict[int, float]] = {t: {} for t in TASKS}
+    kinds = TASKS if cfg.ranker == "lambdarank" else ("esci", "substitute")
+    for k in folds:
+        if progress:
+            progress(f"stack: fold {k} (fitted on folds {[f for f in folds if f != k]})")
+        tr, va = fold != k, fold == k
+        for kind in kinds:
+            model = fit_stacker(X[tr], lab[tr], q[tr], kind, cfg, mono, seed)
+            oof_out[kind][va] = model.predict(X[va])
+            rounds[kind][k] = float(np.mean(model.best_iterations))
+            gains[kind] = gains.get(kind, 0) + model.gain()
+            if has_test:
+                tx = test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]
+                test_outs[kind].append(model.predict(tx))
+    oof = _assemble(data.oof, oof_out, cfg, data, fold_wise=True)
+    test = None
+    if has_test:
+        tq = data.test["query_id"].to_numpy()
+        test_out = {
+            "esci": np.mean(test_outs["esci"], axis=0),
+            "substitute": np.mean(test_outs["substitute"], axis=0),
+            "rank": _z_mean(tq, test_outs["rank"]) if cfg.ranker == "lambdarank" else np.zeros(len(tq)),
+        }
+        test = _assemble(data.test, test_out, cfg, data, fold_wise=False)
+    cv = _figures(oof)
+    cv["folds"] = {int(k): mean_ndcg(q[fold == k], oof["score"].to_numpy()[fold == k], lab[fold == k]) for k in folds}
+    held_out = _figures(test) if _labelled(test) else {}
+    importance = pd.concat(
+        [
+            pd.DataFrame(
+                {"task": kind, "feature": g.index, "gain": g.to_numpy(), "share": (g / max(g.sum(), 1e-12)).to_numpy()}
+            ).sort_values("gain", ascending=False)
+            for kind, g in gains.items()
+        ],
+        ignore_index=True,
+    )
+    return StackResult(oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0)
+
+
+def _anchor_scores(data: StackData, frame_is_oof: bool) -> tuple[str, np.ndarray] | None:
+    """The anchor member (best OOF nDCG among members and scorers) and its scores on the frame."""
+    q, lab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
+    cands = {m.name: (expected_gain(m.oof), None if m.test is None else expected_gain(m.test)) for m in data.members}
+    cands.update({k: (v[0], v[1]) for k, v in data.scorers.items()})
+    name = max(cands, key=lambda n: mean_ndcg(q, cands[n][0], lab))
+    values = cands[name][0] if frame_is_oof else cands[name][1]
+    return None if values is None else (name, values)
+
+
+def _assemble(
+    rows: pd.DataFrame, out: dict[str, np.ndarray], cfg: StackConfig, data: StackData, fold_wise: bool
+) -> pd.DataFrame:
+    """The prediction frame of a run: ids, labels, fold, p_E..p_I, ce_score, score, p_substitute."""
+    frame = rows[["example_id", "query_id", "product_id", "esci_label", "fold"]].copy().reset_index(drop=True)
+    probs = np.asarray(out["esci"], dtype=np.float64)
+    frame[PROB_COLUMNS] = probs.astype(np.float32)
+    frame["ce_score"] = expected_gain(probs)
+    qids = frame["query_id"].to_numpy()
+    score = out["rank"] if cfg.ranker == "lambdarank" else frame["ce_score"].to_numpy()
+    score = standardize_per_query(qids, score)
+    if cfg.anchor_weight > 0:
+        anchor = _anchor_scores(data, fold_wise)
+        if anchor is not None:
+            score = (1 - cfg.anchor_weight) * score + cfg.anchor_weight * standardize_per_query(qids, anchor[1])
+    frame["score"] = score
+    frame["p_substitute"] = np.asarray(out["substitute"], dtype=np.float64)
+    return frame
+
+
+def stack_config_dict(cfg: StackConfig) -> dict[str, Any]:
+    """The stack settings as a plain dict (saved in the run's config)."""
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------- the run
+def stack_run_config(data: StackData, cfg: StackConfig, name: str, output_dir: str, seed: int) -> dict[str, Any]:
+    """The config dict saved with a stack run (``kind: stack``; data, members, stack settings)."""
+    return {
+        "kind": "stack",
+        "name": name,
+        "output_dir": output_dir,
+        "data": {"dir": data.data_dir, "task": data.task},
+        "model": {"name": "lightgbm-stack"},
+        "train": {"folds": len(data.folds), "seed": seed},
+        "members": [m.run_id for m in data.members],
+        "stack": stack_config_dict(cfg),
+    }
+
+
+def record_stack(
+    store,
+    data: StackData,
+    cfg: StackConfig,
+    name: str = "stack",
+    output_dir: str = "runs",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[str, StackResult]:
+    """Fit the stacker and record it as a run in runs.db (``kind: stack``), like a training run.
+
+    The run folder gets ``config.json``, ``oof.parquet``/``test.parquet`` (columns of
+    :class:`StackResult`), ``feature_importance.csv`` and ``stack_report.json`` (figures, member
+    baselines, rounds), each written atomically and recorded as an artifact; the metrics are the
+    training run's names (``fold/final_ndcg``, ``cv/ndcg``, ``cv/final_ndcg``, ``cv/task2_f1``,
+    ``cv/task3_f1``), so ``ensemble build``, ``submission``, compare and the app read it as they read a
+    training run. Everything that can be refused is checked by :func:`load_stack_data` before this.
+
+    Returns:
+        (run id, StackResult).
+
+    Raises:
+        WorkbenchError: a file cannot be written (the run is marked failed); RunStopped on SIGTERM.
+    """
+    from core.runs import metric_names as mn
+    from core.runs.lifecycle import atomic_write, claim_run, mark_running, recorded_run, setup_file_log
+
+    config = stack_run_config(data, cfg, name, output_dir, seed)
+    run_id, run_dir = claim_run(store, name, config, output_dir)
+    handler = setup_file_log(run_dir)
+    mark_running(
+        store, run_id, run_dir, config=json.dumps(config, sort_keys=True), model="lightgbm-stack", task=data.task
+    )
+    with recorded_run(store, run_id, handler):
+        atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
+        res = run_stack(data, cfg, seed, progress)
+        files = {"oof": ("oof.parquet", res.oof), "test": ("test.parquet", res.test)}
+        for kind, (fname, frame) in files.items():
+            if frame is not None:
+                atomic_write(run_dir / fname, lambda p, f=frame: f.to_parquet(p, index=False))
+                store.add_artifact(run_id, kind, run_dir / fname)
+        atomic_write(run_dir / "feature_importance.csv", lambda p: res.importance.to_csv(p, index=False))
+        store.add_artifact(run_id, "feature_importance", run_dir / "feature_importance.csv")
+        report = {
+            "cv": res.cv,
+            "held_out": res.held_out,
+            "members": res.members,
+            "rounds": res.rounds,
+            "seconds": res.seconds,
+        }
+        atomic_write(run_dir / "stack_report.json", lambda p: p.write_text(json.dumps(report, indent=1, default=float)))
+        store.add_artifact(run_id, "stack_report", run_dir / "stack_report.json")
+        rows = [{"name": mn.FOLD_FINAL_NDCG, "value": v, "fold": k} for k, v in res.cv["folds"].items()]
+        rows += [{"name": mn.FOLD_DONE, "value": 1.0, "fold": k} for k in res.cv["folds"]]
+        rows += [
+            {"name": mn.cv_name(short), "value": res.cv[key], "fold": -1}
+            for short, key in (
+                ("ndcg", "ndcg_probs"),
+                ("final_ndcg", "ndcg"),
+                ("task2_f1", "task2_f1"),
+                ("task3_f1", "task3_f1"),
+            )
+        ]
+        store.log_metrics(run_id, rows)
+        log.info(
+            "stack %s: CV final nDCG %.4f, Task 2 F1 %.4f (%.1f s)",
+            run_id,
+            res.cv["ndcg"],
+            res.cv["task2_f1"],
+            res.seconds,
+        )
+    return run_id, res

@@ -1,0 +1,226 @@
+"""The LightGBM stacker (core.scoring.stack, ``workbench stack``) on real sample queries with
+synthetic member runs whose quality is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_official
+from core.config import StackConfig, build_section
+from core.errors import ConfigError, WorkbenchError
+from core.runs.store import RunStore
+from core.scoring.metrics import expected_gain, mean_ndcg
+from core.scoring.report import PROB_COLUMNS, read_predictions
+from core.scoring.stack import FEATURE_GROUPS, build_features, load_stack_data, record_stack, run_stack
+
+N_FOLDS = 4
+FAST = {"seeds": 1, "n_estimators": 60, "early_stopping_rounds": 0, "min_child_samples": 20}
+
+
+@pytest.fixture(scope="module")
+def stack_data_dir(tmp_path_factory, sample_frames) -> Path:
+    """48 real queries: 36 in split train (4 query-grouped folds), 12 in split test (labelled)."""
+    ex, pr = sample_frames
+    keep = sorted(ex["query_id"].unique())[:48]
+    ex = ex[ex["query_id"].isin(keep)].copy()
+    ex.loc[ex["query_id"].isin(keep[-12:]), "split"] = "test"
+    pr = pr[pr["product_id"].isin(ex["product_id"])]
+    return write_official(tmp_path_factory.mktemp("stack_data"), ex, pr)
+
+
+def _probs(labels: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """(N, 4) probabilities: logits N(0, 1) plus ``strength`` on the true class."""
+    logits = rng.normal(0.0, 1.0, (len(labels), 4))
+    logits[np.arange(len(labels)), ["ESCI".index(c) for c in labels]] += strength
+    e = np.exp(logits)
+    return e / e.sum(1, keepdims=True)
+
+
+def member_run(store: RunStore, root: Path, data_dir: Path, strength: float, seed: int, name: str = "m") -> str:
+    """A finished training run on ``data_dir``: OOF (folds by query id), fold-averaged test and
+    per-fold test predictions, each fold model of quality ``strength``."""
+    ex = pd.read_parquet(data_dir / "shopping_queries_dataset_examples.parquet")
+    rng = np.random.default_rng(seed)
+    tr, te = ex[ex["split"] == "train"], ex[ex["split"] == "test"]
+    cols = ["example_id", "query_id", "product_id", "esci_label"]
+    oof = tr[cols].reset_index(drop=True)
+    oof["fold"] = oof["query_id"] % N_FOLDS
+    oof[PROB_COLUMNS] = _probs(oof["esci_label"].to_numpy(), strength, rng)
+    oof["score"] = oof["ce_score"] = expected_gain(oof[PROB_COLUMNS].to_numpy())
+    config = {"data": {"dir": str(data_dir), "task": 1}, "train": {"folds": N_FOLDS}, "model": {"name": "x"}}
+    rid = store.create_run(name, config, status="finished")
+    run_dir = root / "runs" / rid
+    test_probs = []
+    for k in range(N_FOLDS):
+        (run_dir / f"fold{k}").mkdir(parents=True)
+        t = te[["example_id"]].reset_index(drop=True)
+        t[PROB_COLUMNS] = _probs(te["esci_label"].to_numpy(), strength, rng)
+        t.to_parquet(run_dir / f"fold{k}" / "test.parquet", index=False)
+        test_probs.append(t[PROB_COLUMNS].to_numpy())
+    test = te[cols].reset_index(drop=True)
+    test["fold"] = -1
+    test[PROB_COLUMNS] = np.mean(test_probs, axis=0)
+    test["score"] = test["ce_score"] = expected_gain(test[PROB_COLUMNS].to_numpy())
+    oof.to_parquet(run_dir / "oof.parquet", index=False)
+    test.to_parquet(run_dir / "test.parquet", index=False)
+    store.update_run(rid, run_dir=str(run_dir))
+    return rid
+
+
+@pytest.fixture()
+def members(tmp_path, stack_data_dir):
+    store = RunStore(tmp_path / "runs.db")
+    strong = member_run(store, tmp_path, stack_data_dir, 1.5, seed=1, name="strong")
+    weak = member_run(store, tmp_path, stack_data_dir, 0.3, seed=2, name="weak")
+    return store, [strong, weak]
+
+
+def _cfg(**over) -> StackConfig:
+    return build_section(StackConfig, {**FAST, **over}, "stack.")
+
+
+def test_fold_k_is_scored_by_a_stacker_that_never_saw_fold_k(members, tmp_path):
+    """Permuting the labels of fold 0's rows leaves fold 0's OOF scores bit-identical (its stacker
+    was fitted on folds 1-3 only) and changes the other folds' scores (their stackers read fold 0)."""
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    cfg = _cfg()
+    ref = run_stack(data, cfg)
+    fold = data.oof["fold"].to_numpy()
+    rng = np.random.default_rng(0)
+    lab = data.oof["esci_label"].to_numpy().copy()
+    lab[fold == 0] = rng.permutation(lab[fold == 0])
+    data.oof["esci_label"] = lab
+    moved = run_stack(data, cfg)
+    for col in ("score", "p_E", "p_substitute"):
+        np.testing.assert_array_equal(ref.oof[col].to_numpy()[fold == 0], moved.oof[col].to_numpy()[fold == 0])
+        assert not np.array_equal(ref.oof[col].to_numpy()[fold != 0], moved.oof[col].to_numpy()[fold != 0])
+
+
+def test_stack_learns_the_strong_member_and_beats_the_weak_one(members, tmp_path):
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    res = run_stack(data, _cfg())
+    q, lab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
+    weak = mean_ndcg(q, expected_gain(data.members[1].oof), lab)
+    assert res.cv["ndcg"] > weak + 0.02
+    assert res.cv["ndcg"] == pytest.approx(mean_ndcg(q, res.oof["score"].to_numpy(), lab))
+    assert res.held_out["ndcg"] > res.members["m1"]["held_out_ndcg"]
+    # Task 2: the strong member puts +1.5 logits on the true class; the stacker's argmax beats the majority class
+    assert res.cv["task2_f1"] > res.cv["majority_f1"]
+    top = res.importance[res.importance["task"] == "rank"].iloc[0]["feature"]
+    assert top.startswith("m0."), top  # the strong member carries the ranking
+    np.testing.assert_allclose(res.oof[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_perfect_member_gives_a_perfect_ranking(tmp_path, stack_data_dir):
+    """LambdaRank with the official gains (label_gain) reproduces the ideal order of a member whose
+    probabilities are the true labels: OOF nDCG 1 by the project's metric."""
+    store = RunStore(tmp_path / "runs.db")
+    rid = member_run(store, tmp_path, stack_data_dir, 50.0, seed=3)
+    data = load_stack_data(store, [rid], [], tmp_path / "cache")
+    res = run_stack(data, _cfg(features=["members"]))
+    assert res.cv["ndcg"] > 0.999  # ties inside a leaf may swap an S and a C row (0.01-0.1 gain)
+    assert res.cv["task2_f1"] == pytest.approx(1.0)
+
+
+def test_feature_groups_switch_columns(members, tmp_path):
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    probs = [(m.name, m.oof) for m in data.members]
+    scores = {k: v[0] for k, v in data.scorers.items()}
+    full, mono = build_features(data.oof, probs, scores, list(FEATURE_GROUPS))
+    assert {"m0.p_E", "m0.eg_z", "m0.p_E_qmedian", "query.words", "lex.query_title_overlap", "bm25_rank"} <= set(full)
+    assert mono["m0.eg"] == 1 and mono["bm25_z"] == 1 and mono["m0.p_E"] == 0
+    only = build_features(data.oof, probs, scores, ["members"])[0]
+    assert all(c.startswith(("m0.", "m1.")) for c in only.columns)
+    no_lex = build_features(data.oof, probs, scores, [g for g in FEATURE_GROUPS if g != "lexical"])[0]
+    assert not any(c.startswith(("lex.", "bm25")) for c in no_lex.columns)
+    # group statistics are per query: constant within a query, the true min/max of the member
+    q = data.oof["query_id"].to_numpy()
+    first = q == q[0]
+    assert full.loc[first, "m0.p_E_qmax"].nunique() == 1
+    assert full.loc[first, "m0.p_E_qmax"].iloc[0] == pytest.approx(data.members[0].oof[first, 0].max())
+
+
+def test_per_fold_test_features_use_each_fold_model(members, tmp_path):
+    """per_fold: fold k's stacker scores the test rows from fold k's own model, so changing one
+    fold model's test file changes the test scores; mean: only the fold-averaged file counts."""
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    a = run_stack(data, _cfg())
+    data.members[0].test_by_fold[2] = data.members[0].test_by_fold[2][::-1].copy()
+    b = run_stack(data, _cfg())
+    assert not np.allclose(a.test["score"], b.test["score"])
+    m1 = run_stack(data, _cfg(test_features="mean"))
+    data.members[0].test_by_fold[1] = data.members[0].test_by_fold[1][::-1].copy()
+    m2 = run_stack(data, _cfg(test_features="mean"))
+    np.testing.assert_array_equal(m1.test["score"], m2.test["score"])
+
+
+def test_record_stack_is_a_run_that_ensemble_and_reports_read(members, tmp_path, monkeypatch):
+    from core.scoring.ensemble import load_members
+
+    monkeypatch.chdir(tmp_path)
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    run_id, res = record_stack(store, data, _cfg(), name="stk")
+    rec = store.get_record(run_id)
+    assert rec.status == "finished" and rec.kind == "stack" and rec.config["members"] == runs
+    oof = read_predictions(rec.run_dir / "oof.parquet")
+    assert oof["example_id"].tolist() == data.oof["example_id"].tolist()
+    assert read_predictions(rec.run_dir / "test.parquet")["example_id"].tolist() == data.test["example_id"].tolist()
+    imp = pd.read_csv(rec.run_dir / "feature_importance.csv")
+    assert set(imp["task"]) == {"rank", "esci", "substitute"}
+    assert json.loads((rec.run_dir / "stack_report.json").read_text())["cv"]["ndcg"] == pytest.approx(res.cv["ndcg"])
+    best = store.best_values([run_id])[run_id]
+    assert best["final_ndcg"] == pytest.approx(res.cv["ndcg"])
+    ms = load_members(store, [run_id, runs[0]])  # the stack run is an ensemble member like a training run
+    assert len(ms.members) == 2
+
+
+def test_refusals_create_no_run(members, tmp_path, stack_data_dir):
+    store, runs = members
+    n0 = len(store.list_runs())
+    with pytest.raises(WorkbenchError, match="given twice"):
+        load_stack_data(store, [runs[0], runs[0]], [], tmp_path / "c")
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        load_stack_data(store, runs, ["bm26"], tmp_path / "c")
+    other = member_run(store, tmp_path, stack_data_dir, 1.0, seed=5)
+    oof = pd.read_parquet(store.get_record(other).run_dir / "oof.parquet")
+    oof["fold"] = (oof["fold"] + 1) % N_FOLDS
+    oof.to_parquet(store.get_record(other).run_dir / "oof.parquet", index=False)
+    with pytest.raises(WorkbenchError, match="folds differ"):
+        load_stack_data(store, [runs[0], other], [], tmp_path / "c")
+    with pytest.raises(ConfigError, match="unknown value"):
+        build_section(StackConfig, {"features": ["members", "colour"]}, "stack.")
+    assert len(store.list_runs()) == n0 + 1  # only the member made above
+    assert not any(r["config"] and '"kind": "stack"' in r["config"] for r in store.list_runs())
+
+
+def test_cli_stack_prints_figures_and_importance(members, tmp_path, monkeypatch):
+    import importlib
+
+    from workbench.cli import app
+
+    stack_cli = importlib.import_module("workbench.cli.stack")  # `workbench.cli.stack` is also the command
+
+    monkeypatch.chdir(tmp_path)
+    stack_cli.console.width = 120
+    store, runs = members
+    args = ["stack", "--db", str(store.path), "--scorers", "bm25", "--top", "5"]
+    for r in runs:
+        args += ["--runs", r]
+    for k, v in FAST.items():
+        args += ["--set", f"stack.{k}={v}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "rank model: feature gain" in res.output and "held-out" in res.output
+    bad = CliRunner().invoke(app, ["stack", "--db", str(store.path), "--runs", runs[0], "--set", "stack.num_leaves=1"])
+    assert bad.exit_code != 0 and "stack.num_leaves=1: must be >= 2" in str(bad.exception or bad.output)
