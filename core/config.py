@@ -152,8 +152,9 @@ class BlendConfig:
 
     RANGES: ClassVar[dict[str, str]] = {"resolution": ">= 1"}
 
-    members: list[str] = field(default_factory=lambda: ["bm25"])  # bm25, dense, random
-    resolution: int = 10  # >= 1; weight grid step 1/resolution (coarse = less overfit on few queries)
+    members: list[str] = field(default_factory=lambda: ["bm25"])  # bm25, dense, dense-e5, random
+    method: Literal["caruana", "grid"] = "caruana"  # caruana: never below its best member on the fitted rows
+    resolution: int = 10  # >= 1; grid: weight step 1/resolution; caruana: the most additions
     dense_model: str = "all-MiniLM-L6-v2"  # zero-shot bi-encoder of the "dense" member
 
 

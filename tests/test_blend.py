@@ -46,3 +46,19 @@ def test_nested_blend_scores_each_fold_with_weights_from_the_others():
         np.testing.assert_allclose(w, fit_blend_weights(q[other], labels[other], z[other], 10))
         np.testing.assert_allclose(final[folds == k], z[folds == k] @ w)
     np.testing.assert_allclose(full, fit_blend_weights(q, labels, z, 10))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_caruana_blend_is_never_below_its_best_member_on_the_fitted_rows(seed):
+    """Caruana selection starts from the best single member and only accepts gains; a third,
+    noisier but informative member makes the blend worth fitting."""
+    q, labels, z = _case(seed)
+    rng = np.random.default_rng(100 + seed)
+    gain = np.vectorize({"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}.get)(labels)
+    z = np.column_stack([z, standardize_per_query(q, gain + rng.normal(0, 0.6, len(q)))])
+    w = fit_blend_weights(q, labels, z, resolution=8, method="caruana")
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    best_single = max(mean_ndcg(q, z[:, j], labels) for j in range(z.shape[1]))
+    assert mean_ndcg(q, z @ w, labels) >= best_single - 1e-12
+    with pytest.raises(ValueError, match="expected grid or caruana"):
+        fit_blend_weights(q, labels, z, method="simplex")

@@ -104,7 +104,9 @@ def test_final_score_is_the_fold_nested_blend(trained):
     cfg, store, result = trained
     oof = result.oof
     z = np.column_stack([standardize_per_query(oof["query_id"], oof[c]) for c in ("ce_score", "bm25")])
-    final, per_fold, full = nested_blend(oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution)
+    final, per_fold, full = nested_blend(
+        oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution, cfg.blend.method
+    )
     np.testing.assert_allclose(oof["score"], final)  # each fold scored with weights from the others
     assert result.blend_weights == pytest.approx(dict(zip(["ce", "bm25"], full)))
     z_test = np.column_stack(

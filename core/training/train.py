@@ -55,6 +55,7 @@ LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 BLEND_MEMBERS = {
     "bm25": lambda df, cfg: bm25_scores(df),
     "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
+    "dense-e5": lambda df, cfg: dense_scores(df, "multilingual-e5-small"),
     "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
 
@@ -528,7 +529,7 @@ def _blend(
             test[name] = raw[ctx.test_idx]
             z_test.append(standardize_per_query(test["query_id"], test[name]))
     final, per_fold_w, full_w = nested_blend(
-        oof["fold"], oof["query_id"], oof["esci_label"], np.column_stack(z_oof), cfg.blend.resolution
+        oof["fold"], oof["query_id"], oof["esci_label"], np.column_stack(z_oof), cfg.blend.resolution, cfg.blend.method
     )
     oof["score"] = final
     if test is not None:

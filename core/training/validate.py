@@ -16,7 +16,7 @@ from core.data.esci import load_esci
 from core.errors import ConfigError, DataError
 
 #: the scorers ``blend.members`` may name (the keys of :data:`core.training.train.BLEND_MEMBERS`)
-BLEND_MEMBER_NAMES = ("bm25", "dense", "random")
+BLEND_MEMBER_NAMES = ("bm25", "dense", "dense-e5", "random")
 
 
 def load_training_frame(cfg: RunConfig) -> pd.DataFrame:
