@@ -15,6 +15,7 @@ from core.errors import DataError
 from core.runs.store import RunStore
 from core.scoring.baselines import bm25_scores, random_scores
 from core.scoring.report import argmax_labels, scorer_table
+from core.scoring.stack import StackResult, stack_after_training
 from core.training.train import Progress, RunResult, run_training
 from core.training.validate import load_training_frame
 
@@ -33,6 +34,8 @@ class DemoReport:
     result: RunResult
     table: pd.DataFrame
     data_dir: Path
+    stack_run: str | None = None  # the stack run (``stack.enabled``), recorded after the training run
+    stack: StackResult | None = None
 
 
 def prepare_sample(src: str | Path, data_dir: str | Path) -> Path:
@@ -67,7 +70,9 @@ def run_demo(
     bi-encoder, when a blend member), ``cross-enc`` (expected gain alone), ``final`` (per-query
     standardised blend, weights fitted on the other folds), ``majority <label>`` (Task 2/3 F1 of
     always predicting the most frequent label; its nDCG is that of a constant score), all on the
-    same folds.
+    same folds. With ``stack.enabled`` the LightGBM stacker (core.scoring.stack) is fitted on the
+    run's OOF rows afterwards and recorded as its own run; the table then also has ``dense-e5``
+    (when a stack scorer) and ``stack`` (each fold scored by a stacker fitted on the other folds).
     """
     data_dir = prepare_sample(src, data_dir)
     cfg = load_config(config_path, [*(overrides or []), f"data.dir={data_dir}"])
@@ -92,5 +97,14 @@ def run_demo(
         "final": argmax_labels(oof),
         f"majority {majority}": np.full(len(oof), majority),
     }
+    stack_run, stack = None, None
+    if cfg.stack.enabled and not result.partial:
+        if progress is not None:
+            progress.message("stacking: LightGBM over the run's OOF probabilities and the scorers")
+        stack_run, stack = stack_after_training(store, result.run_id, cfg)
+        if "dense-e5" in stack.scorer_oof:
+            scorers["dense-e5"] = stack.scorer_oof["dense-e5"]
+        scorers["stack"] = stack.oof["score"].to_numpy()
+        classifiers["stack"] = argmax_labels(stack.oof)
     table = scorer_table(oof, scorers, classifiers)
-    return DemoReport(result, table, Path(data_dir))
+    return DemoReport(result, table, Path(data_dir), stack_run, stack)

@@ -224,3 +224,19 @@ def test_cli_stack_prints_figures_and_importance(members, tmp_path, monkeypatch)
     assert "rank model: feature gain" in res.output and "held-out" in res.output
     bad = CliRunner().invoke(app, ["stack", "--db", str(store.path), "--runs", runs[0], "--set", "stack.num_leaves=1"])
     assert bad.exit_code != 0 and "stack.num_leaves=1: must be >= 2" in str(bad.exception or bad.output)
+
+
+def test_stack_after_training_records_a_named_stack_run(members, tmp_path, monkeypatch):
+    """A training config with ``stack.enabled`` (the demo) stacks its own run afterwards."""
+    from core.config import RunConfig
+    from core.scoring.stack import stack_after_training
+
+    monkeypatch.chdir(tmp_path)
+    store, runs = members
+    cfg = RunConfig(name="demo-x", output_dir=str(tmp_path / "runs"))
+    cfg.stack = _cfg(enabled=True, scorers=["bm25"])
+    run_id, res = stack_after_training(store, runs[0], cfg)
+    rec = store.get_record(run_id)
+    assert rec.name == "demo-x-stack" and rec.config["members"] == [runs[0]]
+    assert rec.run_dir.parent == tmp_path / "runs"
+    assert set(res.scorer_oof) == {"bm25"} and len(res.scorer_oof["bm25"]) == len(res.oof)

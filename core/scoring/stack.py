@@ -479,6 +479,7 @@ class StackResult:
         importance: feature gain per task (columns task, feature, gain, share).
         rounds: boosting rounds per (task, fold) (seed mean).
         seconds: wall time of the fits.
+        scorer_oof: scorer -> (N_oof,) its raw OOF scores (row order of ``oof``).
     """
 
     oof: pd.DataFrame
@@ -489,6 +490,7 @@ class StackResult:
     importance: pd.DataFrame
     rounds: dict[str, dict[int, float]]
     seconds: float
+    scorer_oof: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _z_mean(qids: np.ndarray, outs: list[np.ndarray]) -> np.ndarray:
@@ -621,7 +623,10 @@ def run_stack(
         ],
         ignore_index=True,
     )
-    return StackResult(oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0)
+    scorer_oof = {k: v[0] for k, v in data.scorers.items()}
+    return StackResult(
+        oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0, scorer_oof
+    )
 
 
 def _anchor_scores(data: StackData, frame_is_oof: bool) -> tuple[str, np.ndarray] | None:
@@ -746,3 +751,19 @@ def record_stack(
             res.seconds,
         )
     return run_id, res
+
+
+def stack_after_training(store, run_id: str, cfg) -> tuple[str, StackResult]:
+    """The stacker of a training config with ``stack.enabled``: fitted on that run alone (its OOF
+    probabilities as the member) with ``stack.scorers``, recorded as run ``<name>-stack``.
+
+    Args:
+        store: runs.db; run_id: the finished training run; cfg: its :class:`core.config.RunConfig`.
+
+    Raises:
+        WorkbenchError, DataError: as :func:`load_stack_data` and :func:`record_stack`.
+    """
+    data = load_stack_data(store, [run_id], list(cfg.stack.scorers))
+    return record_stack(
+        store, data, cfg.stack, name=f"{cfg.name}-stack", output_dir=cfg.output_dir, seed=cfg.train.seed
+    )

@@ -616,6 +616,15 @@ def demo(
         "final = per-query standardised blend, weights fitted on the other folds; weights on all OOF: "
         + ", ".join(f"{k} {v:.2f}" for k, v in res.blend_weights.items())
     )
+    if report.stack_run:
+        from workbench.cli.stack import print_importance
+
+        console.print(
+            f"stack = LightGBM (run {report.stack_run}) over the cross-encoder's OOF probabilities, query-group, "
+            "lexical and zero-shot features; fold k scored by a stacker fitted on the other folds",
+            soft_wrap=True,
+        )
+        print_importance(report.stack, top=10, tasks=("rank",))
     console.print(f"recorded in {store.path} as run {res.run_id}; artifacts in {res.run_dir}; {time.time() - t0:.0f} s")
 
 

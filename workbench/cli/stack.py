@@ -76,7 +76,7 @@ def stack(
         )
         return
     _print_figures(run_id, res)
-    _print_importance(res, top)
+    print_importance(res, top)
 
 
 def _print_figures(run_id: str, res) -> None:
@@ -103,8 +103,11 @@ def _print_figures(run_id: str, res) -> None:
         )
 
 
-def _print_importance(res, top: int) -> None:
+def print_importance(res, top: int, tasks: tuple[str, ...] = ("rank", "esci", "substitute")) -> None:
+    """The top ``top`` features by gain share of each task's model, with bars."""
     for task, g in res.importance.groupby("task", sort=False):
+        if task not in tasks:
+            continue
         t = Table(title=f"{task} model: feature gain", title_justify="left", padding=(0, 1), collapse_padding=True)
         t.add_column("feature", no_wrap=True)
         t.add_column("share", justify="right")
