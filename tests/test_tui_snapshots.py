@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import wait_until
-from tui_fixture import add_oof_files, add_slurm_run, add_sweep, build_fixture_db, fixture_app
+from tui_fixture import STACK_RUN, add_oof_files, add_slurm_run, add_stack_run, add_sweep, build_fixture_db, fixture_app
 
 SIZES = [(80, 24), (160, 48)]
 
@@ -144,6 +144,18 @@ def test_run_detail_of_a_pending_slurm_job(snap_compare, slurm_app):
         await _settle(pilot, lambda: getattr(pilot.app.screen, "polls", 0) >= 1)
 
     assert snap_compare(slurm_app, terminal_size=(80, 24), run_before=before)
+
+
+def test_run_detail_of_a_stack_run(snap_compare, app):
+    add_stack_run(app.services.db_path)  # finished, 3 folds, feature_importance.csv and stack_report.json
+
+    async def before(pilot):
+        await _runs_loaded(pilot)
+        assert pilot.app.screen.table.current_id == STACK_RUN  # the newest run
+        await pilot.press("enter")
+        await _settle(pilot, lambda: getattr(pilot.app.screen, "stack_files", None) is not None)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=before)
 
 
 @pytest.fixture

@@ -364,3 +364,99 @@ def add_sweep(db: Path, name: str = SWEEP_NAME, total: int = 8) -> str:
             store.log_metrics(rid, [{"name": "cv/ndcg", "value": value, "fold": -1, "time": NOW + start + 240}])
     store.close()
     return name
+
+
+#: the stack run of :func:`add_stack_run`: a finished ``workbench stack`` over the two finished runs
+STACK_RUN = "20261122-115000-stck"
+#: its feature importance: task -> (feature, gain); shares are gain / the task's total
+STACK_IMPORTANCE = {
+    "rank": [
+        ("m1.eg_z", 520.0),
+        ("m0.eg_z", 310.0),
+        ("m1.p_E_qmax", 160.0),
+        ("dense-e5_rank", 120.0),
+        ("bm25_z", 95.0),
+        ("m0.p_E", 80.0),
+        ("query.products", 61.0),
+        ("m1.eg_rank", 52.0),
+        ("lex.title_overlap", 40.0),
+        ("m0.eg_qmedian", 33.0),
+        ("dense_z", 25.0),
+        ("query.words", 18.0),
+        ("lex.brand_in_query", 12.0),
+        ("query.locale", 6.0),
+    ],
+    "esci": [("m1.p_S", 410.0), ("m1.p_E", 300.0), ("m0.p_C", 150.0), ("bm25", 90.0), ("query.chars", 30.0)],
+    "substitute": [("m1.p_S", 200.0), ("m0.p_S", 120.0), ("m1.eg_z", 20.0)],
+}
+STACK_REPORT = {
+    "cv": {"ndcg": 0.8712, "ndcg_probs": 0.8598, "task2_f1": 0.7234, "task3_f1": 0.8123, "majority_f1": 0.65},
+    "held_out": {"ndcg": 0.8655, "ndcg_probs": 0.8541, "task2_f1": 0.7188, "task3_f1": 0.8101, "majority_f1": 0.64},
+    "members": {"m0": {"run": "20261122-090000-aaaa", "oof_ndcg": 0.84}, "m1": {"run": "20261122-100000-bbbb"}},
+    "rounds": {"rank": {"0": 120.0}},
+    "seconds": 41.5,
+}
+
+
+def add_stack_run(db: Path, files: bool = True, status: str = "finished") -> str:
+    """Add a stack run (``kind: stack``, as ``core.scoring.stack.record_stack`` records it) to a
+    fixture runs.db: 3 folds done, its CV metrics, a train.log of INFO lines and, with ``files``,
+    ``feature_importance.csv`` (:data:`STACK_IMPORTANCE`) and ``stack_report.json``
+    (:data:`STACK_REPORT`) in its folder. Returns its id."""
+    import pandas as pd
+
+    root = Path(db).parent
+    cfg = {
+        "kind": "stack",
+        "name": "stack",
+        "output_dir": "runs",
+        "data": {"dir": "data/esci_us_150q", "task": 1},
+        "model": {"name": "lightgbm-stack"},
+        "train": {"folds": 3, "seed": 0},
+        "members": ["20261122-090000-aaaa", "20261122-100000-bbbb"],
+        "stack": {"ranker": "lambdarank", "test_features": "per_fold"},
+    }
+    run_dir = root / "runs" / STACK_RUN
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = RunStore(db)
+    store.create_run("stack", cfg, run_dir=str(run_dir), run_id=STACK_RUN, status=status)
+    store.update_run(
+        STACK_RUN,
+        created=_iso(-605),
+        started=_iso(-600),
+        ended=None if status == "running" else _iso(-558),
+        exit_code=None if status == "running" else 0,
+        host="gpu-box",
+        git_commit="abc1234",
+    )
+    rows = [{"name": "fold/final_ndcg", "value": 0.868 + 0.002 * k, "fold": k, "time": NOW - 590 + k} for k in range(3)]
+    rows += [{"name": "fold/done", "value": 1.0, "fold": k, "time": NOW - 590 + k} for k in range(3)]
+    rows += [
+        {"name": f"cv/{short}", "value": STACK_REPORT["cv"][key], "fold": -1, "time": NOW - 560}
+        for short, key in (
+            ("ndcg", "ndcg_probs"),
+            ("final_ndcg", "ndcg"),
+            ("task2_f1", "task2_f1"),
+            ("task3_f1", "task3_f1"),
+        )
+    ]
+    store.log_metrics(STACK_RUN, rows)
+    store.close()
+    (run_dir / "train.log").write_text(
+        "2026-11-22 11:50:00 INFO stack: fold 0 (fitted on folds [1, 2])\n"
+        "2026-11-22 11:50:14 INFO stack: fold 1 (fitted on folds [0, 2])\n"
+        "2026-11-22 11:50:28 INFO stack: fold 2 (fitted on folds [0, 1])\n"
+        f"2026-11-22 11:50:42 INFO stack {STACK_RUN}: CV final nDCG 0.8712, Task 2 F1 0.7234 (41.5 s)\n"
+    )
+    if files:
+        frames = []
+        for task, rows_ in STACK_IMPORTANCE.items():
+            total = sum(g for _, g in rows_)
+            frames.append(
+                pd.DataFrame({"task": task, "feature": [f for f, _ in rows_], "gain": [g for _, g in rows_]}).assign(
+                    share=lambda d, t=total: d["gain"] / t
+                )
+            )
+        pd.concat(frames, ignore_index=True).to_csv(run_dir / "feature_importance.csv", index=False)
+        (run_dir / "stack_report.json").write_text(json.dumps(STACK_REPORT, indent=1))
+    return STACK_RUN

@@ -1,4 +1,7 @@
-"""Run detail: live curves, the train.log tail, and a system panel (GPU, the run's processes, ETA)."""
+"""Run detail: live curves, the train.log tail, and a system panel (GPU, the run's processes, ETA).
+
+A stack run (``workbench stack``, ``kind: stack``) has no training curves: its curve area shows the
+stacker's feature importance as bars instead (``workbench.tui.stack_panel``), ``m`` cycles the task."""
 
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from core.runs import metric_names as mn
 from core.runs.launcher import ACTIVE, process_of, refresh_statuses
 from core.runs.monitor import LogTail, TreeSampler, estimate_eta, format_seconds
 from core.runs.store import RunRecord
-from workbench.tui.messages import DetailPolled, SystemReadings, WorkerFailed
-from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, job_line, n_folds, watched
+from workbench.tui.messages import DetailPolled, StackFilesRead, SystemReadings, WorkerFailed
+from workbench.tui.services import STATUS_STYLES, fmt_duration, fmt_float, job_line, n_folds, run_kind, watched
+from workbench.tui.stack_panel import ImportanceBars, StackFiles, figures_line, read_stack_files
 from workbench.tui.workers import RunActions, WorkerErrors
 
 DETAIL_CURVES = [mn.TRAIN_LOSS, mn.EVAL_NDCG, mn.EVAL_TASK2_F1, mn.TRAIN_LR, mn.TRAIN_SAMPLES_PER_S, mn.EVAL_TASK3_F1]
@@ -45,7 +49,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
     The poll worker alone touches ``tail`` and ``sampler``; the event loop alone ``series`` and
     ``run``. A poll starts only when the previous one has been applied."""
 
-    WORKER_TITLES = {"detail-poll": "run detail"}
+    WORKER_TITLES = {"detail-poll": "run detail", "stack-read": "stack files"}
 
     BINDINGS = [
         Binding("escape", "back", "back"),
@@ -63,6 +67,11 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
     RunDetailScreen #bottom { height: 1fr; max-height: 14; }
     RunDetailScreen #log { width: 2fr; border: round $panel; border-title-color: $text-muted; }
     RunDetailScreen #system { width: 1fr; min-width: 30; border: round $panel; padding: 0 1; }
+    RunDetailScreen #importance { display: none; min-height: 4; border: round $panel; padding: 0 1;
+                                  border-title-color: $text-muted; }
+    RunDetailScreen.stack #importance { display: block; }
+    RunDetailScreen.stack #curve { display: none; }
+    RunDetailScreen.stack #bottom { max-height: 8; }
     """
 
     def __init__(self, services, run_id: str, refresh_interval: float = 1.5):
@@ -83,6 +92,10 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self._plotted: tuple | None = None
         self.polls = 0
         self._polling = False
+        self.stack = False  # a stack run: feature importance bars instead of curves
+        self.stack_files: StackFiles | None = None
+        self.stack_task = 0
+        self._stack_read: str | None = None  # the run status the stack files were (being) read at
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="info")
@@ -90,6 +103,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         plot = PlotWidget(id="curve", allow_pan_and_zoom=False)
         plot.can_focus = False
         yield plot
+        yield ImportanceBars(id="importance")
         with Horizontal(id="bottom"):
             log = Log(id="log", max_lines=2000, highlight=False)
             log.border_title = "train.log"
@@ -156,6 +170,7 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         for name, fold, x, value, t in message.points:
             self.series[name].append((fold, x, value, t))
         run = message.run
+        self._check_stack(run)
         self._apply(
             run, bool(message.points) or self.polls == 0, message.lines, self._system_text(run, message.readings)
         )
@@ -164,6 +179,32 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
     def on_worker_failed(self, message: WorkerFailed) -> None:
         if message.group == "detail-poll":
             self._polling = False
+        elif message.group == "stack-read":
+            self.stack_files = StackFiles(importance_notice=f"cannot read the stack files: {message.text}")
+            self._show_stack()
+
+    # -- a stack run's files (worker thread) -------------------------------------------------------
+    def _check_stack(self, run: dict) -> None:
+        """Switch to the importance panel for a stack run; (re)read its files when first seen and
+        when its status changes (a running stack writes them when it finishes)."""
+        if not self.stack:
+            if run_kind(run) != "stack":
+                return
+            self.stack = True
+            self.add_class("stack")
+            self._plotted = None
+        if run["status"] != self._stack_read:
+            self._stack_read = run["status"]
+            self._read_stack(run.get("run_dir"), run["status"])
+
+    @work(thread=True, exclusive=True, group="stack-read", exit_on_error=False)
+    def _read_stack(self, run_dir: str | None, status: str) -> None:
+        """Worker: ``feature_importance.csv`` and ``stack_report.json`` of the run folder."""
+        self.post_message(StackFilesRead(read_stack_files(Path(run_dir) if run_dir else None), status))
+
+    def on_stack_files_read(self, message: StackFilesRead) -> None:
+        self.stack_files = message.files
+        self._show_stack()
 
     def _poll_log(self, run: dict) -> list[str]:
         if self.tail is None:
@@ -245,7 +286,35 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         if metrics_changed or self._plotted is None:
             self._plot()
 
+    def _show_stack(self) -> None:
+        """The importance panel of the current task and the figures line (the curve title's place)."""
+        files = self.stack_files
+        panel = self.query_one("#importance", ImportanceBars)
+        title = self.query_one("#curve-title", Static)
+        if files is None:
+            panel.border_title = "feature importance (gain)"
+            title.update("[b]stack[/] [dim]reading stack_report.json…[/]")
+            return
+        title.update(f"[b]stack[/]  {figures_line(files)}")
+        tasks = files.tasks
+        if not tasks:
+            panel.border_title = "feature importance (gain)"
+            panel.show([], files.importance_notice or "no feature importance")
+            return
+        task = tasks[self.stack_task % len(tasks)]
+        panel.border_title = f"[b]{escape(task)}[/] model: feature gain share · m: next task ({len(tasks)})"
+        panel.show(files.importance[task])
+
+    @property
+    def stack_task_name(self) -> str | None:
+        """The task whose bars are shown (a stack run with an importance file), else None."""
+        tasks = self.stack_files.tasks if self.stack_files else []
+        return tasks[self.stack_task % len(tasks)] if tasks else None
+
     def _plot(self) -> None:
+        if self.stack:
+            self._show_stack()
+            return
         name = self.curve_name
         pts = self.series.get(name, [])
         key = (name, len(pts))
@@ -274,12 +343,20 @@ class RunDetailScreen(WorkerErrors, RunActions, Screen):
         self.app.pop_screen()
 
     def action_next_curve(self) -> None:
-        self.curve_index += 1
+        """The next metric curve; a stack run: the next task's importance."""
+        if self.stack:
+            self.stack_task += 1
+        else:
+            self.curve_index += 1
         self._plotted = None
         self._plot()
 
     def action_prev_curve(self) -> None:
-        self.curve_index -= 1
+        """The previous metric curve; a stack run: the previous task's importance."""
+        if self.stack:
+            self.stack_task -= 1
+        else:
+            self.curve_index -= 1
         self._plotted = None
         self._plot()
 

@@ -96,6 +96,16 @@ class DetailPolled(Message):
         self.epochs = epochs
 
 
+class StackFilesRead(Message):
+    """A stack run's feature importance and report, read from its folder
+    (:class:`workbench.tui.stack_panel.StackFiles`), as of run ``status``."""
+
+    def __init__(self, files: Any, status: str) -> None:
+        super().__init__()
+        self.files = files
+        self.status = status
+
+
 # -- Compare --------------------------------------------------------------------------------------
 class CompareLoaded(Message):
     """Everything the compare screen shows, read once."""

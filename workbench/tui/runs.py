@@ -24,8 +24,10 @@ from workbench.tui.services import (
     fmt_float,
     fmt_started,
     n_folds,
+    run_kind,
     slurm_code,
     slurm_reason,
+    stack_members,
     watched,
     where_cell,
 )
@@ -51,8 +53,8 @@ SORTABLE = [c.key for c in COLUMNS if c.key != "mark"]
 #: the fields a bare filter term searches
 FILTER_FIELDS = ("id", "name", "status", "model", "task", "backend")
 #: the fields ``key:value`` terms may name (``backend:slurm``, ``job:4242``, ``state:pending``,
-#: ``sweep:lr-sweep`` the trial runs of a sweep)
-KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node", "sweep", "trial")
+#: ``sweep:lr-sweep`` the trial runs of a sweep, ``kind:stack`` the stack runs)
+KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node", "sweep", "trial", "kind")
 SLURM_STYLE = "magenta"
 
 
@@ -61,6 +63,7 @@ def run_rows(raw: list[dict], services) -> list[dict]:
     rows = []
     for r in raw:
         k = r["n_folds"] if "n_folds" in r else n_folds(r)
+        kind = run_kind(r)
         rows.append(
             {
                 "id": r["id"],
@@ -89,6 +92,8 @@ def run_rows(raw: list[dict], services) -> list[dict]:
                 "where": where_cell(r),
                 "sweep": r.get("sweep") or "",
                 "trial": "" if r.get("trial") is None else str(r["trial"]),
+                "kind": kind,  # train, pretrain or stack: a stack run is not relaunched (RunActions)
+                "members": stack_members(r) if kind == "stack" else [],
             }
         )
     return rows
@@ -106,7 +111,7 @@ def slurm_status(row: dict | None) -> str:
 
 def matches(row: dict, query: str) -> bool:
     """Filter: every whitespace-separated term must match. ``key:value`` matches a field (id, name,
-    status, model, task, backend, job, state, node, sweep, trial) by substring; a bare term matches any of
+    status, model, task, backend, job, state, node, sweep, trial, kind) by substring; a bare term matches any of
     id, name, status, model, task, backend."""
     for term in query.lower().split():
         if ":" in term:

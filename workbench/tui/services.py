@@ -134,6 +134,37 @@ def n_folds(run: dict) -> int | None:
         return None
 
 
+def run_kind(run: dict) -> str:
+    """A runs row's kind: ``train``, ``pretrain`` or ``stack`` (``RunRecord.kind``; a table row's
+    ``kind``); ``train`` when the config is unreadable."""
+    if "kind" in run:
+        return run["kind"] or "train"
+    try:
+        return RunRecord.from_row(run).kind
+    except WorkbenchError:
+        return "train"
+
+
+def stack_members(run: dict) -> list[str]:
+    """The member run ids of a stack run's config (``config["members"]``; a table row's ``members``)."""
+    if "members" in run:
+        return list(run["members"] or [])
+    try:
+        members = RunRecord.from_row(run).config.get("members")
+    except WorkbenchError:
+        return []
+    return [str(m) for m in members] if isinstance(members, list) else []
+
+
+def lifecycle_refusal(run: dict, what: str) -> str | None:
+    """Why ``what`` (relaunch, resume) cannot be done to ``run``, or None when it can: a stack run
+    (``workbench stack``) has no training process or config to start again."""
+    if run_kind(run) != "stack":
+        return None
+    runs = " ".join(f"--runs {m}" for m in stack_members(run)) or "--runs RUN ..."
+    return f"run {run['id']} is a stack run: no training process to {what}. Fit it again with: workbench stack {runs}"
+
+
 #: squeue's compact job state codes (``%t``), https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES
 SLURM_STATE_CODES = {
     "BOOT_FAIL": "BF",

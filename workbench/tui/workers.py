@@ -81,13 +81,26 @@ class RunActions:
 
         self.app.push_screen(ConfirmScreen(stop_question(run)), confirmed)
 
-    def action_relaunch(self) -> None:
+    def _startable(self, what: str) -> dict | None:
+        """The run to relaunch or resume, or None after a notice (no run; a stack run)."""
+        from workbench.tui.services import lifecycle_refusal
+
         run = self.lifecycle_run()
+        if run is None:
+            return None
+        refusal = lifecycle_refusal(run, what)
+        if refusal:
+            self.notify(refusal, severity="warning", timeout=8)
+            return None
+        return run
+
+    def action_relaunch(self) -> None:
+        run = self._startable("relaunch")
         if run is not None:
             self.app.relaunch_run(run["id"])
 
     def action_resume(self) -> None:
-        run = self.lifecycle_run()
+        run = self._startable("resume")
         if run is not None:
             self.app.resume_run(run["id"], all_folds=run["status"] == Status.PARTIAL)
 
