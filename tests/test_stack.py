@@ -240,3 +240,18 @@ def test_stack_after_training_records_a_named_stack_run(members, tmp_path, monke
     assert rec.name == "demo-x-stack" and rec.config["members"] == [runs[0]]
     assert rec.run_dir.parent == tmp_path / "runs"
     assert set(res.scorer_oof) == {"bm25"} and len(res.scorer_oof["bm25"]) == len(res.oof)
+
+
+def test_a_stack_run_is_not_relaunched_or_resumed(members, tmp_path, monkeypatch):
+    from core.runs.launcher import relaunch, resume_detached
+
+    monkeypatch.chdir(tmp_path)
+    store, runs = members
+    data = load_stack_data(store, runs, [], tmp_path / "cache")
+    run_id, _ = record_stack(store, data, _cfg(features=["members"]), name="stk")
+    with pytest.raises(WorkbenchError, match=f"stack run: nothing to relaunch.*workbench stack --runs {runs[0]}"):
+        relaunch(store, run_id)
+    store.update_run(run_id, status="crashed")
+    with pytest.raises(WorkbenchError, match="stack run"):
+        resume_detached(store, run_id)
+    assert len(store.list_runs()) == 3

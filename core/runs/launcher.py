@@ -143,11 +143,16 @@ def stored_config(store: RunStore, run: RunRecord, all_folds: bool = False):
     :class:`core.pretrain.multitask.PretrainConfig`; ``all_folds`` drops ``train.run_folds`` (training).
 
     Raises:
-        WorkbenchError: the run has no stored config.
+        WorkbenchError: the run has no stored config, or is a stack run (``workbench stack`` refits it).
         ConfigError: it no longer validates (one line naming the run).
     """
     if not run.config:
         raise WorkbenchError(f"{store.path}: run {run.id} has no stored config")
+    if run.kind == "stack":  # a second-level fit over other runs' files: no training process to start
+        members = " ".join(f"--runs {m}" for m in run.config.get("members", []))
+        raise WorkbenchError(
+            f"run {run.id} is a stack run: nothing to relaunch or resume; fit it again with `workbench stack {members}`"
+        )
     try:
         if run.kind == "pretrain":
             from core.pretrain.multitask import pretrain_config_from_dict
