@@ -40,12 +40,15 @@ from core.scoring.stack import load_stack_data, run_stack
 
 
 def _variant(spec: str) -> tuple[str, dict]:
+    """``name:key=value,key=[a,b]`` -> (name, {key: value}) (commas inside brackets kept)."""
+    import yaml
+
+    from core.training.ablate import split_items
+
     name, _, items = spec.partition(":")
     over = {}
-    for item in filter(None, items.split(",")):
+    for item in split_items(items):
         k, _, v = item.partition("=")
-        import yaml
-
         over[k.strip()] = yaml.safe_load(v)
     return name, over
 

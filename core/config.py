@@ -187,7 +187,7 @@ class StackConfig:
         "early_stopping_rounds": ">= 0",
         "inner_fraction": "(0, 1)",
         "seeds": ">= 1",
-        "anchor_weight": "[0, 1]",
+        "base_scale": "> 0",
         "num_threads": ">= 1",
     }
 
@@ -207,8 +207,8 @@ class StackConfig:
     inner_fraction: float = 0.2  # (0, 1); queries of the training folds kept for early stopping
     monotone: bool = True  # Task 1 score non-decreasing in each member's expected gain and each scorer
     seeds: int = 3  # >= 1; LightGBM seeds averaged (bagging, feature subsampling)
-    anchor: str | None = "auto"  # member blended into the ranking with anchor_weight; auto: best OOF member
-    anchor_weight: float = 0.0  # [0, 1]; 0 = the stacker alone
+    base: Literal["blend", "none"] = "blend"  # Task 1 boosts from a Caruana z-blend of the members (fitted per fold)
+    base_scale: float = 1.0  # > 0; the base margin = base_scale x the blend (z-score units)
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
 
     def __post_init__(self) -> None:

@@ -255,3 +255,25 @@ def test_a_stack_run_is_not_relaunched_or_resumed(members, tmp_path, monkeypatch
     with pytest.raises(WorkbenchError, match="stack run"):
         resume_detached(store, run_id)
     assert len(store.list_runs()) == 3
+
+
+def test_the_ranker_boosts_from_a_blend_fitted_on_the_training_folds(members, tmp_path):
+    """base: blend starts LambdaRank from a Caruana z-blend of the members fitted per fold (weights
+    recorded); with no rounds to add, the ranking is that blend itself."""
+    from core.scoring.blend import fit_blend_weights, standardize_per_query
+
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    res = run_stack(data, _cfg(n_estimators=1, learning_rate=1e-9))
+    q, lab, fold = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy(), data.oof["fold"].to_numpy()
+    z = np.column_stack(
+        [standardize_per_query(q, expected_gain(m.oof)) for m in data.members]
+        + [standardize_per_query(q, data.scorers["bm25"][0])]
+    )
+    for k in range(N_FOLDS):
+        w = fit_blend_weights(q[fold != k], lab[fold != k], z[fold != k], resolution=10, method="caruana")
+        assert list(res.rounds["base_weights"][k].values()) == pytest.approx(list(w))
+        np.testing.assert_allclose(
+            res.oof["score"][fold == k], standardize_per_query(q[fold == k], z[fold == k] @ w), atol=1e-6
+        )
+    assert run_stack(data, _cfg(base="none")).rounds["base_weights"] == {}

@@ -380,15 +380,18 @@ def _targets(labels: np.ndarray, kind: str) -> np.ndarray:
     return (labels == "S").astype(int)
 
 
-def _dataset(X: pd.DataFrame, y: np.ndarray, qids: np.ndarray, kind: str):
-    """A lightgbm Dataset; for the ranker, rows sorted by query with group sizes."""
+def _dataset(X: pd.DataFrame, y: np.ndarray, qids: np.ndarray, kind: str, init: np.ndarray | None = None):
+    """A lightgbm Dataset (``init``: the base margin boosting starts from); for the ranker, rows
+    sorted by query with group sizes."""
     import lightgbm as lgb
 
     if kind != "rank":
-        return lgb.Dataset(X, y, free_raw_data=False)
+        return lgb.Dataset(X, y, init_score=init, free_raw_data=False)
     order = np.argsort(qids, kind="stable")
     _, sizes = np.unique(qids[order], return_counts=True)
-    return lgb.Dataset(X.iloc[order], y[order], group=sizes, free_raw_data=False)
+    return lgb.Dataset(
+        X.iloc[order], y[order], group=sizes, init_score=None if init is None else init[order], free_raw_data=False
+    )
 
 
 @dataclass
@@ -400,10 +403,12 @@ class FittedStacker:
     features: list[str]
     best_iterations: list[int]
 
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        """(N,) ranker score / P(substitute), or (N, 4) class probabilities; seeds averaged."""
+    def predict(self, X: pd.DataFrame, init: np.ndarray | None = None) -> np.ndarray:
+        """(N,) ranker score / P(substitute), or (N, 4) class probabilities; seeds averaged.
+        ``init``: (N,) the base margin of these rows (a ranker fitted from a base, see :func:`fit_stacker`)."""
         outs = [b.predict(X[self.features], num_iteration=it) for b, it in zip(self.boosters, self.best_iterations)]
-        return np.mean(outs, axis=0)
+        out = np.mean(outs, axis=0)
+        return out if init is None else out + init
 
     def gain(self) -> pd.Series:
         """Total split gain per feature, summed over the seeds."""
@@ -412,7 +417,14 @@ class FittedStacker:
 
 
 def fit_stacker(
-    X: pd.DataFrame, labels: np.ndarray, qids: np.ndarray, kind: str, cfg: StackConfig, mono: dict[str, int], seed: int
+    X: pd.DataFrame,
+    labels: np.ndarray,
+    qids: np.ndarray,
+    kind: str,
+    cfg: StackConfig,
+    mono: dict[str, int],
+    seed: int,
+    init: np.ndarray | None = None,
 ) -> FittedStacker:
     """Fit one task's LightGBM on the given (training-fold) rows.
 
@@ -421,6 +433,8 @@ def fit_stacker(
         kind: ``rank`` (LambdaRank, official gains), ``esci`` (4-class), ``substitute`` (binary).
         cfg: the stack settings; mono: feature -> monotone direction (used for ``rank`` when
             ``cfg.monotone``).
+        init: (N,) base margin boosting starts from (LightGBM ``init_score``), or None; predictions
+            must then add the rows' own base (:meth:`FittedStacker.predict`).
 
     With ``cfg.early_stopping_rounds`` > 0 a share ``cfg.inner_fraction`` of the queries of these
     rows is held out to pick the number of rounds, then the model is refitted on all rows with that
@@ -448,8 +462,8 @@ def fit_stacker(
             rng = np.random.default_rng(seed + s)
             inner = set(rng.permutation(uq)[: max(1, round(len(uq) * cfg.inner_fraction))].tolist())
             va = np.array([q in inner for q in qids])
-            dtr = _dataset(X[~va], y[~va], qids[~va], kind)
-            dva = _dataset(X[va], y[va], qids[va], kind)
+            dtr = _dataset(X[~va], y[~va], qids[~va], kind, None if init is None else init[~va])
+            dva = _dataset(X[va], y[va], qids[va], kind, None if init is None else init[va])
             probe = lgb.train(
                 params,
                 dtr,
@@ -458,7 +472,7 @@ def fit_stacker(
                 callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
             )
             n_rounds = max(1, probe.best_iteration or cfg.n_estimators)
-        booster = lgb.train(params, _dataset(X, y, qids, kind), n_rounds)
+        booster = lgb.train(params, _dataset(X, y, qids, kind, init), n_rounds)
         boosters.append(booster)
         iters.append(n_rounds)
     return FittedStacker(kind, boosters, list(X.columns), iters)
@@ -477,7 +491,7 @@ class StackResult:
         held_out: the same figures on the test rows when they carry labels, else {}.
         members: per member / scorer: OOF and held-out nDCG (the baselines next to the stacker).
         importance: feature gain per task (columns task, feature, gain, share).
-        rounds: boosting rounds per (task, fold) (seed mean).
+        rounds: boosting rounds per (task, fold) (seed mean); ``base_weights``: fold -> the Task 1 base blend.
         seconds: wall time of the fits.
         scorer_oof: scorer -> (N_oof,) its raw OOF scores (row order of ``oof``).
     """
@@ -488,7 +502,7 @@ class StackResult:
     held_out: dict[str, Any]
     members: dict[str, dict[str, float]]
     importance: pd.DataFrame
-    rounds: dict[str, dict[int, float]]
+    rounds: dict[str, Any]
     seconds: float
     scorer_oof: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -553,7 +567,7 @@ def run_stack(
 
     Args:
         data: :func:`load_stack_data` output.
-        cfg: stack settings (feature groups, LightGBM parameters, test_features, anchor).
+        cfg: stack settings (feature groups, LightGBM parameters, test_features, base).
         seed: base seed of LightGBM.
         progress: called with a short message before each fold.
 
@@ -589,19 +603,24 @@ def run_stack(
     gains: dict[str, pd.Series] = {}
     rounds: dict[str, dict[int, float]] = {t: {} for t in TASKS}
     kinds = TASKS if cfg.ranker == "lambdarank" else ("esci", "substitute")
+    base_weights: dict[int, dict[str, float]] = {}
     for k in folds:
         if progress:
             progress(f"stack: fold {k} (fitted on folds {[f for f in folds if f != k]})")
         tr, va = fold != k, fold == k
+        tx = (test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]) if has_test else None
+        base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
+        if base is not None:
+            base_weights[int(k)] = base[3]
         for kind in kinds:
-            model = fit_stacker(X[tr], lab[tr], q[tr], kind, cfg, mono, seed)
-            oof_out[kind][va] = model.predict(X[va])
+            init = base if kind == "rank" else None
+            model = fit_stacker(X[tr], lab[tr], q[tr], kind, cfg, mono, seed, None if init is None else init[0][tr])
+            oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
             rounds[kind][k] = float(np.mean(model.best_iterations))
             gains[kind] = gains.get(kind, 0) + model.gain()
             if has_test:
-                tx = test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]
-                test_outs[kind].append(model.predict(tx))
-    oof = _assemble(data.oof, oof_out, cfg, data, fold_wise=True)
+                test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
+    oof = _assemble(data.oof, oof_out, cfg)
     test = None
     if has_test:
         tq = data.test["query_id"].to_numpy()
@@ -610,7 +629,7 @@ def run_stack(
             "substitute": np.mean(test_outs["substitute"], axis=0),
             "rank": _z_mean(tq, test_outs["rank"]) if cfg.ranker == "lambdarank" else np.zeros(len(tq)),
         }
-        test = _assemble(data.test, test_out, cfg, data, fold_wise=False)
+        test = _assemble(data.test, test_out, cfg)
     cv = _figures(oof)
     cv["folds"] = {int(k): mean_ndcg(q[fold == k], oof["score"].to_numpy()[fold == k], lab[fold == k]) for k in folds}
     held_out = _figures(test) if _labelled(test) else {}
@@ -624,24 +643,40 @@ def run_stack(
         ignore_index=True,
     )
     scorer_oof = {k: v[0] for k, v in data.scorers.items()}
+    rounds["base_weights"] = base_weights
     return StackResult(
         oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0, scorer_oof
     )
 
 
-def _anchor_scores(data: StackData, frame_is_oof: bool) -> tuple[str, np.ndarray] | None:
-    """The anchor member (best OOF nDCG among members and scorers) and its scores on the frame."""
+def _base_margins(data: StackData, cfg: StackConfig, k: int, tr: np.ndarray):
+    """The Task 1 base of fold k: Caruana weights (:func:`core.scoring.blend.fit_blend_weights`)
+    over the per-query z-scores of each member's expected gain and each scorer, fitted on the
+    training folds' rows ``tr`` only; returns (OOF margins (N_oof,), test margins (N_test,) or None,
+    the weights, {candidate: weight})."""
+    from core.scoring.blend import fit_blend_weights
+
     q, lab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
-    cands = {m.name: (expected_gain(m.oof), None if m.test is None else expected_gain(m.test)) for m in data.members}
-    cands.update({k: (v[0], v[1]) for k, v in data.scorers.items()})
-    name = max(cands, key=lambda n: mean_ndcg(q, cands[n][0], lab))
-    values = cands[name][0] if frame_is_oof else cands[name][1]
-    return None if values is None else (name, values)
+    names, z_oof, z_test = [], [], []
+    tq = data.test["query_id"].to_numpy() if data.test is not None else None
+    for m in data.members:
+        names.append(m.name)
+        z_oof.append(standardize_per_query(q, expected_gain(m.oof)))
+        if tq is not None:
+            t = m.test_by_fold[k] if cfg.test_features == "per_fold" else m.test
+            z_test.append(standardize_per_query(tq, expected_gain(t)))
+    for sc, (o, t) in data.scorers.items():
+        names.append(sc)
+        z_oof.append(standardize_per_query(q, o))
+        if tq is not None:
+            z_test.append(standardize_per_query(tq, t))
+    Z = np.column_stack(z_oof)
+    w = fit_blend_weights(q[tr], lab[tr], Z[tr], resolution=10, method="caruana")
+    test = np.column_stack(z_test) @ w * cfg.base_scale if z_test else None
+    return Z @ w * cfg.base_scale, test, w, dict(zip(names, map(float, w)))
 
 
-def _assemble(
-    rows: pd.DataFrame, out: dict[str, np.ndarray], cfg: StackConfig, data: StackData, fold_wise: bool
-) -> pd.DataFrame:
+def _assemble(rows: pd.DataFrame, out: dict[str, np.ndarray], cfg: StackConfig) -> pd.DataFrame:
     """The prediction frame of a run: ids, labels, fold, p_E..p_I, ce_score, score, p_substitute."""
     frame = rows[["example_id", "query_id", "product_id", "esci_label", "fold"]].copy().reset_index(drop=True)
     probs = np.asarray(out["esci"], dtype=np.float64)
@@ -649,12 +684,7 @@ def _assemble(
     frame["ce_score"] = expected_gain(probs)
     qids = frame["query_id"].to_numpy()
     score = out["rank"] if cfg.ranker == "lambdarank" else frame["ce_score"].to_numpy()
-    score = standardize_per_query(qids, score)
-    if cfg.anchor_weight > 0:
-        anchor = _anchor_scores(data, fold_wise)
-        if anchor is not None:
-            score = (1 - cfg.anchor_weight) * score + cfg.anchor_weight * standardize_per_query(qids, anchor[1])
-    frame["score"] = score
+    frame["score"] = standardize_per_query(qids, score)
     frame["p_substitute"] = np.asarray(out["substitute"], dtype=np.float64)
     return frame
 
