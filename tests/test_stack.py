@@ -277,3 +277,17 @@ def test_the_ranker_boosts_from_a_blend_fitted_on_the_training_folds(members, tm
             res.oof["score"][fold == k], standardize_per_query(q[fold == k], z[fold == k] @ w), atol=1e-6
         )
     assert run_stack(data, _cfg(base="none")).rounds["base_weights"] == {}
+
+
+def test_cached_scores_do_not_depend_on_row_order_and_are_computed_once(stack_data_dir, tmp_path, monkeypatch):
+    from core.data.esci import load_esci
+    from core.scoring import baselines
+    from core.scoring.stack import cached_scores
+
+    df = load_esci(stack_data_dir)
+    first = cached_scores(None, df, tmp_path)
+    np.testing.assert_allclose(first, baselines.bm25_scores(df))
+    monkeypatch.setattr(baselines, "bm25_scores", lambda *a, **k: pytest.fail("recomputed instead of cached"))
+    shuffled = df.sample(frac=1.0, random_state=0)
+    np.testing.assert_array_equal(cached_scores(None, shuffled, tmp_path), first[shuffled.index.to_numpy()])
+    assert len(list(tmp_path.glob("bm25-*.npy"))) == 1

@@ -216,38 +216,56 @@ def load_stack_data(
     return StackData(oof_rows, test_rows, members, scores, str(data_dir), task)
 
 
-def _scorer_outputs(oof: pd.DataFrame, test: pd.DataFrame | None, scorers: list[str], cache_dir: Path):
-    """scorer -> (oof scores, test scores): computed once over the OOF and test rows together
-    (one BM25 corpus / one embedding pass, as training computes its blend members), cached."""
+def cached_scores(model: str | None, frame: pd.DataFrame, cache_dir: str | Path = ".cache/scores") -> np.ndarray:
+    """BM25 (``model=None``, :func:`core.scoring.baselines.bm25_scores`) or a zero-shot bi-encoder's
+    cosine (:func:`core.scoring.dense.dense_scores` with ``model``) of each row of ``frame``: float64 (N,).
+
+    Scores are cached in ``cache_dir`` (``.npy``), keyed by the scorer and the set of rows (their
+    example_id, query and product_id, in example_id order), so training's blend, the stacker and
+    the held-out protocol compute each scorer once per data selection, in any row order.
+
+    Raises:
+        ConfigError / WorkbenchError / DataError: the dense model cannot be resolved or prepared.
+    """
     from core.scoring.baselines import bm25_scores
     from core.scoring.dense import dense_scores
 
+    order = np.argsort(frame["example_id"].to_numpy(np.int64), kind="stable")
+    rows = frame.iloc[order]
+    key = hashlib.sha256(
+        json.dumps(["bm25" if model is None else "dense", model]).encode()
+        + rows["example_id"].to_numpy(np.int64).tobytes()
+        + "\x1f".join(rows["query"].astype(str)).encode()
+        + "\x1f".join(rows["product_id"].astype(str)).encode()
+    ).hexdigest()[:20]
+    path = Path(cache_dir) / f"{'bm25' if model is None else model.replace('/', '_')}-{key}.npy"
+    if path.is_file():
+        values = np.load(path)
+    else:
+        t0 = time.time()
+        values = np.asarray(bm25_scores(rows) if model is None else dense_scores(rows, model), dtype=np.float64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, values)
+        log.info("scorer %s over %d rows in %.1f s (cached in %s)", model or "bm25", len(rows), time.time() - t0, path)
+    out = np.empty(len(frame), dtype=np.float64)
+    out[order] = values
+    return out
+
+
+def _scorer_outputs(oof: pd.DataFrame, test: pd.DataFrame | None, scorers: list[str], cache_dir: Path):
+    """scorer -> (oof scores, test scores): computed over the OOF and test rows together (one BM25
+    corpus / one embedding pass, as training computes its blend members), cached; a dense scorer
+    whose model cannot be prepared here is dropped with a warning."""
     both = pd.concat([oof, test], ignore_index=True) if test is not None else oof
     out = {}
     for name in scorers:
         if name not in STACK_SCORERS:
             raise ConfigError(f"stack.scorers: unknown scorer {name!r}; known: {list(STACK_SCORERS)}")
-        model = STACK_SCORERS[name][1]
-        key = hashlib.sha256(
-            json.dumps([name, model]).encode()
-            + both["example_id"].to_numpy(np.int64).tobytes()
-            + "\x1f".join(both["query"].astype(str)).encode()
-            + "\x1f".join(both["product_id"].astype(str)).encode()
-        ).hexdigest()[:20]
-        path = cache_dir / f"{name}-{key}.npy"
-        if path.is_file():
-            values = np.load(path)
-        else:
-            t0 = time.time()
-            try:
-                values = bm25_scores(both) if model is None else dense_scores(both, model)
-            except ConfigError as exc:
-                log.warning("stack: scorer %s dropped: %s", name, exc)
-                continue
-            values = np.asarray(values, dtype=np.float64)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            np.save(path, values)
-            log.info("stack: scorer %s over %d rows in %.1f s", name, len(both), time.time() - t0)
+        try:
+            values = cached_scores(STACK_SCORERS[name][1], both, cache_dir)
+        except (ConfigError, DataError, WorkbenchError) as exc:
+            log.warning("stack: scorer %s dropped: %s", name, exc)
+            continue
         out[name] = (values[: len(oof)], values[len(oof) :] if test is not None else None)
     return out
 

@@ -31,19 +31,28 @@ from core.data.augment import check_unchanged, load_translations
 from core.data.esci import ESCI_LABELS
 from core.data.folds import assign_folds
 from core.data.text import encode_pairs_cached
+from core.errors import WorkbenchError
 from core.modeling.features import ngram_bags_cached, word2vec_bucket_init
 from core.modeling.markers import add_marker_tokens
 from core.modeling.model import load_tokenizer
 from core.modeling.tricks import distill_targets, parse_class_weights, select_pseudo_labels
 from core.runs import metric_names as mn
-from core.runs.lifecycle import atomic_write, check_stop, claim_run, mark_running, recorded_run, setup_file_log
+from core.runs.lifecycle import (
+    RunStopped,
+    atomic_write,
+    check_stop,
+    claim_run,
+    mark_running,
+    recorded_run,
+    setup_file_log,
+)
 from core.runs.ranks import distributed_world, is_main_rank, join_ranks, leave_ranks, main_first, rank_store
 from core.runs.store import RunStore, Status
-from core.scoring.baselines import bm25_scores, random_scores
+from core.scoring.baselines import random_scores
 from core.scoring.blend import nested_blend, standardize_per_query
-from core.scoring.dense import dense_scores
 from core.scoring.metrics import expected_gain, mean_ndcg
 from core.scoring.report import PROB_COLUMNS
+from core.scoring.stack import cached_scores
 from core.training.fold_loop import FoldResult, TrainContext, eval_metrics, load_fold_result, train_fold
 from core.training.validate import validate_run
 
@@ -53,9 +62,11 @@ LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 
 #: scorers a blend can use; each maps the examples frame to one score per row
 BLEND_MEMBERS = {
-    "bm25": lambda df, cfg: bm25_scores(df),
-    "dense": lambda df, cfg: dense_scores(df, cfg.blend.dense_model),
-    "dense-e5": lambda df, cfg: dense_scores(df, "multilingual-e5-small"),
+    "bm25": lambda df, cfg: cached_scores(None, df, cfg.text.cache_dir.replace("tokens", "scores")),
+    "dense": lambda df, cfg: cached_scores(cfg.blend.dense_model, df, cfg.text.cache_dir.replace("tokens", "scores")),
+    "dense-e5": lambda df, cfg: cached_scores(
+        "multilingual-e5-small", df, cfg.text.cache_dir.replace("tokens", "scores")
+    ),
     "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
 
@@ -521,8 +532,15 @@ def _blend(
     z_oof = [standardize_per_query(oof["query_id"], oof["ce_score"])]
     z_test = [standardize_per_query(test["query_id"], test["ce_score"])] if test is not None else []
     trained = np.isin(ctx.folds, ctx.run_folds)
-    for name in members:
-        raw = BLEND_MEMBERS[name](df, cfg)
+    for name in list(members):
+        try:
+            raw = BLEND_MEMBERS[name](df, cfg)
+        except WorkbenchError as exc:  # e.g. multilingual-e5-small without its wheels here
+            if isinstance(exc, RunStopped):
+                raise
+            log.warning("blend member %s left out: %s", name, exc)
+            members.remove(name)
+            continue
         oof[name] = raw[ctx.train_idx][trained]
         z_oof.append(standardize_per_query(oof["query_id"], oof[name]))
         if test is not None:
