@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import StackConfig, build_section
 from core.runs.store import RunStore
-from core.scoring.blend import standardize_per_query
+from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.metrics import expected_gain, micro_f1_task2, ndcg_per_query
 from core.scoring.significance import paired_bootstrap
 from core.scoring.stack import load_stack_data, run_stack
@@ -70,6 +70,17 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
         "cross-encoder (one fold model)": None,
         "demo blend": run_test["score"].to_numpy(),
     }
+    run_oof = pd.read_parquet(store.get_record(run_id).run_dir / "oof.parquet")
+    members = [c for c in ("bm25", "dense", "dense-e5") if c in run_oof.columns]
+    for method in ("grid", "caruana"):  # the demo's blend refitted both ways on the run's OOF rows
+        oq = run_oof["query_id"].to_numpy()
+        z = np.column_stack([standardize_per_query(oq, run_oof[c]) for c in ("ce_score", *members)])
+        _, _, w = nested_blend(run_oof["fold"], oq, run_oof["esci_label"], z, 10, method)
+        zt = np.column_stack(
+            [standardize_per_query(q, run_test["ce_score"])]
+            + [standardize_per_query(q, run_test[c] if c in run_test else data.scorers[c][1]) for c in members]
+        )
+        scores[f"blend {method} (ce+{'+'.join(members)})"] = zt @ w
     per_query = {k: ndcg_per_query(q, v, lab) for k, v in scores.items() if v is not None}
     per_query["cross-encoder (one fold model)"] = pd.concat(
         [ndcg_per_query(q, expected_gain(p), lab) for p in data.members[0].test_by_fold.values()], axis=1

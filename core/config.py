@@ -209,6 +209,7 @@ class StackConfig:
     seeds: int = 3  # >= 1; LightGBM seeds averaged (bagging, feature subsampling)
     base: Literal["blend", "none"] = "blend"  # Task 1 boosts from a Caruana z-blend of the members (fitted per fold)
     base_scale: float = 1.0  # > 0; the base margin = base_scale x the blend (z-score units)
+    task2_bias: bool = True  # per-class log-prior shift of the Task 2 probabilities tuned for micro-F1 on OOF rows
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
 
     def __post_init__(self) -> None:

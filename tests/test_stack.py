@@ -20,7 +20,7 @@ from core.scoring.report import PROB_COLUMNS, read_predictions
 from core.scoring.stack import FEATURE_GROUPS, build_features, load_stack_data, record_stack, run_stack
 
 N_FOLDS = 4
-FAST = {"seeds": 1, "n_estimators": 60, "early_stopping_rounds": 0, "min_child_samples": 20}
+FAST = {"seeds": 1, "n_estimators": 60, "early_stopping_rounds": 0, "min_child_samples": 20, "task2_bias": False}
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,12 @@ def _cfg(**over) -> StackConfig:
 
 
 def test_fold_k_is_scored_by_a_stacker_that_never_saw_fold_k(members, tmp_path):
-    """Permuting the labels of fold 0's rows leaves fold 0's OOF scores bit-identical (its stacker
-    was fitted on folds 1-3 only) and changes the other folds' scores (their stackers read fold 0)."""
+    """Permuting the labels of fold 0's rows leaves fold 0's OOF scores bit-identical (its stacker,
+    its base blend and its Task 2 prior shift were fitted without fold 0's labels, even indirectly)
+    and changes the other folds' scores (their stackers read fold 0)."""
     store, runs = members
     data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
-    cfg = _cfg()
+    cfg = _cfg(task2_bias=True)
     ref = run_stack(data, cfg)
     fold = data.oof["fold"].to_numpy()
     rng = np.random.default_rng(0)

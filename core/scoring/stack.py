@@ -638,12 +638,17 @@ def run_stack(
             gains[kind] = gains.get(kind, 0) + model.gain()
             if has_test:
                 test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
+    bias = None
+    if cfg.task2_bias:
+        oof_out["esci"], bias = _task2_bias(X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed)
+        rounds["task2_bias"] = {k: b.round(2).tolist() for k, b in bias.items()}
     oof = _assemble(data.oof, oof_out, cfg)
     test = None
     if has_test:
         tq = data.test["query_id"].to_numpy()
+        test_esci = np.mean(test_outs["esci"], axis=0)
         test_out = {
-            "esci": np.mean(test_outs["esci"], axis=0),
+            "esci": test_esci if bias is None else prior_shift(test_esci, bias["all"]),
             "substitute": np.mean(test_outs["substitute"], axis=0),
             "rank": _z_mean(tq, test_outs["rank"]) if cfg.ranker == "lambdarank" else np.zeros(len(tq)),
         }
@@ -665,6 +670,44 @@ def run_stack(
     return StackResult(
         oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0, scorer_oof
     )
+
+
+def prior_shift(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``softmax(log p + b)``: (N, 4) probabilities with per-class log-prior offsets ``b`` (4,)
+    (Saerens et al. 2002, prior adjustment); their argmax is :func:`core.scoring.ensemble.tune_task2_bias`'s rule."""
+    logit = np.log(np.clip(probs, 1e-12, None)) + bias
+    e = np.exp(logit - logit.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, seed: int):
+    """Task 2 prior shift tuned for micro-F1 (:func:`core.scoring.ensemble.tune_task2_bias`),
+    nested so the CV figure stays out of fold: fold k's offsets are tuned on inner OOF
+    probabilities of its training folds (each training fold j scored by a Task 2 model fitted on
+    the folds other than k and j), never on anything fitted with fold k's labels. The test rows get
+    the offsets tuned on all outer OOF probabilities (``bias["all"]``).
+
+    Returns:
+        (fold-wise shifted OOF probabilities (N, 4), {fold or "all": offsets (4,)}).
+    """
+    from core.scoring.ensemble import tune_task2_bias
+
+    y = np.array([LABEL_INDEX[v] for v in labels])
+    out, bias = probs.copy(), {}
+    for k in folds:
+        tr = fold != k
+        inner = np.zeros((len(y), 4))
+        for j in folds:
+            fit = tr & (fold != j)
+            if j == k or not fit.any():
+                continue
+            model = fit_stacker(X[fit], labels[fit], qids[fit], "esci", cfg, mono, seed)
+            inner[fold == j] = model.predict(X[fold == j])
+        b, _ = tune_task2_bias(inner[tr], y[tr])
+        out[fold == k] = prior_shift(probs[fold == k], b)
+        bias[int(k)] = b
+    bias["all"] = tune_task2_bias(probs, y)[0]
+    return out, bias
 
 
 def _base_margins(data: StackData, cfg: StackConfig, k: int, tr: np.ndarray):
