@@ -189,9 +189,11 @@ class StackConfig:
         "seeds": ">= 1",
         "base_scale": "> 0",
         "num_threads": ">= 1",
+        "tasks": "each in {1, 2, 3}",
     }
 
     enabled: bool = False  # a training config: run the stacker on the run's OOF after training
+    tasks: list[int] = field(default_factory=lambda: [1, 2, 3])  # each in {1, 2, 3}; the models fitted
     scorers: list[str] = field(default_factory=lambda: ["bm25", "dense", "dense-e5"])  # zero-shot/lexical members
     features: list[str] = field(default_factory=lambda: list(STACK_FEATURE_GROUPS))  # groups switched on
     ranker: Literal["lambdarank", "multiclass"] = "lambdarank"  # Task 1 model (multiclass: sort by expected gain)
@@ -220,6 +222,8 @@ class StackConfig:
                 raise ConfigError(f"stack.{key}: unknown value(s) {bad}; known: {list(known)}")
             if len(set(values)) != len(values):
                 raise ConfigError(f"stack.{key}: a value is repeated in {values}")
+        if not self.tasks:
+            raise ConfigError("stack.tasks: empty; give at least one of 1, 2, 3")
 
 
 @dataclass

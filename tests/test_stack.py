@@ -292,3 +292,17 @@ def test_cached_scores_do_not_depend_on_row_order_and_are_computed_once(stack_da
     shuffled = df.sample(frac=1.0, random_state=0)
     np.testing.assert_array_equal(cached_scores(None, shuffled, tmp_path), first[shuffled.index.to_numpy()])
     assert len(list(tmp_path.glob("bm25-*.npy"))) == 1
+
+
+def test_task_1_only_fits_the_ranker_and_keeps_the_members_probabilities(members, tmp_path):
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    res = run_stack(data, _cfg(tasks=[1]))
+    assert set(res.importance["task"]) == {"rank"}
+    mean = np.mean([m.oof for m in data.members], axis=0)
+    np.testing.assert_allclose(res.oof[PROB_COLUMNS].to_numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(res.oof["p_substitute"], mean[:, 1])
+    with pytest.raises(ConfigError, match="stack.tasks"):
+        _cfg(tasks=[])
+    with pytest.raises(ConfigError, match="stack.tasks"):
+        _cfg(tasks=[4])

@@ -620,7 +620,7 @@ def run_stack(
     test_outs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
     gains: dict[str, pd.Series] = {}
     rounds: dict[str, dict[int, float]] = {t: {} for t in TASKS}
-    kinds = TASKS if cfg.ranker == "lambdarank" else ("esci", "substitute")
+    kinds = _kinds(cfg)
     base_weights: dict[int, dict[str, float]] = {}
     for k in folds:
         if progress:
@@ -638,8 +638,15 @@ def run_stack(
             gains[kind] = gains.get(kind, 0) + model.gain()
             if has_test:
                 test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
+    if "esci" not in kinds:  # Task 2 not stacked: the members' mean probabilities
+        oof_out["esci"] = np.mean([m.oof for m in data.members], axis=0)
+        test_outs["esci"] = [np.mean([m.test for m in data.members], axis=0)] if has_test else []
+    if "substitute" not in kinds:  # Task 3 not stacked: P(S) of the Task 2 probabilities
+        oof_out["substitute"] = oof_out["esci"][:, 1]
+    if "rank" not in kinds:
+        oof_out.pop("rank")
     bias = None
-    if cfg.task2_bias:
+    if cfg.task2_bias and "esci" in kinds:
         oof_out["esci"], bias = _task2_bias(X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed)
         rounds["task2_bias"] = {k: b.round(2).tolist() for k, b in bias.items()}
     oof = _assemble(data.oof, oof_out, cfg)
@@ -647,11 +654,13 @@ def run_stack(
     if has_test:
         tq = data.test["query_id"].to_numpy()
         test_esci = np.mean(test_outs["esci"], axis=0)
+        test_esci = test_esci if bias is None else prior_shift(test_esci, bias["all"])
         test_out = {
-            "esci": test_esci if bias is None else prior_shift(test_esci, bias["all"]),
-            "substitute": np.mean(test_outs["substitute"], axis=0),
-            "rank": _z_mean(tq, test_outs["rank"]) if cfg.ranker == "lambdarank" else np.zeros(len(tq)),
+            "esci": test_esci,
+            "substitute": np.mean(test_outs["substitute"], axis=0) if "substitute" in kinds else test_esci[:, 1],
         }
+        if "rank" in kinds:
+            test_out["rank"] = _z_mean(tq, test_outs["rank"])
         test = _assemble(data.test, test_out, cfg)
     cv = _figures(oof)
     cv["folds"] = {int(k): mean_ndcg(q[fold == k], oof["score"].to_numpy()[fold == k], lab[fold == k]) for k in folds}
@@ -662,6 +671,7 @@ def run_stack(
                 {"task": kind, "feature": g.index, "gain": g.to_numpy(), "share": (g / max(g.sum(), 1e-12)).to_numpy()}
             ).sort_values("gain", ascending=False)
             for kind, g in gains.items()
+            if isinstance(g, pd.Series)
         ],
         ignore_index=True,
     )
@@ -710,6 +720,19 @@ def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, see
     return out, bias
 
 
+def _kinds(cfg: StackConfig) -> tuple[str, ...]:
+    """The models to fit: ``rank`` for Task 1 (LambdaRank; with ``ranker: multiclass`` Task 1 sorts by
+    the Task 2 model's expected gain), ``esci`` for Task 2, ``substitute`` for Task 3."""
+    kinds = []
+    if 1 in cfg.tasks and cfg.ranker == "lambdarank":
+        kinds.append("rank")
+    if 2 in cfg.tasks or (1 in cfg.tasks and cfg.ranker == "multiclass"):
+        kinds.append("esci")
+    if 3 in cfg.tasks:
+        kinds.append("substitute")
+    return tuple(kinds)
+
+
 def _base_margins(data: StackData, cfg: StackConfig, k: int, tr: np.ndarray):
     """The Task 1 base of fold k: Caruana weights (:func:`core.scoring.blend.fit_blend_weights`)
     over the per-query z-scores of each member's expected gain and each scorer, fitted on the
@@ -744,7 +767,7 @@ def _assemble(rows: pd.DataFrame, out: dict[str, np.ndarray], cfg: StackConfig) 
     frame[PROB_COLUMNS] = probs.astype(np.float32)
     frame["ce_score"] = expected_gain(probs)
     qids = frame["query_id"].to_numpy()
-    score = out["rank"] if cfg.ranker == "lambdarank" else frame["ce_score"].to_numpy()
+    score = out["rank"] if "rank" in out else frame["ce_score"].to_numpy()
     frame["score"] = standardize_per_query(qids, score)
     frame["p_substitute"] = np.asarray(out["substitute"], dtype=np.float64)
     return frame

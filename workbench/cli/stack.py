@@ -53,6 +53,9 @@ def stack(
     scorers: Annotated[
         str | None, typer.Option("--scorers", help="comma-separated: bm25, dense, dense-e5 (default: all three)")
     ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="1, 2, 3 or all: the models fitted (default: stack.tasks)")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with a 'stack:' section")] = None,
     set_: SetOpt = None,
     name: Annotated[str, typer.Option(help="the run's name")] = "stack",
@@ -65,6 +68,8 @@ def stack(
     and record it as a run (kind stack): LambdaRank for Task 1, multiclass for Task 2, binary for Task 3."""
     from core.scoring.stack import load_stack_data, record_stack
 
+    if task is not None:
+        set_ = [*(set_ or []), f"stack.tasks=[{'1, 2, 3' if task == 'all' else task}]"]
     cfg = stack_settings(config, scorers, set_)
     store = open_store(db)
     with console.status("loading the member runs and the scorers (BM25, zero-shot cosines)"):
