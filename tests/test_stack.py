@@ -306,3 +306,17 @@ def test_task_1_only_fits_the_ranker_and_keeps_the_members_probabilities(members
         _cfg(tasks=[])
     with pytest.raises(ConfigError, match="stack.tasks"):
         _cfg(tasks=[4])
+
+
+def test_the_stack_run_keeps_its_members_data_selection(members, tmp_path, monkeypatch):
+    """labels find / evaluate read a run's data section: the stack run carries the member's
+    (max_queries, locales), so its OOF rows cover exactly the examples that section selects."""
+    monkeypatch.chdir(tmp_path)
+    store, runs = members
+    cfg = dict(store.get_record(runs[0]).config)
+    cfg["data"] = {**cfg["data"], "max_queries": 30, "locales": ["us"]}
+    store.update_run(runs[0], config=json.dumps(cfg))
+    data = load_stack_data(store, runs[:1], [], tmp_path / "cache")
+    run_id, _ = record_stack(store, data, _cfg(features=["members"]), name="stk")
+    saved = store.get_record(run_id).data
+    assert saved["max_queries"] == 30 and saved["locales"] == ["us"] and saved["dir"] == data.data_dir

@@ -107,6 +107,7 @@ class StackData:
     scorers: dict[str, tuple[np.ndarray, np.ndarray | None]]
     data_dir: str
     task: int
+    data_config: dict[str, Any] = field(default_factory=dict)  # the first member's ``data`` section
 
     @property
     def folds(self) -> list[int]:
@@ -213,7 +214,7 @@ def load_stack_data(
         test_rows = df.loc[test0["example_id"].to_numpy()].reset_index()
         test_rows["fold"] = -1
     scores = _scorer_outputs(oof_rows, test_rows, scorers, Path(cache_dir))
-    return StackData(oof_rows, test_rows, members, scores, str(data_dir), task)
+    return StackData(oof_rows, test_rows, members, scores, str(data_dir), task, dict(first.data))
 
 
 def cached_scores(model: str | None, frame: pd.DataFrame, cache_dir: str | Path = ".cache/scores") -> np.ndarray:
@@ -785,7 +786,7 @@ def stack_run_config(data: StackData, cfg: StackConfig, name: str, output_dir: s
         "kind": "stack",
         "name": name,
         "output_dir": output_dir,
-        "data": {"dir": data.data_dir, "task": data.task},
+        "data": {**data.data_config, "dir": data.data_dir, "task": data.task},  # max_queries, locales kept
         "model": {"name": "lightgbm-stack"},
         "train": {"folds": len(data.folds), "seed": seed},
         "members": [m.run_id for m in data.members],
