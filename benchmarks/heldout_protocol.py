@@ -72,10 +72,11 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
     }
     run_oof = pd.read_parquet(store.get_record(run_id).run_dir / "oof.parquet")
     members = [c for c in ("bm25", "dense", "dense-e5") if c in run_oof.columns]
-    for method in ("grid", "caruana"):  # the demo's blend refitted both ways on the run's OOF rows
+    for method in ("grid", "caruana", "caruana+fallback"):  # the demo's blend refitted each way on the run's OOF rows
         oq = run_oof["query_id"].to_numpy()
         z = np.column_stack([standardize_per_query(oq, run_oof[c]) for c in ("ce_score", *members)])
-        _, _, w = nested_blend(run_oof["fold"], oq, run_oof["esci_label"], z, 10, method)
+        how = method.split("+")[0]
+        _, _, w = nested_blend(run_oof["fold"], oq, run_oof["esci_label"], z, 10, how, method.endswith("fallback"))
         zt = np.column_stack(
             [standardize_per_query(q, run_test["ce_score"])]
             + [standardize_per_query(q, run_test[c] if c in run_test else data.scorers[c][1]) for c in members]

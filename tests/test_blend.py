@@ -62,3 +62,22 @@ def test_caruana_blend_is_never_below_its_best_member_on_the_fitted_rows(seed):
     assert mean_ndcg(q, z @ w, labels) >= best_single - 1e-12
     with pytest.raises(ValueError, match="expected grid or caruana"):
         fit_blend_weights(q, labels, z, method="simplex")
+
+
+def test_fallback_keeps_a_blend_only_when_it_beats_the_best_member_significantly():
+    """A barely informative member that Caruana adds for a small in-sample gain is dropped by the
+    fallback (its gain is within the bootstrap noise); a second good member with independent
+    errors is kept (its gain is far outside it)."""
+    rng = np.random.default_rng(7)
+    n_q, per = 120, 12
+    q = np.repeat(np.arange(n_q), per)
+    labels = rng.choice(list("ESCI"), size=len(q), p=[0.5, 0.3, 0.05, 0.15])
+    gain = np.vectorize({"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}.get)(labels)
+    a = standardize_per_query(q, gain + rng.normal(0, 0.5, len(q)))
+    weak = standardize_per_query(q, gain + rng.normal(0, 3.0, len(q)))
+    b = standardize_per_query(q, gain + rng.normal(0, 0.5, len(q)))
+    z = np.column_stack([a, weak])
+    assert fit_blend_weights(q, labels, z, 10, "caruana")[1] > 0  # Caruana alone takes the weak member
+    np.testing.assert_array_equal(fit_blend_weights(q, labels, z, 10, "caruana", fallback=True), [1.0, 0.0])
+    both = fit_blend_weights(q, labels, np.column_stack([a, b]), 10, "caruana", fallback=True)
+    assert both.min() > 0.2, both  # two independent noisy views of the gain: their mean is much better

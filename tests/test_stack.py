@@ -272,7 +272,9 @@ def test_the_ranker_boosts_from_a_blend_fitted_on_the_training_folds(members, tm
         + [standardize_per_query(q, data.scorers["bm25"][0])]
     )
     for k in range(N_FOLDS):
-        w = fit_blend_weights(q[fold != k], lab[fold != k], z[fold != k], resolution=10, method="caruana")
+        w = fit_blend_weights(
+            q[fold != k], lab[fold != k], z[fold != k], resolution=10, method="caruana", fallback=True
+        )
         assert list(res.rounds["base_weights"][k].values()) == pytest.approx(list(w))
         np.testing.assert_allclose(
             res.oof["score"][fold == k], standardize_per_query(q[fold == k], z[fold == k] @ w), atol=1e-6

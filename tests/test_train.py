@@ -105,7 +105,7 @@ def test_final_score_is_the_fold_nested_blend(trained):
     oof = result.oof
     z = np.column_stack([standardize_per_query(oof["query_id"], oof[c]) for c in ("ce_score", "bm25")])
     final, per_fold, full = nested_blend(
-        oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution, cfg.blend.method
+        oof["fold"], oof["query_id"], oof["esci_label"], z, cfg.blend.resolution, cfg.blend.method, cfg.blend.fallback
     )
     np.testing.assert_allclose(oof["score"], final)  # each fold scored with weights from the others
     assert result.blend_weights == pytest.approx(dict(zip(["ce", "bm25"], full)))

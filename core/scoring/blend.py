@@ -48,7 +48,9 @@ def simplex_grid(n_members: int, resolution: int = 20) -> np.ndarray:
     return np.array([[*c, resolution - sum(c)] for c in pts], dtype=np.float64) / resolution
 
 
-def fit_blend_weights(query_ids, labels, z: np.ndarray, resolution: int = 20, method: str = "grid") -> np.ndarray:
+def fit_blend_weights(
+    query_ids, labels, z: np.ndarray, resolution: int = 20, method: str = "grid", fallback: bool = False
+) -> np.ndarray:
     """Weights (M,) maximising mean nDCG of ``z @ w`` on the given rows.
 
     Args:
@@ -58,6 +60,8 @@ def fit_blend_weights(query_ids, labels, z: np.ndarray, resolution: int = 20, me
         method: ``grid`` (exhaustive simplex grid) or ``caruana`` (greedy forward selection with
             replacement, Caruana et al. 2004, ICML: starts from the best single member, so the
             result is never below it on these rows).
+        fallback: (``caruana``) keep the blend only where it beats its best single member
+            significantly on these rows (:func:`significant_or_best`), else that member alone.
 
     Returns:
         float64 (M,), non-negative, sums to 1. Grid ties go to the first found (the grid starts
@@ -70,7 +74,8 @@ def fit_blend_weights(query_ids, labels, z: np.ndarray, resolution: int = 20, me
         from core.scoring.ensemble import NdcgEvaluator, caruana_weights
 
         evaluate = NdcgEvaluator(query_ids, labels)
-        return caruana_weights(lambda w: evaluate(z @ w), z.shape[1], max_iter=resolution)[0]
+        w = caruana_weights(lambda w: evaluate(z @ w), z.shape[1], max_iter=resolution)[0]
+        return significant_or_best(evaluate, z, w) if fallback else w
     if method != "grid":
         raise ValueError(f"blend method {method!r}: expected grid or caruana")
     grid = simplex_grid(z.shape[1], resolution)
@@ -82,12 +87,35 @@ def fit_blend_weights(query_ids, labels, z: np.ndarray, resolution: int = 20, me
     return best_w
 
 
-def nested_blend(folds, query_ids, labels, z: np.ndarray, resolution: int = 20, method: str = "grid"):
+def significant_or_best(evaluate, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``w`` if the blend ``z @ w`` beats the best single member (column of ``z``) on these rows
+    with a 95% paired bootstrap interval over queries above 0 (:func:`core.scoring.significance.paired_bootstrap`),
+    else the one-hot weights of that member: a blend fitted on ~100 queries must earn its place.
+
+    Args:
+        evaluate: a :class:`core.scoring.ensemble.NdcgEvaluator` of the rows; z: (N, M); w: (M,).
+
+    Returns:
+        float64 (M,) weights.
+    """
+    from core.scoring.significance import paired_bootstrap
+
+    eye = np.eye(z.shape[1])
+    best = max(range(z.shape[1]), key=lambda j: evaluate(z[:, j]))
+    if np.allclose(w, eye[best]):
+        return w
+    diff = paired_bootstrap(evaluate.per_query(z[:, best]), evaluate.per_query(z @ w))
+    return w if diff.low > 0 else eye[best]
+
+
+def nested_blend(
+    folds, query_ids, labels, z: np.ndarray, resolution: int = 20, method: str = "grid", fallback: bool = False
+):
     """Fold-nested blend: rows of fold k are scored with weights fitted on the other folds.
 
     Args:
         folds: (N,) fold of each row; query_ids, labels: (N,); z: (N, M).
-        resolution, method: see :func:`fit_blend_weights`.
+        resolution, method, fallback: see :func:`fit_blend_weights`.
 
     Returns:
         (final (N,) float64 blended OOF score, {fold: weights (M,)}, weights (M,) fitted on all rows
@@ -103,8 +131,8 @@ def nested_blend(folds, query_ids, labels, z: np.ndarray, resolution: int = 20, 
         if not train.any():  # a single fold: nothing to fit on
             w = np.eye(z.shape[1])[0]
         else:
-            w = fit_blend_weights(query_ids[train], labels[train], z[train], resolution, method)
+            w = fit_blend_weights(query_ids[train], labels[train], z[train], resolution, method, fallback)
         per_fold[int(k)] = w
         final[~train] = z[~train] @ w
-    full = fit_blend_weights(query_ids, labels, z, resolution, method)
+    full = fit_blend_weights(query_ids, labels, z, resolution, method, fallback)
     return final, per_fold, full

@@ -756,7 +756,7 @@ def _base_margins(data: StackData, cfg: StackConfig, k: int, tr: np.ndarray):
         if tq is not None:
             z_test.append(standardize_per_query(tq, t))
     Z = np.column_stack(z_oof)
-    w = fit_blend_weights(q[tr], lab[tr], Z[tr], resolution=10, method="caruana")
+    w = fit_blend_weights(q[tr], lab[tr], Z[tr], resolution=10, method="caruana", fallback=cfg.base_fallback)
     test = np.column_stack(z_test) @ w * cfg.base_scale if z_test else None
     return Z @ w * cfg.base_scale, test, w, dict(zip(names, map(float, w)))
 

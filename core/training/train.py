@@ -547,7 +547,13 @@ def _blend(
             test[name] = raw[ctx.test_idx]
             z_test.append(standardize_per_query(test["query_id"], test[name]))
     final, per_fold_w, full_w = nested_blend(
-        oof["fold"], oof["query_id"], oof["esci_label"], np.column_stack(z_oof), cfg.blend.resolution, cfg.blend.method
+        oof["fold"],
+        oof["query_id"],
+        oof["esci_label"],
+        np.column_stack(z_oof),
+        cfg.blend.resolution,
+        cfg.blend.method,
+        cfg.blend.fallback,
     )
     oof["score"] = final
     if test is not None:
