@@ -154,7 +154,7 @@ class BlendConfig:
 
     members: list[str] = field(default_factory=lambda: ["bm25"])  # bm25, dense, dense-e5, random
     method: Literal["caruana", "grid"] = "caruana"  # caruana: never below its best member on the fitted rows
-    fallback: bool = True  # caruana: the best member alone unless the blend beats it significantly (fitted rows)
+    fallback: bool = False  # caruana: the best member alone unless the blend beats it significantly (fitted rows)
     resolution: int = 10  # >= 1; grid: weight step 1/resolution; caruana: the most additions
     dense_model: str = "all-MiniLM-L6-v2"  # zero-shot bi-encoder of the "dense" member
 
@@ -212,7 +212,7 @@ class StackConfig:
     seeds: int = 3  # >= 1; LightGBM seeds averaged (bagging, feature subsampling)
     base: Literal["blend", "none"] = "blend"  # Task 1 boosts from a Caruana z-blend of the members (fitted per fold)
     base_scale: float = 1.0  # > 0; the base margin = base_scale x the blend (z-score units)
-    base_fallback: bool = True  # the base is the best member alone unless the blend beats it significantly
+    base_fallback: bool = False  # the base: the best member alone unless the blend beats it significantly
     task2_bias: bool = True  # per-class log-prior shift of the Task 2 probabilities tuned for micro-F1 on OOF rows
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
 

@@ -273,7 +273,7 @@ def test_the_ranker_boosts_from_a_blend_fitted_on_the_training_folds(members, tm
     )
     for k in range(N_FOLDS):
         w = fit_blend_weights(
-            q[fold != k], lab[fold != k], z[fold != k], resolution=10, method="caruana", fallback=True
+            q[fold != k], lab[fold != k], z[fold != k], resolution=10, method="caruana", fallback=False
         )
         assert list(res.rounds["base_weights"][k].values()) == pytest.approx(list(w))
         np.testing.assert_allclose(
