@@ -93,15 +93,21 @@ def write_official(folder: Path, examples: pd.DataFrame, products: pd.DataFrame)
     return folder
 
 
+def sample_subset(folder: Path, sample_frames, n_queries: int, n_test: int) -> Path:
+    """The first ``n_queries`` real queries in the official layout under ``folder``, the last
+    ``n_test`` of them in split test."""
+    ex, pr = sample_frames
+    keep = sorted(ex["query_id"].unique())[:n_queries]
+    ex = ex[ex["query_id"].isin(keep)].copy()
+    ex.loc[ex["query_id"].isin(keep[-n_test:]), "split"] = "test"
+    pr = pr[pr["product_id"].isin(ex["product_id"])]
+    return write_official(folder, ex, pr)
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory, sample_frames) -> Path:
     """24 real queries in the official layout: 20 in split train, 4 in split test."""
-    ex, pr = sample_frames
-    keep = sorted(ex["query_id"].unique())[:24]
-    ex = ex[ex["query_id"].isin(keep)].copy()
-    ex.loc[ex["query_id"].isin(keep[-4:]), "split"] = "test"
-    pr = pr[pr["product_id"].isin(ex["product_id"])]
-    return write_official(tmp_path_factory.mktemp("esci_small"), ex, pr)
+    return sample_subset(tmp_path_factory.mktemp("esci_small"), sample_frames, 24, 4)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_official
+from conftest import sample_subset
 from core.config import StackConfig, build_section
 from core.errors import ConfigError, WorkbenchError
 from core.runs.store import RunStore
@@ -26,12 +26,7 @@ FAST = {"seeds": 1, "n_estimators": 60, "early_stopping_rounds": 0, "min_child_s
 @pytest.fixture(scope="module")
 def stack_data_dir(tmp_path_factory, sample_frames) -> Path:
     """48 real queries: 36 in split train (4 query-grouped folds), 12 in split test (labelled)."""
-    ex, pr = sample_frames
-    keep = sorted(ex["query_id"].unique())[:48]
-    ex = ex[ex["query_id"].isin(keep)].copy()
-    ex.loc[ex["query_id"].isin(keep[-12:]), "split"] = "test"
-    pr = pr[pr["product_id"].isin(ex["product_id"])]
-    return write_official(tmp_path_factory.mktemp("stack_data"), ex, pr)
+    return sample_subset(tmp_path_factory.mktemp("stack_data"), sample_frames, 48, 12)
 
 
 def _probs(labels: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:

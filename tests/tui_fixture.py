@@ -9,6 +9,7 @@ from pathlib import Path
 
 from core.runs.monitor import GpuStats
 from core.runs.store import RunStore
+from core.scoring.stack import CV_METRICS
 
 #: the frozen "now" of the tests: 2026-11-22 12:00:00 UTC
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -433,12 +434,7 @@ def add_stack_run(db: Path, files: bool = True, status: str = "finished") -> str
     rows += [{"name": "fold/done", "value": 1.0, "fold": k, "time": NOW - 590 + k} for k in range(3)]
     rows += [
         {"name": f"cv/{short}", "value": STACK_REPORT["cv"][key], "fold": -1, "time": NOW - 560}
-        for short, key in (
-            ("ndcg", "ndcg_probs"),
-            ("final_ndcg", "ndcg"),
-            ("task2_f1", "task2_f1"),
-            ("task3_f1", "task3_f1"),
-        )
+        for short, key in CV_METRICS.items()
     ]
     store.log_metrics(STACK_RUN, rows)
     store.close()

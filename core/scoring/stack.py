@@ -65,6 +65,9 @@ STACK_SCORERS: dict[str, tuple[str, str | None]] = {
 RANK_GRADE = {"E": 3, "S": 2, "C": 1, "I": 0}
 LABEL_GAIN = [0.0, 0.01, 0.1, 1.0]
 LABEL_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
+#: a stack run's ``cv/<name>`` metric rows -> the StackResult.cv key they hold (the training run's
+#: meaning: ``ndcg`` the expected gain of the class probabilities, ``final_ndcg`` the ranking)
+CV_METRICS = {"ndcg": "ndcg_probs", "final_ndcg": "ndcg", "task2_f1": "task2_f1", "task3_f1": "task3_f1"}
 TASKS = ("rank", "esci", "substitute")
 
 
@@ -848,15 +851,7 @@ def record_stack(
         store.add_artifact(run_id, "stack_report", run_dir / "stack_report.json")
         rows = [{"name": mn.FOLD_FINAL_NDCG, "value": v, "fold": k} for k, v in res.cv["folds"].items()]
         rows += [{"name": mn.FOLD_DONE, "value": 1.0, "fold": k} for k in res.cv["folds"]]
-        rows += [
-            {"name": mn.cv_name(short), "value": res.cv[key], "fold": -1}
-            for short, key in (
-                ("ndcg", "ndcg_probs"),
-                ("final_ndcg", "ndcg"),
-                ("task2_f1", "task2_f1"),
-                ("task3_f1", "task3_f1"),
-            )
-        ]
+        rows += [{"name": mn.cv_name(short), "value": res.cv[key], "fold": -1} for short, key in CV_METRICS.items()]
         store.log_metrics(run_id, rows)
         log.info(
             "stack %s: CV final nDCG %.4f, Task 2 F1 %.4f (%.1f s)",
