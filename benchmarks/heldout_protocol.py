@@ -34,23 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.config import StackConfig, build_section
 from core.runs.store import RunStore
 from core.scoring.blend import nested_blend, standardize_per_query
-from core.scoring.metrics import expected_gain, micro_f1_task2, ndcg_per_query
+from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, ndcg_per_query
 from core.scoring.significance import paired_bootstrap
 from core.scoring.stack import load_stack_data, run_stack
 
 
 def _variant(spec: str) -> tuple[str, dict]:
     """``name:key=value,key=[a,b]`` -> (name, {key: value}) (commas inside brackets kept)."""
-    import yaml
-
+    from core.config import parse_overrides
     from core.training.ablate import split_items
 
     name, _, items = spec.partition(":")
-    over = {}
-    for item in split_items(items):
-        k, _, v = item.partition("=")
-        over[k.strip()] = yaml.safe_load(v)
-    return name, over
+    return name, dict(parse_overrides(split_items(items)))
 
 
 def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tuple[dict, dict]:
@@ -95,9 +90,10 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
         extra[f"{name} task2_f1"] = micro_f1_task2(lab, pred)
         extra["oof"][name] = res.cv["ndcg"]
         extra[f"{name} seconds"] = time.time() - t0
-    extra["oof"]["cross-encoder"] = data.members and float(res.members["m0"]["oof_ndcg"])
+    oq, olab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
+    extra["oof"]["cross-encoder"] = mean_ndcg(oq, expected_gain(data.members[0].oof), olab)
     for sc in ("bm25", "dense-e5"):
-        extra["oof"][sc] = float(res.members[sc]["oof_ndcg"])
+        extra["oof"][sc] = mean_ndcg(oq, data.scorers[sc][0], olab)
     return per_query, extra
 
 

@@ -18,7 +18,7 @@ A second level fitted on OOF rows and applied to fold-averaged test features see
 stronger than the one it learnt to weigh. With ``test_features: per_fold`` (the default) fold
 k's stacker is applied to the test features built from fold k's model alone (the same kind of
 input it was fitted on) and the K stacker outputs are averaged; ``mean`` applies every fold
-stacker to the fold-averaged test features instead. :func:`member_gap` measures the gap.
+stacker to the fold-averaged test features instead. ``stack_report.json`` gives each member's OOF, one-fold and fold-averaged held-out nDCG.
 """
 
 from __future__ import annotations
@@ -130,10 +130,11 @@ def _resolve_data_dir(store, record) -> Path:
     return alt if alt.is_dir() else p
 
 
-def _member_files(record, folds: list[int], has_test: bool) -> dict[int, Path]:
-    """fold -> ``<run>/fold<k>/test.parquet`` (only when the run has test rows)."""
-    if not has_test:
-        return {}
+def _member_files(record, folds: list[int]) -> dict[int, Path]:
+    """fold -> ``<run>/fold<k>/test.parquet`` of a run with test rows.
+
+    Raises:
+        DataError: a fold's file is missing."""
     files = {k: record.run_dir / f"fold{k}" / "test.parquet" for k in folds}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
@@ -175,15 +176,14 @@ def load_stack_data(
         if r.run_dir is None or not (r.run_dir / "oof.parquet").is_file():
             raise DataError(f"{r.run_dir}/oof.parquet", f"run {r.id} has no OOF predictions")
     first = records[0]
-    oof0 = read_predictions(first.run_dir / "oof.parquet")
-    test_path = first.run_dir / "test.parquet"
-    test0 = read_predictions(test_path) if test_path.is_file() else None
+    oofs = [read_predictions(r.run_dir / "oof.parquet") for r in records]
+    oof0 = oofs[0]
+    test0 = read_predictions(first.run_dir / "test.parquet") if (first.run_dir / "test.parquet").is_file() else None
     data_dir = _resolve_data_dir(store, first)
     task = int(first.data.get("task", 1))
     folds = sorted(int(k) for k in oof0["fold"].unique())
     members = []
-    for i, r in enumerate(records):
-        oof = read_predictions(r.run_dir / "oof.parquet")
+    for i, (r, oof) in enumerate(zip(records, oofs)):
         if not np.array_equal(oof["example_id"].to_numpy(), oof0["example_id"].to_numpy()):
             raise WorkbenchError(f"run {r.id}: its OOF examples differ from run {first.id}'s (other data or selection)")
         if not np.array_equal(oof["fold"].to_numpy(), oof0["fold"].to_numpy()):
@@ -192,11 +192,11 @@ def load_stack_data(
             raise WorkbenchError(f"run {r.id}: trained on other data or task than run {first.id}")
         test, by_fold = None, {}
         if test0 is not None:
-            t = read_predictions(r.run_dir / "test.parquet")
+            t = test0 if i == 0 else read_predictions(r.run_dir / "test.parquet")
             if not np.array_equal(t["example_id"].to_numpy(), test0["example_id"].to_numpy()):
                 raise WorkbenchError(f"run {r.id}: its test examples differ from run {first.id}'s")
             test = t[PROB_COLUMNS].to_numpy(np.float64)
-            for k, p in _member_files(r, folds, True).items():
+            for k, p in _member_files(r, folds).items():
                 ft = pd.read_parquet(p)
                 if not np.array_equal(ft["example_id"].to_numpy(), test0["example_id"].to_numpy()):
                     raise DataError(p, "its examples differ from the run's test.parquet")
@@ -573,15 +573,6 @@ def _member_baselines(data: StackData) -> dict[str, dict[str, float]]:
     return out
 
 
-def member_gap(data: StackData) -> pd.DataFrame:
-    """Per member run: OOF nDCG, held-out nDCG of one fold model (mean over folds) and of the
-    fold-averaged test predictions (labelled test rows only): the gap the stacker must not fall into."""
-    rows = []
-    for name, fig in _member_baselines(data).items():
-        rows.append({"member": name, **{k: v for k, v in fig.items() if k != "run"}})
-    return pd.DataFrame(rows)
-
-
 def run_stack(
     data: StackData, cfg: StackConfig, seed: int = 0, progress: Callable[[str], None] | None = None
 ) -> StackResult:
@@ -777,11 +768,6 @@ def _assemble(rows: pd.DataFrame, out: dict[str, np.ndarray], cfg: StackConfig) 
     return frame
 
 
-def stack_config_dict(cfg: StackConfig) -> dict[str, Any]:
-    """The stack settings as a plain dict (saved in the run's config)."""
-    return dataclasses.asdict(cfg)
-
-
 # ------------------------------------------------------------------------------------- the run
 def stack_run_config(data: StackData, cfg: StackConfig, name: str, output_dir: str, seed: int) -> dict[str, Any]:
     """The config dict saved with a stack run (``kind: stack``; data, members, stack settings)."""
@@ -793,7 +779,7 @@ def stack_run_config(data: StackData, cfg: StackConfig, name: str, output_dir: s
         "model": {"name": "lightgbm-stack"},
         "train": {"folds": len(data.folds), "seed": seed},
         "members": [m.run_id for m in data.members],
-        "stack": stack_config_dict(cfg),
+        "stack": dataclasses.asdict(cfg),
     }
 
 
@@ -863,6 +849,12 @@ def record_stack(
     return run_id, res
 
 
+def scores_dir(cfg) -> Path:
+    """Where a training config's scorer cache lives: ``scores/`` beside its token cache
+    (``text.cache_dir``), shared by its blend members and its stacker."""
+    return Path(cfg.text.cache_dir).parent / "scores"
+
+
 def stack_after_training(store, run_id: str, cfg) -> tuple[str, StackResult]:
     """The stacker of a training config with ``stack.enabled``: fitted on that run alone (its OOF
     probabilities as the member) with ``stack.scorers``, recorded as run ``<name>-stack``.
@@ -873,7 +865,7 @@ def stack_after_training(store, run_id: str, cfg) -> tuple[str, StackResult]:
     Raises:
         WorkbenchError, DataError: as :func:`load_stack_data` and :func:`record_stack`.
     """
-    data = load_stack_data(store, [run_id], list(cfg.stack.scorers))
+    data = load_stack_data(store, [run_id], list(cfg.stack.scorers), scores_dir(cfg))
     return record_stack(
         store, data, cfg.stack, name=f"{cfg.name}-stack", output_dir=cfg.output_dir, seed=cfg.train.seed
     )

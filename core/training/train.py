@@ -52,7 +52,7 @@ from core.scoring.baselines import random_scores
 from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.metrics import expected_gain, mean_ndcg
 from core.scoring.report import PROB_COLUMNS
-from core.scoring.stack import cached_scores
+from core.scoring.stack import cached_scores, scores_dir
 from core.training.fold_loop import FoldResult, TrainContext, eval_metrics, load_fold_result, train_fold
 from core.training.validate import validate_run
 
@@ -62,11 +62,9 @@ LABEL_TO_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 
 #: scorers a blend can use; each maps the examples frame to one score per row
 BLEND_MEMBERS = {
-    "bm25": lambda df, cfg: cached_scores(None, df, cfg.text.cache_dir.replace("tokens", "scores")),
-    "dense": lambda df, cfg: cached_scores(cfg.blend.dense_model, df, cfg.text.cache_dir.replace("tokens", "scores")),
-    "dense-e5": lambda df, cfg: cached_scores(
-        "multilingual-e5-small", df, cfg.text.cache_dir.replace("tokens", "scores")
-    ),
+    "bm25": lambda df, cfg: cached_scores(None, df, scores_dir(cfg)),
+    "dense": lambda df, cfg: cached_scores(cfg.blend.dense_model, df, scores_dir(cfg)),
+    "dense-e5": lambda df, cfg: cached_scores("multilingual-e5-small", df, scores_dir(cfg)),
     "random": lambda df, cfg: random_scores(df, seed=cfg.train.seed),
 }
 

@@ -24,28 +24,17 @@ def stack_settings(config: Path | None, scorers: str | None, set_: list[str] | N
     Raises:
         ConfigError: unreadable file, unknown key, bad value (one line naming the key).
     """
-    import yaml
-
-    from core.config import StackConfig, build_section
+    from core.config import StackConfig, build_section, parse_overrides, read_config_file, set_dotted
     from core.errors import ConfigError
 
-    raw: dict = {}
-    if config is not None:
-        try:
-            loaded = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{config}: cannot read the stack config ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config}: expected a mapping with a 'stack:' section")
-        raw = dict(loaded.get("stack") or {})
+    data: dict = {"stack": dict(read_config_file(config).get("stack") or {})} if config is not None else {"stack": {}}
     if scorers is not None:
-        raw["scorers"] = [s.strip() for s in scorers.split(",") if s.strip()]
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("stack."):
-            raise ConfigError(f"--set {item}: expected stack.KEY=VALUE")
-        raw[key.removeprefix("stack.")] = yaml.safe_load(value)
-    return build_section(StackConfig, raw, "stack.")
+        data["stack"]["scorers"] = [s.strip() for s in scorers.split(",") if s.strip()]
+    for key, value in parse_overrides(set_):
+        if not key.startswith("stack."):
+            raise ConfigError(f"--set {key}: expected stack.KEY=VALUE")
+        set_dotted(data, key, value)
+    return build_section(StackConfig, data["stack"], "stack.")
 
 
 def stack(
