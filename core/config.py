@@ -95,6 +95,9 @@ class ModelConfig:
     pooling: Literal["cls", "mean", "markers"] = "mean"  # markers: needs text.field_markers (core.modeling.markers)
     dropout: float = 0.1  # [0, 1)
     freeze_embeddings: bool = False  # freeze the word embeddings (much faster AdamW steps on CPU)
+    # a pre-training config (kind: pretrain): fine-tune from its backbone, pre-trained on data.dir's products
+    # (core.training.backbone: a finished identical pre-training run is reused; demo/recipe pre-train first)
+    pretrain: str | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from core.runs.store import RunStore
 from core.scoring.baselines import bm25_scores, random_scores
 from core.scoring.report import argmax_labels, scorer_table
 from core.scoring.stack import StackResult, stack_after_training
+from core.training.backbone import with_backbone
 from core.training.train import Progress, RunResult, run_training
 from core.training.validate import load_training_frame
 
@@ -36,6 +37,7 @@ class DemoReport:
     data_dir: Path
     stack_run: str | None = None  # the stack run (``stack.enabled``), recorded after the training run
     stack: StackResult | None = None
+    backbone: str | None = None  # model.pretrain's pre-trained backbone folder the cross-encoder started from
 
 
 def prepare_sample(src: str | Path, data_dir: str | Path) -> Path:
@@ -76,6 +78,10 @@ def run_demo(
     """
     data_dir = prepare_sample(src, data_dir)
     cfg = load_config(config_path, [*(overrides or []), f"data.dir={data_dir}"])
+    if cfg.model.pretrain and progress is not None:
+        progress.message(f"pre-training the backbone ({cfg.model.pretrain}) unless runs.db has it")
+    backbone = cfg.model.pretrain and with_backbone(cfg, store, pretrain_missing=True, progress=progress).model.name
+    cfg = with_backbone(cfg, store)  # found now: the pre-training run above, or an identical earlier one
     result = run_training(cfg, store, progress=progress)
     oof = result.oof
     if "bm25" in oof:  # a blend member: the trainer already scored it
@@ -107,4 +113,4 @@ def run_demo(
         scorers["stack"] = stack.oof["score"].to_numpy()
         classifiers["stack"] = argmax_labels(stack.oof)
     table = scorer_table(oof, scorers, classifiers)
-    return DemoReport(result, table, Path(data_dir), stack_run, stack)
+    return DemoReport(result, table, Path(data_dir), stack_run, stack, backbone or None)

@@ -20,7 +20,7 @@ from workbench.cli import app
 from workbench.cli import configs as cli_configs
 
 runner = CliRunner()
-BUNDLED = {"ablation", "demo", "demo_e5", "pretrain"}
+BUNDLED = {"ablation", "demo", "demo_e5", "pretrain", "recipe"}
 
 
 def _cli(*args, cwd):

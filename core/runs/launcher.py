@@ -194,6 +194,10 @@ def _start(cfg, config_path: str | Path | None, overrides: list[str], store: Run
 def _queue(cfg, config_path: str | Path | None, overrides: list[str], store: RunStore) -> tuple[str, Path, list[str]]:
     """Validate ``cfg``, create its queued run and folder; returns (run id, run folder, the
     supervised trainer command)."""
+    if getattr(cfg, "kind", "train") != "pretrain":
+        from core.training.backbone import with_backbone
+
+        cfg = with_backbone(cfg, store)  # model.pretrain: the backbone's folder, saved with the queued run
     validate_any(cfg)  # a bad config or data selection fails here, in the caller: no run row, no folder
     check_processes(cfg)
     run_id = store.create_run(cfg.name, cfg.to_dict(), status=Status.QUEUED)

@@ -53,6 +53,7 @@ from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.metrics import expected_gain, mean_ndcg
 from core.scoring.report import PROB_COLUMNS
 from core.scoring.stack import cached_scores, scores_dir
+from core.training.backbone import with_backbone
 from core.training.fold_loop import FoldResult, TrainContext, eval_metrics, load_fold_result, train_fold
 from core.training.validate import validate_run
 
@@ -154,6 +155,7 @@ def run_training(
         RunStopped: SIGTERM/SIGINT (the run is marked ``stopped``).
     """
     progress = progress or NullProgress()
+    cfg = with_backbone(cfg, store)  # model.pretrain -> its finished pre-training run's backbone (or refused)
     df = validate_run(cfg)
     join_ranks(cpu=not torch.cuda.is_available())  # several ranks (WORLD_SIZE > 1): torch.distributed
     try:
