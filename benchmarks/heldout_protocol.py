@@ -35,7 +35,7 @@ from core.config import StackConfig, build_section
 from core.runs.store import RunStore
 from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, ndcg_per_query
-from core.scoring.significance import paired_bootstrap
+from core.scoring.significance import f1_diff, paired_bootstrap
 from core.scoring.stack import load_stack_data, run_stack
 
 
@@ -81,13 +81,18 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
     per_query["cross-encoder (one fold model)"] = pd.concat(
         [ndcg_per_query(q, expected_gain(p), lab) for p in data.members[0].test_by_fold.values()], axis=1
     ).mean(axis=1)
-    extra = {"majority_f1": float((lab == pd.Series(lab).mode()[0]).mean()), "oof": {}}
+    majority = pd.Series(data.oof["esci_label"]).mode()[0]  # the training queries' most frequent label
+    ce_pred = np.array(list("ESCI"))[np.asarray(data.members[0].test).argmax(1)]
+    extra = {"majority": majority, "majority_f1": float((lab == majority).mean()), "oof": {}}
+    extra["cross-encoder task2_f1"] = micro_f1_task2(lab, ce_pred)
     for name, over in variants.items():
         t0 = time.time()
         res = run_stack(data, build_section(StackConfig, over, "stack."), seed=0)
         per_query[name] = ndcg_per_query(q, res.test["score"].to_numpy(), lab)
         pred = np.array(list("ESCI"))[res.test[["p_E", "p_S", "p_C", "p_I"]].to_numpy().argmax(1)]
         extra[f"{name} task2_f1"] = micro_f1_task2(lab, pred)
+        d = f1_diff(res.test, res.test, 2, pred_a=np.full(len(lab), extra["majority"]), pred_b=pred)
+        extra[f"{name} task2_vs_majority"] = [d.diff, d.low, d.high]
         extra["oof"][name] = res.cv["ndcg"]
         extra[f"{name} seconds"] = time.time() - t0
     oq, olab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
@@ -127,10 +132,12 @@ def main() -> None:
     for s in table:
         for v in variants:
             d = paired_bootstrap(table[s]["e5+bm25 0.7/0.3"], table[s][v])
+            t2, lo, hi = extras[s][f"{v} task2_vs_majority"]
             print(
                 f"{s}: {v} - e5+bm25 = {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
                 f"{' (within noise)' if d.low <= 0 <= d.high else ''}; "
-                f"Task 2 F1 {extras[s][f'{v} task2_f1']:.4f} vs majority {extras[s]['majority_f1']:.4f}; "
+                f"Task 2 F1 {extras[s][f'{v} task2_f1']:.4f} vs majority {extras[s]['majority_f1']:.4f} "
+                f"({t2:+.4f} [{lo:+.4f}, {hi:+.4f}]), cross-encoder {extras[s]['cross-encoder task2_f1']:.4f}; "
                 f"OOF nDCG {extras[s]['oof'][v]:.4f}"
             )
         print(f"{s}: OOF nDCG " + ", ".join(f"{k} {v:.4f}" for k, v in extras[s]["oof"].items()))

@@ -216,7 +216,10 @@ class StackConfig:
     base: Literal["blend", "none"] = "blend"  # Task 1 boosts from a Caruana z-blend of the members (fitted per fold)
     base_scale: float = 1.0  # > 0; the base margin = base_scale x the blend (z-score units)
     base_fallback: bool = False  # the base: the best member alone unless the blend beats it significantly
-    task2_bias: bool = True  # per-class log-prior shift of the Task 2 probabilities tuned for micro-F1 on OOF rows
+    class_base: Literal["members", "none"] = "members"  # Task 2/3 boost from the members' mean probabilities
+    # per-class log-prior shift of the Task 2 probabilities tuned for micro-F1 on OOF rows; off: on held-out
+    # queries it learnt the training queries' share of E and predicted E everywhere (README, the stacker)
+    task2_bias: bool = False
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
 
     def __post_init__(self) -> None:

@@ -317,3 +317,24 @@ def test_the_stack_run_keeps_its_members_data_selection(members, tmp_path, monke
     run_id, _ = record_stack(store, data, _cfg(features=["members"]), name="stk")
     saved = store.get_record(run_id).data
     assert saved["max_queries"] == 30 and saved["locales"] == ["us"] and saved["dir"] == data.data_dir
+
+
+def test_task_2_and_3_boost_from_the_members_probabilities(tmp_path, stack_data_dir):
+    """``class_base: members``: one tiny boosting round leaves the classifiers at the member's own
+    probabilities (so they keep its argmax); ``class_base: none`` starts them at the class prior."""
+    store = RunStore(tmp_path / "runs.db")
+    rid = member_run(store, tmp_path, stack_data_dir, 1.0, seed=5, name="one")
+    data = load_stack_data(store, [rid], ["bm25"])
+    member = np.asarray(data.members[0].oof)
+    tiny = {"n_estimators": 1, "learning_rate": 1e-6, "tasks": [2, 3]}
+    res = run_stack(data, _cfg(**tiny), seed=0)
+    np.testing.assert_allclose(res.oof[PROB_COLUMNS].to_numpy(), member, atol=1e-4)
+    np.testing.assert_allclose(res.oof["p_substitute"].to_numpy(), member[:, 1], atol=1e-4)
+    # the test rows: fold k's stacker from fold k's member probabilities, averaged
+    want_test = np.mean([data.members[0].test_by_fold[k] for k in data.folds], axis=0)
+    np.testing.assert_allclose(res.test[PROB_COLUMNS].to_numpy(), want_test, atol=1e-4)
+    prior = run_stack(data, _cfg(class_base="none", **tiny), seed=0).oof[PROB_COLUMNS].to_numpy()
+    fold = data.oof["fold"].to_numpy()
+    for k in data.folds:  # every row of fold k at the class shares of its training folds
+        assert np.ptp(prior[fold == k], axis=0).max() < 1e-3
+    assert (member.argmax(1) != prior.argmax(1)).mean() > 0.2

@@ -180,6 +180,6 @@ def check_unchanged(run_dir: Path, path: str | Path, tr: Translations, write: bo
             )
         return
     if write:
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(mine, indent=1))
-        tmp.replace(record)
+        from core.runs.lifecycle import atomic_write
+
+        atomic_write(record, lambda p: p.write_text(json.dumps(mine, indent=1)))

@@ -428,9 +428,21 @@ class FittedStacker:
     def predict(self, X: pd.DataFrame, init: np.ndarray | None = None) -> np.ndarray:
         """(N,) ranker score / P(substitute), or (N, 4) class probabilities; seeds averaged.
         ``init``: (N,) the base margin of these rows (a ranker fitted from a base, see :func:`fit_stacker`)."""
-        outs = [b.predict(X[self.features], num_iteration=it) for b, it in zip(self.boosters, self.best_iterations)]
+        raw = init is not None and self.kind != "rank"  # a classifier from a base: add margins, then link
+        outs = [
+            b.predict(X[self.features], num_iteration=it, raw_score=raw)
+            for b, it in zip(self.boosters, self.best_iterations)
+        ]
         out = np.mean(outs, axis=0)
-        return out if init is None else out + init
+        if init is None:
+            return out
+        if self.kind == "esci":  # softmax of margins + base log-probabilities
+            z = out + init
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        if self.kind == "substitute":
+            return 1.0 / (1.0 + np.exp(-(out + init)))
+        return out + init
 
     def gain(self) -> pd.Series:
         """Total split gain per feature, summed over the seeds."""
@@ -455,8 +467,9 @@ def fit_stacker(
         kind: ``rank`` (LambdaRank, official gains), ``esci`` (4-class), ``substitute`` (binary).
         cfg: the stack settings; mono: feature -> monotone direction (used for ``rank`` when
             ``cfg.monotone``).
-        init: (N,) base margin boosting starts from (LightGBM ``init_score``), or None; predictions
-            must then add the rows' own base (:meth:`FittedStacker.predict`).
+        init: base margin boosting starts from (LightGBM ``init_score``), or None: (N,) for ``rank``
+            and ``substitute`` (log-odds), (N, 4) log-probabilities for ``esci``; predictions must then
+            be given the rows' own base (:meth:`FittedStacker.predict`).
 
     With ``cfg.early_stopping_rounds`` > 0 a share ``cfg.inner_fraction`` of the queries of these
     rows is held out to pick the number of rounds, then the model is refitted on all rows with that
@@ -626,7 +639,7 @@ def run_stack(
         if base is not None:
             base_weights[int(k)] = base[3]
         for kind in kinds:
-            init = base if kind == "rank" else None
+            init = base if kind == "rank" else _class_base(data, cfg, kind, k)
             model = fit_stacker(X[tr], lab[tr], q[tr], kind, cfg, mono, seed, None if init is None else init[0][tr])
             oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
             rounds[kind][k] = float(np.mean(model.best_iterations))
@@ -642,7 +655,10 @@ def run_stack(
         oof_out.pop("rank")
     bias = None
     if cfg.task2_bias and "esci" in kinds:
-        oof_out["esci"], bias = _task2_bias(X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed)
+        cb = _class_base(data, cfg, "esci", folds[0])  # its OOF part does not depend on the fold
+        oof_out["esci"], bias = _task2_bias(
+            X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed, None if cb is None else cb[0]
+        )
         rounds["task2_bias"] = {k: b.round(2).tolist() for k, b in bias.items()}
     oof = _assemble(data.oof, oof_out, cfg)
     test = None
@@ -685,7 +701,7 @@ def prior_shift(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, seed: int):
+def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, seed: int, base=None):
     """Task 2 prior shift tuned for micro-F1 (:func:`core.scoring.ensemble.tune_task2_bias`),
     nested so the CV figure stays out of fold: fold k's offsets are tuned on inner OOF
     probabilities of its training folds (each training fold j scored by a Task 2 model fitted on
@@ -706,8 +722,10 @@ def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, see
             fit = tr & (fold != j)
             if j == k or not fit.any():
                 continue
-            model = fit_stacker(X[fit], labels[fit], qids[fit], "esci", cfg, mono, seed)
-            inner[fold == j] = model.predict(X[fold == j])
+            model = fit_stacker(
+                X[fit], labels[fit], qids[fit], "esci", cfg, mono, seed, None if base is None else base[fit]
+            )
+            inner[fold == j] = model.predict(X[fold == j], None if base is None else base[fold == j])
         b, _ = tune_task2_bias(inner[tr], y[tr])
         out[fold == k] = prior_shift(probs[fold == k], b)
         bias[int(k)] = b
@@ -726,6 +744,26 @@ def _kinds(cfg: StackConfig) -> tuple[str, ...]:
     if 3 in cfg.tasks:
         kinds.append("substitute")
     return tuple(kinds)
+
+
+def _class_base(data: StackData, cfg: StackConfig, kind: str, k: int):
+    """``stack.class_base: members``: the Task 2/3 models boost from the members' mean class
+    probabilities (log p (N, 4) for ``esci``, the log-odds of P(S) (N,) for ``substitute``), so a
+    model that finds nothing to add predicts what the cross-encoders predict rather than the class
+    prior. Returns (OOF rows' base, test rows' base or None) or None (``class_base: none``)."""
+    if cfg.class_base == "none" or kind not in ("esci", "substitute"):
+        return None
+    test_probs = None
+    if data.test is not None:
+        by = [m.test_by_fold[k] if cfg.test_features == "per_fold" else m.test for m in data.members]
+        test_probs = np.mean(by, axis=0)
+
+    def margin(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return np.log(p) if kind == "esci" else np.log(p[:, 1]) - np.log1p(-p[:, 1])
+
+    oof = margin(np.mean([m.oof for m in data.members], axis=0))
+    return oof, None if test_probs is None else margin(test_probs)
 
 
 def _base_margins(data: StackData, cfg: StackConfig, k: int, tr: np.ndarray):
