@@ -71,6 +71,10 @@ app.add_typer(sweep_app, name="sweep")
 from workbench.cli.stack import stack  # noqa: E402
 
 app.command("stack")(stack)
+from workbench.cli.predict import export_app, predict  # noqa: E402
+
+app.command("predict")(predict)
+app.add_typer(export_app, name="export")
 
 console = Console()
 err_console = Console(stderr=True)
