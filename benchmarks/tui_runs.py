@@ -1,186 +1,131 @@
-"""Runs screen at scale: time to first paint with 1,000 and 10,000 runs in runs.db, and time per
-scroll page, against Textual's built-in DataTable filled with the same rows in the same process.
+"""Runs screen at sweep scale: first paint, page-down and filter with 1,000, 10,000 and 100,000 runs
+in runs.db, the paged screen against the old code path (every run read, filtered and sorted in
+memory: ``RunsScreen.PAGED_ABOVE`` set above the number of runs) in the same process.
 
-Target (issue 3): first paint < 1 s at 1,000 runs.
+Targets (issue 16, part 4), at 100,000 runs: first paint < 1 s, page-down < 100 ms, filter < 300 ms.
 
-    python benchmarks/tui_runs.py [--sizes 1000 10000] [--pages 30]
+- first paint: from creating the app to the first frame with the runs drawn (100x30, headless).
+- page-down: mean of ``--pages`` presses, each until the new page's rows are drawn (read, when
+  the page lies outside the window held).
+- filter: the filter box holds all but the last character of ``--filter``; from that last key to
+  the frame with exactly the matching runs (the mean of ``--repeats`` tries, the box cleared between).
+
+    python benchmarks/tui_runs.py [--sizes 1000 10000 100000] [--pages 30] [--filter sweep-7]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test double FakeGpuProbe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture builder, FakeGpuProbe
 
-from core.runs.store import RunStore
-from tui_fixture import FakeGpuProbe
+from tui_fixture import FakeGpuProbe, build_many_runs
 
-STATUSES = ["finished"] * 8 + ["failed", "crashed", "stopped", "running"]
-
-
-def build_db(path: Path, n_runs: int, seed: int = 0) -> None:
-    """``n_runs`` runs, each with 5 folds of fold/* metrics, 10 eval points and CV values
-    (~35 metric rows per run), written with bulk inserts."""
-    rng = random.Random(seed)
-    store = RunStore(path)
-    runs, metrics = [], []
-    for i in range(n_runs):
-        rid = f"20261101-{i // 3600:02d}{i // 60 % 60:02d}{i % 60:02d}-{i:05x}"
-        status = rng.choice(STATUSES)
-        cfg = {
-            "name": f"run{i}",
-            "model": {"name": rng.choice(["all-MiniLM-L6-v2", "multilingual-e5-small"])},
-            "train": {"folds": 5, "lr": rng.choice([1e-4, 3e-5, 2e-5]), "seed": i},
-        }
-        runs.append(
-            (
-                rid,
-                f"sweep-{i % 97}-{i}",
-                status,
-                1,
-                cfg["model"]["name"],
-                json.dumps(cfg),
-                None,
-                None,
-                "bench",
-                f"2026-11-01T00:{i % 60:02d}:00+00:00",
-                f"2026-11-01T00:{i % 60:02d}:05+00:00",
-                f"2026-11-01T01:{i % 60:02d}:00+00:00",
-                0,
-                "abc",
-                f"runs/{rid}",
-                None,
-            )
-        )
-        base = rng.uniform(0.78, 0.86)
-        for f in range(5):
-            for e in range(2):
-                metrics.append((rid, f, e * 10, e + 1.0, "eval/ndcg", base + rng.gauss(0, 0.01), 0.0))
-                metrics.append((rid, f, e * 10, e + 1.0, "eval/task2_f1", base - 0.3 + rng.gauss(0, 0.01), 0.0))
-            metrics += [
-                (rid, f, None, None, "fold/ndcg", base, 0.0),
-                (rid, f, None, None, "fold/done", 1.0, 0.0),
-                (rid, f, None, None, "fold/task2_f1", base - 0.3, 0.0),
-            ]
-        if status == "finished":
-            metrics += [
-                (rid, -1, None, None, "cv/ndcg", base, 0.0),
-                (rid, -1, None, None, "cv/task2_f1", base - 0.3, 0.0),
-            ]
-    with store._tx() as c:
-        c.executemany(
-            "INSERT INTO runs (id, name, status, task, model, config, pid, process_start_time, host, created, "
-            "started, ended, exit_code, git_commit, run_dir, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            runs,
-        )
-        c.executemany(
-            "INSERT INTO metrics (run_id, fold, step, epoch, name, value, time) VALUES (?,?,?,?,?,?,?)", metrics
-        )
-    store.close()
+TARGETS = {"first paint": 1.0, "page-down": 0.100, "filter": 0.300}
 
 
-async def _page_down_time(pilot, pages: int) -> float:
-    """Mean seconds per page-down, each followed by a redraw."""
-    t1 = time.perf_counter()
-    for _ in range(pages):
-        await pilot.press("pagedown")
-        await pilot.pause()
-    return (time.perf_counter() - t1) / pages
+def _drawn(screen) -> list[str]:
+    return screen.table.plain_lines()[1:]
 
 
-async def time_workbench(db: Path, pages: int) -> tuple[float, float]:
-    """(seconds to first paint of the Runs screen with all rows, seconds per page-down)."""
+async def _until(pilot, pred, timeout: float = 600.0) -> None:
+    end = time.perf_counter() + timeout
+    while not pred():
+        if time.perf_counter() > end:
+            raise TimeoutError("the screen did not get there")
+        await pilot.pause(0.001)
+
+
+async def measure(db: Path, pages: int, text: str, n_match: int, repeats: int, old_path: bool) -> dict[str, float]:
+    """{first paint, page-down, filter} in seconds for the Runs screen over ``db``; ``old_path``:
+    every run read and filtered in memory (the code before paging)."""
     from workbench.tui.app import WorkbenchApp
+    from workbench.tui.runs import RunsScreen
 
-    t0 = time.perf_counter()
-    app = WorkbenchApp(str(db), gpu_probe=FakeGpuProbe(), refresh_interval=3600)
-    async with app.run_test(size=(100, 30)) as pilot:
-        screen = app.screen
-        while not getattr(screen, "loaded", False):
-            await asyncio.sleep(0.005)
+    saved = RunsScreen.PAGED_ABOVE
+    RunsScreen.PAGED_ABOVE = 10**9 if old_path else saved
+    try:
+        t0 = time.perf_counter()
+        app = WorkbenchApp(str(db), gpu_probe=FakeGpuProbe(), refresh_interval=3600)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await _until(pilot, lambda: getattr(app.screen, "loaded", False))
             screen = app.screen
-        await pilot.pause()  # the frame with the rows is drawn
-        first = time.perf_counter() - t0
-        per_page = await _page_down_time(pilot, pages)
-        assert screen.table.cursor > 0
-    return first, per_page
+            await pilot.pause()  # the frame with the rows is drawn
+            out = {"first paint": time.perf_counter() - t0}
+            t = screen.table
+            t1 = time.perf_counter()
+            for page in range(1, pages + 1):
+                await pilot.press("pagedown")
+                await _until(pilot, lambda p=page: t.cursor == p * t.body_height and "…" not in "".join(_drawn(screen)))
+            out["page-down"] = (time.perf_counter() - t1) / pages
+            await pilot.press("home")
+            await _until(pilot, lambda: t.current is not None)
+            times = []
+            for _ in range(repeats):
+                await pilot.press("slash", *text[:-1])
+                await _until(pilot, lambda: screen.filter_text == text[:-1] and len(t.rows) != n_match)
+                await pilot.pause()
+                t2 = time.perf_counter()
+                await pilot.press(text[-1])
+                await _until(pilot, lambda: len(t.rows) == n_match and "…" not in "".join(_drawn(screen)))
+                await pilot.pause()
+                times.append(time.perf_counter() - t2)
+                await pilot.press("escape")
+                await _until(pilot, lambda: screen.filter_text == "" and len(t.rows) > n_match)
+            out["filter"] = sum(times) / len(times)
+        return out
+    finally:
+        RunsScreen.PAGED_ABOVE = saved
 
 
-async def time_builtin_datatable(db: Path, pages: int) -> tuple[float, float]:
-    """Baseline: the same query, rows added to Textual's built-in DataTable."""
-    from textual.app import App
-    from textual.widgets import DataTable
+def count_matches(db: Path, text: str) -> int:
+    """How many runs the filter ``text`` keeps (the in-memory filter over every run)."""
+    from core.runs.store import RunStore
+    from workbench.tui.runs import matches, run_rows
+    from workbench.tui.services import Services
 
-    class Baseline(App):
-        def compose(self):
-            yield DataTable(cursor_type="row")
-
-        def on_mount(self):
-            store = RunStore(db)
-            rows = store.list_runs()
-            t = self.query_one(DataTable)
-            t.add_columns("name", "status", "T", "model", "folds", "nDCG", "F1", "started")
-            t.add_rows(
-                [
-                    (
-                        r["name"],
-                        r["status"],
-                        r["task"],
-                        r["model"],
-                        r["folds_done"],
-                        r["best_ndcg"],
-                        r["best_f1"],
-                        r["started"],
-                    )
-                    for r in rows
-                ]
-            )
-            t.focus()
-            self.ready = True
-
-    t0 = time.perf_counter()
-    app = Baseline()
-    app.ready = False
-    async with app.run_test(size=(100, 30)) as pilot:
-        while not app.ready:
-            await asyncio.sleep(0.005)
-        await pilot.pause()
-        first = time.perf_counter() - t0
-        per_page = await _page_down_time(pilot, pages)
-    return first, per_page
+    store = RunStore(db, readonly=True)
+    try:
+        return sum(matches(r, text) for r in run_rows(store.list_runs(), Services(str(db))))
+    finally:
+        store.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--pages", type=int, default=30)
+    ap.add_argument("--filter", default="sweep-7")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-old", action="store_true", help="skip the old code path (slow at 100,000 runs)")
     args = ap.parse_args()
     print(
-        f"{'runs':>6} {'workbench first paint':>22} {'per page':>9} {'DataTable first paint':>22} {'per page':>9} {'ratio':>6}"
+        f"{'runs':>7} {'measure':>12} {'paged':>10} {'old path':>10} {'old/paged':>9} {'target':>8} {'paged/target':>12}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             db = Path(tmp) / f"runs{n}.db"
-            build_db(db, n)
-            wb_first, wb_page = asyncio.run(time_workbench(db, args.pages))
-            dt_first, dt_page = asyncio.run(time_builtin_datatable(db, args.pages))
-            print(
-                f"{n:>6} {wb_first:>20.3f} s {wb_page * 1000:>6.1f} ms {dt_first:>20.3f} s {dt_page * 1000:>6.1f} ms "
-                f"{wb_first / dt_first:>5.2f}x",
-                flush=True,
-            )
-    print(
-        "ratio = workbench first paint / built-in DataTable first paint (same rows, same process); "
-        "target: workbench first paint < 1 s at 1,000 runs"
-    )
+            t = time.perf_counter()
+            build_many_runs(db, n)
+            n_match = count_matches(db, args.filter)
+            print(f"# {n} runs built in {time.perf_counter() - t:.1f} s; filter {args.filter!r} keeps {n_match}")
+            new = asyncio.run(measure(db, args.pages, args.filter, n_match, args.repeats, old_path=False))
+            old = None if args.no_old else asyncio.run(measure(db, args.pages, args.filter, n_match, 1, old_path=True))
+            for key, target in TARGETS.items():
+                o = f"{old[key] * 1000:>7.0f} ms {old[key] / new[key]:>8.2f}x" if old else f"{'-':>10} {'-':>9}"
+                print(
+                    f"{n:>7} {key:>12} {new[key] * 1000:>7.0f} ms {o} {target * 1000:>5.0f} ms "
+                    f"{new[key] / target:>11.2f}x",
+                    flush=True,
+                )
+    print("paged: this screen; old path: every run read, filtered and sorted in memory (the code before paging,")
+    print("RunsScreen.PAGED_ABOVE raised), same process; paged/target < 1 meets the target")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_a_version_2_file_gets_the_sweep_columns(tmp_path):
     conn.close()
     assert "sweep" not in _schema(db)["runs"]
     store = RunStore(db)
-    assert _version(db) == SCHEMA_VERSION == 3
+    assert _version(db) == SCHEMA_VERSION >= 3
     assert _schema(db)["runs"][-2:] == ["sweep", "trial"]
     rec = store.get_record(RID)
     assert (rec.sweep, rec.trial, rec.status) == (None, None, Status.FINISHED)
@@ -178,6 +178,42 @@ def test_a_version_2_file_gets_the_sweep_columns(tmp_path):
     rec = store.get_record(rid)
     assert (rec.status, rec.exit_code, rec.error, rec.active) == (Status.PRUNED, 143, "pruned at fold 0", False)
     assert store.mark_pruned(RID) == Status.FINISHED  # a finished run keeps its end
+
+
+def _indexes(path: Path) -> dict[str, list[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
+        return {n: [r[2] for r in conn.execute(f'PRAGMA index_info("{n}")')] for n in names}
+    finally:
+        conn.close()
+
+
+def test_a_version_3_file_gets_the_runs_list_indexes(tmp_path):
+    db = _old_db(tmp_path / "runs.db", V0_CORE)
+    RunStore(db).close()
+    conn = sqlite3.connect(db)  # back to version 3: the runs table without the list's indexes
+    conn.executescript('DROP INDEX "idx_runs_list"; DROP INDEX "idx_runs_status"; PRAGMA user_version = 3;')
+    conn.close()
+    assert "idx_runs_list" not in _indexes(db) and "idx_runs_status" not in _indexes(db)
+    RunStore(db, readonly=True).close()  # a reader does not migrate
+    assert _version(db) == 3 and "idx_runs_list" not in _indexes(db)
+    store = RunStore(db)
+    assert _version(db) == SCHEMA_VERSION == 4
+    idx = _indexes(db)
+    assert idx["idx_runs_list"] == ["created", "id", "name", "status", "model", "task", "backend"]
+    assert idx["idx_runs_status"] == ["status"]
+    assert store.get_run(RID)["name"] == "old" and store.count_runs() == 1  # rows kept
+    # the list's queries use them: newest first from the covering index, the active runs by status
+    plan = " ".join(
+        str(r) for r in store.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM runs ORDER BY created DESC, id DESC")
+    )
+    assert "COVERING INDEX idx_runs_list" in plan
+    plan = " ".join(
+        str(r) for r in store.conn.execute("EXPLAIN QUERY PLAN SELECT * FROM runs WHERE status = 'running'")
+    )
+    assert "idx_runs_status" in plan
+    assert [r[0] for r in store.run_index([("name", "OL")], ())] == [RID]
 
 
 def test_status_groups():

@@ -456,3 +456,87 @@ def add_stack_run(db: Path, files: bool = True, status: str = "finished") -> str
         pd.concat(frames, ignore_index=True).to_csv(run_dir / "feature_importance.csv", index=False)
         (run_dir / "stack_report.json").write_text(json.dumps(STACK_REPORT, indent=1))
     return STACK_RUN
+
+
+#: the statuses of :func:`build_many_runs`'s runs (the newest ``running`` of them are running)
+MANY_STATUSES = ["finished"] * 8 + ["failed", "crashed", "stopped", "partial"]
+MANY_MODELS = ["all-MiniLM-L6-v2", "multilingual-e5-small", "sentence-transformers/all-mpnet-base-v2", None]
+
+
+def build_many_runs(path: Path, n_runs: int, seed: int = 0, running: int = 4) -> Path:
+    """A runs.db with ``n_runs`` runs like a sweep's (bulk inserts, seconds for 100,000): each with 5
+    folds of eval points (2 per fold), fold/* rows and, when finished, CV values (~35 metric rows);
+    varied names, statuses (the newest ``running`` running), models (one with a folder, some none),
+    tasks, sweeps and trials, every 50th a Slurm run and every 97th a stack run. ``created`` is one
+    second apart from run to run; run 0 is the oldest. Returns ``path``."""
+    import random
+
+    rng = random.Random(seed)
+    store = RunStore(path)
+    runs, metrics = [], []
+    t0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    for i in range(n_runs):
+        rid = f"20261101-{i:06d}-{i % 65536:04x}"
+        status = "running" if i >= n_runs - running else rng.choice(MANY_STATUSES)
+        kind = "stack" if i % 97 == 0 else None
+        model = rng.choice(MANY_MODELS)
+        cfg = {"name": f"run{i}", "model": {"name": model}, "train": {"folds": 5, "lr": rng.choice([1e-4, 3e-5])}}
+        if kind:
+            cfg["kind"] = kind
+        slurm = i % 50 == 0
+        created = datetime.fromtimestamp(t0 + i, UTC).isoformat(timespec="seconds")
+        started = datetime.fromtimestamp(t0 + i + rng.randint(1, 30), UTC).isoformat(timespec="seconds")
+        ended = None if status == "running" else datetime.fromtimestamp(t0 + i + 60 + rng.randint(0, 3000), UTC)
+        runs.append(
+            (
+                rid,
+                f"{'Sweep' if i % 3 else 'sweep'}-{i % 97}-{i}",
+                status,
+                rng.choice([1, 1, 2, 3, None]),
+                model,
+                json.dumps(cfg),
+                None,
+                None,
+                "bench",
+                created,
+                started,
+                ended.isoformat(timespec="seconds") if ended else None,
+                0,
+                "abc",
+                f"/tmp/runs/{rid}",
+                None,
+                "slurm" if slurm else None,
+                str(4000 + i) if slurm else None,
+                rng.choice(["PENDING", "RUNNING", "COMPLETED"]) if slurm else None,
+                f"sw{i % 7}" if i % 2 else None,
+                i // 2 if i % 2 else None,
+            )
+        )
+        base = rng.uniform(0.78, 0.86)
+        for f in range(5):
+            for e in range(2):
+                metrics.append((rid, f, e * 10, e + 1.0, "eval/ndcg", base + rng.gauss(0, 0.01), 0.0))
+                metrics.append((rid, f, e * 10, e + 1.0, "eval/task2_f1", base - 0.3 + rng.gauss(0, 0.01), 0.0))
+            if status != "running" or f < 2:
+                metrics += [
+                    (rid, f, None, None, "fold/ndcg", base, 0.0),
+                    (rid, f, None, None, "fold/done", 1.0, 0.0),
+                    (rid, f, None, None, "fold/task2_f1", base - 0.3, 0.0),
+                ]
+        if status == "finished":
+            metrics += [
+                (rid, -1, None, None, "cv/ndcg", base, 0.0),
+                (rid, -1, None, None, "cv/task2_f1", base - 0.3, 0.0),
+            ]
+    with store._tx() as c:
+        c.executemany(
+            "INSERT INTO runs (id, name, status, task, model, config, pid, process_start_time, host, created, "
+            "started, ended, exit_code, git_commit, run_dir, error, backend, job_id, job_state, sweep, trial) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            runs,
+        )
+        c.executemany(
+            "INSERT INTO metrics (run_id, fold, step, epoch, name, value, time) VALUES (?,?,?,?,?,?,?)", metrics
+        )
+    store.close()
+    return path

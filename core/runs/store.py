@@ -241,7 +241,46 @@ INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("idx_label_issues_run_id_rank", "label_issues", ("run_id", "rank")),
     ("idx_label_decisions_source_run_id", "label_decisions", ("source_run", "id")),
     ("idx_runs_sweep_trial", "runs", ("sweep", "trial")),
+    # the runs list at sweep scale (version 4): newest first without a sort, filtered on the shown
+    # fields without reading the table (covering, run_index); the active runs' lookup
+    ("idx_runs_list", "runs", ("created", "id", "name", "status", "model", "task", "backend")),
+    ("idx_runs_status", "runs", ("status",)),
 )
+
+
+def _basename_sql(col: str) -> str:
+    """SQL for the part of ``col`` after its last ``/`` (all of it without one; '' for NULL); the
+    string functions only run for a value with a ``/``."""
+    return (
+        f"CASE WHEN instr({col}, '/') > 0 THEN substr({col}, length(rtrim({col}, replace({col}, '/', ''))) + 1) "
+        f"ELSE coalesce({col}, '') END"
+    )
+
+
+def _like_pattern(text: str) -> str:
+    """A LIKE pattern (``ESCAPE '\\'``) matching values that contain ``text`` literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+#: the runs list's fields (the Runs screen's filter fields) as SQL text over a ``runs`` row: the
+#: values the table shows, '' for none (``model`` without its folder, ``kind`` from the config)
+RUN_FIELDS: dict[str, str] = {
+    "id": "id",
+    "name": "coalesce(name, '')",
+    "status": "coalesce(status, '')",
+    "task": "coalesce(CAST(task AS TEXT), '')",
+    "model": _basename_sql("model"),
+    "backend": "coalesce(nullif(backend, ''), 'local')",
+    "job": "coalesce(job_id, '')",
+    "state": "coalesce(job_state, '')",
+    "node": "coalesce(node, '')",
+    "sweep": "coalesce(sweep, '')",
+    "trial": "coalesce(CAST(trial AS TEXT), '')",
+    "kind": "CASE WHEN json_valid(config) AND json_type(config) = 'object' "
+    "THEN coalesce(nullif(json_extract(config, '$.kind'), ''), 'train') ELSE 'train' END",
+}
+#: the fields of :data:`RUN_FIELDS` that ``idx_runs_list`` holds
+LIST_INDEX_FIELDS = frozenset({"id", "name", "status", "model", "task", "backend", "created"})
 LABEL_ISSUE_COLUMNS = tuple(c for c, _ in TABLES["label_issues"])
 LABEL_DECISION_COLUMNS = tuple(c for c, _ in TABLES["label_decisions"])
 
@@ -279,11 +318,19 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     _create_schema(conn)
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """Version 4: the indexes of the runs list at sweep scale: ``idx_runs_list`` (the list newest
+    first and filtered on its shown fields from the index alone) and ``runs(status)`` (the active
+    runs); rows unchanged."""
+    _create_schema(conn)
+
+
 #: (version reached, migration from the one before), in order; a new file runs them all
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
     (1, _migrate_0_to_1),
     (2, _migrate_1_to_2),
     (3, _migrate_2_to_3),
+    (4, _migrate_3_to_4),
 )
 #: ``PRAGMA user_version`` of a runs.db with this module's schema
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -992,38 +1039,124 @@ class RunStore:
             out[run_id] = {n: values[n] for n in names if values.get(n) is not None}
         return out
 
-    def folds_done(self) -> dict[str, int]:
-        """{run id: number of ``fold/done`` rows} for the runs with any."""
+    def folds_done(self, run_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """{run id: number of ``fold/done`` rows} for the runs with any (of ``run_ids``, or all)."""
+        sql, params = "SELECT run_id, COUNT(*) FROM metrics WHERE name = ?", [mn.FOLD_DONE]
+        if run_ids is not None:
+            if not run_ids:
+                return {}
+            sql += f" AND run_id IN ({', '.join('?' for _ in run_ids)})"
+            params += list(run_ids)
         with self._guard():
-            return dict(
-                self.conn.execute(
-                    "SELECT run_id, COUNT(*) FROM metrics WHERE name = ? GROUP BY run_id", [mn.FOLD_DONE]
-                ).fetchall()
-            )
+            return dict(self.conn.execute(sql + " GROUP BY run_id", params).fetchall())
 
-    def list_runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def list_runs(self, limit: int | None = None, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Runs, newest first, with their best values (:meth:`best_values`: best, not last):
 
         ``best_ndcg``/``best_f1``: the run's final CV values if logged (``cv/ndcg``,
         ``cv/task2_f1``), else the mean over folds of each fold's best eval value so far;
         ``best_final_ndcg``: the final blended ranking's CV nDCG (``cv/final_ndcg``).
         ``folds_done``: folds with a ``fold/done`` metric; ``n_folds``: the config's ``train.folds``.
+
+        Args:
+            limit: at most this many (the newest).
+            ids: only these runs (exact ids; unknown ones are left out), e.g. the window of the
+                list a screen shows: their metrics are read with indexed lookups for them alone.
         """
-        sql = (
-            "SELECT r.*, json_extract(r.config, '$.train.folds') AS n_folds FROM runs r "
-            "ORDER BY r.created DESC, r.id DESC"
-        )
+        sql = "SELECT r.*, json_extract(r.config, '$.train.folds') AS n_folds FROM runs r"
+        params: list[Any] = []
+        if ids is not None:
+            if not ids:
+                return []
+            sql += f" WHERE r.id IN ({', '.join('?' for _ in ids)})"
+            params = list(ids)
+        sql += " ORDER BY r.created DESC, r.id DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"
         with self._guard():
-            rows = [self._resolved(r) for r in self.db.query(sql)]
-        best, done = self.best_values(), self.folds_done()
+            rows = [self._resolved(r) for r in self.db.query(sql, params)]
+        some = [r["id"] for r in rows] if len(rows) <= self.PER_RUN_LOOKUPS and (ids or limit) else None
+        best, done = self.best_values(some), self.folds_done(some)
         for r in rows:
             b = best.get(r["id"], {})
             r["best_ndcg"], r["best_f1"] = b.get(mn.NDCG), b.get(mn.TASK2_F1)
             r["best_final_ndcg"], r["folds_done"] = b.get(mn.FINAL_NDCG), done.get(r["id"], 0)
             r["n_folds"] = r.pop("n_folds")  # last, as the columns always came
         return rows
+
+    #: above this many runs, :meth:`list_runs` reads every run's metrics in one scan rather than
+    #: one indexed lookup per run
+    PER_RUN_LOOKUPS = 1000
+
+    def run_index(
+        self,
+        terms: Sequence[tuple[str | None, str]] = (),
+        any_fields: Sequence[str] = (),
+        columns: Sequence[str] = (),
+    ) -> list[tuple]:
+        """The runs matching a filter, newest first (the order of :meth:`list_runs`), as
+        ``(id, *columns)`` tuples: the runs list of a screen, filtered in SQL.
+
+        Args:
+            terms: ``(field, text)`` pairs that must all hold: the :data:`RUN_FIELDS` value of
+                ``field`` contains ``text``, ignoring case (SQLite's ``LIKE``: the case of ASCII
+                letters only); a None field: the value of any of ``any_fields`` contains it.
+            any_fields: the :data:`RUN_FIELDS` a term without a field searches.
+            columns: ``runs`` columns (as stored) or else :data:`RUN_FIELDS` names to return
+                after the id.
+
+        Raises:
+            ValueError: a term's field not in :data:`RUN_FIELDS`, a column that is neither.
+        """
+        raw = {c for c, _ in TABLES["runs"]}
+
+        def field(name: str) -> str:
+            if name not in RUN_FIELDS:
+                raise ValueError(f"runs list: no field {name!r}")
+            return RUN_FIELDS[name]
+
+        def column(name: str) -> str:
+            return f'"{name}"' if name in raw else field(name)
+
+        where, params, used = [], [], set(columns)
+        for key, text in terms:
+            used |= {key} if key is not None else set(any_fields)
+            names = [key] if key is not None else list(any_fields)
+            where.append("(" + " OR ".join(f"{field(n)} LIKE ? ESCAPE '\\'" for n in names) + ")" if names else "0")
+            params += [_like_pattern(text)] * len(names)
+        sql = "SELECT " + ", ".join(["id", *(column(c) for c in columns)]) + " FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if used <= LIST_INDEX_FIELDS:
+            sql += " ORDER BY created DESC, id DESC"  # idx_runs_list, in order: no sort, no table read
+        else:  # one scan of the table and a sort of the matches: faster than the index + a table read per run
+            sql += " ORDER BY +created DESC, +id DESC"
+        with self._guard():
+            return self.conn.execute(sql, params).fetchall()
+
+    def count_runs(self, status: str | None = None) -> int:
+        """How many runs there are (with ``status`` only, when given)."""
+        sql, params = "SELECT COUNT(*) FROM runs", []
+        if status is not None:
+            sql, params = sql + " WHERE status = ?", [str(status)]
+        with self._guard():
+            return int(self.conn.execute(sql, params).fetchone()[0])
+
+    def existing_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """Those of ``run_ids`` that are runs of this database."""
+        ids = list(dict.fromkeys(run_ids))
+        found: set[str] = set()
+        with self._guard():
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                sql = f"SELECT id FROM runs WHERE id IN ({', '.join('?' for _ in chunk)})"
+                found |= {r[0] for r in self.conn.execute(sql, chunk)}
+        return found
+
+    def has_backend(self, backend: str) -> bool:
+        """Whether any run executes on ``backend`` (``"slurm"``)."""
+        with self._guard():
+            return self.conn.execute("SELECT 1 FROM runs WHERE backend = ? LIMIT 1", [backend]).fetchone() is not None
 
     # -- label issues and decisions (core.cleaning.labels), ensembles (core.scoring.ensemble) --------------
     def label_issues(self, run_id: str) -> list[tuple]:

@@ -46,6 +46,26 @@ class RunsLoaded(Message):
         self.data_version = data_version
 
 
+class RunsPaged(Message):
+    """More runs than the screen reads at once: the list's ids for the screen's view and one
+    window of rows (:class:`workbench.tui.runs_view.RunsPage`), read at ``data_version``."""
+
+    def __init__(self, page: Any, data_version: int) -> None:
+        super().__init__()
+        self.page = page
+        self.data_version = data_version
+
+
+class RunsWindow(Message):
+    """The table rows ``window`` of ``rows.ids[start:]`` (``rows``: the table's PagedRows)."""
+
+    def __init__(self, rows: Any, start: int, window: list[dict]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.start = start
+        self.window = window
+
+
 class RunsUnchanged(Message):
     """runs.db did not change since the last read (``PRAGMA data_version``): only redraw times."""
 

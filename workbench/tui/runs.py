@@ -1,5 +1,9 @@
 """The Runs screen: every run in runs.db, live, sortable, filterable, with marks.
 
+Up to :data:`~workbench.tui.runs_view.PAGED_ABOVE` runs the screen reads them all and filters and
+sorts in memory; above, it holds one window of the list and filters and sorts in runs.db
+(:mod:`workbench.tui.runs_view`), so a sweep's 100,000 runs paint as fast as a few.
+
 While any run is a Slurm run, a ``where`` column says where each executes: ``local``, or the Slurm
 job's id and state code (``4242 PD``); the status line names the highlighted Slurm run's job, its
 state and Slurm's reason (``Slurm job 4242 PD Resources``)."""
@@ -14,10 +18,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
+from textual.worker import Worker, WorkerState
 
 from core.runs.launcher import refresh_statuses
 from core.runs.store import ACTIVE, Status
-from workbench.tui.messages import GpuRead, RunsLoaded, RunsUnchanged, WorkerFailed
+from workbench.tui.messages import GpuRead, RunsLoaded, RunsPaged, RunsUnchanged, RunsWindow, WorkerFailed
+from workbench.tui.runs_view import FILTER_FIELDS, KEY_FIELDS, PAGED_ABOVE, WINDOW, ViewRequest, read_page, window_rows
 from workbench.tui.services import (
     STATUS_STYLES,
     fmt_duration,
@@ -31,7 +37,7 @@ from workbench.tui.services import (
     watched,
     where_cell,
 )
-from workbench.tui.table import Column, VirtualTable
+from workbench.tui.table import Column, PagedRows, VirtualTable
 from workbench.tui.workers import RunActions, WorkerErrors
 
 #: sortable columns, in the order of the number keys 1..9
@@ -50,11 +56,9 @@ COLUMNS = [
 #: shown (last, sortable by a header click) while any run in the list is a Slurm run
 WHERE = Column("where", "where", width=7, render=lambda v, r: (v, "slurm" if r["backend"] == "slurm" else ""))
 SORTABLE = [c.key for c in COLUMNS if c.key != "mark"]
-#: the fields a bare filter term searches
-FILTER_FIELDS = ("id", "name", "status", "model", "task", "backend")
-#: the fields ``key:value`` terms may name (``backend:slurm``, ``job:4242``, ``state:pending``,
-#: ``sweep:lr-sweep`` the trial runs of a sweep, ``kind:stack`` the stack runs)
-KEY_FIELDS = (*FILTER_FIELDS, "job", "state", "node", "sweep", "trial", "kind")
+# FILTER_FIELDS: the fields a bare filter term searches; KEY_FIELDS: those ``key:value`` terms may
+# name (``backend:slurm``, ``job:4242``, ``state:pending``, ``sweep:lr-sweep`` the trial runs of a
+# sweep, ``kind:stack`` the stack runs); both in runs_view, whose SQL has the same meaning
 SLURM_STYLE = "magenta"
 
 
@@ -78,6 +82,7 @@ def run_rows(raw: list[dict], services) -> list[dict]:
                 "final": r["best_final_ndcg"],
                 "duration_s": services.duration(r),
                 "started": r["started"] or r["created"],
+                "created": r["created"],
                 "started_at": r["started"],  # None while queued (a pending Slurm job): no running time yet
                 "exit_code": r["exit_code"],
                 "pid": r["pid"],
@@ -109,16 +114,21 @@ def slurm_status(row: dict | None) -> str:
     return text + (f" on {row['node']}" if row.get("node") else "")
 
 
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
 def matches(row: dict, query: str) -> bool:
-    """Filter: every whitespace-separated term must match. ``key:value`` matches a field (id, name,
-    status, model, task, backend, job, state, node, sweep, trial, kind) by substring; a bare term matches any of
-    id, name, status, model, task, backend."""
+    """Filter: every whitespace-separated term must match, ignoring case. ``key:value`` matches a
+    field (id, name, status, model, task, backend, job, state, node, sweep, trial, kind) by
+    substring; a bare term matches any of id, name, status, model, task, backend (a field with no
+    value is ''). :meth:`core.runs.store.RunStore.run_index` is the same filter in SQL."""
     for term in query.lower().split():
         if ":" in term:
             key, _, val = term.partition(":")
-            if key not in KEY_FIELDS or val not in str(row.get(key) or "").lower():
+            if key not in KEY_FIELDS or val not in _text(row.get(key)).lower():
                 return False
-        elif not any(term in str(row.get(f, "")).lower() for f in FILTER_FIELDS):
+        elif not any(term in _text(row.get(f)).lower() for f in FILTER_FIELDS):
             return False
     return True
 
@@ -163,17 +173,29 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
     RunsScreen #statusline { height: 1; color: $text-muted; padding: 0 1; }
     """
 
+    #: above this many runs, one window of the list is held and it is filtered and sorted in SQL
+    PAGED_ABOVE = PAGED_ABOVE
+    #: rows per window of the list read at a time (paged)
+    WINDOW = WINDOW
+
     def __init__(self, services, refresh_interval: float = 2.0):
         super().__init__()
         self.services = services
         self.refresh_interval = refresh_interval
-        self.all_rows: list[dict] = []
+        self.all_rows: list[dict] = []  # every run; paged: the rows of the window read
         self.filter_text = ""
         self.gpu_line = "GPU: …"
         self._data_version: int | None = None
         self.loaded = False
+        self.paged = False  # holding one window of the list (more than PAGED_ABOVE runs)
+        self.counts = (0, 0)  # paged: (runs in runs.db, running ones)
         self.first_paint_s: float | None = None
         self._select_id: str | None = None  # a run just launched: the cursor goes to it once it is listed
+        self._watching = False  # a run may change by itself: each refresh checks processes and jobs
+        self._reading = False  # a read of the list is under way
+        self._queued: tuple[bool, bool] | None = None  # (force, check) of the read asked for meanwhile
+        self._window_at: tuple[int, int] | None = None  # (id of the PagedRows, first row) being read
+        self._mark_keys: dict[str, tuple[str, str]] = {}  # paged: marked run -> (created, id), for order
         self._t0 = time.perf_counter()
 
     def compose(self) -> ComposeResult:
@@ -199,30 +221,129 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self.set_interval(self.refresh_interval, self.poll_gpu)
 
     # -- data ---------------------------------------------------------------------------------
-    def reload(self, force: bool = False) -> None:
-        """Re-read runs.db in a worker (every ``refresh_interval`` s; ``force``: even if unchanged)."""
-        active = any(watched(r) for r in self.all_rows)
-        self._read_runs(force or not self.loaded, active or force, self._data_version)
+    def reload(self, force: bool = False, check: bool | None = None) -> None:
+        """Re-read runs.db in a worker (every ``refresh_interval`` s; ``force``: even if unchanged;
+        ``check``: first mark vanished processes crashed, by default when a run may still change or
+        ``force``). One read at a time: a reload asked for meanwhile runs when it ends."""
+        check = (self._watching or force) if check is None else check
+        if self._reading:
+            f, c = self._queued or (False, False)
+            self._queued = (f or force, c or check)
+            return
+        self._reading = True
+        self._read_runs(force or not self.loaded, check, self._data_version, self._request())
+
+    def _request(self) -> ViewRequest:
+        t = self.table
+        return ViewRequest(
+            self.filter_text,
+            t.sort_key,
+            t.sort_reverse,
+            self._select_id or t.current_id,
+            t.cursor,
+            self.WINDOW,
+            frozenset(t.marked),
+        )
 
     @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
-    def _read_runs(self, force: bool, check_processes: bool, known_version: int | None) -> None:
+    def _read_runs(self, force: bool, check_processes: bool, known_version: int | None, request: ViewRequest) -> None:
         """Worker: mark runs whose processes vanished ``crashed`` and read Slurm jobs' states (a write,
-        ``check_processes``), then the runs list unless the database is still at ``known_version``."""
+        ``check_processes``), then the runs list unless the database is still at ``known_version``:
+        every run (up to ``PAGED_ABOVE``), else the ``request``'s view and one window of it."""
         store = self.services.store()
         changed = refresh_statuses(store) if check_processes else []
         # data_version moves with other connections' commits only: this worker's own writes are ``changed``
         if not force and not changed and store.data_version() == known_version:
             self.post_message(RunsUnchanged())
             return
-        rows = run_rows(store.list_runs(), self.services)
-        self.post_message(RunsLoaded(rows, store.data_version()))
+        if store.count_runs() <= self.PAGED_ABOVE:
+            rows = run_rows(store.list_runs(), self.services)
+            self.post_message(RunsLoaded(rows, store.data_version()))
+        else:
+            page = read_page(store, self.services, request)
+            self.post_message(RunsPaged(page, store.data_version()))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        super().on_worker_state_changed(event)
+        if event.worker.group == "runs-db" and event.state in (
+            WorkerState.SUCCESS,
+            WorkerState.ERROR,
+            WorkerState.CANCELLED,
+        ):
+            self._reading = False
+            if self._queued is not None:
+                (force, check), self._queued = self._queued, None
+                self.reload(force, check)
+        elif event.worker.group == "runs-window" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self._window_at = None
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
         self._data_version = message.data_version
+        self.paged = False
+        self._watching = any(watched(r) for r in message.rows)
         self._apply_rows(message.rows)
+
+    def on_runs_paged(self, message: RunsPaged) -> None:
+        page, t = message.page, self.table
+        self._data_version = message.data_version
+        if page.request.view != (self.filter_text, t.sort_key, t.sort_reverse):
+            self.reload(force=True, check=False)  # the filter or sort changed meanwhile: read it again
+            return
+        self.paged = True
+        self.all_rows = page.rows
+        self.counts = (page.total, page.running)
+        self._watching = page.watched
+        t.marked -= page.request.marked - page.marked  # runs gone from runs.db
+        t.set_columns(COLUMNS + [WHERE] if page.slurm else COLUMNS)
+        self._window_at = None
+        t.set_rows(PagedRows(page.ids, page.start, page.rows))
+        self._after_rows()
 
     def on_runs_unchanged(self, message: RunsUnchanged) -> None:
         self._retime()
+
+    # -- the window of a paged list ------------------------------------------------------------
+    @on(VirtualTable.RowsNeeded)
+    def _rows_needed(self, event: VirtualTable.RowsNeeded) -> None:
+        self._read_window(event.index + self.table.body_height // 2)
+
+    def _ensure_window(self) -> None:
+        """Paged: read the window around the cursor when the page before or after it is not read."""
+        t = self.table
+        rows = t.rows
+        if isinstance(rows, PagedRows) and not rows.covers(t.top - t.body_height, t.top + 2 * t.body_height):
+            self._read_window(t.cursor)
+
+    def _read_window(self, center: int) -> None:
+        from workbench.tui.runs_view import window_start
+
+        rows = self.table.rows
+        if not isinstance(rows, PagedRows):
+            return
+        start = window_start(center, len(rows), self.WINDOW)
+        at = (id(rows), start)
+        if at == self._window_at or (rows.start == start and rows.window):
+            return
+        self._window_at = at
+        self._fetch_window(rows, start)
+
+    @work(thread=True, exclusive=True, group="runs-window", exit_on_error=False)
+    def _fetch_window(self, rows: PagedRows, start: int) -> None:
+        """Worker: the table rows of ``rows.ids[start:start + WINDOW]``."""
+        ids = rows.ids[start : start + self.WINDOW]
+        self.post_message(RunsWindow(rows, start, window_rows(self.services.store(), self.services, ids)))
+
+    def on_runs_window(self, message: RunsWindow) -> None:
+        t = self.table
+        if message.rows is not t.rows:
+            return  # the list was read again meanwhile
+        self._window_at = None
+        if len(message.window) < min(self.WINDOW, len(message.rows) - message.start):
+            self.reload(force=True, check=False)  # a run vanished: read the list again
+        message.rows.start, message.rows.window = message.start, message.window
+        self.all_rows = message.window
+        t.refresh()
+        self._update_bars()
 
     @work(thread=True, exclusive=True, group="gpu", exit_on_error=False)
     def poll_gpu(self) -> None:
@@ -255,29 +376,46 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
     def _apply_rows(self, rows: list[dict]) -> None:
         self.all_rows = rows
         self._show()
+
+    def _after_rows(self) -> None:
+        """After new rows: the cursor to a run just launched, the bars, the first paint's time."""
+        t = self.table
+        if self._select_id is not None:
+            index = (
+                t.rows.index_of(self._select_id)
+                if isinstance(t.rows, PagedRows)
+                else next((i for i, r in enumerate(t.rows) if r["id"] == self._select_id), None)
+            )
+            if index is not None:
+                self._select_id = None
+                t.move_to(index)
+        self._update_bars()
         if not self.loaded:
             self.loaded = True
             self.first_paint_s = time.perf_counter() - self._t0
 
     def _show(self) -> None:
+        """Show the rows for the filter and sort: in memory, or (paged) a read of runs.db."""
         t = self.table
+        if self.paged:
+            self.reload(force=True, check=False)
+            t.refresh()  # the sort arrow
+            self._update_bars()
+            return
         view = [r for r in self.all_rows if matches(r, self.filter_text)] if self.filter_text else list(self.all_rows)
         view = sort_rows(view, t.sort_key, t.sort_reverse)
         t.marked &= {r["id"] for r in self.all_rows}
         t.set_columns(COLUMNS + [WHERE] if any(r["backend"] == "slurm" for r in self.all_rows) else COLUMNS)
         t.set_rows(view)
-        if self._select_id is not None:
-            index = next((i for i, r in enumerate(view) if r["id"] == self._select_id), None)
-            if index is not None:
-                self._select_id = None
-                t.move_to(index)
-        self._update_bars()
+        self._after_rows()
 
     def _update_bars(self) -> None:
-        running = sum(r["status"] == Status.RUNNING for r in self.all_rows)
+        if self.paged:
+            total, running = self.counts
+        else:
+            total, running = len(self.all_rows), sum(r["status"] == Status.RUNNING for r in self.all_rows)
         self.query_one("#topbar", Static).update(
-            f"[b]{self.services.display_path()}[/b]  runs {running} running / {len(self.all_rows)} total  "
-            f"{self.gpu_line}"
+            f"[b]{self.services.display_path()}[/b]  runs {running} running / {total} total  {self.gpu_line}"
         )
         t = self.table
         parts = [f"{len(t.rows)} shown"]
@@ -295,6 +433,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
     @on(VirtualTable.CursorMoved)
     def _cursor_moved(self) -> None:
+        self._ensure_window()
         self._update_bars()
 
     # -- actions ------------------------------------------------------------------------------
@@ -339,6 +478,9 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self.table.focus()
 
     def action_mark(self) -> None:
+        row = self.table.current
+        if row is not None:
+            self._mark_keys[row["id"]] = (row.get("created") or "", row["id"])
         self.table.toggle_mark()
         self.table.action_cursor(1)
         self._update_bars()
@@ -356,8 +498,15 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
             self.app.push_screen(RunDetailScreen(self.services, row["id"]))
 
+    def marked_ids(self) -> list[str]:
+        """The marked runs, newest first (the list's own order)."""
+        marked = self.table.marked
+        if not self.paged:
+            return [r["id"] for r in self.all_rows if r["id"] in marked]
+        return sorted(marked, key=lambda i: self._mark_keys.get(i, ("", i)), reverse=True)
+
     def action_compare(self) -> None:
-        ids = [r["id"] for r in self.all_rows if r["id"] in self.table.marked]
+        ids = self.marked_ids()
         if len(ids) < 2:
             self.notify("mark at least two runs with space, then press c", severity="warning")
             return
@@ -367,7 +516,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
     def action_ensemble(self) -> None:
         """Ensemble screen over the marked runs (or the current one)."""
-        ids = [r["id"] for r in self.all_rows if r["id"] in self.table.marked]
+        ids = self.marked_ids()
         if not ids and self.table.current:
             ids = [self.table.current_id]
         if not ids:

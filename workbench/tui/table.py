@@ -42,6 +42,47 @@ def _fit(text: str, width: int, align: str) -> str:
     return text.rjust(width) if align == "right" else text.ljust(width)
 
 
+class PagedRows(Sequence):
+    """``len(ids)`` rows of which one window is held: ``rows[i]`` is the row dict at positions
+    ``start <= i < start + len(window)``, None elsewhere (not read yet); ``id_at(i)`` is known
+    for every row. A :class:`VirtualTable` showing one asks for the rows it lacks
+    (:class:`VirtualTable.RowsNeeded`)."""
+
+    def __init__(self, ids: list[str], start: int = 0, window: Sequence[dict] = ()):
+        self.ids = ids
+        self.start = start
+        self.window = list(window)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.ids)))]
+        if i < 0:
+            i += len(self.ids)
+        if not 0 <= i < len(self.ids):
+            raise IndexError(i)
+        j = i - self.start
+        return self.window[j] if 0 <= j < len(self.window) else None
+
+    def id_at(self, i: int) -> str:
+        """The id of row ``i`` (read or not)."""
+        return self.ids[i]
+
+    def index_of(self, row_id: str) -> int | None:
+        """The position of ``row_id``, None when it is not listed."""
+        try:
+            return self.ids.index(row_id)
+        except ValueError:
+            return None
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """Whether rows ``lo`` .. ``hi - 1`` (clipped to the list) are all read."""
+        lo, hi = max(0, lo), min(hi, len(self.ids))
+        return lo >= hi or (self.start <= lo and hi <= self.start + len(self.window))
+
+
 class VirtualTable(ScrollView, can_focus=True):
     """A scrollable table of row dicts with a fixed header, a row cursor, marks and sorting.
 
@@ -74,6 +115,14 @@ class VirtualTable(ScrollView, can_focus=True):
             self.table = table
             self.row = row
 
+    class RowsNeeded(Message):
+        """Row ``index`` is drawn but not read (the rows are :class:`PagedRows`)."""
+
+        def __init__(self, table: VirtualTable, index: int):
+            super().__init__()
+            self.table = table
+            self.index = index
+
     def __init__(
         self,
         columns: Sequence[Column],
@@ -86,7 +135,8 @@ class VirtualTable(ScrollView, can_focus=True):
         self.columns = list(columns)
         self.id_key = id_key
         self.cell_styles = styles or {}
-        self.rows: list[dict] = []
+        self.rows: Sequence[dict] = []
+        self._asked: tuple[int, int] | None = None  # (id of the PagedRows, first row) asked for
         self.cursor = 0
         self.marked: set[str] = set()
         self.sort_key: str | None = None
@@ -101,28 +151,42 @@ class VirtualTable(ScrollView, can_focus=True):
             self._widths = []
             self.refresh()
 
-    def set_rows(self, rows: list[dict]) -> None:
-        """Replace the rows (already sorted/filtered by the caller); keep the cursor on its row id."""
+    def set_rows(self, rows: Sequence[dict]) -> None:
+        """Replace the rows (already sorted/filtered by the caller; a list, or :class:`PagedRows`
+        holding one window); keep the cursor on its row id."""
         current = self.current_id
         self.rows = rows
         self.virtual_size = Size(self.size.width, len(rows) + 1)
         if current is not None:
-            for i, r in enumerate(rows):
-                if r[self.id_key] == current:
-                    self.cursor = i
-                    break
+            if isinstance(rows, PagedRows):
+                index = rows.index_of(current)
+                self.cursor = self.cursor if index is None else index
+            else:
+                for i, r in enumerate(rows):
+                    if r[self.id_key] == current:
+                        self.cursor = i
+                        break
         self.cursor = min(self.cursor, max(0, len(rows) - 1))
         self._scroll_to_cursor()
         self.refresh()
 
     @property
     def current(self) -> dict | None:
+        """The cursor's row (None when there is none, or it is not read yet)."""
         return self.rows[self.cursor] if 0 <= self.cursor < len(self.rows) else None
 
     @property
     def current_id(self) -> str | None:
+        """The cursor's row id (known for a row not read yet too)."""
+        if isinstance(self.rows, PagedRows) and 0 <= self.cursor < len(self.rows):
+            return self.rows.id_at(self.cursor)
         row = self.current
         return row[self.id_key] if row else None
+
+    @property
+    def top(self) -> int:
+        """The first row in view."""
+        return int(self.scroll_y)
 
     def toggle_mark(self) -> None:
         rid = self.current_id
@@ -223,6 +287,12 @@ class VirtualTable(ScrollView, can_focus=True):
         if index >= len(self.rows):
             return Strip.blank(width, base)
         row = self.rows[index]
+        if row is None:  # not read yet: a placeholder, and one request for the rows in view
+            asked = (id(self.rows), int(self.scroll_y))
+            if asked != self._asked:
+                self._asked = asked
+                self.post_message(self.RowsNeeded(self, index))
+            return Strip([Segment(_fit("…", width, "left"), base)])
         is_cursor = index == self.cursor and self.has_focus
         cursor_style = self.get_component_rich_style("vtable--cursor")
         mark_style = self.get_component_rich_style("vtable--mark")
