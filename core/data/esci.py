@@ -229,6 +229,21 @@ class TableFile:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise DataError(self.path, f"cannot read: {_short(exc)}") from None
 
+    def iter_batches(self, columns: Sequence[str]):
+        """Yield ``{column: pa.Array}`` for consecutive row batches (:data:`_READ_BATCH` rows for
+        parquet; the parsed chunks for CSV), in file order; DataError ``cannot read: ...`` if corrupt."""
+        if self._pf is None:
+            self._load_csv()
+            table = pa.table({c: self._csv[c] for c in columns})
+            for batch in table.to_batches():
+                yield {c: batch.column(c) for c in columns}
+            return
+        try:
+            for batch in self._pf.iter_batches(batch_size=_READ_BATCH, columns=list(columns), use_threads=True):
+                yield {c: batch.column(c) for c in columns}
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(self.path, f"cannot read: {_short(exc)}") from None
+
     def iter_column(self, column: str):
         """Yield ``column`` as a sequence of Arrow arrays, one read batch at a time."""
         if self._pf is None:
@@ -553,11 +568,41 @@ def _check_task(task, where: Path) -> None:
         raise DataError(where, f"invalid task {task!r}: must be 1, 2 or 3 (or None for all)")
 
 
+def _check_text_columns(text_columns: Sequence[str] | None, where: Path) -> tuple[str, ...]:
+    """The product text columns to load, in :data:`PRODUCT_TEXT_COLUMNS` order (all for None)."""
+    if text_columns is None:
+        return PRODUCT_TEXT_COLUMNS
+    if isinstance(text_columns, str):
+        text_columns = [text_columns]
+    unknown = [c for c in text_columns if c not in PRODUCT_TEXT_COLUMNS]
+    if unknown:
+        raise DataError(
+            where, f"unknown text column(s) {', '.join(map(str, unknown))} (known: {', '.join(PRODUCT_TEXT_COLUMNS)})"
+        )
+    return tuple(c for c in PRODUCT_TEXT_COLUMNS if c in set(text_columns))
+
+
+def _filter_mask(ex: dict[str, pa.ChunkedArray], task, split, locales) -> np.ndarray:
+    """bool (N,): the examples kept by the ``task`` / ``split`` / ``locales`` filters of :func:`load_esci`."""
+    keep = np.ones(len(ex["example_id"]), dtype=bool)
+    if task == 1:
+        keep &= _to_int_array(ex["small_version"]) == 1
+    elif task in (2, 3):
+        keep &= _to_int_array(ex["large_version"]) == 1
+    if split is not None:
+        keep &= pc.equal(ex["split"], str(split)).to_numpy(zero_copy_only=False)
+    if locales is not None:
+        value_set = pa.array([str(x) for x in locales], pa.large_string())
+        keep &= pc.is_in(ex["product_locale"], value_set=value_set).to_numpy(zero_copy_only=False)
+    return keep
+
+
 def load_esci(
     data_dir: str | Path,
     task: int | None = None,
     split: str | None = None,
     locales: Sequence[str] | None = None,
+    text_columns: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Load the ESCI release in ``data_dir``: examples joined to products, one row per example.
 
@@ -567,10 +612,16 @@ def load_esci(
             ``large_version == 1``; None keeps all rows.
         split: "train" or "test" keeps that split; None keeps both.
         locales: keep only these ``product_locale`` values, e.g. ``["us", "es"]``.
+        text_columns: the product text columns to return (a subset of
+            :data:`PRODUCT_TEXT_COLUMNS`, any order); None returns all five. Only these are read
+            from the products file (parquet column projection), so memory and time fall with the
+            text left out (at the release's size the three short fields ``product_title``,
+            ``product_brand``, ``product_color`` need about a third of the memory of all five).
+            The columns returned are identical to those of a full load.
 
     Returns:
         DataFrame with a RangeIndex, in the order of the examples file, columns
-        :data:`OUTPUT_COLUMNS` (``example_id``, ``query_id``, ``small_version``,
+        :data:`OUTPUT_COLUMNS` (only the chosen product text columns; ``example_id``, ``query_id``, ``small_version``,
         ``large_version``: int64; all others: pandas ``str``, Arrow-backed) plus ``source``
         (``str``, NaN for query ids absent from the sources file) when the sources CSV exists.
         Product text nulls are "".
@@ -579,7 +630,7 @@ def load_esci(
         DataError: (one line ``"<path>: <problem>"``) invalid ``task``; folder or required file
             missing; unreadable or corrupt file; missing column(s); missing values in an
             examples column or in a product key; a query that is empty, only whitespace or
-            missing (the count and the first example ids); non-integer ids; unknown
+            missing (the count and the first example ids); an unknown name in ``text_columns``; non-integer ids; unknown
             ``esci_label`` values; duplicate ``example_id``; duplicate
             ``(product_id, product_locale)`` in products; examples whose product is missing from
             the products file; duplicate ``query_id`` in the sources file; no rows left after
@@ -589,6 +640,7 @@ def load_esci(
     way whatever the filters.
     """
     _check_task(task, Path(data_dir))
+    text_cols = _check_text_columns(text_columns, Path(data_dir))
     if isinstance(locales, str):
         locales = [locales]
     files = find_dataset_files(data_dir)
@@ -615,16 +667,7 @@ def load_esci(
     n_all = len(idx)
     if n_all == 0:
         raise DataError(files.examples, "no examples (the file has no rows)")
-    keep = np.ones(n_all, dtype=bool)
-    if task == 1:
-        keep &= _to_int_array(ex["small_version"]) == 1
-    elif task in (2, 3):
-        keep &= _to_int_array(ex["large_version"]) == 1
-    if split is not None:
-        keep &= pc.equal(ex["split"], str(split)).to_numpy(zero_copy_only=False)
-    if locales is not None:
-        value_set = pa.array([str(x) for x in locales], pa.large_string())
-        keep &= pc.is_in(ex["product_locale"], value_set=value_set).to_numpy(zero_copy_only=False)
+    keep = _filter_mask(ex, task, split, locales)
     if not keep.all():
         if not keep.any():
             applied = [
@@ -654,7 +697,7 @@ def load_esci(
     # product text, largest columns first: the two largest are read side by side (while the
     # result is still small), then gathered one after the other; then the small ones. At most
     # about one full product column lives next to the growing result.
-    order = pr_file.size_order(PRODUCT_TEXT_COLUMNS)
+    order = pr_file.size_order(text_cols)
     workers = max(1, min(2, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for group in (order[:2], order[2:]):
@@ -668,7 +711,7 @@ def load_esci(
     if files.sources is not None:
         out["source"] = _source_column(files.sources, query_ids)
 
-    columns = list(OUTPUT_COLUMNS) + (["source"] if "source" in out else [])
+    columns = [c for c in OUTPUT_COLUMNS if c in out] + (["source"] if "source" in out else [])
     return pd.DataFrame({c: out[c] for c in columns}, copy=False)
 
 

@@ -138,54 +138,179 @@ class NgramBags:
         return torch.from_numpy(out.reshape(len(idx), f, width))
 
 
+# ---- vectorised CRC-32 of word n-grams ----------------------------------------------------------
+# zlib.crc32(A + B) == shift(crc32(A), len(B)) ^ crc32(B), where shift(c, n) multiplies c by x^(8n)
+# modulo the CRC-32 polynomial (GF(2), reflected bit order): zlib's crc32_combine (crc32.c,
+# multmodp / x2nmodp, Mark Adler). Each distinct word is hashed once by zlib; the CRC of
+# "w1 w2 w3" then follows from the words' CRCs and byte lengths with numpy table lookups.
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial (zlib's multmodp; bit 31 is x^0)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _shift_tables(bits: int = 40) -> np.ndarray:
+    """uint32 (bits, 4, 256): table j multiplies by x^(8 * 2**j), one 256-entry table per byte of c."""
+    x2n = [1 << 30]  # x^1
+    for _ in range(bits + 3):
+        x2n.append(_multmodp(x2n[-1], x2n[-1]))  # x^(2**k)
+    out = np.zeros((bits, 4, 256), dtype=np.uint32)
+    for j in range(bits):
+        m = x2n[j + 3]  # x^(8 * 2**j)
+        for byte in range(4):
+            out[j, byte] = [_multmodp(m, v << (8 * byte)) for v in range(256)]
+    return out
+
+
+_SHIFT: np.ndarray | None = None
+_SPACE_CRC = zlib.crc32(b" ")
+
+
+def _crc_shift(crc: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """``crc32_combine``'s shift: uint32 crc (N,) multiplied by x^(8 * nbytes) (N,) modulo P."""
+    global _SHIFT
+    if _SHIFT is None:
+        _SHIFT = _shift_tables()
+    crc = crc.astype(np.uint32, copy=True)
+    n = nbytes.astype(np.int64, copy=False)
+    for j in range(int(n.max(initial=0)).bit_length()):
+        sel = np.flatnonzero((n >> j) & 1)
+        if not len(sel):
+            continue
+        c, t = crc[sel], _SHIFT[j]
+        crc[sel] = t[0][c & 0xFF] ^ t[1][(c >> 8) & 0xFF] ^ t[2][(c >> 16) & 0xFF] ^ t[3][c >> 24]
+    return crc
+
+
+class _WordIds(dict):
+    """word -> id, growing (ids in order of first sight), with each word's zlib CRC-32 and UTF-8 length."""
+
+    def __init__(self):
+        super().__init__()
+        self.crc: list[int] = []
+        self.nbytes: list[int] = []
+
+    def __missing__(self, word: str) -> int:
+        raw = word.encode("utf-8")
+        self.crc.append(zlib.crc32(raw))
+        self.nbytes.append(len(raw))
+        i = self[word] = len(self.crc) - 1
+        return i
+
+
+def _text_ngram_buckets(per_text: list[list[str]], n: int, buckets: int, vocab: _WordIds):
+    """Bucket rows of the word 1..n-grams of each text's words (the order of :func:`ngrams`), flat.
+
+    Args:
+        per_text: each text's :func:`words`.
+
+    Returns:
+        (int32 (total,) buckets 1..buckets, int64 (len(per_text),) bag lengths). Equal to
+        ``[text_buckets(t, n, buckets, max_words) for t in texts]`` concatenated; Python runs once
+        per word (a dict lookup) and once per new word (zlib), numpy does the n-grams.
+    """
+    n_words = np.fromiter((len(w) for w in per_text), dtype=np.int64, count=len(per_text))
+    total = int(n_words.sum())
+    wid = np.fromiter(map(vocab.__getitem__, (w for ws in per_text for w in ws)), dtype=np.int64, count=total)
+    w_crc = np.asarray(vocab.crc, dtype=np.uint32)[wid]
+    w_len = np.asarray(vocab.nbytes, dtype=np.int64)[wid]
+    del wid
+    text_start = np.zeros(len(n_words) + 1, dtype=np.int64)
+    np.cumsum(n_words, out=text_start[1:])
+    # bag of a text: its unigrams, then its bigrams, ... (k-grams: max(0, n_t - k + 1) of them)
+    per_k = [np.maximum(n_words - k + 1, 0) for k in range(1, n + 1)]
+    bag_len = np.sum(per_k, axis=0) if per_k else np.zeros(len(n_words), np.int64)
+    bag_start = np.zeros(len(n_words) + 1, dtype=np.int64)
+    np.cumsum(bag_len, out=bag_start[1:])
+    out = np.empty(int(bag_start[-1]), dtype=np.int32)
+    text_of_word = np.repeat(np.arange(len(n_words)), n_words)
+    pos_in_text = np.arange(total) - text_start[:-1][text_of_word]
+    crc = w_crc.copy()  # CRC-32 of the k-gram starting at each word
+    before = np.zeros(len(n_words), dtype=np.int64)  # grams of lower order in each bag
+    for k in range(1, n + 1):
+        if k > 1:  # extend each (k-1)-gram starting at word i by " " + word i+k-1
+            crc = _crc_shift(_crc_shift(crc[:-1], np.ones(len(crc) - 1, np.int64)) ^ _SPACE_CRC, w_len[k - 1 :])
+            crc ^= w_crc[k - 1 :]
+        valid = np.flatnonzero(pos_in_text[: len(crc)] <= n_words[text_of_word[: len(crc)]] - k)
+        t = text_of_word[valid]
+        out[bag_start[:-1][t] + before[t] + pos_in_text[valid]] = (crc[valid] % buckets + 1).astype(np.int32)
+        before += per_k[k - 1]
+    return out, bag_len
+
+
+_TEXT_CHUNK = 50_000  # distinct texts per vectorised pass: bounds the per-word int64 arrays
+
+
 def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
     """Hash the word 1..``cfg.ngram``-grams of ``cfg.bag_fields`` for every row of ``df``.
 
-    Vectorised over repeated texts: each distinct text of a column is hashed once (queries repeat
-    over their products, products over their queries) and an n-gram -> bucket memo is shared, then
-    the rows are gathered with numpy. Cost: linear in the distinct texts' first ``max_words`` words.
+    Vectorised: each distinct text of a column is split into words once (queries repeat over
+    their products, products over their queries), each distinct word is hashed once by zlib, and
+    the n-grams' CRC-32 follow from their words' (``crc32_combine``, numpy); rows are then
+    gathered block by block. Equal to :func:`text_buckets` of every row and field (tests check
+    it on the real sample). Cost: Python linear in the distinct texts' first ``max_words`` words;
+    memory about 4 bytes per n-gram of the distinct texts plus 4 per n-gram of the rows (the
+    result). At the release's size (2.6M rows, default fields) see benchmarks/full_release.py.
 
     Args:
         df: N rows with the columns of :data:`BAG_COLUMNS` for the chosen fields.
         cfg: ``ngram``, ``buckets``, ``max_words``, ``bag_fields``.
 
     Returns:
-        NgramBags with N x len(bag_fields) bags.
+        NgramBags with N x len(bag_fields) bags (ids int32, offsets int64).
 
     Raises:
         ConfigError: an unknown field or buckets <= 0.
     """
+    if cfg.buckets <= 0:
+        raise ConfigError(f"features.buckets={cfg.buckets}: expected a positive integer")
     n_rows, fields = len(df), list(cfg.bag_fields)
-    memo: dict[str, int] = {}
-
-    def bucket(g: str) -> int:
-        b = memo.get(g)
-        if b is None:
-            b = memo[g] = ngram_bucket(g, cfg.buckets)
-        return b
-
-    flats, lengths, starts, base = (
-        [],
-        np.zeros((n_rows, len(fields)), np.int64),
-        np.zeros((n_rows, len(fields)), np.int64),
-        0,
-    )
-    for j, f in enumerate(fields):
+    vocab = _WordIds()
+    flats, codes_of, u_offs = [], [], []
+    for f in fields:
         codes, uniques = pd.factorize(df[BAG_COLUMNS[f]].astype("string").fillna(""), use_na_sentinel=False)
-        per = [[bucket(g) for g in ngrams(words(t, cfg.max_words), cfg.ngram)] for t in uniques]
-        u_len = np.fromiter((len(p) for p in per), dtype=np.int64, count=len(per))
-        u_off = np.zeros(len(per) + 1, dtype=np.int64)
+        parts = [
+            _text_ngram_buckets(
+                [words(t, cfg.max_words) for t in uniques[i : i + _TEXT_CHUNK]], cfg.ngram, cfg.buckets, vocab
+            )
+            for i in range(0, len(uniques), _TEXT_CHUNK)
+        ]
+        flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        u_len = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        del parts
+        u_off = np.zeros(len(u_len) + 1, dtype=np.int64)
         np.cumsum(u_len, out=u_off[1:])
-        flats.append(np.fromiter((b for p in per for b in p), dtype=np.int32, count=int(u_off[-1])))
-        lengths[:, j] = u_len[codes]
-        starts[:, j] = u_off[:-1][codes] + base
-        base += int(u_off[-1])
-    big = np.concatenate(flats) if flats else np.zeros(0, np.int32)
-    seg = lengths.ravel()
-    offsets = np.zeros(len(seg) + 1, dtype=np.int64)
-    np.cumsum(seg, out=offsets[1:])
-    pos = np.repeat(starts.ravel() - offsets[:-1], seg) + np.arange(int(offsets[-1]))
-    return NgramBags(fields, big[pos].astype(np.int32), offsets)
+        flats.append(flat)
+        codes_of.append(np.asarray(codes, dtype=np.int64))
+        u_offs.append(u_off)
+    del vocab
+    nf = len(fields)
+    lengths = np.zeros((n_rows, nf), np.int64)
+    for j in range(nf):
+        lengths[:, j] = np.diff(u_offs[j])[codes_of[j]]
+    offsets = np.zeros(n_rows * nf + 1, dtype=np.int64)
+    np.cumsum(lengths.ravel(), out=offsets[1:])
+    del lengths
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    block = 1 << 16  # rows per gather: bounds the int64 index arrays
+    for s in range(0, n_rows, block):
+        e = min(n_rows, s + block)
+        for j in range(nf):
+            c = codes_of[j][s:e]
+            start, seg = u_offs[j][c], u_offs[j][c + 1] - u_offs[j][c]
+            dst = offsets[s * nf + j : e * nf + j : nf]
+            within = np.arange(int(seg.sum())) - np.repeat(np.cumsum(seg) - seg, seg)
+            ids[np.repeat(dst, seg) + within] = flats[j][np.repeat(start, seg) + within]
+    return NgramBags(fields, ids, offsets)
 
 
 def _bag_key(df: pd.DataFrame, cfg: FeaturesConfig, extra: dict | None = None) -> str:
@@ -233,18 +358,51 @@ def _crc_hash(s) -> int:
     return zlib.crc32(str(s).encode("utf-8"))
 
 
+class _Sentences:
+    """A restartable corpus for gensim: sentences stored as int32 word ids + offsets, yielded as
+    lists of the vocabulary's own ``str`` objects (one object per distinct word, not per token)."""
+
+    def __init__(self):
+        self.vocab = _WordIds()
+        self.ids: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+
+    def add(self, sentences: list[list[str]]) -> None:
+        """Append sentences (empty ones are skipped)."""
+        sentences = [s for s in sentences if s]
+        n = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+        flat = (w for s in sentences for w in s)
+        self.ids.append(np.fromiter(map(self.vocab.__getitem__, flat), dtype=np.int32, count=int(n.sum())))
+        self.lengths.append(n)
+
+    def __len__(self) -> int:
+        return int(sum(len(n) for n in self.lengths))
+
+    def __iter__(self):
+        words = list(self.vocab)  # insertion order == id order
+        for ids, n in zip(self.ids, self.lengths):
+            ends = np.cumsum(n).tolist()
+            start = 0
+            for end in ends:
+                yield [words[i] for i in ids[start:end].tolist()]
+                start = end
+
+
 def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
     """Word2vec (gensim CBOW, window 5, min_count 1, one worker: reproducible) on the catalogue.
 
     Sentences: one per distinct product ``(product_id, product_locale)`` of ``df``: the words of its
     title, brand, colour, bullet points and description (first 4,000 characters each). No labels
-    are read. Source: Mikolov et al. 2013 (arXiv:1301.3781).
+    are read. Source: Mikolov et al. 2013 (arXiv:1301.3781). The sentences are tokenized once and
+    held as int32 word ids (a few bytes per token instead of a Python ``str`` per token: at the
+    release's size ~360M tokens), then streamed to gensim on every pass; the model is the same as
+    with a list of sentences (same order, one worker).
 
     Returns:
         gensim ``KeyedVectors`` (vectors float32 (V, dim)).
 
     Raises:
-        ConfigError: gensim is not installed.
+        ConfigError: gensim is not installed, or the data has no product text.
     """
     try:
         from gensim.models import Word2Vec
@@ -252,17 +410,73 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
         raise ConfigError("features.init=word2vec needs gensim (pip install gensim)") from None
     prods = df.drop_duplicates(["product_id", "product_locale"]) if "product_id" in df else df
     cols = [c for c in FIELD_COLUMNS.values() if c in prods]
-    sentences = []
-    for row in prods[cols].astype("string").fillna("").itertuples(index=False):
-        toks = [w for v in row for w in _WORD.findall(clean_text(v, max_chars=4000).lower())]
-        if toks:
-            sentences.append(toks)
-    if not sentences:
+    corpus = _Sentences()
+    block = 50_000
+    for s in range(0, len(prods), block):
+        part = prods[cols].iloc[s : s + block].astype("string").fillna("")
+        corpus.add(
+            [
+                [w for v in row for w in _WORD.findall(clean_text(v, max_chars=4000).lower())]
+                for row in part.itertuples(index=False)
+            ]
+        )
+    if not len(corpus):
         raise ConfigError("features.init=word2vec: the data has no product text to train on")
     model = Word2Vec(
-        sentences, vector_size=dim, window=5, min_count=1, workers=1, seed=seed, epochs=epochs, hashfxn=_crc_hash
+        corpus, vector_size=dim, window=5, min_count=1, workers=1, seed=seed, epochs=epochs, hashfxn=_crc_hash
     )
     return model.wv
+
+
+def _gram_table(df: pd.DataFrame, cfg: FeaturesConfig) -> tuple[list[np.ndarray], np.ndarray, _WordIds]:
+    """The distinct word 1..n-grams of the distinct texts of the bag fields.
+
+    Returns:
+        (per order k = 1..n: int32 (G_k, k) word ids of each distinct k-gram, int32 (sum G_k,)
+        their bucket rows in the same order (k = 1 first), the word vocabulary).
+    """
+    vocab = _WordIds()
+    grams: list[list[np.ndarray]] = [[] for _ in range(cfg.ngram)]
+    rows: list[list[np.ndarray]] = [[] for _ in range(cfg.ngram)]
+    for f in cfg.bag_fields:
+        uniques = pd.unique(df[BAG_COLUMNS[f]].astype("string").fillna(""))
+        for i in range(0, len(uniques), _TEXT_CHUNK):
+            per_text = [words(t, cfg.max_words) for t in uniques[i : i + _TEXT_CHUNK]]
+            n_words = np.fromiter((len(w) for w in per_text), dtype=np.int64, count=len(per_text))
+            flat = (w for ws in per_text for w in ws)
+            wid = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=int(n_words.sum()))
+            flat_b, _ = _text_ngram_buckets(per_text, cfg.ngram, cfg.buckets, vocab)
+            text_of = np.repeat(np.arange(len(n_words)), n_words)
+            pos = np.arange(len(wid)) - (np.cumsum(n_words) - n_words)[text_of]
+            # bucket of the k-gram starting at each word: its place in the text's bag
+            per_k = [np.maximum(n_words - k + 1, 0) for k in range(1, cfg.ngram + 1)]
+            bag_start = np.cumsum(np.sum(per_k, axis=0)) - np.sum(per_k, axis=0)
+            before = np.zeros(len(n_words), dtype=np.int64)
+            for k in range(1, cfg.ngram + 1):
+                ok = np.flatnonzero(pos <= n_words[text_of] - k)
+                key = np.stack([wid[ok + j] for j in range(k)], axis=1).astype(np.int32)
+                b = flat_b[bag_start[text_of[ok]] + before[text_of[ok]] + pos[ok]]
+                key, first = _unique_rows(key)
+                grams[k - 1].append(key)
+                rows[k - 1].append(b[first])
+                before += per_k[k - 1]
+    out_keys, out_rows = [], []
+    for k in range(cfg.ngram):
+        key, first = _unique_rows(np.concatenate(grams[k]) if grams[k] else np.zeros((0, k + 1), np.int32))
+        out_keys.append(key)
+        out_rows.append(np.concatenate(rows[k])[first] if rows[k] else np.zeros(0, np.int32))
+        grams[k] = rows[k] = []
+    return out_keys, np.concatenate(out_rows).astype(np.int32), vocab
+
+
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of a C-contiguous 2-D array and the index of each one's first occurrence."""
+    a = np.ascontiguousarray(a)
+    if len(a) == 0:
+        return a, np.zeros(0, dtype=np.int64)
+    view = a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+    _, first = np.unique(view, return_index=True)
+    return a[first], first
 
 
 def word2vec_bucket_init(
@@ -274,6 +488,8 @@ def word2vec_bucket_init(
     without one are skipped; an n-gram with none is skipped), its vector = mean of its words'
     vectors; a bucket's row = mean over the distinct n-grams hashed into it. ``wv``: precomputed
     KeyedVectors (else :func:`train_word2vec` on ``df``). Cached in ``cache_dir`` when given.
+    Vectorised: distinct n-grams are found as rows of word ids (numpy), their buckets as in
+    :func:`compute_ngram_bags`, and the sums per bucket are ``np.bincount`` per dimension.
 
     Raises:
         ConfigError: gensim missing, or the vectors' size differs from ``bag_dim``.
@@ -294,23 +510,29 @@ def word2vec_bucket_init(
         wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, seed)
     if wv.vector_size != cfg.bag_dim:
         raise ConfigError(f"features.bag_dim={cfg.bag_dim}: word2vec vectors have size {wv.vector_size}")
+    keys, buckets, vocab = _gram_table(df, cfg)
     index = wv.key_to_index
-    grams: set[tuple[str, ...]] = set()
-    for f in cfg.bag_fields:
-        for t in pd.unique(df[BAG_COLUMNS[f]].astype("string").fillna("")):
-            toks = words(t, cfg.max_words)
-            for k in range(1, cfg.ngram + 1):
-                grams.update(tuple(toks[i : i + k]) for i in range(len(toks) - k + 1))
+    w2v_row = np.fromiter((index.get(w, -1) for w in vocab), dtype=np.int64, count=len(vocab))
+    vectors = np.asarray(wv.vectors)
     sums = np.zeros((cfg.buckets + 1, cfg.bag_dim), dtype=np.float64)
     counts = np.zeros(cfg.buckets + 1, dtype=np.int64)
-    vectors = wv.vectors
-    for g in grams:
-        known = [index[w] for w in g if w in index]
-        if not known:
-            continue
-        b = ngram_bucket(" ".join(g), cfg.buckets)
-        sums[b] += vectors[known].mean(0)
-        counts[b] += 1
+    start = 0
+    for key in keys:
+        b_all = buckets[start : start + len(key)]
+        start += len(key)
+        for s in range(0, len(key), 1 << 20):
+            r = w2v_row[key[s : s + (1 << 20)]]  # (m, k), -1 = no vector
+            known = (r >= 0).sum(1)
+            ok = known > 0
+            r, known, b = r[ok], known[ok], b_all[s : s + (1 << 20)][ok]
+            vec = np.zeros((len(r), cfg.bag_dim), dtype=np.float64)
+            for j in range(r.shape[1]):
+                has = r[:, j] >= 0
+                vec[has] += vectors[r[has, j]]
+            vec /= known[:, None]
+            counts += np.bincount(b, minlength=cfg.buckets + 1)
+            for d in range(cfg.bag_dim):
+                sums[:, d] += np.bincount(b, weights=vec[:, d], minlength=cfg.buckets + 1)
     rows = np.flatnonzero(counts)
     out = (rows.astype(np.int64), (sums[rows] / counts[rows, None]).astype(np.float32))
     if path is not None:

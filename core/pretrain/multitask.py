@@ -293,6 +293,12 @@ class PretrainCorpus:
 def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
     """Read the products file (every product, not only judged ones) and the train-split examples.
 
+    Streamed: the products' text is read batch by batch (parquet column projection) and only the
+    cleaned, cut texts are kept; the judged pairs come from :func:`core.data.esci.load_esci`
+    without product text, matched to products on ``(product_id, product_locale)`` by index, and
+    each distinct query is cleaned once. At the release's size (1.8M products) this bounds the
+    memory to about the cleaned corpus (see benchmarks/full_release.py).
+
     Args:
         cfg: the pre-training config (``data`` section; ``tasks.p2q.positive_labels``).
         separator: put between the text fields (the tokenizer's ``[SEP]`` in :func:`run_pretraining`).
@@ -304,33 +310,10 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
         DataError: folder or file missing, missing column(s) in the products file, the
             examples file invalid (see :func:`core.data.esci.load_esci`), no product with text.
     """
-    from core.data.esci import PRODUCT_COLUMNS, find_dataset_files, load_esci
-    from core.data.esci import TableFile as _TableFile
-    from core.data.text import clean_text
+    from core.data.esci import find_dataset_files
 
     files = find_dataset_files(cfg.data.dir)
-    table = _TableFile(files.products, PRODUCT_COLUMNS)
-    cols = table.read(PRODUCT_COLUMNS)
-    pr = pd.DataFrame({c: cols[c].to_pandas() for c in PRODUCT_COLUMNS})
-    for c in PRODUCT_COLUMNS:
-        pr[c] = pr[c].astype(object).where(pr[c].notna(), "").astype(str)
-    if cfg.data.locales:
-        pr = pr[pr["product_locale"].isin(cfg.data.locales)]
-    if pr.duplicated(["product_id", "product_locale"]).any():
-        raise DataError(files.products, "duplicate (product_id, product_locale)")
-    max_chars = cfg.model.max_length * 12
-    fields = {f: [clean_text(v, max_chars=max_chars) for v in pr[TEXT_COLUMNS[f]]] for f in cfg.data.text_fields}
-    text = [separator.join(v for v in vals if v) for vals in zip(*fields.values())]
-    out = pd.DataFrame(
-        {
-            "product_id": pr["product_id"].to_numpy(),
-            "product_locale": pr["product_locale"].to_numpy(),
-            "text": text,
-            "title": [clean_text(v, max_chars=max_chars) for v in pr["product_title"]],
-            "brand": [clean_text(v) for v in pr["product_brand"]],
-            "color": [clean_text(v) for v in pr["product_color"]],
-        }
-    )
+    out = _corpus_products(files.products, cfg, separator)
     empty = out["text"] == ""
     if empty.all():
         raise DataError(files.products, f"no product has text in {'/'.join(cfg.data.text_fields)} (all empty)")
@@ -350,19 +333,94 @@ def load_corpus(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:
     )
     positives_of: dict[str, set[int]] = {}
     if cfg.tasks.p2q.enabled:
-        ex = load_esci(cfg.data.dir, split=None, locales=cfg.data.locales)
-        ex = ex[(ex["split"] == "train") & ex["esci_label"].isin(cfg.tasks.p2q.positive_labels)]
-        row_of = {(p, loc): i for i, (p, loc) in enumerate(zip(out["product_id"], out["product_locale"]))}
-        prod = np.array(
-            [row_of.get((p, loc), -1) for p, loc in zip(ex["product_id"], ex["product_locale"])], dtype=np.int64
-        )
-        keep = prod >= 0
-        queries = [clean_text(q) for q in ex["query"].to_numpy()[keep]]
-        pairs = pd.DataFrame({"query": queries, "product": prod[keep], "query_id": ex["query_id"].to_numpy()[keep]})
-        pairs = pairs[pairs["query"] != ""].reset_index(drop=True)
+        pairs = _judged_pairs(cfg, out)
         for q, p in zip(pairs["query"], pairs["product"]):
             positives_of.setdefault(q, set()).add(int(p))
     return PretrainCorpus(out, pairs, positives_of)
+
+
+def _corpus_products(path: Path, cfg: PretrainConfig, separator: str) -> pd.DataFrame:
+    """Every product of ``path`` (``data.locales`` kept): ids and the cleaned ``text``, ``title``,
+    ``brand``, ``color`` columns of :class:`PretrainCorpus`, empty texts included.
+
+    Text values are read batch by batch; nulls become "" (non-text values ``str()``), each value
+    is cleaned by :func:`core.data.text.clean_text` (``text_fields`` and the title cut to
+    ``model.max_length * 12`` characters) and only the cleaned strings are kept.
+
+    Raises:
+        DataError: unreadable file, missing column(s), duplicate ``(product_id, product_locale)``.
+    """
+    from core.data.esci import PRODUCT_COLUMNS, TableFile
+    from core.data.text import clean_text
+
+    table = TableFile(path, PRODUCT_COLUMNS)
+    keys = table.read(["product_id", "product_locale"])
+    ids = {c: _as_str_values(keys[c]) for c in keys}
+    del keys
+    keep = np.ones(len(ids["product_id"]), dtype=bool)
+    if cfg.data.locales:
+        keep = ids["product_locale"].isin(cfg.data.locales).to_numpy()
+    kept = pd.DataFrame({c: v[keep] for c, v in ids.items()})
+    if kept.duplicated(["product_id", "product_locale"]).any():
+        raise DataError(path, "duplicate (product_id, product_locale)")
+    max_chars = cfg.model.max_length * 12
+    fields = [TEXT_COLUMNS[f] for f in cfg.data.text_fields]
+    read = list(dict.fromkeys([*fields, "product_title", "product_brand", "product_color"]))
+    out: dict[str, list[str]] = {"text": [], "title": [], "brand": [], "color": []}
+    start = 0
+    for batch in table.iter_batches(read):
+        n = len(batch[read[0]])
+        sel = keep[start : start + n]
+        start += n
+        raw = {c: _as_str_values(batch[c])[sel] for c in read}
+        cut = {
+            c: [clean_text(v, max_chars=max_chars) for v in raw[c]] for c in dict.fromkeys([*fields, "product_title"])
+        }
+        out["text"] += [separator.join(v for v in vals if v) for vals in zip(*(cut[c] for c in fields))]
+        out["title"] += cut["product_title"]
+        out["brand"] += [clean_text(v) for v in raw["product_brand"]]
+        out["color"] += [clean_text(v) for v in raw["product_color"]]
+    return pd.DataFrame(
+        {
+            "product_id": kept["product_id"].to_numpy(),
+            "product_locale": kept["product_locale"].to_numpy(),
+            **out,
+        }
+    )
+
+
+def _as_str_values(values) -> pd.Series:
+    """An Arrow column as a pandas Series of ``str`` values, nulls as "" (``str()`` of anything else)."""
+    col = pd.Series(values.to_pandas())
+    return col.astype(object).where(col.notna(), "").astype(str)
+
+
+def _judged_pairs(cfg: PretrainConfig, products: pd.DataFrame) -> pd.DataFrame:
+    """Judged train-split pairs with ``tasks.p2q.positive_labels`` whose product is a row of
+    ``products``: ``query`` (cleaned; empty ones dropped), ``product`` (row), ``query_id``.
+
+    Raises:
+        DataError: as :func:`core.data.esci.load_esci`.
+    """
+    from core.data.esci import load_esci
+    from core.data.text import clean_text
+
+    ex = load_esci(cfg.data.dir, split=None, locales=cfg.data.locales, text_columns=())
+    ex = ex[(ex["split"] == "train") & ex["esci_label"].isin(cfg.tasks.p2q.positive_labels)]
+    index = pd.MultiIndex.from_arrays(
+        [products["product_id"].astype(object).to_numpy(), products["product_locale"].astype(object).to_numpy()]
+    )
+    prod = index.get_indexer(
+        pd.MultiIndex.from_arrays(
+            [ex["product_id"].astype(object).to_numpy(), ex["product_locale"].astype(object).to_numpy()]
+        )
+    ).astype(np.int64)
+    keep = prod >= 0
+    codes, uniques = pd.factorize(ex["query"].to_numpy()[keep])
+    cleaned = np.array([clean_text(q) for q in uniques] + [""], dtype=object)
+    queries = cleaned[codes].tolist() if len(codes) else []
+    pairs = pd.DataFrame({"query": queries, "product": prod[keep], "query_id": ex["query_id"].to_numpy()[keep]})
+    return pairs[pairs["query"] != ""].reset_index(drop=True)
 
 
 def validate_pretrain(cfg: PretrainConfig, separator: str = " | ") -> PretrainCorpus:

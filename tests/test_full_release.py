@@ -1,0 +1,254 @@
+"""The full-release rewrites (benchmarks/full_release.py) against the code they replaced, on the real
+sample: ``load_esci(text_columns=...)``, the vectorised n-gram bags and word2vec initialisation, the
+streamed pre-training corpus. Each reference below is the replaced implementation, kept verbatim."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import sample_subset, write_official
+from core.config import FeaturesConfig
+from core.data.esci import PRODUCT_TEXT_COLUMNS, load_esci
+from core.data.text import FIELD_COLUMNS, clean_text
+from core.errors import DataError
+from core.modeling.features import (
+    _WORD,
+    BAG_COLUMNS,
+    _crc_hash,
+    compute_ngram_bags,
+    ngram_bucket,
+    text_buckets,
+    train_word2vec,
+    word2vec_bucket_init,
+    words,
+)
+from core.pretrain.multitask import TEXT_COLUMNS, load_corpus, pretrain_config_from_dict
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory, sample_frames):
+    """60 real queries (10 in split test), HTML, Japanese and null text added to some products."""
+    folder = sample_subset(tmp_path_factory.mktemp("full_release"), sample_frames, 60, 10)
+    pr = pd.read_parquet(folder / "shopping_queries_dataset_products.parquet")
+    pr.loc[pr.index[0], "product_description"] = (
+        "ワイヤレスイヤホン Bluetooth 5.0 ノイズキャンセリング &amp; <b>防水</b>"
+    )
+    pr.loc[pr.index[1], "product_bullet_point"] = None
+    pr.loc[pr.index[2], "product_brand"] = "  Straße   ÉTÉ "
+    ex = pd.read_parquet(folder / "shopping_queries_dataset_examples.parquet")
+    return write_official(folder, ex, pr)
+
+
+# ---- load_esci(text_columns=...) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cols",
+    [
+        (),
+        ("product_title",),
+        ("product_title", "product_brand", "product_color"),
+        ("product_description", "product_title"),
+    ],
+)
+def test_load_esci_text_columns_equal_the_full_load(sample_dir, cols):
+    full = load_esci(sample_dir)
+    got = load_esci(sample_dir, text_columns=cols)
+    want = [c for c in full.columns if c not in PRODUCT_TEXT_COLUMNS or c in cols]
+    pd.testing.assert_frame_equal(got, full[want])
+    filtered = load_esci(sample_dir, split="test", task=1, locales=["us"], text_columns=cols)
+    pd.testing.assert_frame_equal(filtered, load_esci(sample_dir, split="test", task=1, locales=["us"])[want])
+
+
+def test_load_esci_text_columns_keeps_the_validation(sample_dir, tmp_path):
+    with pytest.raises(DataError, match="unknown text column"):
+        load_esci(sample_dir, text_columns=["product_title", "title"])
+    ex = pd.read_parquet(sample_dir / "shopping_queries_dataset_examples.parquet")
+    pr = pd.read_parquet(sample_dir / "shopping_queries_dataset_products.parquet")
+    bad = write_official(tmp_path / "bad", ex, pr.drop(columns=["product_description"]))
+    with pytest.raises(DataError, match="shopping_queries_dataset_products.parquet: missing column"):
+        load_esci(bad, text_columns=["product_title"])  # a file without a column fails however little is read
+    ex.loc[3, "esci_label"] = "X"
+    bad = write_official(tmp_path / "bad2", ex, pr)
+    with pytest.raises(DataError, match="unknown esci_label"):
+        load_esci(bad, text_columns=())
+
+
+# ---- n-gram bags ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ngram,buckets,max_words", [(3, 2**18, 64), (4, 997, 7), (1, 50, None)])
+def test_vectorised_bags_equal_text_buckets_on_every_row(sample_dir, ngram, buckets, max_words):
+    df = load_esci(sample_dir)
+    df.loc[5, "query"] = "ワイヤレスイヤホン 防水"  # non-ASCII words: UTF-8 lengths differ from str lengths
+    cfg = FeaturesConfig(ngram_bags=True, ngram=ngram, buckets=buckets, max_words=max_words or 10**6)
+    bags = compute_ngram_bags(df, cfg)
+    f = len(bags.fields)
+    for i in range(len(df)):
+        for j, field in enumerate(bags.fields):
+            seg = bags.ids[bags.offsets[i * f + j] : bags.offsets[i * f + j + 1]]
+            assert seg.tolist() == text_buckets(df[BAG_COLUMNS[field]].iloc[i], ngram, buckets, max_words), (i, field)
+    assert bags.ids.dtype == np.int32 and bags.offsets.dtype == np.int64
+
+
+# ---- word2vec -----------------------------------------------------------------------------------------
+
+
+def _old_train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
+    from gensim.models import Word2Vec
+
+    prods = df.drop_duplicates(["product_id", "product_locale"]) if "product_id" in df else df
+    cols = [c for c in FIELD_COLUMNS.values() if c in prods]
+    sentences = []
+    for row in prods[cols].astype("string").fillna("").itertuples(index=False):
+        toks = [w for v in row for w in _WORD.findall(clean_text(v, max_chars=4000).lower())]
+        if toks:
+            sentences.append(toks)
+    model = Word2Vec(
+        sentences, vector_size=dim, window=5, min_count=1, workers=1, seed=seed, epochs=epochs, hashfxn=_crc_hash
+    )
+    return model.wv
+
+
+def _old_bucket_init(df: pd.DataFrame, cfg: FeaturesConfig, wv) -> tuple[np.ndarray, np.ndarray]:
+    index = wv.key_to_index
+    grams: set[tuple[str, ...]] = set()
+    for f in cfg.bag_fields:
+        for t in pd.unique(df[BAG_COLUMNS[f]].astype("string").fillna("")):
+            toks = words(t, cfg.max_words)
+            for k in range(1, cfg.ngram + 1):
+                grams.update(tuple(toks[i : i + k]) for i in range(len(toks) - k + 1))
+    sums = np.zeros((cfg.buckets + 1, cfg.bag_dim), dtype=np.float64)
+    counts = np.zeros(cfg.buckets + 1, dtype=np.int64)
+    vectors = wv.vectors
+    for g in grams:
+        known = [index[w] for w in g if w in index]
+        if not known:
+            continue
+        b = ngram_bucket(" ".join(g), cfg.buckets)
+        sums[b] += vectors[known].mean(0)
+        counts[b] += 1
+    rows = np.flatnonzero(counts)
+    return rows.astype(np.int64), (sums[rows] / counts[rows, None]).astype(np.float32)
+
+
+def test_streamed_word2vec_equals_the_list_corpus_model(sample_dir):
+    pytest.importorskip("gensim")
+    df = load_esci(sample_dir)
+    new, old = train_word2vec(df, 8, epochs=1, seed=3), _old_train_word2vec(df, 8, epochs=1, seed=3)
+    assert new.index_to_key == old.index_to_key
+    np.testing.assert_array_equal(new.vectors, old.vectors)
+
+
+def test_vectorised_bucket_init_equals_the_gram_loop(sample_dir):
+    pytest.importorskip("gensim")
+    df = load_esci(sample_dir)
+    wv = train_word2vec(df[df["query_id"] % 2 == 0], 8, epochs=1, seed=3)  # half the words have no vector
+    for cfg in (
+        FeaturesConfig(ngram_bags=True, buckets=2**16, bag_dim=8, max_words=16),
+        FeaturesConfig(ngram_bags=True, buckets=101, bag_dim=8, ngram=2, max_words=64),  # many grams per bucket
+    ):
+        rows, vecs = word2vec_bucket_init(df, cfg, wv=wv)
+        want_rows, want_vecs = _old_bucket_init(df, cfg, wv)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_allclose(vecs, want_vecs, rtol=1e-5, atol=1e-7)
+
+
+# ---- pre-training corpus --------------------------------------------------------------------------------
+
+
+def _old_load_corpus(cfg, separator: str = " | "):
+    """core.pretrain.multitask.load_corpus before streaming (products + pairs + positives_of)."""
+    from core.data.esci import PRODUCT_COLUMNS, TableFile, find_dataset_files
+
+    files = find_dataset_files(cfg.data.dir)
+    cols = TableFile(files.products, PRODUCT_COLUMNS).read(PRODUCT_COLUMNS)
+    pr = pd.DataFrame({c: cols[c].to_pandas() for c in PRODUCT_COLUMNS})
+    for c in PRODUCT_COLUMNS:
+        pr[c] = pr[c].astype(object).where(pr[c].notna(), "").astype(str)
+    if cfg.data.locales:
+        pr = pr[pr["product_locale"].isin(cfg.data.locales)]
+    max_chars = cfg.model.max_length * 12
+    fields = {f: [clean_text(v, max_chars=max_chars) for v in pr[TEXT_COLUMNS[f]]] for f in cfg.data.text_fields}
+    text = [separator.join(v for v in vals if v) for vals in zip(*fields.values())]
+    out = pd.DataFrame(
+        {
+            "product_id": pr["product_id"].to_numpy(),
+            "product_locale": pr["product_locale"].to_numpy(),
+            "text": text,
+            "title": [clean_text(v, max_chars=max_chars) for v in pr["product_title"]],
+            "brand": [clean_text(v) for v in pr["product_brand"]],
+            "color": [clean_text(v) for v in pr["product_color"]],
+        }
+    )
+    out = out[out["text"] != ""]
+    if cfg.data.max_products:
+        out = out.iloc[: cfg.data.max_products]
+    out = out.reset_index(drop=True)
+    ex = load_esci(cfg.data.dir, split=None, locales=cfg.data.locales)
+    ex = ex[(ex["split"] == "train") & ex["esci_label"].isin(cfg.tasks.p2q.positive_labels)]
+    row_of = {(p, loc): i for i, (p, loc) in enumerate(zip(out["product_id"], out["product_locale"]))}
+    prod = np.array(
+        [row_of.get((p, loc), -1) for p, loc in zip(ex["product_id"], ex["product_locale"])], dtype=np.int64
+    )
+    keep = prod >= 0
+    queries = [clean_text(q) for q in ex["query"].to_numpy()[keep]]
+    pairs = pd.DataFrame({"query": queries, "product": prod[keep], "query_id": ex["query_id"].to_numpy()[keep]})
+    pairs = pairs[pairs["query"] != ""].reset_index(drop=True)
+    positives_of: dict[str, set[int]] = {}
+    for q, p in zip(pairs["query"], pairs["product"]):
+        positives_of.setdefault(q, set()).add(int(p))
+    return out, pairs, positives_of
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"text_fields": ["title", "bullet_point", "description", "brand", "color"], "max_products": 300},
+        {"locales": ["us"], "text_fields": ["description"]},
+    ],
+)
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_streamed_corpus_equals_the_old_path(sample_dir, tmp_path, data, fmt):
+    folder = sample_dir
+    if fmt == "csv":
+        folder = tmp_path / "csv"
+        folder.mkdir()
+        for stem in ("examples", "products"):
+            df = pd.read_parquet(sample_dir / f"shopping_queries_dataset_{stem}.parquet")
+            df.to_csv(folder / f"shopping_queries_dataset_{stem}.csv", index=False)
+    cfg = pretrain_config_from_dict(
+        {
+            "data": {"dir": str(folder), **data},
+            "model": {"max_length": 16},
+            "tasks": {"p2q": {"positive_labels": ["E", "S"]}},
+        }
+    )
+    corpus = load_corpus(cfg)
+    products, pairs, positives_of = _old_load_corpus(cfg)
+    pd.testing.assert_frame_equal(corpus.products, products)
+    pd.testing.assert_frame_equal(corpus.pairs, pairs)
+    assert corpus.positives_of == positives_of and len(pairs) > 0
+
+
+def test_crc_combine_equals_zlib_on_long_and_multibyte_words():
+    texts = ["x " * 300, "longword" * 40 + " b c d", "ワイヤレスイヤホン bluetooth 5.0", "", "a"]
+    for t in texts:
+        for n in (1, 2, 3, 5):
+            assert text_buckets(t, n, 2**31 - 1) == [zlib.crc32(g.encode()) % (2**31 - 1) + 1 for g in _grams(t, n)]
+    df = pd.DataFrame({"query": texts, "product_bullet_point": texts[::-1], "product_description": texts})
+    cfg = FeaturesConfig(ngram_bags=True, ngram=5, buckets=2**31 - 1, max_words=10**6)
+    bags = compute_ngram_bags(df, cfg)
+    for i, t in enumerate(texts):
+        seg = bags.ids[bags.offsets[3 * i] : bags.offsets[3 * i + 1]].astype(np.int64)
+        assert seg.tolist() == [zlib.crc32(g.encode()) % (2**31 - 1) + 1 for g in _grams(t, 5)]
+
+
+def _grams(t: str, n: int) -> list[str]:
+    w = words(t)
+    return [" ".join(w[i : i + k]) for k in range(1, n + 1) for i in range(len(w) - k + 1)]
