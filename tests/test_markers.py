@@ -145,17 +145,24 @@ def test_cache_key_separates_marker_and_plain_encodings(tok, tmp_path):
     add_marker_tokens(tok, TextConfig(field_markers=True, entity_markers=True))  # one tokenizer for all
     df = _frame(query="acme towels")
     plain = TextConfig(max_length=32, cache_dir=str(tmp_path))
-    a = encode_pairs_cached(df, tok, plain)
+
+    def stores():
+        return {p.name for p in tmp_path.iterdir()}
+
+    a = encode_pairs_cached(df, tok, plain).materialize()
+    assert len(stores()) == 6  # the query and the five fields
     b = encode_pairs_cached(df, tok, TextConfig(max_length=32, cache_dir=str(tmp_path), field_markers=True))
+    assert len(stores()) == 6  # field markers are placed per pair: the same token stores
     c = encode_pairs_cached(df, tok, TextConfig(max_length=32, cache_dir=str(tmp_path), entity_markers=True))
-    assert len(list(tmp_path.glob("pairs-*.npz"))) == 3
+    assert [n.split("-")[0] for n in stores()].count("query") == 2  # marked queries: their own store
+    b, c = b.materialize(), c.materialize()
     marker_ids = set(tok.convert_tokens_to_ids(["[QUERY]", "[TITLE]", "[BRAND]", "[/BRAND]"]))
     assert not marker_ids & set(a.input_ids.tolist())
     assert {"[QUERY]", "[TITLE]"} <= set(tok.convert_ids_to_tokens(b.input_ids.tolist()))
     assert "[/BRAND]" in tok.convert_ids_to_tokens(c.input_ids.tolist())
-    again = encode_pairs_cached(df, tok, plain)  # a hit: the plain file, not a marker one
-    np.testing.assert_array_equal(again.input_ids, a.input_ids)
-    assert len(list(tmp_path.glob("pairs-*.npz"))) == 3
+    again = encode_pairs_cached(df, tok, plain)  # a hit: the plain query store, not the marked one
+    np.testing.assert_array_equal(again.materialize().input_ids, a.input_ids)
+    assert len(stores()) == 7
 
 
 # ---- model side ----------------------------------------------------------------------------------------------

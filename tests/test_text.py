@@ -58,13 +58,15 @@ def test_short_pairs_not_padded_and_budget_respected(tok):
 def test_cache_hit_and_key(tok, tmp_path):
     cfg = TextConfig(max_length=32, cache_dir=str(tmp_path))
     a = encode_pairs_cached(_frame(), tok, cfg)
-    files = list(tmp_path.glob("pairs-*.npz"))
-    assert len(files) == 1
+    stores = {p.name for p in tmp_path.iterdir()}
+    assert len(stores) == 6  # token stores: the query and the five fields (core.data.token_cache)
     b = encode_pairs_cached(_frame(), tok, cfg)
-    assert (a.input_ids == b.input_ids).all()
+    assert (a.materialize().input_ids == b.materialize().input_ids).all()
+    assert (a.materialize().input_ids == encode_pairs(_frame(), tok, cfg).input_ids).all()
     cfg2 = TextConfig(max_length=24, cache_dir=str(tmp_path))
     encode_pairs_cached(_frame(), tok, cfg2)
-    assert len(list(tmp_path.glob("pairs-*.npz"))) == 2  # max_length is part of the key
-    files[0].write_bytes(b"corrupt")
+    assert len({p.name for p in tmp_path.iterdir()} - stores) == 5  # max_length keys the field stores
+    title = next(tmp_path / n for n in stores if n.startswith("title-"))
+    (title / "manifest.json").write_bytes(b"corrupt")
     c = encode_pairs_cached(_frame(), tok, cfg)  # a corrupt cache is rebuilt
-    assert (c.input_ids == a.input_ids).all()
+    assert (c.materialize().input_ids == a.materialize().input_ids).all()

@@ -34,7 +34,6 @@ import html
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -339,20 +338,7 @@ def encode_pairs(df: pd.DataFrame, tokenizer, cfg: TextConfig) -> EncodedPairs:
         ValueError: an unknown field name in ``cfg.fields``, ``max_length`` < 8, or a marker token
             the tokenizer does not hold as one token.
     """
-    unknown = [f for f in cfg.fields if f not in FIELD_COLUMNS]
-    if unknown:
-        raise ValueError(f"text.fields: unknown field(s) {unknown}; known: {list(FIELD_COLUMNS)}")
-    if cfg.max_length < 8:
-        raise ValueError("text.max_length must be at least 8")
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls_id is None:  # e.g. XLM-R style tokenizers expose bos/eos instead
-        cls_id = tokenizer.bos_token_id
-    if sep_id is None:
-        sep_id = tokenizer.eos_token_id
-    slash = tokenizer(" /", add_special_tokens=False)["input_ids"] or [sep_id]
-    marker_ids = {t: _marker_id(tokenizer, t) for t in marker_tokens(cfg)}
-    pairs = {marker_ids[o]: marker_ids[c] for o, c in ENTITY_MARKERS.values()} if cfg.entity_markers else {}
-
+    ids, marker_ids, pairs, marks = template_ids(tokenizer, cfg)
     n = len(df)
     q_budget = cfg.budgets.get("query", 32)
     if cfg.entity_markers:
@@ -362,8 +348,6 @@ def encode_pairs(df: pd.DataFrame, tokenizer, cfg: TextConfig) -> EncodedPairs:
     fields = list(cfg.fields)
     field_tok = {f: _tokenize_column(tokenizer, df[FIELD_COLUMNS[f]].tolist(), cfg.max_length) for f in fields}
     budgets = [cfg.budgets.get(f, 16) for f in fields]
-    marks = [marker_ids[FIELD_MARKERS[f]] for f in ["query", *fields]] if cfg.field_markers else []
-    ids = (cls_id, sep_id, slash)
 
     seqs: list[list[int]] = []
     type_starts = np.empty(n, dtype=np.int32)
@@ -379,6 +363,35 @@ def encode_pairs(df: pd.DataFrame, tokenizer, cfg: TextConfig) -> EncodedPairs:
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
     return EncodedPairs(flat, offsets, type_starts)
+
+
+def template_ids(tokenizer, cfg: TextConfig) -> tuple[tuple, dict[str, int], dict[int, int], list[int]]:
+    """The special token ids of ``cfg``'s template, after checking ``cfg``.
+
+    Returns:
+        ``((cls_id, sep_id, slash_ids), marker_ids {token: id}, entity pairs {opening id: closing
+        id} (empty without entity markers), field marks [query's marker, then each field's] (empty
+        without field markers))``.
+
+    Raises:
+        ValueError: an unknown field name in ``cfg.fields``, ``max_length`` < 8, or a marker token
+            the tokenizer does not hold as one token.
+    """
+    unknown = [f for f in cfg.fields if f not in FIELD_COLUMNS]
+    if unknown:
+        raise ValueError(f"text.fields: unknown field(s) {unknown}; known: {list(FIELD_COLUMNS)}")
+    if cfg.max_length < 8:
+        raise ValueError("text.max_length must be at least 8")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None:  # e.g. XLM-R style tokenizers expose bos/eos instead
+        cls_id = tokenizer.bos_token_id
+    if sep_id is None:
+        sep_id = tokenizer.eos_token_id
+    slash = tokenizer(" /", add_special_tokens=False)["input_ids"] or [sep_id]
+    marker_ids = {t: _marker_id(tokenizer, t) for t in marker_tokens(cfg)}
+    pairs = {marker_ids[o]: marker_ids[c] for o, c in ENTITY_MARKERS.values()} if cfg.entity_markers else {}
+    marks = [marker_ids[FIELD_MARKERS[f]] for f in ["query", *cfg.fields]] if cfg.field_markers else []
+    return (cls_id, sep_id, slash), marker_ids, pairs, marks
 
 
 def _marker_id(tokenizer, token: str) -> int:
@@ -413,43 +426,10 @@ def frame_fingerprint(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def encode_pairs_cached(df: pd.DataFrame, tokenizer, cfg: TextConfig) -> EncodedPairs:
-    """``encode_pairs`` with an on-disk cache in ``cfg.cache_dir``.
+def encode_pairs_cached(df: pd.DataFrame, tokenizer, cfg: TextConfig):
+    """The pairs of ``df`` through the token cache in ``cfg.cache_dir``: a
+    :class:`core.data.token_cache.CachedPairs` (same ``len`` / ``lengths`` / ``get`` as
+    :class:`EncodedPairs`, equal sequences), built by :func:`core.data.token_cache.pair_tokens`."""
+    from core.data.token_cache import pair_tokens
 
-    The key hashes the tokenizer, the template (fields, budgets), ``max_length``, the data and,
-    when either is on, ``field_markers`` / ``entity_markers`` (with the gazetteer rule's version).
-    A corrupt cache file is ignored and rewritten (written atomically: temp file + rename).
-    """
-    key_src = json.dumps(
-        {
-            "tok": tokenizer_fingerprint(tokenizer),
-            "fields": cfg.fields,
-            "budgets": cfg.budgets,
-            "max_length": cfg.max_length,
-            "data": frame_fingerprint(df),
-            "version": 1,
-            # only when on, so the keys of runs without markers stay as they were
-            **(
-                {"markers": [cfg.field_markers, cfg.entity_markers, GAZETTEER_VERSION]}
-                if cfg.field_markers or cfg.entity_markers
-                else {}
-            ),
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
-    path = Path(cfg.cache_dir) / f"pairs-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                enc = EncodedPairs(z["input_ids"], z["offsets"], z["type_starts"])
-            if len(enc) == len(df):
-                return enc
-        except (OSError, ValueError, KeyError):
-            pass
-    enc = encode_pairs(df, tokenizer, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, input_ids=enc.input_ids, offsets=enc.offsets, type_starts=enc.type_starts)
-    tmp.replace(path)
-    return enc
+    return pair_tokens(df, tokenizer, cfg)
