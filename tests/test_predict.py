@@ -97,6 +97,7 @@ def test_onnx_export_and_backend_match_torch(finished, tmp_path):
         if "max abs diff" in line
     ]
     assert len(diffs) == 2 and max(diffs) <= 1e-4, res.stdout
+    assert res.stdout.count("(fused graph)") == 2, res.stdout  # ONNX Runtime's BERT fusions applied and checked
     assert all((copy / f"fold{k}" / "model.onnx").is_file() for k in (0, 1))
     run = open_run(copy, need="onnx")
     df, rows = load_frame(run, data, "all")

@@ -9,13 +9,22 @@ the longest pairs, and pairs of mixed lengths so padding is exercised); only whe
 absolute difference of the probabilities is within ``tol`` (1e-4 in fp32) is it renamed to
 ``fold<k>/model.onnx`` (:func:`core.runs.lifecycle.atomic_write`): a failed check leaves nothing.
 
-Inference (:func:`onnx_session`): ONNX Runtime with all graph optimisations
-(``ORT_ENABLE_ALL``: constant folding, the transformer fusions of attention, LayerNorm, GELU and
-bias adds), on ``CUDAExecutionProvider`` when ONNX Runtime has it and a GPU is there, else
-``CPUExecutionProvider``. ``--fp16`` (GPU machines) converts the graph with ONNX Runtime's
-transformer optimiser (``onnxruntime.transformers.optimizer``, ``convert_float_to_float16`` with
-fp32 inputs/outputs kept); it is written as ``model.fp16.onnx`` and checked with a tolerance of
-1e-2. Not tested here (no GPU on this machine).
+Fusion (default, ``--no-fuse`` to skip): the exported graph is rewritten by ONNX Runtime's
+transformer optimiser (``onnxruntime.transformers.optimizer.optimize_model``, ``model_type="bert"``
+with the backbone's heads and hidden size): each layer's attention sub-graph becomes one
+``Attention`` op, the embeddings + LayerNorm one ``EmbedLayerNormalization``, residual + LayerNorm
+``SkipLayerNormalization`` and the FFN bias + GELU ``BiasGelu`` (on all-MiniLM-L6-v2: 6, 1, 12
+and 6 of them). ONNX Runtime's own session-time optimisations do not fuse the attention of this
+graph (the exporter writes it from ``scaled_dot_product_attention``). The fused graph is checked
+against torch the same way; when fusion fails or misses the tolerance, the plain graph is kept
+(``ExportedFold.fused`` says which).
+
+Inference (:func:`onnx_session`): ONNX Runtime with all graph optimisations (``ORT_ENABLE_ALL``),
+on ``CUDAExecutionProvider`` when ONNX Runtime has it and a GPU is there, else
+``CPUExecutionProvider``. ``--fp16`` (GPU machines) converts the graph with the same optimiser
+(``use_gpu=True``, ``convert_float_to_float16`` with fp32 inputs/outputs kept); it is written as
+``model.fp16.onnx``, checked with a tolerance of 1e-2, and preferred by ``--backend onnx`` where
+the CUDA provider is present. Not tested here (no GPU on this machine).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class ExportedFold:
     path: Path
     max_abs_diff: float
     max_abs_diff_logits: float
+    fused: bool = False
 
 
 def providers() -> list[str]:
@@ -146,39 +156,27 @@ def compare(model, session, batches: list[dict]) -> tuple[float, float]:
     return d_p, d_l
 
 
-def export_model(
-    model, batches: list[dict], path: str | Path, opset: int = 17, threads: int | None = None
-) -> tuple[float, float]:
-    """Export ``model`` (a :func:`logits_module`) to ``path`` atomically, checked first.
-
-    The graph is written to a temporary file, loaded into ONNX Runtime and compared with torch on
-    ``batches`` (:func:`compare`); only within :data:`TOL_FP32` is it renamed to ``path``.
-
-    Returns:
-        (largest absolute difference of the probabilities, of the logits).
+def _torch_export(model, batches: list[dict], path: Path, opset: int) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) of a :func:`logits_module`, both axes dynamic,
+    then ``onnx.checker``.
 
     Raises:
-        WorkbenchError: the exporter fails, or the difference exceeds :data:`TOL_FP32` (nothing is
-            written; a previous file at ``path`` stays).
+        WorkbenchError: the exporter fails or the graph is not valid ONNX (one line).
     """
     import warnings
 
     import onnx
     import torch
 
-    from core.runs.lifecycle import atomic_write
-
-    path = Path(path)
-    diffs: list[tuple[float, float]] = []
-
-    def write(tmp: Path) -> None:
-        args = tuple(batches[-1][n] for n in INPUT_NAMES)  # the mixed batch: padded rows, so the mask is traced
-        dyn = {n: {0: "batch", 1: "tokens"} for n in INPUT_NAMES}
-        try:
+    args = tuple(batches[-1][n] for n in INPUT_NAMES)  # the mixed batch: padded rows, so the mask is traced
+    dyn = {n: {0: "batch", 1: "tokens"} for n in INPUT_NAMES}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
                 model,
                 args,
-                str(tmp),
+                str(path),
                 dynamo=False,
                 input_names=list(INPUT_NAMES),
                 output_names=["logits"],
@@ -186,29 +184,82 @@ def export_model(
                 opset_version=opset,
                 do_constant_folding=True,
             )
-        except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line naming the file
-            raise WorkbenchError(f"{path}: ONNX export failed ({str(exc).splitlines()[0][:200]})") from None
-        try:
-            onnx.checker.check_model(str(tmp))  # the graph is well-formed ONNX (types, shapes, opset)
-        except onnx.checker.ValidationError as exc:
-            raise WorkbenchError(
-                f"{path}: the exported graph is not valid ONNX ({str(exc).splitlines()[0][:200]})"
-            ) from None
+        onnx.checker.check_model(str(path))  # well-formed ONNX (types, shapes, opset)
+    except Exception as exc:  # noqa: BLE001 - the exporter and checker raise many kinds; one line
+        raise WorkbenchError(f"{path}: ONNX export failed ({str(exc).splitlines()[0][:200]})") from None
+
+
+def fuse_bert(src: Path, dst: Path, num_heads: int, hidden_size: int, use_gpu: bool = False) -> dict[str, int]:
+    """ONNX Runtime's transformer optimiser over ``src`` (module docstring) written to ``dst``;
+    returns the fused operator counts (``Attention``, ``SkipLayerNormalization``, ...)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    for name in ("onnxruntime.transformers", "onnx_model", "fusion_base"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, use_gpu=use_gpu)
+    opt.save_model_to_file(str(dst))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def export_model(
+    model,
+    batches: list[dict],
+    path: str | Path,
+    opset: int = 17,
+    threads: int | None = None,
+    fuse: bool = True,
+) -> tuple[float, float, bool]:
+    """Export ``model`` (a :func:`logits_module`) to ``path`` atomically, checked first.
+
+    The graph is written to a temporary file, fused (``fuse``: :func:`fuse_bert`, kept only when
+    it passes the same check), loaded into ONNX Runtime and compared with torch on ``batches``
+    (:func:`compare`); only within :data:`TOL_FP32` is it renamed to ``path``.
+
+    Returns:
+        (largest absolute difference of the probabilities, of the logits, whether fused).
+
+    Raises:
+        WorkbenchError: the exporter fails, or the plain graph's difference exceeds
+            :data:`TOL_FP32` (nothing is written; a previous file at ``path`` stays).
+    """
+    import os
+
+    from core.runs.lifecycle import atomic_write
+
+    path = Path(path)
+    result: list[tuple[float, float, bool]] = []
+    cfg = model.m.backbone.config
+
+    def write(tmp: Path) -> None:
+        _torch_export(model, batches, tmp, opset)
+        if fuse:
+            fused = tmp.with_name(tmp.name + ".fused")
+            try:
+                ops = fuse_bert(tmp, fused, cfg.num_attention_heads, cfg.hidden_size)
+                d = compare(model, onnx_session(fused, threads=threads), batches)
+                if d[0] <= TOL_FP32 and ops:
+                    os.replace(fused, tmp)
+                    log.info("%s: fused %s", path, ops)
+                    result.append((*d, True))
+                    return
+                log.warning("%s: fused graph differs by %.2e (or fused nothing): plain graph kept", path, d[0])
+            except Exception as exc:  # noqa: BLE001 - the optimiser's failure only costs speed: keep the plain graph
+                log.warning("%s: fusion failed (%s): plain graph kept", path, str(exc).splitlines()[0][:200])
+            finally:
+                fused.unlink(missing_ok=True)
         d = compare(model, onnx_session(tmp, threads=threads), batches)
-        diffs.append(d)
         if d[0] > TOL_FP32:
             raise WorkbenchError(
                 f"{path}: ONNX Runtime differs from torch by {d[0]:.2e} (probabilities) > {TOL_FP32:.0e}; not written"
             )
+        result.append((*d, False))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        atomic_write(path, write)
-    return diffs[-1]
+    atomic_write(path, write)
+    return result[-1]
 
 
 def export_fold(
-    run: TrainedRun, k: int, batches: list[dict], opset: int = 17, threads: int | None = None
+    run: TrainedRun, k: int, batches: list[dict], opset: int = 17, threads: int | None = None, fuse: bool = True
 ) -> ExportedFold:
     """Export fold ``k`` to ``fold<k>/model.onnx`` and check it (:func:`export_model`).
 
@@ -223,7 +274,9 @@ def export_fold(
             f"{run.run_dir}: a model with side features (features.*) is not exported to ONNX; use --backend torch"
         )
     path = run.fold_dir(k) / ONNX_FILE
-    return ExportedFold(k, path, *export_model(logits_module(_fold_torch_model(run, k)), batches, path, opset, threads))
+    return ExportedFold(
+        k, path, *export_model(logits_module(_fold_torch_model(run, k)), batches, path, opset, threads, fuse)
+    )
 
 
 def _fold_torch_model(run: TrainedRun, k: int):
@@ -282,7 +335,7 @@ def export_fp16(run: TrainedRun, k: int, batches: list[dict]) -> ExportedFold:
             raise WorkbenchError(f"{path}: fp16 differs from torch by {d[0]:.2e} > {TOL_FP16:.0e}; not written")
 
     atomic_write(path, write)
-    return ExportedFold(k, path, *diffs[-1])
+    return ExportedFold(k, path, *diffs[-1], fused=True)
 
 
 def export_run(
@@ -291,6 +344,7 @@ def export_run(
     opset: int = 17,
     fp16: bool = False,
     threads: int | None = None,
+    fuse: bool = True,
     on_fold: Callable[[ExportedFold], None] | None = None,
 ) -> list[ExportedFold]:
     """Export every fold of ``run`` (:func:`export_fold`), checked on real pairs of ``data_dir``
@@ -316,12 +370,13 @@ def export_run(
     batches = check_batches(enc, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     out = []
     for k in run.folds:
-        res = export_fold(run, k, batches, opset, threads)
+        done = [export_fold(run, k, batches, opset, threads, fuse)]
         if fp16:
-            res = export_fp16(run, k, batches)
-        out.append(res)
-        if on_fold is not None:
-            on_fold(res)
+            done.append(export_fp16(run, k, batches))
+        for res in done:
+            out.append(res)
+            if on_fold is not None:
+                on_fold(res)
     return out
 
 

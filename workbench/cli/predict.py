@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from workbench.cli.common import DbOpt
+from workbench.cli.common import DbOpt, with_progress
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,19 +69,20 @@ def predict(
 ):
     """Score DATA's examples with a finished run's fold checkpoints: fold-averaged p_E..p_I, the
     expected gain, the run's blend; the columns of the run's test.parquet."""
-    from core.inference.predict import load_frame, open_run, predict_frame, write_predictions
-    from workbench.cli import RichProgress
+    from core.errors import WorkbenchError
+    from core.inference.predict import BACKENDS, load_frame, open_run, predict_frame, write_predictions
 
+    if backend not in BACKENDS:
+        raise WorkbenchError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     t0 = time.time()
     tr = open_run(resolve_run_dir(run, db), model_name=model, need="onnx" if backend == "onnx" else "checkpoint")
     out = out or Path(f"predictions-{tr.run_id}-{split}.parquet")
     if not out.parent.is_dir():
-        from core.errors import WorkbenchError
-
         raise WorkbenchError(f"{out}: folder {out.parent} does not exist")
     df, rows = load_frame(tr, data, split)
-    with RichProgress(err_console) as progress:
-        frame = predict_frame(tr, df, rows, backend, batch_size, threads, progress)
+    frame = with_progress(
+        err_console, predict_frame, run=tr, df=df, rows=rows, backend=backend, batch_size=batch_size, threads=threads
+    )  # a rich progress bar on stderr when it is a terminal
     write_predictions(frame, out)
     dt = time.time() - t0
     console.print(
@@ -101,6 +102,9 @@ def export_onnx(
     fp16: Annotated[
         bool, typer.Option("--fp16", help="also write model.fp16.onnx (GPU machines, CUDA provider)")
     ] = False,
+    fuse: Annotated[
+        bool, typer.Option("--fuse/--no-fuse", help="ONNX Runtime's BERT fusions (Attention, SkipLayerNorm, ...)")
+    ] = True,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
     db: DbOpt = None,
@@ -114,10 +118,10 @@ def export_onnx(
 
     def show(res) -> None:
         console.print(
-            f"fold {res.fold}: {res.path}  max abs diff vs torch: probabilities {res.max_abs_diff:.2e}, "
-            f"logits {res.max_abs_diff_logits:.2e} (limit {TOL_FP32:.0e})",
+            f"fold {res.fold}: {res.path} ({'fused' if res.fused else 'plain'} graph)  max abs diff vs torch: "
+            f"probabilities {res.max_abs_diff:.2e}, logits {res.max_abs_diff_logits:.2e} (limit {TOL_FP32:.0e})",
             soft_wrap=True,
         )
 
     with err_console.status("exporting"):
-        export_run(tr, data, opset=opset, fp16=fp16, threads=threads, on_fold=show)
+        export_run(tr, data, opset=opset, fp16=fp16, threads=threads, fuse=fuse, on_fold=show)
