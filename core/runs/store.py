@@ -977,15 +977,17 @@ class RunStore:
                 )
             ]
 
-    def watched_jobs(self, backend: str, terminal_states: Sequence[str]) -> list[RunRecord]:
+    def watched_jobs(self, backend: str, terminal_states: Sequence[str], limit: int | None = None) -> list[RunRecord]:
         """The runs of ``backend`` (e.g. ``"slurm"``) with a job id that may still change: active, or
-        their job not yet seen in one of ``terminal_states``."""
+        their job not yet seen in one of ``terminal_states`` (at most ``limit`` of them, when given)."""
         marks = ", ".join("?" for _ in terminal_states)
         active = ", ".join("?" for _ in ACTIVE)
         sql = (
             f"SELECT * FROM runs WHERE backend = ? AND job_id IS NOT NULL AND (status IN ({active}) "
             f"OR job_state IS NULL OR job_state NOT IN ({marks})) ORDER BY id"
         )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
         with self._guard():
             rows = [self._resolved(r) for r in self.db.query(sql, [backend, *map(str, ACTIVE), *terminal_states])]
         return [RunRecord.from_row(r, self.path) for r in rows]

@@ -48,9 +48,10 @@ class RunsLoaded(Message):
 
 class RunsPaged(Message):
     """More runs than the screen reads at once: the list's ids for the screen's view and one
-    window of rows (:class:`workbench.tui.runs_view.RunsPage`), read at ``data_version``."""
+    window of rows (:class:`workbench.tui.runs_view.RunsPage`), read at ``data_version`` (None:
+    a read for a new filter or sort only, without the totals)."""
 
-    def __init__(self, page: Any, data_version: int) -> None:
+    def __init__(self, page: Any, data_version: int | None) -> None:
         super().__init__()
         self.page = page
         self.data_version = data_version

@@ -193,7 +193,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self._select_id: str | None = None  # a run just launched: the cursor goes to it once it is listed
         self._watching = False  # a run may change by itself: each refresh checks processes and jobs
         self._reading = False  # a read of the list is under way
-        self._queued: tuple[bool, bool] | None = None  # (force, check) of the read asked for meanwhile
+        self._queued: tuple[bool, bool, bool] | None = None  # (force, check, full) of a read asked for meanwhile
         self._window_at: tuple[int, int] | None = None  # (id of the PagedRows, first row) being read
         self._mark_keys: dict[str, tuple[str, str]] = {}  # paged: marked run -> (created, id), for order
         self._t0 = time.perf_counter()
@@ -221,17 +221,19 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self.set_interval(self.refresh_interval, self.poll_gpu)
 
     # -- data ---------------------------------------------------------------------------------
-    def reload(self, force: bool = False, check: bool | None = None) -> None:
+    def reload(self, force: bool = False, check: bool | None = None, full: bool = True) -> None:
         """Re-read runs.db in a worker (every ``refresh_interval`` s; ``force``: even if unchanged;
         ``check``: first mark vanished processes crashed, by default when a run may still change or
-        ``force``). One read at a time: a reload asked for meanwhile runs when it ends."""
+        ``force``; not ``full``: paged, only the list for a new filter or sort, no totals). One read
+        at a time: a reload asked for meanwhile runs when it ends."""
         check = (self._watching or force) if check is None else check
         if self._reading:
-            f, c = self._queued or (False, False)
-            self._queued = (f or force, c or check)
+            f, c, a = self._queued or (False, False, False)
+            self._queued = (f or force, c or check, a or full)
             return
         self._reading = True
-        self._read_runs(force or not self.loaded, check, self._data_version, self._request())
+        full = full or not self.loaded
+        self._read_runs(force or not self.loaded, check, self._data_version, self._request(), full)
 
     def _request(self) -> ViewRequest:
         t = self.table
@@ -246,10 +248,14 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         )
 
     @work(thread=True, exclusive=True, group="runs-db", exit_on_error=False)
-    def _read_runs(self, force: bool, check_processes: bool, known_version: int | None, request: ViewRequest) -> None:
+    def _read_runs(
+        self, force: bool, check_processes: bool, known_version: int | None, request: ViewRequest, full: bool = True
+    ) -> None:
         """Worker: mark runs whose processes vanished ``crashed`` and read Slurm jobs' states (a write,
         ``check_processes``), then the runs list unless the database is still at ``known_version``:
-        every run (up to ``PAGED_ABOVE``), else the ``request``'s view and one window of it."""
+        every run (up to ``PAGED_ABOVE``), else the ``request``'s view and one window of it (with
+        the totals when ``full``; without, the data version is not reported: the next refresh
+        reads them)."""
         store = self.services.store()
         changed = refresh_statuses(store) if check_processes else []
         # data_version moves with other connections' commits only: this worker's own writes are ``changed``
@@ -260,8 +266,8 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
             rows = run_rows(store.list_runs(), self.services)
             self.post_message(RunsLoaded(rows, store.data_version()))
         else:
-            page = read_page(store, self.services, request)
-            self.post_message(RunsPaged(page, store.data_version()))
+            page = read_page(store, self.services, request, totals=full)
+            self.post_message(RunsPaged(page, store.data_version() if full else None))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         super().on_worker_state_changed(event)
@@ -272,8 +278,8 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         ):
             self._reading = False
             if self._queued is not None:
-                (force, check), self._queued = self._queued, None
-                self.reload(force, check)
+                (force, check, full), self._queued = self._queued, None
+                self.reload(force, check, full)
         elif event.worker.group == "runs-window" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self._window_at = None
 
@@ -285,16 +291,18 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
 
     def on_runs_paged(self, message: RunsPaged) -> None:
         page, t = message.page, self.table
-        self._data_version = message.data_version
+        if message.data_version is not None:
+            self._data_version = message.data_version
         if page.request.view != (self.filter_text, t.sort_key, t.sort_reverse):
-            self.reload(force=True, check=False)  # the filter or sort changed meanwhile: read it again
+            self.reload(force=True, check=False, full=False)  # the filter or sort changed meanwhile
             return
         self.paged = True
         self.all_rows = page.rows
-        self.counts = (page.total, page.running)
-        self._watching = page.watched
-        t.marked -= page.request.marked - page.marked  # runs gone from runs.db
-        t.set_columns(COLUMNS + [WHERE] if page.slurm else COLUMNS)
+        if page.total is not None:  # a full read (else a new filter or sort: the totals as they were)
+            self.counts = (page.total, page.running)
+            self._watching = page.watched
+            t.marked -= page.request.marked - page.marked  # runs gone from runs.db
+            t.set_columns(COLUMNS + [WHERE] if page.slurm else COLUMNS)
         self._window_at = None
         t.set_rows(PagedRows(page.ids, page.start, page.rows))
         self._after_rows()
@@ -398,7 +406,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         """Show the rows for the filter and sort: in memory, or (paged) a read of runs.db."""
         t = self.table
         if self.paged:
-            self.reload(force=True, check=False)
+            self.reload(force=True, check=False, full=False)
             t.refresh()  # the sort arrow
             self._update_bars()
             return

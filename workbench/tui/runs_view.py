@@ -13,7 +13,7 @@ below the threshold; :meth:`core.runs.store.RunStore.run_index` is its SQL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.runs import metric_names as mn
 from core.runs.store import RunStore, Status
@@ -62,18 +62,19 @@ class ViewRequest:
 @dataclass
 class RunsPage:
     """One read of the list: the ids the view keeps, in order, the table rows of ``ids[start:]``
-    (``rows``), the number of runs in runs.db and of running ones, whether any is a Slurm run,
-    whether any may still change (:func:`any_watched`), and which marked runs still exist."""
+    (``rows``), and, unless the read was for a new filter or sort only (None then): the number of
+    runs in runs.db and of running ones, whether any is a Slurm run, whether any may still change
+    (:func:`any_watched`), and which marked runs still exist."""
 
     request: ViewRequest
     ids: list[str]
     start: int
     rows: list[dict]
-    total: int
-    running: int
-    slurm: bool
-    watched: bool
-    marked: set[str] = field(default_factory=set)
+    total: int | None = None
+    running: int | None = None
+    slurm: bool | None = None
+    watched: bool | None = None
+    marked: set[str] | None = None
 
 
 def parse_filter(text: str) -> list[tuple[str | None, str]] | None:
@@ -154,11 +155,12 @@ def any_watched(store: RunStore) -> bool:
 
     if store.count_runs(Status.RUNNING) or store.count_runs(Status.QUEUED):
         return True
-    return store.has_backend("slurm") and bool(store.watched_jobs("slurm", TERMINAL_STATES))
+    return store.has_backend("slurm") and bool(store.watched_jobs("slurm", TERMINAL_STATES, limit=1))
 
 
-def read_page(store: RunStore, services, request: ViewRequest) -> RunsPage:
-    """The list as ``request`` asks for it, with the window around its focus run (or row).
+def read_page(store: RunStore, services, request: ViewRequest, totals: bool = True) -> RunsPage:
+    """The list as ``request`` asks for it, with the window around its focus run (or row), and the
+    totals (``totals``; a read for a new filter or sort alone leaves them to the next refresh).
 
     Raises:
         ValueError: an unknown sort key.
@@ -176,6 +178,8 @@ def read_page(store: RunStore, services, request: ViewRequest) -> RunsPage:
     if len(rows) < min(request.window, len(ids) - start):  # a run vanished between the two reads
         known = {r["id"] for r in rows}
         ids = ids[:start] + [r["id"] for r in rows] + [i for i in ids[start + request.window :] if i not in known]
+    if not totals:
+        return RunsPage(request, ids, start, rows)
     return RunsPage(
         request=request,
         ids=ids,
