@@ -45,14 +45,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds over ``repeats`` calls, the last result)."""
-    times, out = [], None
+def interleaved(calls: dict, repeats: int) -> dict[str, tuple[float, float, object]]:
+    """Run each callable ``repeats`` times, round-robin (so a load change on a shared machine hits
+    every contestant alike) after one warm-up call each. Returns name -> (median wall seconds,
+    median process CPU seconds (all threads), the last result)."""
+    for fn in calls.values():
+        fn()  # warm-up: thread pools, allocator, first-call caches
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    last: dict[str, object] = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for name, fn in calls.items():
+            t, c = time.perf_counter(), time.process_time()
+            last[name] = fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]), last[k]) for k in calls}
 
 
 def load_model(args):
@@ -148,7 +156,7 @@ def main() -> None:
     wrapped = logits_module(model)
     d_export = export_model(wrapped, check_batches(enc, pad), tmp / "model.onnx", threads=args.threads)
     d_plain = export_model(wrapped, check_batches(enc, pad), tmp / "plain.onnx", threads=args.threads, fuse=False)
-    runs: dict[str, tuple[float, float, np.ndarray]] = {}  # name -> (total s, model-only s, probs)
+    runs: dict[str, tuple[float, float, float, np.ndarray]] = {}  # name -> (wall s, CPU s, model-only s, probs)
 
     def ours(forward):
         t0 = time.perf_counter()
@@ -165,22 +173,19 @@ def main() -> None:
     if args.int8:
         quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
         contestants["workbench onnx-int8"] = onnx_forward(onnx_session(tmp / "model.int8.onnx", threads=args.threads))
-    for name, fwd in contestants.items():
-        ours(fwd)  # warm-up (thread pools, allocator)
-        sec, (probs, tok_s) = timed(lambda f=fwd: ours(f), args.repeats)
-        runs[name] = (sec, sec - tok_s, probs)
     pairs, same = st_pairs(enc, tok, L)
     ce = st_cross_encoder(model, cfg, L)
     kw = {"batch_size": B, "apply_softmax": True, "show_progress_bar": False, "convert_to_numpy": True}
-    ce.predict(pairs[: 4 * B], **kw)  # warm-up
-    sec, probs = timed(lambda: ce.predict(pairs, **kw), args.repeats)
-    runs["sentence-transformers"] = (sec, float("nan"), np.asarray(probs, dtype=np.float32))
+    calls = {name: (lambda f=fwd: ours(f)) for name, fwd in contestants.items()}
+    calls["sentence-transformers"] = lambda: (np.asarray(ce.predict(pairs, **kw), dtype=np.float32), float("nan"))
+    for name, (sec, cpu_s, (probs, tok_s)) in interleaved(calls, args.repeats).items():
+        runs[name] = (sec, cpu_s, sec - tok_s, probs)
 
-    ref = runs["workbench torch"][2]
+    ref = runs["workbench torch"][3]
     base = runs["sentence-transformers"][0]
     ndcg_ref = mean_ndcg(qids, expected_gain(ref), labels)
     print(
-        f"\n{n} pairs of {args.data}, max_length {L}, batch {B}, {args.threads} threads, median of {args.repeats}; "
+        f"\n{n} pairs of {args.data}, max_length {L}, batch {B}, {args.threads} threads, median of {args.repeats} interleaved runs; "
         f"model: {args.run + f' fold {args.fold}' if args.run else cfg.model.name + ' (random head)'}"
     )
     for what, d in (("fused" if d_export[2] else "plain (fusion failed)", d_export), ("plain", d_plain)):
@@ -190,14 +195,17 @@ def main() -> None:
     print(f"sentence-transformers input: {same} of {n} pairs re-tokenize to exactly our ids")
     print(f"mean tokens per pair {enc.lengths.mean():.1f}, max {enc.lengths.max()}\n")
     print(
-        "| contestant | seconds | model s | pairs/s | x vs ST | nDCG | max abs dp vs torch | ranking = torch (4 dp) |"
+        "| contestant | wall s | CPU s | model s | pairs/s | x vs ST (wall) | x vs ST (CPU) | nDCG | max abs dp vs torch "
+        "| ranking = torch (4 dp) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, (sec, model_s, probs) in runs.items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu_base = runs["sentence-transformers"][1]
+    for name, (sec, cpu_s, model_s, probs) in runs.items():
         nd = mean_ndcg(qids, expected_gain(probs), labels)
         dp = float(np.abs(probs - ref).max())
         print(
-            f"| {name} | {sec:.2f} | {model_s:.2f} | {n / sec:.0f} | {base / sec:.2f} | {nd:.6f} | {dp:.1e} | "
+            f"| {name} | {sec:.2f} | {cpu_s:.2f} | {model_s:.2f} | {n / sec:.0f} | {base / sec:.2f} | "
+            f"{cpu_base / cpu_s:.2f} | {nd:.6f} | {dp:.1e} | "
             f"{'yes' if round(nd, 4) == round(ndcg_ref, 4) else 'NO'} |"
         )
 

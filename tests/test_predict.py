@@ -189,3 +189,16 @@ def test_onnx_check_fails_above_tolerance(finished, tmp_path, monkeypatch):
     assert not (copy / "fold0" / "model.onnx").exists()
     assert not list((copy / "fold0").glob(".model.onnx.*"))
     torch.set_num_threads(1)
+
+
+def test_a_config_from_before_blend_method_gets_the_grid_blend_it_was_trained_with(finished, tmp_path):
+    import yaml
+
+    run_dir, _ = finished
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    assert open_run(copy).cfg.blend.method == "caruana"
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    del cfg["blend"]["method"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert open_run(copy).cfg.blend.method == "grid"

@@ -383,8 +383,11 @@ def export_run(
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantisation of an fp32 graph (``onnxruntime.quantization.quantize_dynamic``:
     int8 weights of the MatMul/Gemm ops, activations quantised per batch at run time; Jacob et al.
-    2018, arXiv:1712.05877), written atomically to ``dst``. Faster on CPUs with VNNI, but not
-    within 1e-4 of fp32: check the ranking before using it (benchmarks/predict_throughput.py)."""
+    2018, arXiv:1712.05877), written atomically to ``dst``. A fused graph's contrib ops have no
+    inferred output types: they are taken as float (``DefaultTensorType``). Faster on CPUs with
+    VNNI, but not within 1e-4 of fp32: check the ranking before using it
+    (benchmarks/predict_throughput.py)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from core.runs.lifecycle import atomic_write
@@ -392,6 +395,10 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     return atomic_write(
         Path(dst),
         lambda p: quantize_dynamic(
-            str(src), str(p), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            str(src),
+            str(p),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         ),
     )

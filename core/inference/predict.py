@@ -82,6 +82,8 @@ def open_run(run_dir: str | Path, model_name: str | None = None, need: str = "ch
             training machine is not here.
         need: ``"checkpoint"`` (``fold<k>/model.safetensors``) or ``"onnx"`` (``fold<k>/model.onnx``).
 
+    A config saved before ``blend.method`` existed gets ``grid``, the blend it was trained with.
+
     Returns:
         TrainedRun with the config and its folds 0..``train.folds``-1.
 
@@ -105,6 +107,9 @@ def open_run(run_dir: str | Path, model_name: str | None = None, need: str = "ch
     if data.get("kind", "train") not in ("train", None):
         raise WorkbenchError(f"{d}: a {data['kind']} run, not a trained cross-encoder")
     data.pop("kind", None)
+    blend = data.get("blend")
+    if isinstance(blend, dict) and "method" not in blend:  # saved before blend.method (2026-11-30): grid weights
+        blend["method"] = "grid"
     if model_name:
         data.setdefault("model", {})["name"] = model_name
     cfg = config_from_dict(data)
