@@ -589,12 +589,14 @@ def data_check(
     console.print(df.groupby(["split", "esci_label"]).size().unstack(fill_value=0))
 
 
+SampleOpt = Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")]
+ImportDirOpt = Annotated[Path, typer.Option(help="where the imported official-layout files go")]
+
+
 @app.command()
 def demo(
-    data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
-    data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(
-        DEFAULT_DATA_DIR
-    ),
+    data: SampleOpt = Path(DEFAULT_SAMPLE_DIR),
+    data_dir: ImportDirOpt = Path(DEFAULT_DATA_DIR),
     config: Annotated[
         Path | None, typer.Option(help="config (default demo.yaml: ./configs/demo.yaml, else the bundled one)")
     ] = None,
@@ -636,10 +638,8 @@ def demo(
 
 @app.command()
 def recipe(
-    data: Annotated[Path, typer.Option(help="the OpenSearch ESCI sample folder")] = Path(DEFAULT_SAMPLE_DIR),
-    data_dir: Annotated[Path, typer.Option(help="where the imported official-layout files go")] = Path(
-        DEFAULT_DATA_DIR
-    ),
+    data: SampleOpt = Path(DEFAULT_SAMPLE_DIR),
+    data_dir: ImportDirOpt = Path(DEFAULT_DATA_DIR),
     config: Annotated[
         Path | None, typer.Option(help="config (default recipe.yaml: ./configs/recipe.yaml, else the bundled one)")
     ] = None,
