@@ -12,7 +12,7 @@ Targets (issue 16, part 4), at 100,000 runs: first paint < 1 s, page-down < 100 
 - filter: the filter box holds all but the last character of ``--filter``; from that last key to
   the frame with exactly the matching runs (the mean of ``--repeats`` tries, the box cleared between).
 
-    python benchmarks/tui_runs.py [--sizes 1000 10000 100000] [--pages 30] [--filter sweep-7]
+    python benchmarks/tui_runs.py [--sizes 1000 10000 100000] [--pages 30] [--filter sweep-7] [--dbdir DIR]
 """
 
 from __future__ import annotations
@@ -120,17 +120,21 @@ def main() -> None:
     ap.add_argument("--filter", default="sweep-7")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-old", action="store_true", help="skip the old code path (slow at 100,000 runs)")
+    ap.add_argument("--dbdir", type=Path, help="keep the built runs<N>.db here and reuse them (else a temp folder)")
     args = ap.parse_args()
     print(
         f"{'runs':>7} {'measure':>18} {'paged':>10} {'old path':>10} {'old/paged':>9} {'target':>8} {'paged/target':>12}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            db = Path(tmp) / f"runs{n}.db"
+            db = (args.dbdir or Path(tmp)) / f"runs{n}.db"
             t = time.perf_counter()
-            build_many_runs(db, n)
+            if not db.exists():
+                build_many_runs(db, n)
             n_match = count_matches(db, args.filter)
-            print(f"# {n} runs built in {time.perf_counter() - t:.1f} s; filter {args.filter!r} keeps {n_match}")
+            print(
+                f"# {n} runs built or found in {time.perf_counter() - t:.1f} s; filter {args.filter!r} keeps {n_match}"
+            )
             new = asyncio.run(measure(db, args.pages, args.filter, n_match, args.repeats, old_path=False))
             old = None if args.no_old else asyncio.run(measure(db, args.pages, args.filter, n_match, 1, old_path=True))
             for key, target in TARGETS.items():

@@ -250,10 +250,12 @@ INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 def _basename_sql(col: str) -> str:
     """SQL for the part of ``col`` after its last ``/`` (all of it without one; '' for NULL); the
-    string functions only run for a value with a ``/``."""
+    costly character-set trim only runs for a value with two ``/`` or more."""
+    after = f"substr({col}, instr({col}, '/') + 1)"
     return (
-        f"CASE WHEN instr({col}, '/') > 0 THEN substr({col}, length(rtrim({col}, replace({col}, '/', ''))) + 1) "
-        f"ELSE coalesce({col}, '') END"
+        f"CASE WHEN coalesce(instr({col}, '/'), 0) = 0 THEN coalesce({col}, '') "
+        f"WHEN instr({after}, '/') = 0 THEN {after} "
+        f"ELSE substr({col}, length(rtrim({col}, replace({col}, '/', ''))) + 1) END"
     )
 
 
@@ -1120,12 +1122,21 @@ class RunStore:
         def column(name: str) -> str:
             return f'"{name}"' if name in raw else field(name)
 
+        def contains(name: str) -> tuple[str, int]:  # SQL: the field contains the pattern; its parameters
+            if name == "model":  # the costly folder-stripping only where the whole name matches
+                return (
+                    f"(coalesce(model, '') LIKE ? ESCAPE '\\' AND (instr(model, '/') = 0 OR {field(name)} LIKE ? ESCAPE '\\'))",
+                    2,
+                )
+            return f"{field(name)} LIKE ? ESCAPE '\\'", 1
+
         where, params, used = [], [], set(columns)
         for key, text in terms:
             used |= {key} if key is not None else set(any_fields)
             names = [key] if key is not None else list(any_fields)
-            where.append("(" + " OR ".join(f"{field(n)} LIKE ? ESCAPE '\\'" for n in names) + ")" if names else "0")
-            params += [_like_pattern(text)] * len(names)
+            parts = [contains(n) for n in names]
+            where.append("(" + " OR ".join(sql for sql, _ in parts) + ")" if parts else "0")
+            params += [_like_pattern(text)] * sum(k for _, k in parts)
         sql = "SELECT " + ", ".join(["id", *(column(c) for c in columns)]) + " FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)

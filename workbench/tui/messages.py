@@ -58,13 +58,15 @@ class RunsPaged(Message):
 
 
 class RunsWindow(Message):
-    """The table rows ``window`` of ``rows.ids[start:]`` (``rows``: the table's PagedRows)."""
+    """The table rows ``window`` of ``rows.ids[start:]`` (``rows``: the table's PagedRows), of the
+    ``asked`` ids read (fewer rows: a run vanished)."""
 
-    def __init__(self, rows: Any, start: int, window: list[dict]) -> None:
+    def __init__(self, rows: Any, start: int, window: list[dict], asked: int) -> None:
         super().__init__()
         self.rows = rows
         self.start = start
         self.window = window
+        self.asked = asked
 
 
 class RunsUnchanged(Message):

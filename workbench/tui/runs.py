@@ -196,6 +196,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         self._queued: tuple[bool, bool, bool] | None = None  # (force, check, full) of a read asked for meanwhile
         self._window_at: tuple[int, int] | None = None  # (id of the PagedRows, first row) being read
         self._mark_keys: dict[str, tuple[str, str]] = {}  # paged: marked run -> (created, id), for order
+        self._last_cursor = 0  # paged: where the cursor was (the direction it moves)
         self._t0 = time.perf_counter()
 
     def compose(self) -> ComposeResult:
@@ -243,7 +244,7 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
             t.sort_reverse,
             self._select_id or t.current_id,
             t.cursor,
-            self.WINDOW,
+            self.window_size,
             frozenset(t.marked),
         )
 
@@ -315,11 +316,25 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
     def _rows_needed(self, event: VirtualTable.RowsNeeded) -> None:
         self._read_window(event.index + self.table.body_height // 2)
 
+    @property
+    def window_size(self) -> int:
+        """Rows per window read: ``WINDOW``, or six pages on a tall terminal."""
+        return max(self.WINDOW, 6 * self.table.body_height)
+
     def _ensure_window(self) -> None:
-        """Paged: read the window around the cursor when the page before or after it is not read."""
+        """Paged: read ahead. When the page before or after the one in view is not read, or the
+        three pages ahead in the direction the cursor moves, read the window that starts a page
+        behind the view in that direction (so most of it lies ahead)."""
         t = self.table
-        rows = t.rows
-        if isinstance(rows, PagedRows) and not rows.covers(t.top - t.body_height, t.top + 2 * t.body_height):
+        rows, body, size = t.rows, t.body_height, self.window_size
+        step, self._last_cursor = t.cursor - self._last_cursor, t.cursor
+        if not isinstance(rows, PagedRows):
+            return
+        if step > 0 and not rows.covers(t.top - body, t.top + 4 * body):
+            self._read_window(t.top - body + size // 2)
+        elif step < 0 and not rows.covers(t.top - 3 * body, t.top + 2 * body):
+            self._read_window(t.top + 2 * body - size // 2)
+        elif not rows.covers(t.top - body, t.top + 2 * body):
             self._read_window(t.cursor)
 
     def _read_window(self, center: int) -> None:
@@ -328,25 +343,25 @@ class RunsScreen(WorkerErrors, RunActions, Screen):
         rows = self.table.rows
         if not isinstance(rows, PagedRows):
             return
-        start = window_start(center, len(rows), self.WINDOW)
+        start = window_start(center, len(rows), self.window_size)
         at = (id(rows), start)
         if at == self._window_at or (rows.start == start and rows.window):
             return
         self._window_at = at
-        self._fetch_window(rows, start)
+        self._fetch_window(rows, start, self.window_size)
 
     @work(thread=True, exclusive=True, group="runs-window", exit_on_error=False)
-    def _fetch_window(self, rows: PagedRows, start: int) -> None:
-        """Worker: the table rows of ``rows.ids[start:start + WINDOW]``."""
-        ids = rows.ids[start : start + self.WINDOW]
-        self.post_message(RunsWindow(rows, start, window_rows(self.services.store(), self.services, ids)))
+    def _fetch_window(self, rows: PagedRows, start: int, size: int) -> None:
+        """Worker: the table rows of ``rows.ids[start:start + size]``."""
+        ids = rows.ids[start : start + size]
+        self.post_message(RunsWindow(rows, start, window_rows(self.services.store(), self.services, ids), len(ids)))
 
     def on_runs_window(self, message: RunsWindow) -> None:
         t = self.table
         if message.rows is not t.rows:
             return  # the list was read again meanwhile
         self._window_at = None
-        if len(message.window) < min(self.WINDOW, len(message.rows) - message.start):
+        if len(message.window) < message.asked:
             self.reload(force=True, check=False)  # a run vanished: read the list again
         message.rows.start, message.rows.window = message.start, message.window
         self.all_rows = message.window
