@@ -45,14 +45,18 @@ async def _until(pilot, pred, timeout: float = 120.0) -> None:
         await pilot.pause(0.001)
 
 
-async def measure(db: Path, pages: int, text: str, n_match: int, repeats: int, old_path: bool) -> dict[str, float]:
+async def measure(
+    db: Path, pages: int, text: str, n_match: tuple[int, int], repeats: int, old_path: bool
+) -> dict[str, float]:
     """{first paint, page-down, filter} in seconds for the Runs screen over ``db``; ``old_path``:
-    every run read and filtered in memory (the code before paging)."""
+    every run read and filtered in memory (the code before paging); ``n_match``: the runs that
+    ``text`` and ``text[:-1]`` keep."""
     import core.runs.slurm
     from workbench.tui.app import WorkbenchApp
     from workbench.tui.runs import RunsScreen
 
     core.runs.slurm.refresh = lambda store: []  # the fixture's Slurm jobs are made up: squeue is not asked
+    n_match, n_prefix = n_match
     saved = RunsScreen.PAGED_ABOVE
     RunsScreen.PAGED_ABOVE = 10**9 if old_path else saved
     try:
@@ -85,7 +89,8 @@ async def measure(db: Path, pages: int, text: str, n_match: int, repeats: int, o
             times = []
             for _ in range(repeats):
                 await pilot.press("slash", *text[:-1])
-                await _until(pilot, lambda: screen.filter_text == text[:-1] and len(t.rows) != n_match)
+                # the list for all but the last character shown, no read of runs.db under way
+                await _until(pilot, lambda: len(t.rows) == n_prefix and not screen._reading and _all_drawn(screen))
                 await pilot.pause()
                 t2 = time.perf_counter()
                 await pilot.press(text[-1])
@@ -132,11 +137,16 @@ def main() -> None:
             if not db.exists():
                 build_many_runs(db, n)
             n_match = count_matches(db, args.filter)
+            n_prefix = count_matches(db, args.filter[:-1])
             print(
                 f"# {n} runs built or found in {time.perf_counter() - t:.1f} s; filter {args.filter!r} keeps {n_match}"
             )
-            new = asyncio.run(measure(db, args.pages, args.filter, n_match, args.repeats, old_path=False))
-            old = None if args.no_old else asyncio.run(measure(db, args.pages, args.filter, n_match, 1, old_path=True))
+            new = asyncio.run(measure(db, args.pages, args.filter, (n_match, n_prefix), args.repeats, old_path=False))
+            old = (
+                None
+                if args.no_old
+                else asyncio.run(measure(db, args.pages, args.filter, (n_match, n_prefix), 1, old_path=True))
+            )
             for key, target in TARGETS.items():
                 o = f"{old[key] * 1000:>7.0f} ms {old[key] / new[key]:>8.2f}x" if old else f"{'-':>10} {'-':>9}"
                 print(

@@ -57,7 +57,7 @@ class Services:
         self.clock = clock or time.time
         self.configs_dir = Path(configs_dir)
         self._local = threading.local()
-        self._stores: list[RunStore] = []
+        self._stores: list[tuple[threading.Thread, RunStore]] = []
         self._stores_lock = threading.Lock()
 
     def store(self) -> RunStore:
@@ -71,7 +71,7 @@ class Services:
                 st = RunStore(self.db_path, readonly=True)
             self._local.store = st
             with self._stores_lock:
-                self._stores.append(st)
+                self._stores.append((threading.current_thread(), st))
         return st
 
     @property
@@ -82,10 +82,16 @@ class Services:
             return self._probe
 
     def close(self) -> None:
+        """Close the connections of this thread and of finished worker threads; a worker thread
+        still reading has its query interrupted and its connection closes when the thread ends
+        (closing a connection another thread is using can crash SQLite's Python module)."""
         with self._stores_lock:
-            for st in self._stores:
+            for thread, st in self._stores:
                 try:
-                    st.close()
+                    if thread is threading.current_thread() or not thread.is_alive():
+                        st.close()
+                    else:
+                        st.conn.interrupt()
                 except Exception:  # noqa: BLE001 - closing from another thread
                     pass
             self._stores.clear()
