@@ -179,6 +179,11 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
     prod_idx = np.concatenate([rng.permutation(n_products), rng.integers(0, n_products, n_examples - n_products)])
     prod_idx = prod_idx[np.argsort(locales[prod_idx], kind="stable")]
     q_of_row = np.minimum(np.arange(n_examples) * n_queries // n_examples, n_queries - 1)
+    # a product is judged at most once per query (as in the release): drop the rare repeats
+    _, first = np.unique(q_of_row * np.int64(n_products) + prod_idx, return_index=True)
+    once = np.zeros(n_examples, dtype=bool)
+    once[first] = True
+    prod_idx, q_of_row, n_examples = prod_idx[once], q_of_row[once], int(once.sum())
     q_text = _text_array(rng, pool, np.maximum(_lengths(rng, n_queries, "query"), 3))
     labels = rng.choice(np.array(["E", "S", "C", "I"]), size=n_examples, p=[0.65, 0.22, 0.03, 0.10])
     q_test = rng.random(n_queries) < 0.24
@@ -231,7 +236,7 @@ def prepare_runs(data_dir: Path) -> None:
     root.mkdir(parents=True)
     ex = pd.read_parquet(
         data_dir / "shopping_queries_dataset_examples.parquet",
-        columns=["example_id", "query_id", "esci_label", "split"],
+        columns=["example_id", "query_id", "product_id", "esci_label", "split"],
     )
     label = pd.Categorical(ex["esci_label"], categories=list("ESCI")).codes
     store = RunStore(root / "runs.db")
@@ -256,6 +261,7 @@ def prepare_runs(data_dir: Path) -> None:
                 {
                     "example_id": part["example_id"].to_numpy(),
                     "query_id": part["query_id"].to_numpy(),
+                    "product_id": part["product_id"].to_numpy(),
                     "esci_label": part["esci_label"].to_numpy(),
                     "fold": (part["query_id"].to_numpy() % 5) if split == "train" else -1,
                 }
@@ -419,8 +425,12 @@ def _step_features(step: str, data_dir: Path) -> dict:
     if step == "ngram_bags":
         bags = compute_ngram_bags(df, cfg)
         return {**_since(t0), "rows": len(bags), "ids": len(bags.ids)}
-    rows, _ = word2vec_bucket_init(df, cfg)
-    return {**_since(t0), "buckets": len(rows)}
+    from core.modeling.features import train_word2vec
+
+    wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, 42)
+    t_train = _since(t0)
+    rows, _ = word2vec_bucket_init(df, cfg, wv=wv)
+    return {**_since(t0), "train_s": t_train["seconds"], "train_cpu_s": t_train["cpu_s"], "buckets": len(rows)}
 
 
 def _bm25_baseline(data_dir: Path, n_queries: int) -> dict:
@@ -496,7 +506,7 @@ def _step_ensemble(step: str, data_dir: Path) -> dict:
             from ensemble_scale import baseline
 
             t0 = _clock()
-            baseline(root, ids, out)
+            baseline(data_dir, ids, out)
             return {**_since(t0)}
         shutil.copy(root / "runs.db", root / "ens.db")
         store = RunStore(root / "ens.db")

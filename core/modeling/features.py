@@ -479,6 +479,9 @@ def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a[first], first
 
 
+_GRAM_CHUNK = 1 << 17  # distinct n-grams per vectorised pass of word2vec_bucket_init (~70 MB)
+
+
 def word2vec_bucket_init(
     df: pd.DataFrame, cfg: FeaturesConfig, seed: int = 42, wv=None, cache_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -520,19 +523,22 @@ def word2vec_bucket_init(
     for key in keys:
         b_all = buckets[start : start + len(key)]
         start += len(key)
-        for s in range(0, len(key), 1 << 20):
-            r = w2v_row[key[s : s + (1 << 20)]]  # (m, k), -1 = no vector
+        for s in range(0, len(key), _GRAM_CHUNK):
+            r = w2v_row[key[s : s + _GRAM_CHUNK]]  # (m, k), -1 = no vector
             known = (r >= 0).sum(1)
             ok = known > 0
-            r, known, b = r[ok], known[ok], b_all[s : s + (1 << 20)][ok]
+            r, known, b = r[ok], known[ok], b_all[s : s + _GRAM_CHUNK][ok]
             vec = np.zeros((len(r), cfg.bag_dim), dtype=np.float64)
             for j in range(r.shape[1]):
                 has = r[:, j] >= 0
                 vec[has] += vectors[r[has, j]]
             vec /= known[:, None]
-            counts += np.bincount(b, minlength=cfg.buckets + 1)
-            for d in range(cfg.bag_dim):
-                sums[:, d] += np.bincount(b, weights=vec[:, d], minlength=cfg.buckets + 1)
+            order = np.argsort(b, kind="stable")  # sum per bucket: one reduceat over the sorted grams
+            b, vec = b[order], vec[order]
+            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]]) if len(b) else np.zeros(0, np.int64)
+            if len(starts):
+                sums[b[starts]] += np.add.reduceat(vec, starts, axis=0)
+                counts[b[starts]] += np.diff(np.r_[starts, len(b)])
     rows = np.flatnonzero(counts)
     out = (rows.astype(np.int64), (sums[rows] / counts[rows, None]).astype(np.float32))
     if path is not None:
