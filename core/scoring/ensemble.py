@@ -199,15 +199,16 @@ def _scorer_test_scores(name: str, test: pd.DataFrame, data_dir: str | None) -> 
 
     if not data_dir:
         raise WorkbenchError(f"scorer {name!r}: no test column {name!r} and no data dir to recompute it")
-    from core.scoring.baselines import DEFAULT_BM25_FIELDS, bm25_scores
-    from core.scoring.dense import DENSE_FIELDS, dense_scores
-
-    # only the product text the scorer reads (a third of the memory of all five fields)
-    df = load_esci(data_dir, split="test", text_columns=DEFAULT_BM25_FIELDS if name == "bm25" else DENSE_FIELDS)
-    df = df.set_index("example_id").loc[test["example_id"].to_numpy()].reset_index()
     if name == "bm25":
-        return bm25_scores(df).astype(np.float64)
-    return dense_scores(df).astype(np.float64)
+        from core.scoring.baselines import DEFAULT_BM25_FIELDS as fields
+        from core.scoring.baselines import bm25_scores as score
+    else:
+        from core.scoring.dense import DENSE_FIELDS as fields
+        from core.scoring.dense import dense_scores as score
+    # only the product text the scorer reads (a third of the memory of all five fields)
+    df = load_esci(data_dir, split="test", text_columns=fields)
+    df = df.set_index("example_id").loc[test["example_id"].to_numpy()].reset_index()
+    return score(df).astype(np.float64)
 
 
 def load_members(store, specs: list[str]) -> MemberSet:
