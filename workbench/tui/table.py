@@ -91,7 +91,7 @@ class VirtualTable(ScrollView, can_focus=True):
     """
 
     DEFAULT_CSS = """
-    VirtualTable { height: 1fr; }
+    VirtualTable { height: 1fr; overflow-x: hidden; }
     VirtualTable > .vtable--header { text-style: bold; }
     """
     COMPONENT_CLASSES = {"vtable--header", "vtable--cursor", "vtable--mark"}
