@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import WorkbenchError
-from core.inference.predict import ONNX_FILE, TrainedRun, softmax
+from core.inference.predict import ONNX_FILE, TrainedRun, fold_model, softmax
 
 log = logging.getLogger("esci.predict")
 
@@ -281,22 +281,11 @@ def export_fold(
 
 def _fold_torch_model(run: TrainedRun, k: int):
     """Fold ``k``'s CrossEncoder on CPU in eval mode (:func:`core.modeling.features.load_fold_model`)."""
-    from core.modeling.features import load_fold_model
     from core.modeling.markers import add_marker_tokens
     from core.modeling.model import load_tokenizer
 
-    cfg, tk = run.cfg, run.cfg.tricks
-    markers = add_marker_tokens(load_tokenizer(cfg.model.name), cfg.text)
-    model, _, _ = load_fold_model(
-        run.run_dir,
-        k,
-        cfg.model.name,
-        cfg.model.pooling,
-        cfg.model.dropout,
-        msd_rates=tk.msd_rates if tk.msd else None,
-        layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
-        markers=markers,
-    )
+    markers = add_marker_tokens(load_tokenizer(run.cfg.model.name), run.cfg.text)
+    model, _, _ = fold_model(run, k, markers)
     return model
 
 

@@ -256,11 +256,9 @@ def fold_models(run: TrainedRun, backend: str, markers=None, threads: int | None
     """
     import torch
 
-    from core.modeling.features import load_fold_model
     from core.training.train import resolve_mixed_precision
 
     cfg = run.cfg
-    tk = cfg.tricks
     for k in run.folds:
         if backend == "onnx":
             from core.inference.onnx_export import FP16_FILE, onnx_forward, onnx_session, providers
@@ -271,16 +269,7 @@ def fold_models(run: TrainedRun, backend: str, markers=None, threads: int | None
             yield k, onnx_forward(onnx_session(path, threads=threads)), None
             continue
         try:
-            model, _, vocab = load_fold_model(
-                run.run_dir,
-                k,
-                cfg.model.name,
-                cfg.model.pooling,
-                cfg.model.dropout,
-                msd_rates=tk.msd_rates if tk.msd else None,
-                layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
-                markers=markers,
-            )
+            model, _, vocab = fold_model(run, k, markers)
         except RuntimeError as exc:  # load_state_dict: the checkpoint does not fit the config's model
             raise ConfigError(
                 f"{run.fold_dir(k) / 'model.safetensors'}: does not fit model {cfg.model.name} ({str(exc).splitlines()[0]})"
@@ -289,6 +278,31 @@ def fold_models(run: TrainedRun, backend: str, markers=None, threads: int | None
         mp = resolve_mixed_precision(cfg.train.mixed_precision)
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp) if device.type == "cuda" else None
         yield k, torch_forward(model.to(device), device, autocast), vocab
+
+
+def fold_model(run: TrainedRun, k: int, markers):
+    """Fold ``k``'s CrossEncoder as the run's config builds it (:func:`core.modeling.features.load_fold_model`:
+    backbone, pooling, dropout, multi-sample dropout, layer pooling, marker tokens ``markers``).
+
+    Returns:
+        (model on CPU in eval mode, its side-feature spec, its ID vocabulary) as ``load_fold_model``.
+
+    Raises:
+        RuntimeError: the checkpoint does not fit the config's model (``load_state_dict``).
+    """
+    from core.modeling.features import load_fold_model
+
+    cfg, tk = run.cfg, run.cfg.tricks
+    return load_fold_model(
+        run.run_dir,
+        k,
+        cfg.model.name,
+        cfg.model.pooling,
+        cfg.model.dropout,
+        msd_rates=tk.msd_rates if tk.msd else None,
+        layer_pooling_last=tk.layer_pooling_last if tk.layer_pooling else 0,
+        markers=markers,
+    )
 
 
 def predict_frame(
