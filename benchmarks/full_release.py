@@ -607,15 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not (data_dir / "shopping_queries_dataset_examples.parquet").is_file():
-            t0 = time.perf_counter()
-            code = (
-                f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.full_release import generate;"
-                f"from pathlib import Path; print(json.dumps(generate(Path({str(data_dir)!r}), {args.scale!r})))"
-            )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"generation failed:\n{proc.stderr}")
-            print(f"generated in {time.perf_counter() - t0:.0f} s into {data_dir}: {proc.stdout.strip()}")
+            sys.path.insert(0, str(REPO))
+            from benchmarks.load_scale import generate_in_child
+
+            generate_in_child(data_dir, args.scale, module="benchmarks.full_release")
         else:
             print(f"reusing {data_dir}")
         opts = {"bm25_base_queries": args.bm25_base_queries}

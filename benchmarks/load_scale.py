@@ -148,6 +148,26 @@ def generate(out_dir: Path, scale: float, seed: int = 0) -> dict:
 
 
 # --------------------------------------------------------------------------- contestants
+def generate_in_child(data_dir: Path, scale: float, module: str = "benchmarks.load_scale") -> dict:
+    """Run ``module.generate(data_dir, scale)`` in a child process (the caller stays small, so its own
+    peak RSS is the step it measures), print and return its summary dict.
+
+    Raises:
+        SystemExit: the generation failed (its stderr in the message).
+    """
+    t0 = time.perf_counter()
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from {module} import generate;"
+        f"from pathlib import Path; print(json.dumps(generate(Path({str(data_dir)!r}), {scale!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"generation failed:\n{proc.stderr}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"generated in {time.perf_counter() - t0:.1f} s into {data_dir}: {info}")
+    return info
+
+
 def _child(kind: str, data_dir: str) -> None:
     """Run one contestant in this (fresh) process; print one JSON line of figures."""
     import resource
@@ -221,17 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not (data_dir / "shopping_queries_dataset_examples.parquet").exists():
-            t0 = time.perf_counter()
-            # generate in a child too, so that this process stays small
-            code = (
-                f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.load_scale import generate;"
-                f"from pathlib import Path; print(json.dumps(generate(Path({str(data_dir)!r}), {args.scale!r})))"
-            )
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"generation failed:\n{proc.stderr}")
-            info = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"generated in {time.perf_counter() - t0:.1f}s into {data_dir}: {info}")
+            generate_in_child(data_dir, args.scale)
         else:
             print(f"reusing files in {data_dir}")
 

@@ -111,19 +111,6 @@ def _run_child(kind: str, data_dir: Path, cache_dir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _generate(data_dir: Path, scale: float) -> None:
-    t0 = time.perf_counter()
-    code = (
-        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.load_scale import generate;"
-        f"from pathlib import Path; print(json.dumps(generate(Path({str(data_dir)!r}), {scale!r})))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"generation failed:\n{proc.stderr}")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"generated in {time.perf_counter() - t0:.1f}s into {data_dir}: {info}")
-
-
 def _table(b: dict, r: dict) -> str:
     rows = [
         ("pairs (examples)", f"{b['rows']:,}", ""),
@@ -164,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not (data_dir / "shopping_queries_dataset_examples.parquet").exists():
-            _generate(data_dir, args.scale)
+            sys.path.insert(0, str(REPO))
+            from benchmarks.load_scale import generate_in_child
+
+            generate_in_child(data_dir, args.scale)
         else:
             print(f"reusing files in {data_dir}")
         cache = Path(tmp) / "cache"
