@@ -80,8 +80,9 @@ def run_demo(
     cfg = load_config(config_path, [*(overrides or []), f"data.dir={data_dir}"])
     if cfg.model.pretrain and progress is not None:
         progress.message(f"pre-training the backbone ({cfg.model.pretrain}) unless runs.db has it")
-    backbone = cfg.model.pretrain and with_backbone(cfg, store, pretrain_missing=True, progress=progress).model.name
-    cfg = with_backbone(cfg, store)  # found now: the pre-training run above, or an identical earlier one
+    pretrained = bool(cfg.model.pretrain)
+    cfg = with_backbone(cfg, store, pretrain_missing=True, progress=progress)  # model.name: the backbone folder
+    backbone = cfg.model.name if pretrained else None
     result = run_training(cfg, store, progress=progress)
     oof = result.oof
     if "bm25" in oof:  # a blend member: the trainer already scored it
@@ -113,4 +114,4 @@ def run_demo(
         scorers["stack"] = stack.oof["score"].to_numpy()
         classifiers["stack"] = argmax_labels(stack.oof)
     table = scorer_table(oof, scorers, classifiers)
-    return DemoReport(result, table, Path(data_dir), stack_run, stack, backbone or None)
+    return DemoReport(result, table, Path(data_dir), stack_run, stack, backbone)
