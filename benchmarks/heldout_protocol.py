@@ -14,7 +14,7 @@ the z-blend per split, and Task 2 micro-F1 of the stacker against the majority c
 
 Usage::
 
-    python benchmarks/heldout_protocol.py --db runs.db RUN_SPLIT0 RUN_SPLIT1 RUN_SPLIT2 \
+    python benchmarks/heldout_protocol.py --db runs.db RUN_SPLIT0[+RUN ...] RUN_SPLIT1 RUN_SPLIT2 \
         [--set stack.key=value ...] [--variant name:key=value,key=value ...] [--markdown]
 """
 
@@ -32,9 +32,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import StackConfig, build_section
+from core.data.esci import ESCI_LABELS
 from core.runs.store import RunStore
 from core.scoring.blend import nested_blend, standardize_per_query
 from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, ndcg_per_query
+from core.scoring.report import argmax_labels
 from core.scoring.significance import f1_diff, paired_bootstrap
 from core.scoring.stack import load_stack_data, run_stack
 
@@ -48,9 +50,14 @@ def _variant(spec: str) -> tuple[str, dict]:
     return name, dict(parse_overrides(split_items(items)))
 
 
-def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tuple[dict, dict]:
-    """Per-query held-out nDCG (Series by query) of each scorer on one split, and extra figures."""
-    data = load_stack_data(store, [run_id], ["bm25", "dense", "dense-e5"])
+def split_figures(store: RunStore, runs: str, variants: dict[str, dict]) -> tuple[dict, dict]:
+    """Per-query held-out nDCG (Series by query) of each scorer on one split, and extra figures.
+
+    ``runs``: one training run, or several joined by ``+`` (all members of the stacker; the
+    cross-encoder and demo-blend rows are those of the first, the other members get a row each)."""
+    run_ids = runs.split("+")
+    run_id = run_ids[0]
+    data = load_stack_data(store, run_ids, ["bm25", "dense", "dense-e5"])
     test = data.test
     q, lab = test["query_id"].to_numpy(), test["esci_label"].to_numpy()
     run_test = pd.read_parquet(store.get_record(run_id).run_dir / "test.parquet").set_index("example_id")
@@ -77,19 +84,23 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
             + [standardize_per_query(q, run_test[c] if c in run_test else data.scorers[c][1]) for c in members]
         )
         scores[f"blend {method} (ce+{'+'.join(members)})"] = zt @ w
+    for m in data.members[1:]:
+        scores[f"member {m.name}"] = expected_gain(m.test)
+    if len(data.members) > 1:
+        scores["cross-encoders, mean gain"] = np.mean([expected_gain(m.test) for m in data.members], axis=0)
     per_query = {k: ndcg_per_query(q, v, lab) for k, v in scores.items() if v is not None}
     per_query["cross-encoder (one fold model)"] = pd.concat(
         [ndcg_per_query(q, expected_gain(p), lab) for p in data.members[0].test_by_fold.values()], axis=1
     ).mean(axis=1)
     majority = pd.Series(data.oof["esci_label"]).mode()[0]  # the training queries' most frequent label
-    ce_pred = np.array(list("ESCI"))[np.asarray(data.members[0].test).argmax(1)]
+    ce_pred = np.asarray(ESCI_LABELS)[np.asarray(data.members[0].test).argmax(1)]
     extra = {"majority": majority, "majority_f1": float((lab == majority).mean()), "oof": {}}
     extra["cross-encoder task2_f1"] = micro_f1_task2(lab, ce_pred)
     for name, over in variants.items():
         t0 = time.time()
         res = run_stack(data, build_section(StackConfig, over, "stack."), seed=0)
         per_query[name] = ndcg_per_query(q, res.test["score"].to_numpy(), lab)
-        pred = np.array(list("ESCI"))[res.test[["p_E", "p_S", "p_C", "p_I"]].to_numpy().argmax(1)]
+        pred = argmax_labels(res.test)
         extra[f"{name} task2_f1"] = micro_f1_task2(lab, pred)
         d = f1_diff(res.test, res.test, 2, pred_a=np.full(len(lab), extra["majority"]), pred_b=pred)
         extra[f"{name} task2_vs_majority"] = [d.diff, d.low, d.high]
@@ -104,7 +115,9 @@ def split_figures(store: RunStore, run_id: str, variants: dict[str, dict]) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="one finished training run per held-out split")
+    ap.add_argument(
+        "runs", nargs="+", help="one finished training run per held-out split (RUN or RUN+RUN: several members)"
+    )
     ap.add_argument("--db", default="runs.db")
     ap.add_argument(
         "--variant",

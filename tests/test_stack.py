@@ -324,7 +324,7 @@ def test_task_2_and_3_boost_from_the_members_probabilities(tmp_path, stack_data_
     probabilities (so they keep its argmax); ``class_base: none`` starts them at the class prior."""
     store = RunStore(tmp_path / "runs.db")
     rid = member_run(store, tmp_path, stack_data_dir, 1.0, seed=5, name="one")
-    data = load_stack_data(store, [rid], ["bm25"])
+    data = load_stack_data(store, [rid], ["bm25"], tmp_path / "cache")
     member = np.asarray(data.members[0].oof)
     tiny = {"n_estimators": 1, "learning_rate": 1e-6, "tasks": [2, 3]}
     res = run_stack(data, _cfg(**tiny), seed=0)

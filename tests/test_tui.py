@@ -640,10 +640,11 @@ async def test_a_finished_slurm_run_is_watched_until_its_job_ends(monkeypatch, t
     store.update_run(SLURM_RUN, status="finished", ended="2026-11-22T11:59:30+00:00")
     store.close()
     asked = []
+    completed = []  # set by the test once it has seen R: a loaded machine may refresh twice before that
 
-    def fake_refresh(store):  # the first load: still RUNNING; then Slurm says the job has completed
+    def fake_refresh(store):  # still RUNNING until the test says so; then Slurm says the job has completed
         asked.append(1)
-        if len(asked) == 1:
+        if not completed:
             return []
         store.update_run(SLURM_RUN, job_state="COMPLETED", job_reason="None")
         return [SLURM_RUN]
@@ -653,6 +654,9 @@ async def test_a_finished_slurm_run_is_watched_until_its_job_ends(monkeypatch, t
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await loaded(pilot)
         assert screen.table.rows[0]["status"] == "finished" and screen.table.rows[0]["where"] == f"{SLURM_JOB} R"
+        n = len(asked)
+        await wait_for(pilot, lambda: len(asked) > n, what="the finished run's job asked again")
+        completed.append(1)
         await wait_for(pilot, lambda: screen.table.rows[0]["where"] == f"{SLURM_JOB} CD", what="CD in the table")
         n = len(asked)
         await pilot.pause(0.8)  # every job ended, no run active: Slurm is not asked again

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, softmax
 
 from core.config import StackConfig
 from core.data.esci import ESCI_LABELS
@@ -42,7 +43,7 @@ from core.data.text import clean_text
 from core.errors import ConfigError, DataError, WorkbenchError
 from core.scoring.blend import standardize_per_query
 from core.scoring.metrics import expected_gain, mean_ndcg, micro_f1_task2, micro_f1_task3
-from core.scoring.report import PROB_COLUMNS, read_predictions
+from core.scoring.report import PROB_COLUMNS, argmax_labels, read_predictions
 
 log = logging.getLogger("esci.stack")
 
@@ -437,11 +438,9 @@ class FittedStacker:
         if init is None:
             return out
         if self.kind == "esci":  # softmax of margins + base log-probabilities
-            z = out + init
-            e = np.exp(z - z.max(axis=1, keepdims=True))
-            return e / e.sum(axis=1, keepdims=True)
+            return softmax(out + init, axis=1)
         if self.kind == "substitute":
-            return 1.0 / (1.0 + np.exp(-(out + init)))
+            return expit(out + init)
         return out + init
 
     def gain(self) -> pd.Series:
@@ -553,8 +552,7 @@ def _labelled(frame: pd.DataFrame | None) -> bool:
 
 def _figures(frame: pd.DataFrame) -> dict[str, float]:
     q, lab = frame["query_id"].to_numpy(), frame["esci_label"].to_numpy()
-    probs = frame[PROB_COLUMNS].to_numpy()
-    pred = np.array(ESCI_LABELS)[probs.argmax(1)]
+    pred = argmax_labels(frame)
     return {
         "ndcg": mean_ndcg(q, frame["score"].to_numpy(), lab),
         "ndcg_probs": mean_ndcg(q, frame["ce_score"].to_numpy(), lab),
@@ -696,9 +694,7 @@ def run_stack(
 def prior_shift(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``softmax(log p + b)``: (N, 4) probabilities with per-class log-prior offsets ``b`` (4,)
     (Saerens et al. 2002, prior adjustment); their argmax is :func:`core.scoring.ensemble.tune_task2_bias`'s rule."""
-    logit = np.log(np.clip(probs, 1e-12, None)) + bias
-    e = np.exp(logit - logit.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(np.log(np.clip(probs, 1e-12, None)) + bias, axis=1)
 
 
 def _task2_bias(X, probs, labels, qids, fold, folds, cfg: StackConfig, mono, seed: int, base=None):
