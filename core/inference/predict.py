@@ -228,22 +228,21 @@ def torch_forward(model, device=None, autocast_dtype=None) -> Callable[[dict], n
 
 
 def _tokens(run: TrainedRun, df: pd.DataFrame, rows: np.ndarray):
-    """(tokenizer, marker spec, EncodedPairs of ``df.iloc[rows]``). With ``text.entity_markers`` the
-    whole selection is encoded (the gazetteer is built from every row, as in training), then cut."""
-    from core.data.text import EncodedPairs, encode_pairs
+    """(tokenizer, marker spec, :class:`core.data.token_cache.CachedPairs` of ``df.iloc[rows]``).
+
+    The pairs come from the token cache in the run's ``text.cache_dir`` (relative to the working
+    folder; :func:`core.data.token_cache.pair_tokens`): texts training or an earlier prediction
+    already tokenized are read from its memory maps, and only new texts are tokenized. With
+    ``text.entity_markers`` the gazetteer is built from every row of ``df`` (as in training)."""
+    from core.data.text import build_gazetteer
+    from core.data.token_cache import pair_tokens
     from core.modeling.markers import add_marker_tokens
     from core.modeling.model import load_tokenizer
 
     tokenizer = load_tokenizer(run.cfg.model.name)
     markers = add_marker_tokens(tokenizer, run.cfg.text)
-    if not run.cfg.text.entity_markers:
-        return tokenizer, markers, encode_pairs(df.iloc[rows].reset_index(drop=True), tokenizer, run.cfg.text)
-    full = encode_pairs(df, tokenizer, run.cfg.text)
-    seqs = [full.get(int(i)) for i in rows]
-    lengths = np.array([len(s) for s, _ in seqs], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.concatenate([s for s, _ in seqs]).astype(np.int32)
-    return tokenizer, markers, EncodedPairs(flat, offsets, np.array([t for _, t in seqs], dtype=np.int32))
+    gazetteer = build_gazetteer(df) if run.cfg.text.entity_markers else None
+    return tokenizer, markers, pair_tokens(df.iloc[rows].reset_index(drop=True), tokenizer, run.cfg.text, gazetteer)
 
 
 def fold_models(run: TrainedRun, backend: str, markers=None, threads: int | None = None):
