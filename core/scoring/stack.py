@@ -285,17 +285,27 @@ def _norm_words(text: str) -> list[str]:
     return [w for w in clean_text(text).lower().replace("/", " ").split() if w]
 
 
+def _distinct_map(values: pd.Series, fn) -> list:
+    """``fn`` of each row's text, computed once per distinct text (queries repeat over their
+    products, brands and colours over the catalogue): a list of N results."""
+    codes, uniques = pd.factorize(values.astype("string").fillna(""))
+    done = [fn(u) for u in uniques]
+    return [done[c] for c in codes]
+
+
 def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Query-title overlap, brand/colour named in the query, empty product fields (N,) each."""
+    """Query-title overlap, brand/colour named in the query, empty product fields (N,) each.
+
+    Each distinct query, brand and colour is normalised once (:func:`_distinct_map`); the title
+    words are per row."""
+    q_words = _distinct_map(rows["query"], _norm_words)
+    q_padded = _distinct_map(rows["query"], lambda t: " " + " ".join(_norm_words(t)) + " ")
+    brands = _distinct_map(rows["product_brand"], lambda t: " ".join(_norm_words(t)))
+    colors = _distinct_map(rows["product_color"], lambda t: " ".join(_norm_words(t)))
     overlap, brand_in, color_in = [], [], []
-    for q, title, brand, color in zip(
-        rows["query"], rows["product_title"], rows["product_brand"], rows["product_color"]
-    ):
-        qw = _norm_words(q)
+    for qw, ql, title, b, c in zip(q_words, q_padded, rows["product_title"], brands, colors):
         tw = set(_norm_words(title))
         overlap.append(sum(w in tw for w in qw) / len(qw) if qw else 0.0)
-        ql = " " + " ".join(qw) + " "
-        b, c = " ".join(_norm_words(brand)), " ".join(_norm_words(color))
         brand_in.append(float(bool(b) and f" {b} " in ql))
         color_in.append(float(bool(c) and f" {c} " in ql))
     empty = sum(
@@ -317,11 +327,43 @@ def _scaled(name: str, qids: np.ndarray, values: np.ndarray) -> dict[str, np.nda
     return {name: values, f"{name}_z": standardize_per_query(qids, values), f"{name}_rank": ranks}
 
 
+def row_features(
+    rows: pd.DataFrame, scorer_scores: dict[str, np.ndarray], groups: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The features that do not depend on a member run (scorers, query, lexical, small_share):
+    computed once per set of rows and shared by every fold's :func:`build_features` call.
+
+    Returns:
+        (feature -> float (N,), feature -> monotone direction (+1 for each scorer's raw/z/rank))."""
+    qids = rows["query_id"].to_numpy()
+    cols: dict[str, np.ndarray] = {}
+    mono: dict[str, int] = {}
+    for sc, values in scorer_scores.items():
+        if STACK_SCORERS[sc][0] in groups:
+            scaled = _scaled(f"{sc}", qids, np.asarray(values, dtype=np.float64))
+            cols.update(scaled)
+            mono.update(dict.fromkeys(scaled, 1))
+    if "query" in groups:
+        q = rows["query"].astype(str)
+        cols["query.words"] = q.str.split().str.len().to_numpy(np.float64)
+        cols["query.chars"] = q.str.len().to_numpy(np.float64)
+        cols["query.products"] = pd.Series(qids).groupby(qids).transform("size").to_numpy(np.float64)
+        locales = {"us": 0.0, "es": 1.0, "jp": 2.0}
+        cols["query.locale"] = rows["product_locale"].astype(str).map(locales).fillna(3.0).to_numpy(np.float64)
+    if "lexical" in groups:
+        cols.update(_lexical(rows))
+    if "small_share" in groups and {"small_version", "large_version"} <= set(rows.columns):
+        small = rows["small_version"].to_numpy(np.float64)
+        cols["query.small_share"] = pd.Series(small).groupby(qids).transform("mean").to_numpy()
+    return cols, mono
+
+
 def build_features(
     rows: pd.DataFrame,
     member_probs: list[tuple[str, np.ndarray]],
     scorer_scores: dict[str, np.ndarray],
     groups: list[str],
+    shared: tuple[dict[str, np.ndarray], dict[str, int]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The stacker's feature matrix for a set of rows (whole queries).
 
@@ -330,6 +372,8 @@ def build_features(
         member_probs: (member name, float (N, 4) probabilities E, S, C, I) per member run.
         scorer_scores: scorer name -> float (N,) raw score.
         groups: feature groups to build (keys of :data:`FEATURE_GROUPS`).
+        shared: :func:`row_features` of these rows, scorers and groups, computed once by the
+            caller (the test rows are featurised once per fold model); None: computed here.
 
     Returns:
         (float64 DataFrame N x F, feature -> monotone direction for the Task 1 ranker: +1 for a
@@ -348,23 +392,9 @@ def build_features(
         if "group" in groups:
             cols.update(_group_stats(qids, probs[:, 0], f"{name}.p_E"))
             cols.update(_group_stats(qids, eg, f"{name}.eg"))
-    for sc, values in scorer_scores.items():
-        if STACK_SCORERS[sc][0] in groups:
-            scaled = _scaled(f"{sc}", qids, np.asarray(values, dtype=np.float64))
-            cols.update(scaled)
-            mono.update(dict.fromkeys(scaled, 1))
-    if "query" in groups:
-        q = rows["query"].astype(str)
-        cols["query.words"] = q.str.split().str.len().to_numpy(np.float64)
-        cols["query.chars"] = q.str.len().to_numpy(np.float64)
-        cols["query.products"] = pd.Series(qids).groupby(qids).transform("size").to_numpy(np.float64)
-        locales = {"us": 0.0, "es": 1.0, "jp": 2.0}
-        cols["query.locale"] = rows["product_locale"].astype(str).map(locales).fillna(3.0).to_numpy(np.float64)
-    if "lexical" in groups:
-        cols.update(_lexical(rows))
-    if "small_share" in groups and {"small_version", "large_version"} <= set(rows.columns):
-        small = rows["small_version"].to_numpy(np.float64)
-        cols["query.small_share"] = pd.Series(small).groupby(qids).transform("mean").to_numpy()
+    row_cols, row_mono = shared if shared is not None else row_features(rows, scorer_scores, groups)
+    cols.update(row_cols)
+    mono.update(row_mono)
     X = pd.DataFrame(cols, index=rows.index).astype(np.float64)
     return X, {c: mono.get(c, 0) for c in X.columns}
 
@@ -615,13 +645,16 @@ def run_stack(
     test_X: dict[int | str, pd.DataFrame] = {}
     if has_test:
         t_scores = {k: v[1] for k, v in data.scorers.items()}
+        shared = row_features(data.test, t_scores, groups)  # once: the same for every fold model
         if cfg.test_features == "per_fold":
             for k in folds:
                 test_X[k] = build_features(
-                    data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups
+                    data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups, shared
                 )[0]
         else:
-            test_X["mean"] = build_features(data.test, [(m.name, m.test) for m in data.members], t_scores, groups)[0]
+            test_X["mean"] = build_features(
+                data.test, [(m.name, m.test) for m in data.members], t_scores, groups, shared
+            )[0]
     oof_out = {"rank": np.zeros(len(X)), "esci": np.zeros((len(X), 4)), "substitute": np.zeros(len(X))}
     test_outs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
     gains: dict[str, pd.Series] = {}
