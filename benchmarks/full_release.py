@@ -424,7 +424,7 @@ def _step_features(step: str, data_dir: Path) -> dict:
     t0 = _clock()
     if step == "ngram_bags":
         bags = compute_ngram_bags(df, cfg)
-        return {**_since(t0), "rows": len(bags), "ids": len(bags.ids)}
+        return {**_since(t0), "rows": len(bags), "ids": len(bags.ids), "segments": len(bags.offsets) - 1}
     from core.modeling.features import train_word2vec
 
     wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, 42)

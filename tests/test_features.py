@@ -100,9 +100,12 @@ def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dat
     cols = {"query": "query", "bullet_point": "product_bullet_point", "description": "product_description"}
     for i in [0, 1, 7, len(df) - 1]:
         for j, f in enumerate(bags.fields):
-            seg = bags.ids[bags.offsets[i * 3 + j] : bags.offsets[i * 3 + j + 1]]
-            assert seg.tolist() == text_buckets(df[cols[f]].iloc[i], 3, 5000, 20), (i, f)
-    assert bags.offsets[2] == bags.offsets[3]  # row 0's description
+            assert bags.bag(i, j).tolist() == text_buckets(df[cols[f]].iloc[i], 3, 5000, 20), (i, f)
+    assert len(bags.bag(0, 2)) == 0 and bags.lengths()[0, 2] == 0  # row 0's description
+    # each distinct text once: a query shared by many rows is one segment
+    assert bags.index.shape == (len(df), 3) and len(bags.offsets) - 1 < 3 * len(df)
+    q_rows = np.flatnonzero(df["query"].to_numpy() == df["query"].iloc[1])
+    assert len(q_rows) > 1 and len(set(bags.index[q_rows, 0].tolist())) == 1
     batch = bags.batch([0, 5, 3])
     assert batch.dtype == torch.int64 and batch.shape[:2] == (3, 3)
     assert (batch[0, 2] == 0).all()
@@ -111,6 +114,8 @@ def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dat
     assert len(list(tmp_path.glob("bags-*.npz"))) == 1
     np.testing.assert_array_equal(again.ids, bags.ids)
     np.testing.assert_array_equal(cached.offsets, bags.offsets)
+    np.testing.assert_array_equal(again.index, bags.index)
+    np.testing.assert_array_equal(again.batch([0, 5, 3]).numpy(), batch.numpy())
 
 
 def test_empty_bag_gives_zeros_no_nan_and_a_finite_gradient():

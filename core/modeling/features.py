@@ -110,24 +110,51 @@ def text_buckets(text: object, n: int, buckets: int, max_words: int | None = Non
 class NgramBags:
     """Hashed n-gram bags of N rows x F fields, ragged, stored flat (like core.data.text.EncodedPairs).
 
+    Two layouts. Per row (``index`` None): bag (row i, field f) is the (i*F + f)-th segment. Per
+    distinct text (``index`` given, what :func:`compute_ngram_bags` returns): each distinct text of
+    a field is stored once (a query repeats over its products, a product over its queries) and bag
+    (i, f) is segment ``index[i, f]``; at the release's size this keeps 1.8 GB of distinct bags
+    instead of 2.6 GB of per-row ones plus the gather (benchmarks/full_release.py).
+
     Attributes:
         fields: the F bag field names, in classifier-input order.
-        ids: int32 (total,), bucket rows 1..buckets of all bags concatenated.
-        offsets: int64 (N*F + 1,); bag (row i, field f) is ``ids[offsets[i*F+f]:offsets[i*F+f+1]]``.
+        ids: int32 (total,), bucket rows 1..buckets of all segments concatenated.
+        offsets: int64 (S + 1,); segment s is ``ids[offsets[s]:offsets[s+1]]`` (S = N*F per row).
+        index: int64 (N, F) segment of each (row, field), or None (per-row layout).
     """
 
     fields: list[str]
     ids: np.ndarray
     offsets: np.ndarray
+    index: np.ndarray | None = None
 
     def __len__(self) -> int:
+        if self.index is not None:
+            return len(self.index)
         return (len(self.offsets) - 1) // max(1, len(self.fields))
+
+    def segments(self, rows) -> np.ndarray:
+        """int64 (B, F): the segment of each field of the rows ``rows`` (B,)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        if self.index is not None:
+            return self.index[idx]
+        f = len(self.fields)
+        return idx[:, None] * f + np.arange(f)[None, :]
+
+    def lengths(self) -> np.ndarray:
+        """int64 (N, F): n-grams in each (row, field) bag."""
+        return np.diff(self.offsets)[self.segments(np.arange(len(self)))]
+
+    def bag(self, i: int, j: int) -> np.ndarray:
+        """int32 bucket rows of bag (row ``i``, field ``j``)."""
+        s = int(self.segments([i])[0, j])
+        return self.ids[self.offsets[s] : self.offsets[s + 1]]
 
     def batch(self, indices) -> torch.Tensor:
         """Bags of the rows ``indices`` as int64 (B, F, L) padded with 0 (L = longest bag, >= 1)."""
         idx = np.asarray(indices, dtype=np.int64)
         f = len(self.fields)
-        sel = (idx[:, None] * f + np.arange(f)[None, :]).ravel()
+        sel = self.segments(idx).ravel()
         start = self.offsets[sel]
         length = self.offsets[sel + 1] - start
         width = max(1, int(length.max()) if len(length) else 1)
@@ -255,62 +282,54 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
 
     Vectorised: each distinct text of a column is split into words once (queries repeat over
     their products, products over their queries), each distinct word is hashed once by zlib, and
-    the n-grams' CRC-32 follow from their words' (``crc32_combine``, numpy); rows are then
-    gathered block by block. Equal to :func:`text_buckets` of every row and field (tests check
-    it on the real sample). Cost: Python linear in the distinct texts' first ``max_words`` words;
-    memory about 4 bytes per n-gram of the distinct texts plus 4 per n-gram of the rows (the
-    result). At the release's size (2.6M rows, default fields) see benchmarks/full_release.py.
+    the n-grams' CRC-32 follow from their words' (``crc32_combine``, numpy). The bags are kept per
+    distinct text (:class:`NgramBags` with ``index``); a batch gathers its rows' bags. Each bag is
+    equal to :func:`text_buckets` of its row and field (tests check it on the real sample).
+    Cost: Python linear in the distinct texts' first ``max_words`` words; memory about 4 bytes
+    per n-gram of the distinct texts plus 8 x F per row (the index). At the release's size
+    (2.6M rows, default fields) see benchmarks/full_release.py.
 
     Args:
         df: N rows with the columns of :data:`BAG_COLUMNS` for the chosen fields.
         cfg: ``ngram``, ``buckets``, ``max_words``, ``bag_fields``.
 
     Returns:
-        NgramBags with N x len(bag_fields) bags (ids int32, offsets int64).
+        NgramBags with N x len(bag_fields) bags, per-distinct-text layout (ids int32, offsets
+        int64, index int64 (N, F)).
 
     Raises:
-        ConfigError: an unknown field or buckets <= 0.
+        ConfigError: buckets <= 0.
     """
     if cfg.buckets <= 0:
         raise ConfigError(f"features.buckets={cfg.buckets}: expected a positive integer")
-    n_rows, fields = len(df), list(cfg.bag_fields)
+    fields = list(cfg.bag_fields)
     vocab = _WordIds()
-    flats, codes_of, u_offs = [], [], []
-    for f in fields:
+    chunks: list[np.ndarray] = []  # the distinct texts' bags, chunk after chunk, field after field
+    seg_len: list[np.ndarray] = []
+    index = np.zeros((len(df), len(fields)), dtype=np.int64)
+    base = 0
+    for j, f in enumerate(fields):
         codes, uniques = pd.factorize(df[BAG_COLUMNS[f]].astype("string").fillna(""), use_na_sentinel=False)
-        parts = [
-            _text_ngram_buckets(
+        index[:, j] = np.asarray(codes, dtype=np.int64) + base
+        for i in range(0, len(uniques), _TEXT_CHUNK):
+            flat, lens = _text_ngram_buckets(
                 [words(t, cfg.max_words) for t in uniques[i : i + _TEXT_CHUNK]], cfg.ngram, cfg.buckets, vocab
             )
-            for i in range(0, len(uniques), _TEXT_CHUNK)
-        ]
-        flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
-        u_len = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-        del parts
-        u_off = np.zeros(len(u_len) + 1, dtype=np.int64)
-        np.cumsum(u_len, out=u_off[1:])
-        flats.append(flat)
-        codes_of.append(np.asarray(codes, dtype=np.int64))
-        u_offs.append(u_off)
+            chunks.append(flat)
+            seg_len.append(lens)
+        base += len(uniques)
     del vocab
-    nf = len(fields)
-    lengths = np.zeros((n_rows, nf), np.int64)
-    for j in range(nf):
-        lengths[:, j] = np.diff(u_offs[j])[codes_of[j]]
-    offsets = np.zeros(n_rows * nf + 1, dtype=np.int64)
-    np.cumsum(lengths.ravel(), out=offsets[1:])
-    del lengths
+    offsets = np.zeros(base + 1, dtype=np.int64)
+    if seg_len:
+        np.cumsum(np.concatenate(seg_len), out=offsets[1:])
     ids = np.empty(int(offsets[-1]), dtype=np.int32)
-    block = 1 << 16  # rows per gather: bounds the int64 index arrays
-    for s in range(0, n_rows, block):
-        e = min(n_rows, s + block)
-        for j in range(nf):
-            c = codes_of[j][s:e]
-            start, seg = u_offs[j][c], u_offs[j][c + 1] - u_offs[j][c]
-            dst = offsets[s * nf + j : e * nf + j : nf]
-            within = np.arange(int(seg.sum())) - np.repeat(np.cumsum(seg) - seg, seg)
-            ids[np.repeat(dst, seg) + within] = flats[j][np.repeat(start, seg) + within]
-    return NgramBags(fields, ids, offsets)
+    at = 0
+    chunks.reverse()
+    while chunks:  # copy chunk by chunk, freeing each: at most one chunk beyond the result
+        c = chunks.pop()
+        ids[at : at + len(c)] = c
+        at += len(c)
+    return NgramBags(fields, ids, offsets, index)
 
 
 def _bag_key(df: pd.DataFrame, cfg: FeaturesConfig, extra: dict | None = None) -> str:
@@ -321,7 +340,7 @@ def _bag_key(df: pd.DataFrame, cfg: FeaturesConfig, extra: dict | None = None) -
             "buckets": cfg.buckets,
             "max_words": cfg.max_words,
             "data": frame_fingerprint(df),
-            "version": 1,
+            "version": 2,  # 2: the per-distinct-text layout (index)
             **(extra or {}),
         },
         sort_keys=True,
@@ -337,15 +356,18 @@ def ngram_bags_cached(df: pd.DataFrame, cfg: FeaturesConfig, cache_dir: str | Pa
     if path.is_file():
         try:
             with np.load(path) as z:
-                bags = NgramBags(list(cfg.bag_fields), z["ids"], z["offsets"])
-            if len(bags.offsets) == len(df) * len(cfg.bag_fields) + 1:
+                bags = NgramBags(list(cfg.bag_fields), z["ids"], z["offsets"], z["index"])
+            if (
+                bags.index.shape == (len(df), len(cfg.bag_fields))
+                and int(bags.index.max(initial=-1)) < len(bags.offsets) - 1
+            ):
                 return bags
         except (OSError, ValueError, KeyError):
             pass
     bags = compute_ngram_bags(df, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=bags.ids, offsets=bags.offsets)
+    np.savez(tmp, ids=bags.ids, offsets=bags.offsets, index=bags.index)
     tmp.replace(path)
     return bags
 

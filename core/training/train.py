@@ -433,7 +433,7 @@ def _side_features(cfg: RunConfig, df: pd.DataFrame):
         if fc.init == "word2vec"
         else None
     )
-    per = np.diff(bags.offsets).reshape(len(df), -1)
+    per = bags.lengths()
     log.info(
         "n-gram bags %s: word 1..%d-grams into %d buckets, mean %s per pair, init %s%s (%.1f s)",
         fc.bag_fields,
