@@ -106,6 +106,10 @@ def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dat
     assert bags.index.shape == (len(df), 3) and len(bags.offsets) - 1 < 3 * len(df)
     q_rows = np.flatnonzero(df["query"].to_numpy() == df["query"].iloc[1])
     assert len(q_rows) > 1 and len(set(bags.index[q_rows, 0].tolist())) == 1
+    # product fields: one segment per (product_id, product_locale), the key the products are joined on
+    key = df["product_id"].astype(str) + "/" + df["product_locale"].astype(str)
+    assert bags.index[:, 1].max() + 1 - bags.index[:, 1].min() == key.nunique()
+    assert (pd.Series(bags.index[:, 1]).groupby(key.to_numpy()).nunique() == 1).all()
     batch = bags.batch([0, 5, 3])
     assert batch.dtype == torch.int64 and batch.shape[:2] == (3, 3)
     assert (batch[0, 2] == 0).all()

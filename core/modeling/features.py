@@ -274,7 +274,31 @@ def _text_ngram_buckets(per_text: list[list[str]], n: int, buckets: int, vocab: 
     return out, bag_len
 
 
-_TEXT_CHUNK = 50_000  # distinct texts per vectorised pass: bounds the per-word int64 arrays
+_TEXT_CHUNK = 20_000  # distinct texts per vectorised pass: bounds the word lists and per-word int64 arrays
+
+
+def _distinct_texts(df: pd.DataFrame, column: str):
+    """The distinct texts of one text column: (codes int64 (N,), U, ``texts(a, b)`` -> the distinct
+    texts a..b-1 as a list of str, NaN read as ``""``).
+
+    A product field is a function of the product (``product_id``, ``product_locale``: the key
+    load_esci joins the products on), so it is deduplicated by that short key instead of by its
+    text, and the texts are taken from the frame chunk by chunk: hashing, or taking, 2.6M long
+    texts at once held another copy of the column (several GB at the release's size). Queries
+    are deduplicated by their text."""
+    key_cols = [c for c in ("product_id", "product_locale") if c in df.columns]
+    if column == "query" or "product_id" not in key_cols:
+        codes, uniques = pd.factorize(df[column].astype("string").fillna(""), use_na_sentinel=False)
+        return np.asarray(codes, dtype=np.int64), len(uniques), lambda a, b: list(uniques[a:b])
+    key = df[key_cols[0]].astype("string")
+    for c in key_cols[1:]:
+        key = key + "\x1f" + df[c].astype("string").fillna("")
+    codes, firsts = pd.factorize(key, use_na_sentinel=False)
+    codes = np.asarray(codes, dtype=np.int64)
+    first = np.empty(len(firsts), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)
+    col = df[column]
+    return codes, len(first), lambda a, b: list(col.iloc[first[a:b]].astype("string").fillna(""))
 
 
 def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
@@ -309,15 +333,14 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
     index = np.zeros((len(df), len(fields)), dtype=np.int64)
     base = 0
     for j, f in enumerate(fields):
-        codes, uniques = pd.factorize(df[BAG_COLUMNS[f]].astype("string").fillna(""), use_na_sentinel=False)
-        index[:, j] = np.asarray(codes, dtype=np.int64) + base
-        for i in range(0, len(uniques), _TEXT_CHUNK):
-            flat, lens = _text_ngram_buckets(
-                [words(t, cfg.max_words) for t in uniques[i : i + _TEXT_CHUNK]], cfg.ngram, cfg.buckets, vocab
-            )
+        codes, n_distinct, texts = _distinct_texts(df, BAG_COLUMNS[f])
+        index[:, j] = codes + base
+        for i in range(0, n_distinct, _TEXT_CHUNK):
+            per_text = [words(t, cfg.max_words) for t in texts(i, i + _TEXT_CHUNK)]
+            flat, lens = _text_ngram_buckets(per_text, cfg.ngram, cfg.buckets, vocab)
             chunks.append(flat)
             seg_len.append(lens)
-        base += len(uniques)
+        base += n_distinct
     del vocab
     offsets = np.zeros(base + 1, dtype=np.int64)
     if seg_len:
