@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -328,30 +329,28 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
         raise ConfigError(f"features.buckets={cfg.buckets}: expected a positive integer")
     fields = list(cfg.bag_fields)
     vocab = _WordIds()
-    chunks: list[np.ndarray] = []  # the distinct texts' bags, chunk after chunk, field after field
     seg_len: list[np.ndarray] = []
     index = np.zeros((len(df), len(fields)), dtype=np.int64)
     base = 0
-    for j, f in enumerate(fields):
-        codes, n_distinct, texts = _distinct_texts(df, BAG_COLUMNS[f])
-        index[:, j] = codes + base
-        for i in range(0, n_distinct, _TEXT_CHUNK):
-            per_text = [words(t, cfg.max_words) for t in texts(i, i + _TEXT_CHUNK)]
-            flat, lens = _text_ngram_buckets(per_text, cfg.ngram, cfg.buckets, vocab)
-            chunks.append(flat)
-            seg_len.append(lens)
-        base += n_distinct
-    del vocab
-    offsets = np.zeros(base + 1, dtype=np.int64)
-    if seg_len:
-        np.cumsum(np.concatenate(seg_len), out=offsets[1:])
-    ids = np.empty(int(offsets[-1]), dtype=np.int32)
-    at = 0
-    chunks.reverse()
-    while chunks:  # copy chunk by chunk, freeing each: at most one chunk beyond the result
-        c = chunks.pop()
-        ids[at : at + len(c)] = c
-        at += len(c)
+    # each chunk's bags are spilled to an unnamed temporary file as they are made, then read back
+    # as one array: concatenating in memory held them twice (freed ~10 MB numpy buffers stay in
+    # the C heap), 1.7 GB extra at the release's size
+    with tempfile.TemporaryFile(prefix="esci-bags-") as spill:
+        for j, f in enumerate(fields):
+            codes, n_distinct, texts = _distinct_texts(df, BAG_COLUMNS[f])
+            index[:, j] = codes + base
+            for i in range(0, n_distinct, _TEXT_CHUNK):
+                per_text = [words(t, cfg.max_words) for t in texts(i, i + _TEXT_CHUNK)]
+                flat, lens = _text_ngram_buckets(per_text, cfg.ngram, cfg.buckets, vocab)
+                spill.write(memoryview(np.ascontiguousarray(flat, dtype=np.int32)))
+                seg_len.append(lens)
+            base += n_distinct
+        del vocab
+        offsets = np.zeros(base + 1, dtype=np.int64)
+        if seg_len:
+            np.cumsum(np.concatenate(seg_len), out=offsets[1:])
+        spill.seek(0)
+        ids = np.fromfile(spill, dtype=np.int32, count=int(offsets[-1]))
     return NgramBags(fields, ids, offsets, index)
 
 
