@@ -123,7 +123,9 @@ def test_vectorised_bags_equal_the_per_row_hashing_and_cache(tmp_path, small_dat
 
 
 def test_empty_bag_gives_zeros_no_nan_and_a_finite_gradient():
-    bags = NgramBags(["query", "description"], np.array([3, 4, 3], np.int32), np.array([0, 3, 3, 3, 3]))
+    bags = NgramBags(
+        ["query", "description"], np.array([3, 4, 3], np.int32), np.array([0, 3, 3]), np.array([[0, 1], [1, 1]])
+    )
     mod = SemanticUnits(2, buckets=10, bag_dim=4)
     x = bags.batch([0, 1])  # row 0: description empty; row 1: both empty
     out = mod(x)

@@ -109,53 +109,41 @@ def text_buckets(text: object, n: int, buckets: int, max_words: int | None = Non
 
 @dataclass
 class NgramBags:
-    """Hashed n-gram bags of N rows x F fields, ragged, stored flat (like core.data.text.EncodedPairs).
+    """Hashed n-gram bags of N rows x F fields, each distinct text's bag stored once, flat.
 
-    Two layouts. Per row (``index`` None): bag (row i, field f) is the (i*F + f)-th segment. Per
-    distinct text (``index`` given, what :func:`compute_ngram_bags` returns): each distinct text of
-    a field is stored once (a query repeats over its products, a product over its queries) and bag
-    (i, f) is segment ``index[i, f]``; at the release's size this keeps 1.8 GB of distinct bags
-    instead of 2.6 GB of per-row ones plus the gather (benchmarks/full_release.py).
+    A query repeats over its products and a product over its queries, so bag (row i, field f) is
+    segment ``index[i, f]`` of the distinct texts' bags: at the release's size 1.7 GB of ids
+    instead of 2.6 GB for a copy per row (benchmarks/full_release.py).
 
     Attributes:
         fields: the F bag field names, in classifier-input order.
         ids: int32 (total,), bucket rows 1..buckets of all segments concatenated.
-        offsets: int64 (S + 1,); segment s is ``ids[offsets[s]:offsets[s+1]]`` (S = N*F per row).
-        index: int64 (N, F) segment of each (row, field), or None (per-row layout).
+        offsets: int64 (S + 1,); segment s is ``ids[offsets[s]:offsets[s+1]]``.
+        index: int64 (N, F), the segment of each (row, field).
     """
 
     fields: list[str]
     ids: np.ndarray
     offsets: np.ndarray
-    index: np.ndarray | None = None
+    index: np.ndarray
 
     def __len__(self) -> int:
-        if self.index is not None:
-            return len(self.index)
-        return (len(self.offsets) - 1) // max(1, len(self.fields))
-
-    def segments(self, rows) -> np.ndarray:
-        """int64 (B, F): the segment of each field of the rows ``rows`` (B,)."""
-        idx = np.asarray(rows, dtype=np.int64)
-        if self.index is not None:
-            return self.index[idx]
-        f = len(self.fields)
-        return idx[:, None] * f + np.arange(f)[None, :]
+        return len(self.index)
 
     def lengths(self) -> np.ndarray:
         """int64 (N, F): n-grams in each (row, field) bag."""
-        return np.diff(self.offsets)[self.segments(np.arange(len(self)))]
+        return np.diff(self.offsets)[self.index]
 
     def bag(self, i: int, j: int) -> np.ndarray:
         """int32 bucket rows of bag (row ``i``, field ``j``)."""
-        s = int(self.segments([i])[0, j])
+        s = int(self.index[i, j])
         return self.ids[self.offsets[s] : self.offsets[s + 1]]
 
     def batch(self, indices) -> torch.Tensor:
         """Bags of the rows ``indices`` as int64 (B, F, L) padded with 0 (L = longest bag, >= 1)."""
         idx = np.asarray(indices, dtype=np.int64)
         f = len(self.fields)
-        sel = self.segments(idx).ravel()
+        sel = self.index[idx].ravel()
         start = self.offsets[sel]
         length = self.offsets[sel + 1] - start
         width = max(1, int(length.max()) if len(length) else 1)
@@ -287,17 +275,12 @@ def _distinct_texts(df: pd.DataFrame, column: str):
     text, and the texts are taken from the frame chunk by chunk: hashing, or taking, 2.6M long
     texts at once held another copy of the column (several GB at the release's size). Queries
     are deduplicated by their text."""
-    key_cols = [c for c in ("product_id", "product_locale") if c in df.columns]
-    if column == "query" or "product_id" not in key_cols:
+    if column == "query" or "product_id" not in df.columns:
         codes, uniques = pd.factorize(df[column].astype("string").fillna(""), use_na_sentinel=False)
         return np.asarray(codes, dtype=np.int64), len(uniques), lambda a, b: list(uniques[a:b])
-    key = df[key_cols[0]].astype("string")
-    for c in key_cols[1:]:
-        key = key + "\x1f" + df[c].astype("string").fillna("")
-    codes, firsts = pd.factorize(key, use_na_sentinel=False)
-    codes = np.asarray(codes, dtype=np.int64)
-    first = np.empty(len(firsts), dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)
+    keys = [c for c in ("product_id", "product_locale") if c in df.columns]
+    codes = df.groupby(keys, sort=False, dropna=False).ngroup().to_numpy(np.int64)
+    first = np.unique(codes, return_index=True)[1]  # a row of each product
     col = df[column]
     return codes, len(first), lambda a, b: list(col.iloc[first[a:b]].astype("string").fillna(""))
 
