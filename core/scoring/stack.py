@@ -298,12 +298,11 @@ def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
 
     Each distinct query, brand and colour is normalised once (:func:`_distinct_map`); the title
     words are per row."""
-    q_words = _distinct_map(rows["query"], _norm_words)
-    q_padded = _distinct_map(rows["query"], lambda t: " " + " ".join(_norm_words(t)) + " ")
+    queries = _distinct_map(rows["query"], lambda t: (w := _norm_words(t), " " + " ".join(w) + " "))
     brands = _distinct_map(rows["product_brand"], lambda t: " ".join(_norm_words(t)))
     colors = _distinct_map(rows["product_color"], lambda t: " ".join(_norm_words(t)))
     overlap, brand_in, color_in = [], [], []
-    for qw, ql, title, b, c in zip(q_words, q_padded, rows["product_title"], brands, colors):
+    for (qw, ql), title, b, c in zip(queries, rows["product_title"], brands, colors):
         tw = set(_norm_words(title))
         overlap.append(sum(w in tw for w in qw) / len(qw) if qw else 0.0)
         brand_in.append(float(bool(b) and f" {b} " in ql))
