@@ -78,6 +78,27 @@ def test_load_esci_text_columns_keeps_the_validation(sample_dir, tmp_path):
         load_esci(bad, text_columns=())
 
 
+def test_load_esci_length_columns_are_the_stripped_lengths_of_the_text(sample_dir):
+    """``length_columns``: the characters of each product field after stripping whitespace (the
+    sample_dir fixture has a null bullet and padded brands), without loading that text."""
+    full = load_esci(sample_dir)
+    cols = ("product_bullet_point", "product_brand")
+    got = load_esci(sample_dir, text_columns=("product_title",), length_columns=cols)
+    assert "product_bullet_point" not in got and got["product_title"].equals(full["product_title"])
+    for c in cols:
+        want = full[c].astype(str).str.strip().str.len().to_numpy()
+        np.testing.assert_array_equal(got[f"{c}_chars"].to_numpy(), want)
+        assert got[f"{c}_chars"].dtype == np.int32
+    assert (got["product_bullet_point_chars"] == 0).any() and (got["product_bullet_point_chars"] > 0).any()
+    filtered = load_esci(sample_dir, split="test", length_columns=["product_description"])
+    np.testing.assert_array_equal(
+        filtered["product_description_chars"].to_numpy(),
+        filtered["product_description"].astype(str).str.strip().str.len().to_numpy(),
+    )
+    with pytest.raises(DataError, match="unknown text column"):
+        load_esci(sample_dir, length_columns=["bullets"])
+
+
 # ---- n-gram bags ------------------------------------------------------------------------------------
 
 

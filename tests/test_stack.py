@@ -338,3 +338,82 @@ def test_task_2_and_3_boost_from_the_members_probabilities(tmp_path, stack_data_
     for k in data.folds:  # every row of fold k at the class shares of its training folds
         assert np.ptp(prior[fold == k], axis=0).max() < 1e-3
     assert (member.argmax(1) != prior.argmax(1)).mean() > 0.2
+
+
+def test_query_blocks_keep_whole_queries_within_their_row_budgets(stack_data_dir):
+    from core.scoring.stack import query_blocks
+
+    ex = pd.read_parquet(stack_data_dir / "shopping_queries_dataset_examples.parquet")
+    q = ex["query_id"].to_numpy()
+    block = query_blocks(q, (600, 150), seed=7)
+    per_query = pd.DataFrame({"q": q, "b": block}).groupby("q")["b"].nunique()
+    assert (per_query == 1).all()  # a query is never split between blocks
+    assert 0 < (block == 0).sum() <= 600 and 0 < (block == 1).sum() <= 150
+    assert (block == -1).sum() == len(q) - (block >= 0).sum() > 0
+    # the next query in the order would not have fitted: block 0 is filled as far as whole queries allow
+    sizes = pd.Series(q).value_counts()
+    assert (block == 0).sum() + sizes.min() > 600 or (block == 1).any()
+    np.testing.assert_array_equal(block, query_blocks(q, (600, 150), seed=7))
+    assert not np.array_equal(block, query_blocks(q, (600, 150), seed=8))
+    # a budget below one query still keeps two queries to fit on
+    tiny = query_blocks(q, (1,), seed=0)
+    assert len(np.unique(q[tiny == 0])) == 2 and (tiny == -1).any()
+
+
+def test_fits_at_scale_use_at_most_max_fit_rows_per_seed_and_no_refit(members, tmp_path, monkeypatch):
+    """Above ``max_fit_rows`` each seed trains once on its own query draw, stopping early on other queries."""
+    import lightgbm as lgb
+
+    from core.scoring.stack import fit_stacker
+
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    X, mono = build_features(data.oof, [(m.name, m.oof) for m in data.members], {}, ["members"])
+    q, lab = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy()
+    seen: list[tuple[int, int]] = []
+    train = lgb.train
+
+    def spy(params, train_set, *a, **kw):
+        valid = kw.get("valid_sets") or []
+        seen.append((len(train_set.label), sum(len(v.label) for v in valid)))
+        return train(params, train_set, *a, **kw)
+
+    monkeypatch.setattr(lgb, "train", spy)
+    cap = len(q) // 3
+    cfg = _cfg(seeds=2, max_fit_rows=cap, early_stopping_rounds=10, n_estimators=200)
+    model = fit_stacker(X, lab, q, "esci", cfg, mono, seed=0)
+    assert len(seen) == 2 and len(model.boosters) == 2  # one fit per seed, none refitted
+    for n_fit, n_stop in seen:
+        assert 0 < n_fit <= cap and 0 < n_stop <= round(cap * 0.2)
+    assert all(1 <= it < 200 for it in model.best_iterations)  # early stopping picked the rounds
+    probs = model.predict(X)
+    assert probs.shape == (len(q), 4)
+    y = np.array(["ESCI".index(c) for c in lab])
+    assert (probs.argmax(1) == y).mean() > (y == np.bincount(y).argmax()).mean()  # it learnt the strong member
+    # below the cap: the probe on 80 % of the queries, then a refit on every row
+    seen.clear()
+    fit_stacker(X, lab, q, "esci", _cfg(seeds=1, early_stopping_rounds=10), mono, seed=0)
+    assert len(seen) == 2 and seen[1] == (len(q), 0) and seen[0][0] + seen[0][1] == len(q)
+
+
+def test_the_stacker_loads_only_short_text_and_its_features_equal_a_full_load(members, tmp_path, stack_data_dir):
+    """load_stack_data reads title/brand/colour text and the long fields' lengths only (a third of
+    the memory at full size); every feature equals the one computed from fully loaded rows."""
+    from core.data.esci import load_esci
+    from core.scoring.baselines import DEFAULT_BM25_FIELDS
+    from core.scoring.dense import DENSE_FIELDS
+    from core.scoring.stack import SHORT_FIELDS, row_features
+
+    assert set(DEFAULT_BM25_FIELDS) | set(DENSE_FIELDS) <= set(SHORT_FIELDS)
+    store, runs = members
+    data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
+    assert "product_description" not in data.oof and "product_bullet_point_chars" in data.oof
+    full = load_esci(stack_data_dir, task=1).set_index("example_id").loc[data.oof["example_id"]].reset_index()
+    scores = {k: v[0] for k, v in data.scorers.items()}
+    groups = list(FEATURE_GROUPS)
+    narrow, mono_n = row_features(data.oof, scores, groups)
+    wide, mono_w = row_features(full, scores, groups)
+    assert narrow.keys() == wide.keys() and mono_n == mono_w
+    for k in wide:
+        np.testing.assert_array_equal(narrow[k], wide[k], err_msg=k)
+    assert wide["lex.empty_fields"].max() >= 1  # the sample has empty long fields: the feature is not constant 0

@@ -70,6 +70,10 @@ LABEL_INDEX = {lab: i for i, lab in enumerate(ESCI_LABELS)}
 #: meaning: ``ndcg`` the expected gain of the class probabilities, ``final_ndcg`` the ranking)
 CV_METRICS = {"ndcg": "ndcg_probs", "final_ndcg": "ndcg", "task2_f1": "task2_f1", "task3_f1": "task3_f1"}
 TASKS = ("rank", "esci", "substitute")
+#: the product text the stacker loads: the scorers' fields (BM25's DEFAULT_BM25_FIELDS, the dense
+#: scorers' DENSE_FIELDS) and the lexical features; of the long fields only their length (empty or not)
+SHORT_FIELDS = ("product_title", "product_brand", "product_color")
+LONG_FIELDS = ("product_bullet_point", "product_description")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -204,7 +208,8 @@ def load_stack_data(
                 by_fold[k] = ft[PROB_COLUMNS].to_numpy(np.float64)
         members.append(MemberRun(f"m{i}", r.id, oof[PROB_COLUMNS].to_numpy(np.float64), test, by_fold))
 
-    df = load_esci(data_dir, task=task).set_index("example_id")
+    # the scorers and features read the short fields' text and only the length of the long ones
+    df = load_esci(data_dir, task=task, text_columns=SHORT_FIELDS, length_columns=LONG_FIELDS).set_index("example_id")
     missing = np.setdiff1d(oof0["example_id"].to_numpy(), df.index.to_numpy())
     if len(missing):
         raise DataError(
@@ -293,6 +298,15 @@ def _distinct_map(values: pd.Series, fn) -> list:
     return [done[c] for c in codes]
 
 
+def _empty(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """(N,) 1.0 where the product's ``column`` is empty after stripping whitespace: from its text,
+    or from ``<column>_chars`` (:func:`core.data.esci.load_esci` ``length_columns``) when the
+    text was not loaded."""
+    if column in rows:
+        return (rows[column].astype(str).str.strip() == "").to_numpy(np.float64)
+    return (rows[f"{column}_chars"].to_numpy() == 0).astype(np.float64)
+
+
 def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """Query-title overlap, brand/colour named in the query, empty product fields (N,) each.
 
@@ -307,10 +321,7 @@ def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
         overlap.append(sum(w in tw for w in qw) / len(qw) if qw else 0.0)
         brand_in.append(float(bool(b) and f" {b} " in ql))
         color_in.append(float(bool(c) and f" {c} " in ql))
-    empty = sum(
-        (rows[c].astype(str).str.strip() == "").to_numpy(np.float64)
-        for c in ("product_brand", "product_color", "product_bullet_point", "product_description")
-    )
+    empty = sum(_empty(rows, c) for c in ("product_brand", "product_color") + LONG_FIELDS)
     return {
         "lex.query_title_overlap": np.array(overlap),
         "lex.brand_in_query": np.array(brand_in),
@@ -446,6 +457,30 @@ def _dataset(X: pd.DataFrame, y: np.ndarray, qids: np.ndarray, kind: str, init: 
     )
 
 
+def query_blocks(qids: np.ndarray, sizes: tuple[int, ...], seed: int) -> np.ndarray:
+    """Consecutive blocks of whole queries in a random (seeded) order: block 0 holds the first
+    queries whose rows add up to at most ``sizes[0]``, block 1 the next ones up to ``sizes[1]``
+    more rows, and so on; the rest are in no block.
+
+    Args:
+        qids: (N,) query of each row; sizes: the most rows of each block (each >= 1);
+        seed: numpy Generator seed of the query order.
+
+    Returns:
+        (N,) int8: the block of each row (-1: none). Every row of a query is in the same block;
+        block 0 always holds at least 2 queries when there are 2 (even above ``sizes[0]`` rows).
+    """
+    uq, inv, counts = np.unique(qids, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(uq))
+    ends = np.cumsum(sizes)
+    block = np.searchsorted(ends, np.cumsum(counts[order]), side="left")
+    block[: min(2, len(uq))] = 0
+    block[block >= len(sizes)] = -1
+    by_query = np.empty(len(uq), dtype=np.int8)
+    by_query[order] = block
+    return by_query[inv.reshape(-1)]
+
+
 @dataclass
 class FittedStacker:
     """One fold's models for one task: the boosters of every seed (their outputs are averaged)."""
@@ -503,6 +538,12 @@ def fit_stacker(
     rows is held out to pick the number of rounds, then the model is refitted on all rows with that
     many rounds. Each of ``cfg.seeds`` seeds gives one booster.
 
+    At scale (more than ``cfg.max_fit_rows`` rows, e.g. the full release's ~2M OOF rows) each seed
+    fits on its own draw of whole queries holding at most ``cfg.max_fit_rows`` rows
+    (:func:`query_blocks`), and stops early on the next ``cfg.inner_fraction`` x that many rows of
+    other queries; that booster is kept as it is (no refit: it already saw ``max_fit_rows`` rows),
+    which halves the boosting work, and the seeds together see up to ``seeds`` x as many rows.
+
     Raises:
         WorkbenchError: fewer than 2 queries to fit on.
     """
@@ -514,24 +555,44 @@ def fit_stacker(
         raise WorkbenchError(f"stack: {len(uq)} query to fit the {kind} model on; need at least 2")
     y = _targets(labels, kind)
     max_group = int(pd.Series(qids).value_counts().max())
+    capped = len(qids) > cfg.max_fit_rows
+    stop_early = cfg.early_stopping_rounds > 0 and len(uq) >= 5
+
+    def data(rows: np.ndarray):
+        return _dataset(X[rows], y[rows], qids[rows], kind, None if init is None else init[rows])
+
     boosters, iters = [], []
     for s in range(cfg.seeds):
         params = _lgb_params(cfg, objective, seed + s, max_group)
         if kind == "rank" and cfg.monotone:
             params["monotone_constraints"] = [mono.get(c, 0) for c in X.columns]
             params["monotone_constraints_method"] = "advanced"
+        if capped:  # a draw of queries to fit on, the next ones to stop on; no refit
+            block = query_blocks(
+                qids, (cfg.max_fit_rows, max(1, round(cfg.max_fit_rows * cfg.inner_fraction))), seed + s
+            )
+            stop = stop_early and bool((block == 1).any())
+            booster = lgb.train(
+                params,
+                data(block == 0),
+                cfg.n_estimators,
+                valid_sets=[data(block == 1)] if stop else None,
+                callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)] if stop else None,
+            )
+            n_rounds = (booster.best_iteration or cfg.n_estimators) if stop else cfg.n_estimators
+            boosters.append(booster)
+            iters.append(max(1, n_rounds))
+            continue
         n_rounds = cfg.n_estimators
-        if cfg.early_stopping_rounds and len(uq) >= 5:
+        if stop_early:
             rng = np.random.default_rng(seed + s)
-            inner = set(rng.permutation(uq)[: max(1, round(len(uq) * cfg.inner_fraction))].tolist())
-            va = np.array([q in inner for q in qids])
-            dtr = _dataset(X[~va], y[~va], qids[~va], kind, None if init is None else init[~va])
-            dva = _dataset(X[va], y[va], qids[va], kind, None if init is None else init[va])
+            inner = rng.permutation(uq)[: max(1, round(len(uq) * cfg.inner_fraction))]
+            va = np.isin(qids, inner)
             probe = lgb.train(
                 params,
-                dtr,
+                data(~va),
                 cfg.n_estimators,
-                valid_sets=[dva],
+                valid_sets=[data(va)],
                 callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
             )
             n_rounds = max(1, probe.best_iteration or cfg.n_estimators)
