@@ -417,3 +417,31 @@ def test_the_stacker_loads_only_short_text_and_its_features_equal_a_full_load(me
     for k in wide:
         np.testing.assert_array_equal(narrow[k], wide[k], err_msg=k)
     assert wide["lex.empty_fields"].max() >= 1  # the sample has empty long fields: the feature is not constant 0
+
+
+def test_fast_word_normalisation_equals_clean_text_on_real_and_awkward_text(sample_frames):
+    """_norm_words skips clean_text for plain printable titles; it must give the words the full
+    cleaning gives for every real product field and query and for HTML, control, zero-width and
+    Unicode whitespace."""
+    from core.data.text import clean_text
+    from core.scoring.stack import _norm_words
+
+    ex, pr = sample_frames
+    texts = [*pr["product_title"], *pr["product_brand"], *pr["product_color"], *ex["query"]]
+    texts += [
+        "A&amp;B <b>bold</b>/red",
+        "non\xa0breaking  double",
+        "zero\u200bwidth\ufeff",
+        "tab\there\nnew\x85line",
+        "  padded  ",
+        "ctrl\x07char",
+        "ÉTÉ İstanbul",
+        "",
+        None,
+        float("nan"),
+    ]
+    fast = 0
+    for t in texts:
+        assert _norm_words(t) == clean_text(t).lower().replace("/", " ").split(), repr(t)
+        fast += isinstance(t, str) and t.isprintable() and "&" not in t and "<" not in t
+    assert fast > len(texts) // 2  # most real titles take the fast path

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -286,8 +287,13 @@ def _group_stats(qids: np.ndarray, values: np.ndarray, prefix: str) -> dict[str,
     return {f"{prefix}_q{stat}": g.transform(stat).to_numpy() for stat in ("min", "median", "max", "mean")}
 
 
-def _norm_words(text: str) -> list[str]:
-    return [w for w in clean_text(text).lower().replace("/", " ").split() if w]
+def _norm_words(text: object) -> list[str]:
+    """``clean_text(text).lower().replace("/", " ").split()``, skipping ``clean_text`` for the usual
+    title (printable, no ``&`` or ``<``): it could only collapse ASCII spaces, which ``split`` does
+    anyway (every character it removes or maps to a space is non-printable)."""
+    if not isinstance(text, str) or "&" in text or "<" in text or not text.isprintable():
+        text = clean_text(text)
+    return text.lower().replace("/", " ").split()
 
 
 def _distinct_map(values: pd.Series, fn) -> list:
@@ -481,6 +487,15 @@ def query_blocks(qids: np.ndarray, sizes: tuple[int, ...], seed: int) -> np.ndar
     return by_query[inv.reshape(-1)]
 
 
+def _predict_threads() -> int:
+    """Threads for LightGBM's predict: every core this process may use. Unlike training (many
+    OpenMP barriers per tree, hence ``stack.num_threads: 1``), a predict call splits the rows once."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class FittedStacker:
     """One fold's models for one task: the boosters of every seed (their outputs are averaged)."""
@@ -494,8 +509,10 @@ class FittedStacker:
         """(N,) ranker score / P(substitute), or (N, 4) class probabilities; seeds averaged.
         ``init``: (N,) the base margin of these rows (a ranker fitted from a base, see :func:`fit_stacker`)."""
         raw = init is not None and self.kind != "rank"  # a classifier from a base: add margins, then link
+        data = X[self.features]
+        threads = _predict_threads()
         outs = [
-            b.predict(X[self.features], num_iteration=it, raw_score=raw)
+            b.predict(data, num_iteration=it, raw_score=raw, num_threads=threads)
             for b, it in zip(self.boosters, self.best_iterations)
         ]
         out = np.mean(outs, axis=0)
@@ -729,9 +746,10 @@ def run_stack(
         base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
         if base is not None:
             base_weights[int(k)] = base[3]
+        X_tr, lab_tr, q_tr = X[tr], lab[tr], q[tr]  # once per fold, shared by its task models
         for kind in kinds:
             init = base if kind == "rank" else _class_base(data, cfg, kind, k)
-            model = fit_stacker(X[tr], lab[tr], q[tr], kind, cfg, mono, seed, None if init is None else init[0][tr])
+            model = fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
             oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
             rounds[kind][k] = float(np.mean(model.best_iterations))
             gains[kind] = gains.get(kind, 0) + model.gain()
