@@ -222,10 +222,9 @@ class StackConfig:
     # queries it learnt the training queries' share of E and predicted E everywhere (README, the stacker)
     task2_bias: bool = False
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
-    # >= 100; each fit uses at most this many training rows: whole queries drawn at random (seeded) when
-    # the training folds hold more (the full release: ~2M OOF rows). A 7-leaf model of ~50 features
-    # gains nothing measurable beyond it (README, the stacker at full size); the real sample never reaches it
-    max_fit_rows: int = 50_000
+    # each fit uses at most this many training rows: whole queries drawn at random (seeded) when the
+    # training folds hold more (the full release: ~2M OOF rows); the real sample never reaches it
+    max_fit_rows: int = 50_000  # >= 100; above it: one draw per seed, early-stopped on other queries, no refit
 
     def __post_init__(self) -> None:
         for key, known in (("features", STACK_FEATURE_GROUPS), ("scorers", STACK_SCORERS)):
