@@ -607,6 +607,39 @@ def _filter_mask(ex: dict[str, pa.ChunkedArray], task, split, locales) -> np.nda
     return keep
 
 
+def _read_examples(path: Path) -> dict[str, pa.ChunkedArray]:
+    """The examples file's required columns, typed and validated whole (nulls, queries, labels,
+    unique ids); raises DataError as :func:`load_esci` documents."""
+    ex = TableFile(path, EXAMPLE_COLUMNS).read(EXAMPLE_COLUMNS)
+    for c in EXAMPLE_COLUMNS:
+        ex[c] = (_as_int if c in _INT_COLUMNS else _as_text)(ex[c], path, c)
+    _check_no_nulls(ex, path, [c for c in EXAMPLE_COLUMNS if c != "query"])
+    _check_queries(ex["query"], ex["example_id"], path)
+    _check_labels(ex["esci_label"], path)
+    _check_unique_ids(_to_int_array(ex["example_id"]), path)
+    return ex
+
+
+def _product_text(pr_file: TableFile, text_cols: Sequence[str], idx: np.ndarray) -> dict[str, pd.Series]:
+    """Each product text column gathered to the example rows ``idx`` (product row of each example)."""
+    out: dict[str, pd.Series] = {}
+    # product text, largest columns first: the two largest are read side by side (while the
+    # result is still small), then gathered one after the other; then the small ones. At most
+    # about one full product column lives next to the growing result.
+    order = pr_file.size_order(text_cols)
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for group in (order[:2], order[2:]):
+            futures = {c: pool.submit(_read_text_column, pr_file, c) for c in group}
+            for c in group:
+                arr = futures.pop(c).result()
+                out[c] = _gather_text(arr, idx)
+                del arr
+                pa.default_memory_pool().release_unused()
+
+    return out
+
+
 def load_esci(
     data_dir: str | Path,
     task: int | None = None,
@@ -662,15 +695,7 @@ def load_esci(
         locales = [locales]
     files = find_dataset_files(data_dir)
 
-    # examples: all required columns (small), validated whole
-    ex_file = TableFile(files.examples, EXAMPLE_COLUMNS)
-    ex = ex_file.read(EXAMPLE_COLUMNS)
-    for c in EXAMPLE_COLUMNS:
-        ex[c] = (_as_int if c in _INT_COLUMNS else _as_text)(ex[c], files.examples, c)
-    _check_no_nulls(ex, files.examples, [c for c in EXAMPLE_COLUMNS if c != "query"])
-    _check_queries(ex["query"], ex["example_id"], files.examples)
-    _check_labels(ex["esci_label"], files.examples)
-    _check_unique_ids(_to_int_array(ex["example_id"]), files.examples)
+    ex = _read_examples(files.examples)
 
     # products: keys first, text later one column at a time
     pr_file = TableFile(files.products, PRODUCT_COLUMNS)
@@ -711,20 +736,7 @@ def load_esci(
     query_ids = out["query_id"]
     del ex
 
-    # product text, largest columns first: the two largest are read side by side (while the
-    # result is still small), then gathered one after the other; then the small ones. At most
-    # about one full product column lives next to the growing result.
-    order = pr_file.size_order(text_cols)
-    workers = max(1, min(2, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for group in (order[:2], order[2:]):
-            futures = {c: pool.submit(_read_text_column, pr_file, c) for c in group}
-            for c in group:
-                arr = futures.pop(c).result()
-                out[c] = _gather_text(arr, idx)
-                del arr
-                pa.default_memory_pool().release_unused()
-
+    out.update(_product_text(pr_file, text_cols, idx))
     for c in length_cols:
         out[f"{c}_chars"] = _text_lengths(pr_file, c)[idx]
 
