@@ -346,6 +346,7 @@ class FeaturesConfig:
         "bag_dim": ">= 1",
         "max_words": ">= 1",
         "w2v_epochs": ">= 1",
+        "w2v_max_words": ">= 1000",
         "id_dim": ">= 1",
         "id_min_count": ">= 1",
     }
@@ -358,6 +359,7 @@ class FeaturesConfig:
     max_words: int = 64  # >= 1; words read per field (before n-gram expansion)
     init: Literal["random", "word2vec"] = "random"  # word2vec: trained on the run's product text (gensim)
     w2v_epochs: int = 5  # >= 1
+    w2v_max_words: int = 20_000_000  # >= 1000; words word2vec reads; above: a seeded sample
     id_embeddings: bool = False  # locale / brand / colour embeddings
     id_fields: list[str] = field(default_factory=lambda: ["locale", "brand", "color"])
     id_dim: int = 16  # >= 1

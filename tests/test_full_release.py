@@ -19,6 +19,9 @@ from core.modeling.features import (
     _WORD,
     BAG_COLUMNS,
     _crc_hash,
+    _distinct_texts,
+    _estimated_words,
+    budget_sample,
     compute_ngram_bags,
     ngram_bucket,
     text_buckets,
@@ -176,6 +179,77 @@ def test_vectorised_bucket_init_equals_the_gram_loop(sample_dir):
         want_rows, want_vecs = _old_bucket_init(df, cfg, wv)
         np.testing.assert_array_equal(rows, want_rows)
         np.testing.assert_allclose(vecs, want_vecs, rtol=1e-5, atol=1e-7)
+
+
+def test_budget_sample_fits_the_budget_keeps_order_and_is_seeded():
+    sizes = np.random.default_rng(0).integers(0, 50, size=1000)
+    assert budget_sample(sizes, int(sizes.sum()), 1) is None and budget_sample(sizes, None, 1) is None
+    picked = budget_sample(sizes, 5000, 1)
+    assert picked is not None and int(sizes[picked].sum()) <= 5000 < int(sizes.sum())
+    assert np.all(np.diff(picked) > 0)  # ascending: the frame's order is kept
+    np.testing.assert_array_equal(picked, budget_sample(sizes, 5000, 1))
+    assert not np.array_equal(picked, budget_sample(sizes, 5000, 2))
+    assert len(budget_sample(np.array([10, 10]), 3, 0)) == 1  # never empty
+
+
+def test_estimated_words_counts_spaces_on_the_real_text(sample_dir):
+    df = load_esci(sample_dir)
+    col = df["product_title"]
+    est = _estimated_words(col)
+    want = col.fillna("").map(lambda t: t.count(" ") + 1 if t else 0).to_numpy()
+    np.testing.assert_array_equal(est, want)
+    exact = col.map(lambda t: len(words(t))).to_numpy()
+    assert abs(est.sum() / exact.sum() - 1) < 0.25  # an estimate of the words, within 25% on real titles
+    np.testing.assert_array_equal(_estimated_words(col, max_words=3), np.minimum(want, 3))
+
+
+def test_word2vec_reads_a_seeded_sample_of_products_over_its_word_budget(sample_dir):
+    pytest.importorskip("gensim")
+    df = load_esci(sample_dir)
+    full = train_word2vec(df, 8, epochs=1, seed=3)
+    same = train_word2vec(df, 8, epochs=1, seed=3, max_words=10**9)  # under the budget: unchanged
+    assert same.index_to_key == full.index_to_key
+    np.testing.assert_array_equal(same.vectors, full.vectors)
+    prods = df.drop_duplicates(["product_id", "product_locale"])
+    cols = [c for c in FIELD_COLUMNS.values() if c in prods]
+    est = sum(_estimated_words(prods[c], max_chars=4000) for c in cols)
+    budget = int(est.sum()) // 3
+    small = train_word2vec(df, 8, epochs=1, seed=3, max_words=budget)
+    picked = budget_sample(np.asarray(est), budget, 3)
+    sampled_words = {
+        w for row in prods.iloc[picked][cols].fillna("").itertuples(index=False) for v in row for w in words(v[:4000])
+    }
+    assert set(small.index_to_key) == sampled_words  # exactly the sampled products' words
+    assert len(picked) < 0.5 * len(prods) and set(small.index_to_key) < set(full.index_to_key)
+    again = train_word2vec(df, 8, epochs=1, seed=3, max_words=budget)
+    np.testing.assert_array_equal(again.vectors, small.vectors)
+
+
+def test_capped_bucket_init_is_the_init_of_the_sampled_texts(sample_dir):
+    """Over its budget the init reads a seeded sample of each field's distinct texts (its share of
+    the budget in proportion to its words): the rows equal the reference loop's over those texts."""
+    pytest.importorskip("gensim")
+    df = load_esci(sample_dir)
+    wv = train_word2vec(df, 8, epochs=1, seed=3)
+    cfg = FeaturesConfig(ngram_bags=True, buckets=2**12, bag_dim=8, ngram=2, max_words=16)
+    rows, vecs = word2vec_bucket_init(df, cfg, wv=wv, seed=5)
+    uncapped = word2vec_bucket_init(df, FeaturesConfig(**{**cfg.__dict__, "w2v_max_words": 10**9}), wv=wv, seed=5)
+    np.testing.assert_array_equal(uncapped[0], rows)  # the default budget is above the sample's words
+    firsts = {f: _distinct_texts(df, BAG_COLUMNS[f])[1] for f in cfg.bag_fields}
+    est = {f: _estimated_words(df[BAG_COLUMNS[f]], 16)[firsts[f]] for f in cfg.bag_fields}
+    total = sum(int(e.sum()) for e in est.values())
+    capped = FeaturesConfig(**{**cfg.__dict__, "w2v_max_words": total // 2})
+    c_rows, c_vecs = word2vec_bucket_init(df, capped, wv=wv, seed=5)
+    sampled = {}
+    for j, f in enumerate(cfg.bag_fields):
+        picked = budget_sample(est[f], int(total // 2 * est[f].sum() / total), 5 + j)
+        sampled[BAG_COLUMNS[f]] = df[BAG_COLUMNS[f]].iloc[firsts[f][picked]].tolist()
+    n = max(map(len, sampled.values()))
+    sub = pd.DataFrame({c: v + [""] * (n - len(v)) for c, v in sampled.items()})
+    want_rows, want_vecs = _old_bucket_init(sub, cfg, wv)
+    np.testing.assert_array_equal(c_rows, want_rows)
+    np.testing.assert_allclose(c_vecs, want_vecs, rtol=1e-5, atol=1e-7)
+    assert len(c_rows) < len(rows)  # buckets no sampled n-gram reaches keep their random init
 
 
 # ---- pre-training corpus --------------------------------------------------------------------------------

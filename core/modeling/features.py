@@ -266,9 +266,9 @@ def _text_ngram_buckets(per_text: list[list[str]], n: int, buckets: int, vocab: 
 _TEXT_CHUNK = 20_000  # distinct texts per vectorised pass: bounds the word lists and per-word int64 arrays
 
 
-def _distinct_texts(df: pd.DataFrame, column: str):
-    """The distinct texts of one text column: (codes int64 (N,), U, ``texts(a, b)`` -> the distinct
-    texts a..b-1 as a list of str, NaN read as ``""``).
+def _distinct_texts(df: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct texts of one text column: (codes int64 (N,) the distinct text of each row,
+    first int64 (U,) a row holding each one, in code order); :func:`_texts_at` reads them.
 
     A product field is a function of the product (``product_id``, ``product_locale``: the key
     load_esci joins the products on), so it is deduplicated by that short key instead of by its
@@ -276,13 +276,47 @@ def _distinct_texts(df: pd.DataFrame, column: str):
     texts at once held another copy of the column (several GB at the release's size). Queries
     are deduplicated by their text."""
     if column == "query" or "product_id" not in df.columns:
-        codes, uniques = pd.factorize(df[column].astype("string").fillna(""), use_na_sentinel=False)
-        return np.asarray(codes, dtype=np.int64), len(uniques), lambda a, b: list(uniques[a:b])
-    keys = [c for c in ("product_id", "product_locale") if c in df.columns]
-    codes = df.groupby(keys, sort=False, dropna=False).ngroup().to_numpy(np.int64)
-    first = np.unique(codes, return_index=True)[1]  # a row of each product
-    col = df[column]
-    return codes, len(first), lambda a, b: list(col.iloc[first[a:b]].astype("string").fillna(""))
+        codes, _ = pd.factorize(df[column].astype("string").fillna(""), use_na_sentinel=False)
+    else:
+        keys = [c for c in ("product_id", "product_locale") if c in df.columns]
+        codes = df.groupby(keys, sort=False, dropna=False).ngroup().to_numpy(np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    return codes, np.unique(codes, return_index=True)[1]
+
+
+def _texts_at(column: pd.Series, rows: np.ndarray) -> list[str]:
+    """The texts of ``column`` at positions ``rows`` (int64 (n,)) as str, NaN read as ``""``."""
+    return list(column.iloc[rows].astype("string").fillna(""))
+
+
+def _estimated_words(column: pd.Series, max_words: int | None = None, max_chars: int | None = None) -> np.ndarray:
+    """An estimate of each text's :func:`words`: spaces + 1 (0 for an empty text), at most
+    ``max_words``, over its first ``max_chars`` characters. int64 (N,). Vectorised (pandas/pyarrow
+    string kernels): it only sizes samples (:func:`budget_sample`), so it need not be exact."""
+    text = column if isinstance(column.dtype, pd.StringDtype) else column.astype("string")  # no copy of str data
+    if max_chars is not None:
+        text = text.str.slice(0, max_chars)
+    filled = text.str.len().fillna(0).to_numpy(np.int64) > 0
+    est = np.where(filled, text.str.count(" ").fillna(0).to_numpy(np.int64) + 1, 0)
+    return est if max_words is None else np.minimum(est, max_words)
+
+
+def budget_sample(sizes: np.ndarray, budget: int | None, seed: int) -> np.ndarray | None:
+    """A seeded random sample of items whose sizes fit ``budget``, or None when all of them fit.
+
+    Args:
+        sizes: int64 (N,) each item's size (e.g. words).
+        budget: the most the sample's sizes may add up to; None = no budget.
+
+    Returns:
+        int64 (n,) the sampled items' positions, ascending (their order kept), at least one; or
+        None (every item fits: the caller uses them all, unchanged).
+    """
+    if budget is None or int(sizes.sum()) <= budget:
+        return None
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    n = int(np.searchsorted(np.cumsum(sizes[order]), budget, side="right"))
+    return np.sort(order[: max(n, 1)])
 
 
 def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
@@ -320,10 +354,11 @@ def compute_ngram_bags(df: pd.DataFrame, cfg: FeaturesConfig) -> NgramBags:
     # the C heap), 1.7 GB extra at the release's size
     with tempfile.TemporaryFile(prefix="esci-bags-") as spill:
         for j, f in enumerate(fields):
-            codes, n_distinct, texts = _distinct_texts(df, BAG_COLUMNS[f])
+            codes, first = _distinct_texts(df, BAG_COLUMNS[f])
+            n_distinct = len(first)
             index[:, j] = codes + base
             for i in range(0, n_distinct, _TEXT_CHUNK):
-                per_text = [words(t, cfg.max_words) for t in texts(i, i + _TEXT_CHUNK)]
+                per_text = [words(t, cfg.max_words) for t in _texts_at(df[BAG_COLUMNS[f]], first[i : i + _TEXT_CHUNK])]
                 flat, lens = _text_ngram_buckets(per_text, cfg.ngram, cfg.buckets, vocab)
                 spill.write(memoryview(np.ascontiguousarray(flat, dtype=np.int32)))
                 seg_len.append(lens)
@@ -415,15 +450,21 @@ class _Sentences:
                 start = end
 
 
-def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
+def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42, max_words: int | None = None):
     """Word2vec (gensim CBOW, window 5, min_count 1, one worker: reproducible) on the catalogue.
 
     Sentences: one per distinct product ``(product_id, product_locale)`` of ``df``: the words of its
     title, brand, colour, bullet points and description (first 4,000 characters each). No labels
     are read. Source: Mikolov et al. 2013 (arXiv:1301.3781). The sentences are tokenized once and
-    held as int32 word ids (a few bytes per token instead of a Python ``str`` per token: at the
-    release's size ~360M tokens), then streamed to gensim on every pass; the model is the same as
-    with a list of sentences (same order, one worker).
+    held as int32 word ids (a few bytes per token instead of a Python ``str`` per token), then
+    streamed to gensim on every pass; the model is the same as with a list of sentences (same
+    order, one worker).
+
+    ``max_words`` bounds the corpus (``features.w2v_max_words``): when the products' estimated
+    words (:func:`_estimated_words`) add up to more, a seeded random sample of whole products that
+    fits it is read, in the frame's order (:func:`budget_sample`). One worker trains ~1.4M words a
+    second here, so the release's ~350M words x 5 epochs would take about 20 min (estimated); 20M
+    words (about text8's size) take about a minute. Under the budget the corpus is every product.
 
     Returns:
         gensim ``KeyedVectors`` (vectors float32 (V, dim)).
@@ -437,6 +478,12 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
         raise ConfigError("features.init=word2vec needs gensim (pip install gensim)") from None
     prods = df.drop_duplicates(["product_id", "product_locale"]) if "product_id" in df else df
     cols = [c for c in FIELD_COLUMNS.values() if c in prods]
+    if max_words is not None and cols:
+        est = sum(_estimated_words(prods[c], max_chars=4000) for c in cols)
+        picked = budget_sample(np.asarray(est), max_words, seed)
+        if picked is not None:
+            log.info("word2vec: %d of %d products (estimated words over %d)", len(picked), len(prods), max_words)
+            prods = prods.iloc[picked]
     corpus = _Sentences()
     block = 50_000
     for s in range(0, len(prods), block):
@@ -455,8 +502,14 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42):
     return model.wv
 
 
-def _gram_table(df: pd.DataFrame, cfg: FeaturesConfig) -> tuple[list[np.ndarray], np.ndarray, _WordIds]:
+def _gram_table(
+    df: pd.DataFrame, cfg: FeaturesConfig, max_words: int | None = None, seed: int = 42
+) -> tuple[list[np.ndarray], np.ndarray, _WordIds]:
     """The distinct word 1..n-grams of the distinct texts of the bag fields.
+
+    ``max_words``: when the distinct texts' estimated words (at most ``cfg.max_words`` each) add
+    up to more, each field reads a seeded random sample of its distinct texts (:func:`budget_sample`),
+    its share of the budget in proportion to its words.
 
     Returns:
         (per order k = 1..n: int32 (G_k, k) word ids of each distinct k-gram, int32 (sum G_k,)
@@ -465,10 +518,23 @@ def _gram_table(df: pd.DataFrame, cfg: FeaturesConfig) -> tuple[list[np.ndarray]
     vocab = _WordIds()
     grams: list[list[np.ndarray]] = [[] for _ in range(cfg.ngram)]
     rows: list[list[np.ndarray]] = [[] for _ in range(cfg.ngram)]
+    firsts = {f: _distinct_texts(df, BAG_COLUMNS[f])[1] for f in cfg.bag_fields}
+    if max_words is not None:
+        est = {f: _estimated_words(df[BAG_COLUMNS[f]], cfg.max_words)[firsts[f]] for f in cfg.bag_fields}
+        total = sum(int(e.sum()) for e in est.values())
+        for j, f in enumerate(cfg.bag_fields):
+            picked = (
+                budget_sample(est[f], int(max_words * est[f].sum() / max(total, 1)), seed + j)
+                if total > max_words
+                else None
+            )
+            if picked is not None:
+                log.info("word2vec init: %s: %d of %d distinct texts", f, len(picked), len(firsts[f]))
+                firsts[f] = firsts[f][picked]
     for f in cfg.bag_fields:
-        uniques = pd.unique(df[BAG_COLUMNS[f]].astype("string").fillna(""))
-        for i in range(0, len(uniques), _TEXT_CHUNK):
-            per_text = [words(t, cfg.max_words) for t in uniques[i : i + _TEXT_CHUNK]]
+        column, text_rows = df[BAG_COLUMNS[f]], firsts[f]
+        for i in range(0, len(text_rows), _TEXT_CHUNK):
+            per_text = [words(t, cfg.max_words) for t in _texts_at(column, text_rows[i : i + _TEXT_CHUNK])]
             n_words = np.fromiter((len(w) for w in per_text), dtype=np.int64, count=len(per_text))
             flat = (w for ws in per_text for w in ws)
             wid = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=int(n_words.sum()))
@@ -528,7 +594,7 @@ def word2vec_bucket_init(
     if cache_dir is not None and wv is None:
         path = (
             Path(cache_dir)
-            / f"w2v-{_bag_key(df, cfg, {'dim': cfg.bag_dim, 'epochs': cfg.w2v_epochs, 'seed': seed})}.npz"
+            / f"w2v-{_bag_key(df, cfg, {'dim': cfg.bag_dim, 'epochs': cfg.w2v_epochs, 'seed': seed, 'max': cfg.w2v_max_words})}.npz"
         )
         if path.is_file():
             try:
@@ -537,10 +603,10 @@ def word2vec_bucket_init(
             except (OSError, ValueError, KeyError):
                 pass
     if wv is None:
-        wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, seed)
+        wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, seed, cfg.w2v_max_words)
     if wv.vector_size != cfg.bag_dim:
         raise ConfigError(f"features.bag_dim={cfg.bag_dim}: word2vec vectors have size {wv.vector_size}")
-    keys, buckets, vocab = _gram_table(df, cfg)
+    keys, buckets, vocab = _gram_table(df, cfg, cfg.w2v_max_words, seed)
     index = wv.key_to_index
     w2v_row = np.fromiter((index.get(w, -1) for w in vocab), dtype=np.int64, count=len(vocab))
     vectors = np.asarray(wv.vectors)
