@@ -427,7 +427,7 @@ def _step_features(step: str, data_dir: Path) -> dict:
         return {**_since(t0), "rows": len(bags), "ids": len(bags.ids), "segments": len(bags.offsets) - 1}
     from core.modeling.features import train_word2vec
 
-    wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, 42)
+    wv = train_word2vec(df, cfg.bag_dim, cfg.w2v_epochs, 42, cfg.w2v_max_words)
     t_train = _since(t0)
     rows, _ = word2vec_bucket_init(df, cfg, wv=wv)
     return {**_since(t0), "train_s": t_train["seconds"], "train_cpu_s": t_train["cpu_s"], "buckets": len(rows)}
