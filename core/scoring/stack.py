@@ -27,9 +27,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -677,6 +680,13 @@ def _member_baselines(data: StackData) -> dict[str, dict[str, float]]:
     return out
 
 
+def _fit_fold_task(X_tr, lab_tr, q_tr, kind, *, data, cfg, fold, base, tr, mono, seed):
+    """Fold ``fold``'s ``kind`` model on its training rows (``tr``: (N,) bool over the OOF rows,
+    ``X_tr``/``lab_tr``/``q_tr`` those rows): (its base margins (OOF, test) or None, the fitted model)."""
+    init = base if kind == "rank" else _class_base(data, cfg, kind, fold)
+    return init, fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
+
+
 def run_stack(
     data: StackData, cfg: StackConfig, seed: int = 0, progress: Callable[[str], None] | None = None
 ) -> StackResult:
@@ -724,23 +734,35 @@ def run_stack(
     rounds: dict[str, dict[int, float]] = {t: {} for t in TASKS}
     kinds = _kinds(cfg)
     base_weights: dict[int, dict[str, float]] = {}
-    for k in folds:
-        if progress:
-            progress(f"stack: fold {k} (fitted on folds {[f for f in folds if f != k]})")
-        tr, va = fold != k, fold == k
-        tx = (test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]) if has_test else None
-        base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
-        if base is not None:
-            base_weights[int(k)] = base[3]
-        X_tr, lab_tr, q_tr = X[tr], lab[tr], q[tr]  # once per fold, shared by its task models
-        for kind in kinds:
-            init = base if kind == "rank" else _class_base(data, cfg, kind, k)
-            model = fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
-            oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
-            rounds[kind][k] = float(np.mean(model.best_iterations))
-            gains[kind] = gains.get(kind, 0) + model.gain()
-            if has_test:
-                test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
+    with ThreadPoolExecutor(cfg.fit_workers or max(1, min(len(kinds), os.cpu_count() or 1))) as pool:
+        for k in folds:
+            if progress:
+                progress(f"stack: fold {k} (fitted on folds {[f for f in folds if f != k]})")
+            tr, va = fold != k, fold == k
+            tx = (test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]) if has_test else None
+            base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
+            if base is not None:
+                base_weights[int(k)] = base[3]
+            fit = partial(  # the fold's rows selected once, shared by its task models
+                _fit_fold_task,
+                X[tr],
+                lab[tr],
+                q[tr],
+                data=data,
+                cfg=cfg,
+                fold=k,
+                base=base,
+                tr=tr,
+                mono=mono,
+                seed=seed,
+            )
+            fitted = list(pool.map(fit, kinds))  # the task models at once (threads), then predicted in turn
+            for kind, (init, model) in zip(kinds, fitted):
+                oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
+                rounds[kind][k] = float(np.mean(model.best_iterations))
+                gains[kind] = gains.get(kind, 0) + model.gain()
+                if has_test:
+                    test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
     if "esci" not in kinds:  # Task 2 not stacked: the members' mean probabilities
         oof_out["esci"] = np.mean([m.oof for m in data.members], axis=0)
         test_outs["esci"] = [np.mean([m.test for m in data.members], axis=0)] if has_test else []
