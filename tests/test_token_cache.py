@@ -236,3 +236,24 @@ def test_a_corrupt_file_is_one_line_naming_it_then_rebuilt(sample_df, tiny_bert,
     with caplog.at_level(logging.WARNING, logger="esci.tokens"):
         pair_tokens(df, tok, cfg)  # rebuilt: read back quietly
     assert not caplog.records
+
+
+@pytest.mark.parametrize("chunk", [7, 65_536])
+def test_text_keys_are_the_siphash_of_each_distinct_text(sample_df, monkeypatch, chunk):
+    """Chunked Arrow hashing keys each text as one pass of pandas' SipHash over its UTF-8 bytes
+    would (the stores' format depends on it), for str, object and NaN-holding columns alike."""
+    import core.data.token_cache as tc
+
+    monkeypatch.setattr(tc, "KEY_CHUNK", chunk)
+    col = sample_df["product_description"].head(500).copy()
+    col.iloc[:6] = [None, "", "ワイヤレス &amp; <b>防水</b>", "  padded  ", None, "ワイヤレス &amp; <b>防水</b>"]
+    for values in (col, col.astype(object), col.astype("string")):
+        codes, keys, nbytes, first = tc.text_keys(values)
+        plain = values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object)
+        want = pd.util.hash_array(plain, hash_key=tc.HASH_KEY, categorize=False)
+        np.testing.assert_array_equal(keys[codes], want)  # every row's key
+        assert len(keys) == len(set(plain)) and len(first) == len(keys)
+        np.testing.assert_array_equal(plain[first][codes], plain)  # first: a row of each distinct text
+        np.testing.assert_array_equal(nbytes, [len(t.encode()) for t in plain[first]])
+        assert codes[0] == codes[1] == codes[4] and codes[2] == codes[5]  # None reads as ""
+        assert nbytes[codes[2]] > len(plain[2])  # UTF-8 bytes, not characters

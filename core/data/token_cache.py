@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from core.config import TextConfig
 from core.data.text import (
@@ -73,6 +75,8 @@ MANIFEST = "manifest.json"
 BUILD_CHUNK = 8192
 #: the SipHash key of the text keys (pandas.util.hash_array); part of every store's settings
 HASH_KEY = "esci-token-v1-00"
+#: rows hashed per pass of :func:`text_keys`
+KEY_CHUNK = 65_536
 
 
 class CacheCorrupt(Exception):
@@ -95,23 +99,25 @@ def text_keys(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         keys uint64 (U,) the 64-bit SipHash (``pandas.util.hash_array``, key :data:`HASH_KEY`) of
         each distinct text's UTF-8 bytes; nbytes int64 (U,) their byte lengths (a check against
         hash collisions); first int64 (U,) a row holding each distinct text.
+
+    The column is read as Arrow data and hashed :data:`KEY_CHUNK` rows at a time: only one
+    chunk's Python strings exist at once (a whole column of them was several GB at the release's
+    size, and hashing them in one pass ran about 3x slower: measured at 1/10 of the release).
     """
-    text = values.astype("string").fillna("")
-    obj = text.to_numpy(dtype=object)
-    hashes = pd.util.hash_array(obj, hash_key=HASH_KEY, categorize=False)
+    text = values if isinstance(values.dtype, pd.StringDtype) else values.astype("string")
+    arr = pa.chunked_array(pa.array(text))  # zero-copy for Arrow-backed strings
+    hashes = np.empty(len(text), dtype=np.uint64)
+    row_bytes = np.empty(len(text), dtype=np.int64)
+    for a in range(0, len(text), KEY_CHUNK):
+        part = arr.slice(a, KEY_CHUNK).fill_null("")
+        row_bytes[a : a + len(part)] = np.asarray(pc.binary_length(part), dtype=np.int64)
+        obj = part.to_numpy(zero_copy_only=False)
+        hashes[a : a + len(part)] = pd.util.hash_array(obj, hash_key=HASH_KEY, categorize=False)
     codes, keys = pd.factorize(hashes)
     codes = codes.astype(np.int64, copy=False)
     first = np.full(len(keys), -1, dtype=np.int64)
     first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)
-    try:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        taken = pa.array(np.asarray(obj[first], dtype=object), type=pa.large_string())
-        nbytes = np.asarray(pc.binary_length(taken), dtype=np.int64)
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        nbytes = np.fromiter((len(s.encode()) for s in obj[first]), np.int64, len(first))
-    return codes, np.asarray(keys, dtype=np.uint64), nbytes, first
+    return codes, np.asarray(keys, dtype=np.uint64), row_bytes[first], first
 
 
 # ------------------------------------------------------------------------------- one store
