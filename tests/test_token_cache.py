@@ -257,3 +257,23 @@ def test_text_keys_are_the_siphash_of_each_distinct_text(sample_df, monkeypatch,
         np.testing.assert_array_equal(nbytes, [len(t.encode()) for t in plain[first]])
         assert codes[0] == codes[1] == codes[4] and codes[2] == codes[5]  # None reads as ""
         assert nbytes[codes[2]] > len(plain[2])  # UTF-8 bytes, not characters
+
+
+def test_a_build_holds_one_chunk_of_texts_at_a_time(sample_df, tiny_bert, tmp_path, monkeypatch):
+    """The texts to tokenize are taken from the frame BUILD_CHUNK at a time, not all at once (at
+    the release's size the distinct descriptions alone are GBs of Python strings); same tokens."""
+    import core.data.token_cache as tc
+
+    monkeypatch.setattr(tc, "BUILD_CHUNK", 100)
+    taken: list[int] = []
+    write = tc._write_shard
+
+    def spy(root, name, texts, rows, *a):
+        return write(root, name, lambda r: (taken.append(len(r)), texts(r))[1], rows, *a)
+
+    monkeypatch.setattr(tc, "_write_shard", spy)
+    cfg = TextConfig(max_length=48, budgets=dict(DEMO_BUDGETS), cache_dir=str(tmp_path))
+    tok = _tok(tiny_bert)
+    cached = pair_tokens(sample_df, tok, cfg)
+    assert max(taken) == 100 and sum(taken) == sum(sample_df[c].nunique() for c in ["query", *FIELD_COLUMNS.values()])
+    _assert_same(cached, encode_pairs(sample_df, tok, cfg))

@@ -265,15 +265,16 @@ def _commit_manifest(root: Path, manifest: dict) -> None:
     tmp.replace(root / MANIFEST)
 
 
-def _write_shard(root: Path, name: str, texts: np.ndarray, keys: np.ndarray, nbytes: np.ndarray, encode) -> dict:
-    """Tokenize ``texts`` (object (m,)) with ``encode`` (list[str] -> list of token id lists) in
-    chunks of :data:`BUILD_CHUNK`; write the shard under temporary names, then rename."""
-    m = len(texts)
+def _write_shard(root: Path, name: str, texts, rows: np.ndarray, keys: np.ndarray, nbytes: np.ndarray, encode) -> dict:
+    """Tokenize the texts of ``rows`` (int64 (m,); ``texts(rows)`` -> object array of raw texts)
+    with ``encode`` (list[str] -> list of token id lists), :data:`BUILD_CHUNK` texts at a time (only
+    those are held as Python strings); write the shard under temporary names, then rename."""
+    m = len(rows)
     offsets = np.zeros(m + 1, dtype=np.int64)
     tmp = {ext: root / f"{name}.{ext}.tmp" for ext in ("tok", "key.npy", "off.npy")}
     with open(tmp["tok"], "wb") as fh:
         for a in range(0, m, BUILD_CHUNK):
-            seqs = encode(texts[a : a + BUILD_CHUNK].tolist())
+            seqs = encode(texts(rows[a : a + BUILD_CHUNK]).tolist())
             lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
             flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype="<i4", count=int(lens.sum()))
             fh.write(flat.tobytes())
@@ -332,7 +333,7 @@ def ensure_store(root: Path, settings: dict, keys: np.ndarray, nbytes: np.ndarra
         missing = np.flatnonzero(store.lookup(keys, nbytes) < 0)
         if len(missing):
             name = f"s{len(store.shards):05d}-{secrets.token_hex(4)}"
-            shard = _write_shard(root, name, texts(missing), keys[missing], nbytes[missing], encode)
+            shard = _write_shard(root, name, texts, missing, keys[missing], nbytes[missing], encode)
             manifest["shards"].append(shard)
             _commit_manifest(root, manifest)
             log.info(
