@@ -239,12 +239,14 @@ def test_a_corrupt_file_is_one_line_naming_it_then_rebuilt(sample_df, tiny_bert,
 
 
 @pytest.mark.parametrize("chunk", [7, 65_536])
-def test_text_keys_are_the_siphash_of_each_distinct_text(sample_df, monkeypatch, chunk):
+@pytest.mark.parametrize("short_bytes", [0, 10**6])  # every column long (hashed row by row) / short (deduped first)
+def test_text_keys_are_the_siphash_of_each_distinct_text(sample_df, monkeypatch, chunk, short_bytes):
     """Chunked Arrow hashing keys each text as one pass of pandas' SipHash over its UTF-8 bytes
     would (the stores' format depends on it), for str, object and NaN-holding columns alike."""
     import core.data.token_cache as tc
 
     monkeypatch.setattr(tc, "KEY_CHUNK", chunk)
+    monkeypatch.setattr(tc, "SHORT_TEXT_BYTES", short_bytes)
     col = sample_df["product_description"].head(500).copy()
     col.iloc[:6] = [None, "", "ワイヤレス &amp; <b>防水</b>", "  padded  ", None, "ワイヤレス &amp; <b>防水</b>"]
     for values in (col, col.astype(object), col.astype("string")):

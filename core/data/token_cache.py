@@ -77,6 +77,8 @@ BUILD_CHUNK = 8192
 HASH_KEY = "esci-token-v1-00"
 #: rows hashed per pass of :func:`text_keys`
 KEY_CHUNK = 65_536
+#: a column with at most this many UTF-8 bytes a row on average is deduplicated by Arrow before hashing
+SHORT_TEXT_BYTES = 64
 
 
 class CacheCorrupt(Exception):
@@ -102,17 +104,27 @@ def text_keys(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
     The column is read as Arrow data and hashed :data:`KEY_CHUNK` rows at a time: only one
     chunk's Python strings exist at once (a whole column of them was several GB at the release's
-    size, and hashing them in one pass ran about 3x slower: measured at 1/10 of the release).
+    size, and hashing them in one pass ran about 2x slower: measured at 1/10 of the release). A
+    column of short texts (at most :data:`SHORT_TEXT_BYTES` a row on average) is deduplicated by
+    Arrow first and only its distinct texts are hashed (queries repeat over their products);
+    for long texts Arrow's dedupe cost more than it saved (measured on the bullets).
     """
     text = values if isinstance(values.dtype, pd.StringDtype) else values.astype("string")
     arr = pa.chunked_array(pa.array(text))  # zero-copy for Arrow-backed strings
-    hashes = np.empty(len(text), dtype=np.uint64)
-    row_bytes = np.empty(len(text), dtype=np.int64)
-    for a in range(0, len(text), KEY_CHUNK):
+    at = None  # short, repeated texts (queries, brands, colours): Arrow dedupes them before hashing
+    if len(arr) and (pc.sum(pc.binary_length(arr)).as_py() or 0) <= SHORT_TEXT_BYTES * len(arr):
+        filled = arr.fill_null("")
+        arr = pa.chunked_array([filled.unique()])
+        at = np.asarray(pc.index_in(filled, value_set=arr.chunk(0)), dtype=np.int64)
+    hashes = np.empty(len(arr), dtype=np.uint64)
+    row_bytes = np.empty(len(arr), dtype=np.int64)
+    for a in range(0, len(arr), KEY_CHUNK):
         part = arr.slice(a, KEY_CHUNK).fill_null("")
         row_bytes[a : a + len(part)] = np.asarray(pc.binary_length(part), dtype=np.int64)
         obj = part.to_numpy(zero_copy_only=False)
         hashes[a : a + len(part)] = pd.util.hash_array(obj, hash_key=HASH_KEY, categorize=False)
+    if at is not None:
+        hashes, row_bytes = hashes[at], row_bytes[at]
     codes, keys = pd.factorize(hashes)
     codes = codes.astype(np.int64, copy=False)
     first = np.full(len(keys), -1, dtype=np.int64)
@@ -182,7 +194,9 @@ class TokenStore:
         """
         if len(self.sorted_keys) == 0:
             return np.full(len(keys), -1, dtype=np.int64)
-        pos = np.searchsorted(self.sorted_keys, keys)
+        order = np.argsort(keys)  # sorted needles: numpy's binary search narrows from the last hit (~2x)
+        pos = np.empty(len(keys), dtype=np.int64)
+        pos[order] = np.searchsorted(self.sorted_keys, keys[order])
         pos_c = np.minimum(pos, len(self.sorted_keys) - 1)
         hit = self.sorted_keys[pos_c] == keys
         rows = np.where(hit, self.sorted_rows[pos_c], -1)
@@ -297,7 +311,9 @@ def _clear(root: Path, keep: set[str]) -> None:
         p.unlink(missing_ok=True)
 
 
-def ensure_store(root: Path, settings: dict, keys: np.ndarray, nbytes: np.ndarray, texts, encode) -> TokenStore:
+def ensure_store(
+    root: Path, settings: dict, keys: np.ndarray, nbytes: np.ndarray, texts, encode
+) -> tuple[TokenStore, np.ndarray]:
     """Open the store at ``root`` holding every key of ``keys``, tokenizing only the missing ones.
 
     Args:
@@ -308,13 +324,15 @@ def ensure_store(root: Path, settings: dict, keys: np.ndarray, nbytes: np.ndarra
         encode: ``list[str] -> list[list[int]]``, the tokenization of raw texts.
 
     Returns:
-        The :class:`TokenStore`, with every key present. A corrupt store is logged (one line naming
-        the file) and rebuilt from scratch.
+        ``(store, rows)``: the :class:`TokenStore`, with every key present, and int64 (U,) the
+        global row of each key. A corrupt store is logged (one line naming the file) and rebuilt
+        from scratch.
     """
     try:
         store = TokenStore.open(root)
-        if (store.lookup(keys, nbytes) >= 0).all():
-            return store
+        rows = store.lookup(keys, nbytes)
+        if (rows >= 0).all():
+            return store, rows
     except CacheCorrupt as exc:
         log.warning("token cache file %s is corrupt (%s): rebuilding %s", exc.path, exc.reason, root)
         with _locked(root):
@@ -343,7 +361,8 @@ def ensure_store(root: Path, settings: dict, keys: np.ndarray, nbytes: np.ndarra
                 shard["tokens"],
                 len(manifest["shards"]),
             )
-        return TokenStore.open(root)
+        store = TokenStore.open(root)
+        return store, store.lookup(keys, nbytes)
 
 
 # ------------------------------------------------------------------------------- encoders
@@ -398,8 +417,8 @@ def _store_for(cache_dir: Path, name: str, settings: dict, column: pd.Series, en
     def texts(rows: np.ndarray) -> np.ndarray:  # only a build needs them
         return column.iloc[first[rows]].astype("string").fillna("").to_numpy(dtype=object)
 
-    store = ensure_store(Path(cache_dir) / f"{name}-{key}", settings, keys, nbytes, texts, encode)
-    return store, store.lookup(keys, nbytes)[codes]
+    store, rows = ensure_store(Path(cache_dir) / f"{name}-{key}", settings, keys, nbytes, texts, encode)
+    return store, rows[codes]
 
 
 # ------------------------------------------------------------------------------- pairs
@@ -479,31 +498,40 @@ def pair_lengths(
         must be assembled to know them.
     """
     n, f = field_len.shape
-    ln = field_len.astype(np.int64)
-    nonempty = ln > 0
+    qlen = np.asarray(qlen, dtype=np.int64)
+    ln = [field_len[:, j].astype(np.int64) for j in range(f)]  # one contiguous column per field
     has_fields = 1 if f else 0
+    counted = range(f) if marked else range(1, f)  # fields whose presence adds a token (marker / separator)
+    present = sum((ln[j] > 0 for j in counted), np.zeros(n, dtype=np.int64))
     if marked:
-        overhead = 4 + has_fields + nonempty.sum(axis=1)
+        overhead = 4 + has_fields + present
     else:
-        overhead = 3 + has_fields + np.maximum(0, nonempty[:, 1:].sum(axis=1) - 1) * slash_len
-    exact = ~(marked & (qlen > max_length - overhead)) if marked else np.ones(n, dtype=bool)
+        overhead = 3 + has_fields + np.maximum(0, present - 1) * slash_len
+    exact = ~(qlen > max_length - overhead) if marked else np.ones(n, dtype=bool)
     room = np.maximum(0, max_length - overhead - qlen)
-    take0 = np.minimum(ln, np.asarray(budgets, dtype=np.int64)[None, :]) if f else ln
-    total = take0.sum(axis=1)
-    # budgets over the room: fields kept in template order up to the room (cut from the back)
-    before = np.cumsum(take0, axis=1) - take0
-    take_cut = np.clip(room[:, None] - before, 0, take0)
+    take0 = [np.minimum(ln[j], budgets[j]) for j in range(f)]
+    total = sum(take0, np.zeros(n, dtype=np.int64))
+    over = total > room
+    # budgets over the room: fields kept in template order up to the room (cut from the back);
     # room left over: it flows to the fields in template order
-    spare = ln - take0
-    spare_before = np.cumsum(spare, axis=1) - spare
-    take_flow = take0 + np.clip((room - total)[:, None] - spare_before, 0, spare)
-    take = np.where((total > room)[:, None], take_cut, take_flow)
-    used = take > 0
+    left_cut, left_flow = room.copy(), room - total
+    taken = np.zeros(n, dtype=np.int64)
+    used = np.zeros(n, dtype=np.int64)
+    for j in range(f):
+        cut = np.minimum(np.maximum(left_cut, 0), take0[j])
+        spare = ln[j] - take0[j]
+        flow = take0[j] + np.minimum(np.maximum(left_flow, 0), spare)
+        left_cut -= take0[j]
+        left_flow -= spare
+        take = np.where(over, cut, flow)
+        taken += take
+        if j in counted:
+            used += take > 0
     if marked:
-        lengths = 4 + qlen + has_fields + take.sum(axis=1) + used.sum(axis=1)
+        lengths = 4 + qlen + has_fields + taken + used
         starts = qlen + 3
     else:
-        lengths = 3 + qlen + has_fields + take.sum(axis=1) + np.maximum(0, used[:, 1:].sum(axis=1) - 1) * slash_len
+        lengths = 3 + qlen + has_fields + taken + np.maximum(0, used - 1) * slash_len
         starts = qlen + 2
     return np.minimum(lengths, max_length).astype(np.int64), starts.astype(np.int32), exact
 
