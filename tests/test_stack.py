@@ -424,7 +424,7 @@ def test_fast_word_normalisation_equals_clean_text_on_real_and_awkward_text(samp
     cleaning gives for every real product field and query and for HTML, control, zero-width and
     Unicode whitespace."""
     from core.data.text import clean_text
-    from core.scoring.stack import _norm_words
+    from core.scoring.stack import _norm_words, _title_words
 
     ex, pr = sample_frames
     texts = [*pr["product_title"], *pr["product_brand"], *pr["product_color"], *ex["query"]]
@@ -436,6 +436,8 @@ def test_fast_word_normalisation_equals_clean_text_on_real_and_awkward_text(samp
         "  padded  ",
         "ctrl\x07char",
         "ÉTÉ İstanbul",
+        "red/blue  pack/2",
+        "a / b",
         "",
         None,
         float("nan"),
@@ -443,6 +445,7 @@ def test_fast_word_normalisation_equals_clean_text_on_real_and_awkward_text(samp
     fast = 0
     for t in texts:
         assert _norm_words(t) == clean_text(t).lower().replace("/", " ").split(), repr(t)
+        assert _title_words(t)[1] == (len(t.split()) if isinstance(t, str) else 0), repr(t)  # lex.title_words
         fast += isinstance(t, str) and t.isprintable() and "&" not in t and "<" not in t
     assert fast > len(texts) // 2  # most real titles take the fast path
 

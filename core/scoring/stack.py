@@ -293,9 +293,19 @@ def _norm_words(text: object) -> list[str]:
     """``clean_text(text).lower().replace("/", " ").split()``, skipping ``clean_text`` for the usual
     title (printable, no ``&`` or ``<``): it could only collapse ASCII spaces, which ``split`` does
     anyway (every character it removes or maps to a space is non-printable)."""
-    if not isinstance(text, str) or "&" in text or "<" in text or not text.isprintable():
-        text = clean_text(text)
-    return text.lower().replace("/", " ").split()
+    return _title_words(text)[0]
+
+
+def _title_words(text: object) -> tuple[list[str], int]:
+    """(:func:`_norm_words` of ``text``, ``len(text.split())``: its raw word count, 0 for a
+    non-str). For a printable text without ``/`` the two splits cut at the same ASCII spaces, so
+    the count is the normalised list's length and the text is split once."""
+    if not isinstance(text, str):
+        return clean_text(text).lower().replace("/", " ").split(), 0
+    if "&" in text or "<" in text or not text.isprintable():
+        return clean_text(text).lower().replace("/", " ").split(), len(text.split())
+    words = text.lower().replace("/", " ").split()
+    return words, len(words) if "/" not in text else len(text.split())
 
 
 def _distinct_map(values: pd.Series, fn) -> list:
@@ -318,14 +328,16 @@ def _empty(rows: pd.DataFrame, column: str) -> np.ndarray:
 def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """Query-title overlap, brand/colour named in the query, empty product fields (N,) each.
 
-    Each distinct query, brand and colour is normalised once (:func:`_distinct_map`); the title
-    words are per row."""
+    Each distinct query, brand and colour is normalised once (:func:`_distinct_map`); each title
+    is split once per row (:func:`_title_words`)."""
     queries = _distinct_map(rows["query"], lambda t: (w := _norm_words(t), " " + " ".join(w) + " "))
     brands = _distinct_map(rows["product_brand"], lambda t: " ".join(_norm_words(t)))
     colors = _distinct_map(rows["product_color"], lambda t: " ".join(_norm_words(t)))
-    overlap, brand_in, color_in = [], [], []
+    overlap, brand_in, color_in, title_words = [], [], [], []
     for (qw, ql), title, b, c in zip(queries, rows["product_title"], brands, colors):
-        tw = set(_norm_words(title))
+        words, n_words = _title_words(title)
+        title_words.append(n_words)
+        tw = set(words)
         overlap.append(sum(w in tw for w in qw) / len(qw) if qw else 0.0)
         brand_in.append(float(bool(b) and f" {b} " in ql))
         color_in.append(float(bool(c) and f" {c} " in ql))
@@ -335,7 +347,7 @@ def _lexical(rows: pd.DataFrame) -> dict[str, np.ndarray]:
         "lex.brand_in_query": np.array(brand_in),
         "lex.color_in_query": np.array(color_in),
         "lex.empty_fields": np.asarray(empty, dtype=np.float64),
-        "lex.title_words": rows["product_title"].astype(str).str.split().str.len().fillna(0).to_numpy(np.float64),
+        "lex.title_words": np.asarray(title_words, dtype=np.float64),
     }
 
 
@@ -363,7 +375,7 @@ def row_features(
             mono.update(dict.fromkeys(scaled, 1))
     if "query" in groups:
         q = rows["query"].astype(str)
-        cols["query.words"] = q.str.split().str.len().to_numpy(np.float64)
+        cols["query.words"] = np.asarray(_distinct_map(q, lambda t: len(t.split())), dtype=np.float64)
         cols["query.chars"] = q.str.len().to_numpy(np.float64)
         cols["query.products"] = pd.Series(qids).groupby(qids).transform("size").to_numpy(np.float64)
         locales = {"us": 0.0, "es": 1.0, "jp": 2.0}
