@@ -262,11 +262,13 @@ def test_text_keys_are_the_siphash_of_each_distinct_text(sample_df, monkeypatch,
 
 
 def test_a_build_holds_one_chunk_of_texts_at_a_time(sample_df, tiny_bert, tmp_path, monkeypatch):
-    """The texts to tokenize are taken from the frame BUILD_CHUNK at a time, not all at once (at
-    the release's size the distinct descriptions alone are GBs of Python strings); same tokens."""
+    """The texts to tokenize are taken from the frame TAKE_CHUNK at a time, not all at once (at
+    the release's size the distinct descriptions alone are GBs of Python strings), and tokenized
+    BUILD_CHUNK a call; same tokens."""
     import core.data.token_cache as tc
 
     monkeypatch.setattr(tc, "BUILD_CHUNK", 100)
+    monkeypatch.setattr(tc, "TAKE_CHUNK", 250)
     taken: list[int] = []
     write = tc._write_shard
 
@@ -275,7 +277,9 @@ def test_a_build_holds_one_chunk_of_texts_at_a_time(sample_df, tiny_bert, tmp_pa
 
     monkeypatch.setattr(tc, "_write_shard", spy)
     cfg = TextConfig(max_length=48, budgets=dict(DEMO_BUDGETS), cache_dir=str(tmp_path))
-    tok = _tok(tiny_bert)
+    tok = counting(_tok(tiny_bert))
     cached = pair_tokens(sample_df, tok, cfg)
-    assert max(taken) == 100 and sum(taken) == sum(sample_df[c].nunique() for c in ["query", *FIELD_COLUMNS.values()])
-    _assert_same(cached, encode_pairs(sample_df, tok, cfg))
+    n_texts = sum(sample_df[c].nunique() for c in ["query", *FIELD_COLUMNS.values()])
+    assert max(taken) == 250 and sum(taken) == n_texts
+    assert max(map(len, tok.batches)) == 100 and sum(map(len, tok.batches)) == n_texts
+    _assert_same(cached, encode_pairs(sample_df, tok.tok, cfg))
