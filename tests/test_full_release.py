@@ -201,6 +201,8 @@ def test_estimated_words_counts_spaces_on_the_real_text(sample_dir):
     exact = col.map(lambda t: len(words(t))).to_numpy()
     assert abs(est.sum() / exact.sum() - 1) < 0.25  # an estimate of the words, within 25% on real titles
     np.testing.assert_array_equal(_estimated_words(col, max_words=3), np.minimum(want, 3))
+    cut = col.fillna("").map(lambda t: t[:20].count(" ") + 1 if t else 0).to_numpy()
+    np.testing.assert_array_equal(_estimated_words(col, max_chars=20), cut)  # only the long titles are cut
 
 
 def test_word2vec_reads_a_seeded_sample_of_products_over_its_word_budget(sample_dir):

@@ -292,12 +292,16 @@ def _texts_at(column: pd.Series, rows: np.ndarray) -> list[str]:
 def _estimated_words(column: pd.Series, max_words: int | None = None, max_chars: int | None = None) -> np.ndarray:
     """An estimate of each text's :func:`words`: spaces + 1 (0 for an empty text), at most
     ``max_words``, over its first ``max_chars`` characters. int64 (N,). Vectorised (pandas/pyarrow
-    string kernels): it only sizes samples (:func:`budget_sample`), so it need not be exact."""
+    string kernels) and without a copy of the text (only the few texts over ``max_chars`` are cut):
+    it only sizes samples (:func:`budget_sample`), so it need not be exact."""
     text = column if isinstance(column.dtype, pd.StringDtype) else column.astype("string")  # no copy of str data
+    chars = text.str.len().fillna(0).to_numpy(np.int64)
+    spaces = text.str.count(" ").fillna(0).to_numpy(np.int64)
     if max_chars is not None:
-        text = text.str.slice(0, max_chars)
-    filled = text.str.len().fillna(0).to_numpy(np.int64) > 0
-    est = np.where(filled, text.str.count(" ").fillna(0).to_numpy(np.int64) + 1, 0)
+        long = np.flatnonzero(chars > max_chars)
+        if len(long):
+            spaces[long] = text.iloc[long].str.slice(0, max_chars).str.count(" ").fillna(0).to_numpy(np.int64)
+    est = np.where(chars > 0, spaces + 1, 0)
     return est if max_words is None else np.minimum(est, max_words)
 
 
@@ -476,18 +480,20 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42, 
         from gensim.models import Word2Vec
     except ImportError:
         raise ConfigError("features.init=word2vec needs gensim (pip install gensim)") from None
-    prods = df.drop_duplicates(["product_id", "product_locale"]) if "product_id" in df else df
-    cols = [c for c in FIELD_COLUMNS.values() if c in prods]
+    cols = [c for c in FIELD_COLUMNS.values() if c in df]
+    # a row of each distinct product (product fields are a function of the product), read from
+    # the frame block by block: a deduplicated copy of the frame held every text column again
+    prods = _distinct_texts(df, cols[0])[1] if "product_id" in df and cols else np.arange(len(df))
     if max_words is not None and cols:
-        est = sum(_estimated_words(prods[c], max_chars=4000) for c in cols)
+        est = sum(_estimated_words(df[c], max_chars=4000)[prods] for c in cols)
         picked = budget_sample(np.asarray(est), max_words, seed)
         if picked is not None:
             log.info("word2vec: %d of %d products (estimated words over %d)", len(picked), len(prods), max_words)
-            prods = prods.iloc[picked]
+            prods = prods[picked]
     corpus = _Sentences()
     block = 50_000
     for s in range(0, len(prods), block):
-        part = prods[cols].iloc[s : s + block].astype("string").fillna("")
+        part = df[cols].iloc[prods[s : s + block]].astype("string").fillna("")
         corpus.add(
             [
                 [w for v in row for w in _WORD.findall(clean_text(v, max_chars=4000).lower())]
