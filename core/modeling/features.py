@@ -296,7 +296,7 @@ def _estimated_words(column: pd.Series, max_words: int | None = None, max_chars:
     it only sizes samples (:func:`budget_sample`), so it need not be exact."""
     text = column if isinstance(column.dtype, pd.StringDtype) else column.astype("string")  # no copy of str data
     chars = text.str.len().fillna(0).to_numpy(np.int64)
-    spaces = text.str.count(" ").fillna(0).to_numpy(np.int64)
+    spaces = text.str.count(" ").fillna(0).to_numpy(np.int64, copy=True)
     if max_chars is not None:
         long = np.flatnonzero(chars > max_chars)
         if len(long):
