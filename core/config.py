@@ -195,6 +195,7 @@ class StackConfig:
         "num_threads": ">= 1",
         "fit_workers": ">= 1",
         "max_fit_rows": ">= 100",
+        "seeds_at_scale": ">= 1",
         "tasks": "each in {1, 2, 3}",
     }
 
@@ -229,6 +230,7 @@ class StackConfig:
     # each fit uses at most this many training rows: whole queries drawn at random (seeded) when the
     # training folds hold more (the full release: ~2M OOF rows); the real sample never reaches it
     max_fit_rows: int = 50_000  # >= 100; above it: one draw per seed, early-stopped on other queries, no refit
+    seeds_at_scale: int = 1  # >= 1; seeds (each its own draw) when the training folds exceed max_fit_rows
 
     def __post_init__(self) -> None:
         for key, known in (("features", STACK_FEATURE_GROUPS), ("scorers", STACK_SCORERS)):

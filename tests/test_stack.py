@@ -380,9 +380,9 @@ def test_fits_at_scale_use_at_most_max_fit_rows_per_seed_and_no_refit(members, t
 
     monkeypatch.setattr(lgb, "train", spy)
     cap = len(q) // 3
-    cfg = _cfg(seeds=2, max_fit_rows=cap, early_stopping_rounds=10, n_estimators=200)
+    cfg = _cfg(seeds=3, seeds_at_scale=2, max_fit_rows=cap, early_stopping_rounds=10, n_estimators=200)
     model = fit_stacker(X, lab, q, "esci", cfg, mono, seed=0)
-    assert len(seen) == 2 and len(model.boosters) == 2  # one fit per seed, none refitted
+    assert len(seen) == 2 and len(model.boosters) == 2  # one fit per seed at scale, none refitted
     for n_fit, n_stop in seen:
         assert 0 < n_fit <= cap and 0 < n_stop <= round(cap * 0.2)
     assert all(1 <= it < 200 for it in model.best_iterations)  # early stopping picked the rounds
@@ -390,6 +390,9 @@ def test_fits_at_scale_use_at_most_max_fit_rows_per_seed_and_no_refit(members, t
     assert probs.shape == (len(q), 4)
     y = np.array(["ESCI".index(c) for c in lab])
     assert (probs.argmax(1) == y).mean() > (y == np.bincount(y).argmax()).mean()  # it learnt the strong member
+    seen.clear()
+    assert len(fit_stacker(X, lab, q, "esci", _cfg(seeds=3, max_fit_rows=cap), mono, seed=0).boosters) == 1
+    assert len(seen) == 1  # the default at scale: one seed
     # below the cap: the probe on 80 % of the queries, then a refit on every row
     seen.clear()
     fit_stacker(X, lab, q, "esci", _cfg(seeds=1, early_stopping_rounds=10), mono, seed=0)

@@ -560,7 +560,9 @@ def fit_stacker(
     fits on its own draw of whole queries holding at most ``cfg.max_fit_rows`` rows
     (:func:`query_blocks`), and stops early on the next ``cfg.inner_fraction`` x that many rows of
     other queries; that booster is kept as it is (no refit: it already saw ``max_fit_rows`` rows),
-    which halves the boosting work, and the seeds together see up to ``seeds`` x as many rows.
+    which halves the boosting work. There ``cfg.seeds_at_scale`` seeds are fitted, each on its own
+    draw (default 1: on the synthetic 1/10 release 3 seeds made the stack 2.6x slower for a CV
+    nDCG of 0.98529 against 0.98528; the README has the figures).
 
     Raises:
         WorkbenchError: fewer than 2 queries to fit on.
@@ -580,7 +582,7 @@ def fit_stacker(
         return _dataset(X[rows], y[rows], qids[rows], kind, None if init is None else init[rows])
 
     boosters, iters = [], []
-    for s in range(cfg.seeds):
+    for s in range(cfg.seeds_at_scale if capped else cfg.seeds):
         params = _lgb_params(cfg, objective, seed + s, max_group)
         if kind == "rank" and cfg.monotone:
             params["monotone_constraints"] = [mono.get(c, 0) for c in X.columns]
