@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -623,20 +621,15 @@ def _read_examples(path: Path) -> dict[str, pa.ChunkedArray]:
 def _product_text(pr_file: TableFile, text_cols: Sequence[str], idx: np.ndarray) -> dict[str, pd.Series]:
     """Each product text column gathered to the example rows ``idx`` (product row of each example)."""
     out: dict[str, pd.Series] = {}
-    # product text, largest columns first: the two largest are read side by side (while the
-    # result is still small), then gathered one after the other; then the small ones. At most
-    # about one full product column lives next to the growing result.
-    order = pr_file.size_order(text_cols)
-    workers = max(1, min(2, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for group in (order[:2], order[2:]):
-            futures = {c: pool.submit(_read_text_column, pr_file, c) for c in group}
-            for c in group:
-                arr = futures.pop(c).result()
-                out[c] = _gather_text(arr, idx)
-                del arr
-                pa.default_memory_pool().release_unused()
-
+    # product text, largest columns first, one at a time: read, gathered, released. Reading the
+    # next column while gathering one held two product columns next to the growing result: 4.79
+    # GB peak at the release's size against 7.66 GB for plain pandas (0.63x); one at a time the
+    # peak is the second column's gather
+    for c in pr_file.size_order(text_cols):
+        arr = _read_text_column(pr_file, c)
+        out[c] = _gather_text(arr, idx)
+        del arr
+        pa.default_memory_pool().release_unused()
     return out
 
 
