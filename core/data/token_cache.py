@@ -74,7 +74,8 @@ MANIFEST = "manifest.json"
 #: texts per tokenizer call while building (bounds the Python lists held at once)
 BUILD_CHUNK = 8192
 #: texts taken from the frame at once while building: an Arrow take from a 2.6M-row column costs
-#: ~80 ms whatever its size (measured at the release's size), so 8192 a take added ~15% to a build
+#: ~80 ms whatever its size (measured at the release's size): 8192 a take cost a full-size build
+#: 15% more CPU (1,123 s against 977 s; 956 s with this block size)
 TAKE_CHUNK = 65_536
 #: the SipHash key of the text keys (pandas.util.hash_array); part of every store's settings
 HASH_KEY = "esci-token-v1-00"

@@ -466,9 +466,10 @@ def train_word2vec(df: pd.DataFrame, dim: int, epochs: int = 5, seed: int = 42, 
 
     ``max_words`` bounds the corpus (``features.w2v_max_words``): when the products' estimated
     words (:func:`_estimated_words`) add up to more, a seeded random sample of whole products that
-    fits it is read, in the frame's order (:func:`budget_sample`). One worker trains ~1.4M words a
-    second here, so the release's ~350M words x 5 epochs would take about 20 min (estimated); 20M
-    words (about text8's size) take about a minute. Under the budget the corpus is every product.
+    fits it is read, in the frame's order (:func:`budget_sample`). One worker trained ~1.4M words
+    a second here (measured at 1/100 of the release), so the release's ~350M words x 5 epochs
+    would take about 20 min (estimated); with the 20M default (about text8's size) the corpus and
+    training took 148.6 s at full size. Under the budget the corpus is every product.
 
     Returns:
         gensim ``KeyedVectors`` (vectors float32 (V, dim)).

@@ -728,32 +728,84 @@ def run_stack(
         data.oof, [(m.name, m.oof) for m in data.members], {k: v[0] for k, v in data.scorers.items()}, groups
     )
     q, lab, fold = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy(), data.oof["fold"].to_numpy()
-    has_test = data.test is not None
-    test_X: dict[int | str, pd.DataFrame] = {}
-    if has_test:
-        t_scores = {k: v[1] for k, v in data.scorers.items()}
-        shared = row_features(data.test, t_scores, groups)  # once: the same for every fold model
-        if cfg.test_features == "per_fold":
-            for k in folds:
-                test_X[k] = build_features(
-                    data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups, shared
-                )[0]
-        else:
-            test_X["mean"] = build_features(
-                data.test, [(m.name, m.test) for m in data.members], t_scores, groups, shared
-            )[0]
+    kinds = _kinds(cfg)
+    oof_out, test_outs, gains, rounds = _fit_folds(data, cfg, X, mono, seed, kinds, progress)
+    if "esci" not in kinds:  # Task 2 not stacked: the members' mean probabilities
+        oof_out["esci"] = np.mean([m.oof for m in data.members], axis=0)
+        test_outs["esci"] = [np.mean([m.test for m in data.members], axis=0)] if data.test is not None else []
+    if "substitute" not in kinds:  # Task 3 not stacked: P(S) of the Task 2 probabilities
+        oof_out["substitute"] = oof_out["esci"][:, 1]
+    if "rank" not in kinds:
+        oof_out.pop("rank")
+    bias = None
+    if cfg.task2_bias and "esci" in kinds:
+        cb = _class_base(data, cfg, "esci", folds[0])  # its OOF part does not depend on the fold
+        oof_out["esci"], bias = _task2_bias(
+            X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed, None if cb is None else cb[0]
+        )
+        rounds["task2_bias"] = {k: b.round(2).tolist() for k, b in bias.items()}
+    oof = _assemble(data.oof, oof_out, cfg)
+    test = None
+    if data.test is not None:
+        tq = data.test["query_id"].to_numpy()
+        test_esci = np.mean(test_outs["esci"], axis=0)
+        test_esci = test_esci if bias is None else prior_shift(test_esci, bias["all"])
+        test_out = {
+            "esci": test_esci,
+            "substitute": np.mean(test_outs["substitute"], axis=0) if "substitute" in kinds else test_esci[:, 1],
+        }
+        if "rank" in kinds:
+            test_out["rank"] = _z_mean(tq, test_outs["rank"])
+        test = _assemble(data.test, test_out, cfg)
+    cv = _figures(oof)
+    cv["folds"] = {int(k): mean_ndcg(q[fold == k], oof["score"].to_numpy()[fold == k], lab[fold == k]) for k in folds}
+    held_out = _figures(test) if _labelled(test) else {}
+    scorer_oof = {k: v[0] for k, v in data.scorers.items()}
+    return StackResult(
+        oof, test, cv, held_out, _member_baselines(data), _importance(gains), rounds, time.time() - t0, scorer_oof
+    )
+
+
+def _test_features(data: StackData, cfg: StackConfig) -> dict[int | str, pd.DataFrame]:
+    """The test rows' feature frames: one per fold (``test_features: per_fold``: fold k's members'
+    test predictions) or one under ``"mean"``; {} without test rows. The member-independent
+    features are built once and shared."""
+    if data.test is None:
+        return {}
+    groups = list(cfg.features)
+    t_scores = {k: v[1] for k, v in data.scorers.items()}
+    shared = row_features(data.test, t_scores, groups)  # once: the same for every fold model
+    if cfg.test_features == "per_fold":
+        return {
+            k: build_features(data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups, shared)[
+                0
+            ]
+            for k in data.folds
+        }
+    return {"mean": build_features(data.test, [(m.name, m.test) for m in data.members], t_scores, groups, shared)[0]}
+
+
+def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: int, kinds, progress):
+    """Fold k's task models fitted on the other folds' rows (at once, in ``cfg.fit_workers``
+    threads), then fold k's OOF rows and the test rows predicted by them.
+
+    Returns:
+        (kind -> OOF output (N,) or (N, 4), kind -> per-fold test outputs, kind -> summed feature
+        gain, {kind: {fold: mean rounds}, "base_weights": {fold: the Task 1 base blend}}).
+    """
+    q, lab, fold = data.oof["query_id"].to_numpy(), data.oof["esci_label"].to_numpy(), data.oof["fold"].to_numpy()
+    test_X = _test_features(data, cfg)
     oof_out = {"rank": np.zeros(len(X)), "esci": np.zeros((len(X), 4)), "substitute": np.zeros(len(X))}
     test_outs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
     gains: dict[str, pd.Series] = {}
-    rounds: dict[str, dict[int, float]] = {t: {} for t in TASKS}
-    kinds = _kinds(cfg)
+    rounds: dict[str, Any] = {t: {} for t in TASKS}
     base_weights: dict[int, dict[str, float]] = {}
     with ThreadPoolExecutor(cfg.fit_workers or max(1, min(len(kinds), os.cpu_count() or 1))) as pool:
-        for k in folds:
+        for k in data.folds:
             if progress:
-                progress(f"stack: fold {k} (fitted on folds {[f for f in folds if f != k]})")
+                progress(f"stack: fold {k} (fitted on folds {[f for f in data.folds if f != k]})")
             tr, va = fold != k, fold == k
-            tx = (test_X[k] if cfg.test_features == "per_fold" else test_X["mean"]) if has_test else None
+            tx = test_X.get(k, test_X.get("mean"))
             base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
             if base is not None:
                 base_weights[int(k)] = base[3]
@@ -770,44 +822,19 @@ def run_stack(
                 mono=mono,
                 seed=seed,
             )
-            fitted = list(pool.map(fit, kinds))  # the task models at once (threads), then predicted in turn
-            for kind, (init, model) in zip(kinds, fitted):
+            for kind, (init, model) in zip(kinds, pool.map(fit, kinds)):  # fitted at once, each predicted when done
                 oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
                 rounds[kind][k] = float(np.mean(model.best_iterations))
                 gains[kind] = gains.get(kind, 0) + model.gain()
-                if has_test:
+                if tx is not None:
                     test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
-    if "esci" not in kinds:  # Task 2 not stacked: the members' mean probabilities
-        oof_out["esci"] = np.mean([m.oof for m in data.members], axis=0)
-        test_outs["esci"] = [np.mean([m.test for m in data.members], axis=0)] if has_test else []
-    if "substitute" not in kinds:  # Task 3 not stacked: P(S) of the Task 2 probabilities
-        oof_out["substitute"] = oof_out["esci"][:, 1]
-    if "rank" not in kinds:
-        oof_out.pop("rank")
-    bias = None
-    if cfg.task2_bias and "esci" in kinds:
-        cb = _class_base(data, cfg, "esci", folds[0])  # its OOF part does not depend on the fold
-        oof_out["esci"], bias = _task2_bias(
-            X, oof_out["esci"], lab, q, fold, folds, cfg, mono, seed, None if cb is None else cb[0]
-        )
-        rounds["task2_bias"] = {k: b.round(2).tolist() for k, b in bias.items()}
-    oof = _assemble(data.oof, oof_out, cfg)
-    test = None
-    if has_test:
-        tq = data.test["query_id"].to_numpy()
-        test_esci = np.mean(test_outs["esci"], axis=0)
-        test_esci = test_esci if bias is None else prior_shift(test_esci, bias["all"])
-        test_out = {
-            "esci": test_esci,
-            "substitute": np.mean(test_outs["substitute"], axis=0) if "substitute" in kinds else test_esci[:, 1],
-        }
-        if "rank" in kinds:
-            test_out["rank"] = _z_mean(tq, test_outs["rank"])
-        test = _assemble(data.test, test_out, cfg)
-    cv = _figures(oof)
-    cv["folds"] = {int(k): mean_ndcg(q[fold == k], oof["score"].to_numpy()[fold == k], lab[fold == k]) for k in folds}
-    held_out = _figures(test) if _labelled(test) else {}
-    importance = pd.concat(
+    rounds["base_weights"] = base_weights
+    return oof_out, test_outs, gains, rounds
+
+
+def _importance(gains: dict[str, pd.Series]) -> pd.DataFrame:
+    """Feature gain per task (columns task, feature, gain, share), largest first within a task."""
+    return pd.concat(
         [
             pd.DataFrame(
                 {"task": kind, "feature": g.index, "gain": g.to_numpy(), "share": (g / max(g.sum(), 1e-12)).to_numpy()}
@@ -816,11 +843,6 @@ def run_stack(
             if isinstance(g, pd.Series)
         ],
         ignore_index=True,
-    )
-    scorer_oof = {k: v[0] for k, v in data.scorers.items()}
-    rounds["base_weights"] = base_weights
-    return StackResult(
-        oof, test, cv, held_out, _member_baselines(data), importance, rounds, time.time() - t0, scorer_oof
     )
 
 
