@@ -193,7 +193,6 @@ class StackConfig:
         "seeds": ">= 1",
         "base_scale": "> 0",
         "num_threads": ">= 1",
-        "fit_workers": ">= 1",
         "max_fit_rows": ">= 100",
         "seeds_at_scale": ">= 1",
         "tasks": "each in {1, 2, 3}",
@@ -224,9 +223,6 @@ class StackConfig:
     # queries it learnt the training queries' share of E and predicted E everywhere (README, the stacker)
     task2_bias: bool = False
     num_threads: int = 1  # >= 1; LightGBM threads (OpenMP: on a busy CPU more threads can be 20x slower)
-    # a fold's task models fitted at once, one Python thread each (LightGBM frees the GIL); the
-    # models do not depend on it. null: the CPU count, at most the number of tasks
-    fit_workers: int | None = None  # >= 1 or null
     # each fit uses at most this many training rows: whole queries drawn at random (seeded) when the
     # training folds hold more (the full release: ~2M OOF rows); the real sample never reaches it
     max_fit_rows: int = 50_000  # >= 100; above it: one draw per seed, early-stopped on other queries, no refit

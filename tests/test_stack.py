@@ -453,32 +453,31 @@ def test_fast_word_normalisation_equals_clean_text_on_real_and_awkward_text(samp
     assert fast > len(texts) // 2  # most real titles take the fast path
 
 
-def test_a_folds_task_models_fit_at_once_and_the_stack_does_not_depend_on_it(members, tmp_path, monkeypatch):
-    """``fit_workers`` threads fit a fold's task models at the same time (LightGBM frees the GIL);
-    the output is bit-identical to fitting them one by one."""
+def test_no_two_lightgbm_fits_overlap(members, tmp_path, monkeypatch):
+    """The stack's LightGBM fits run one at a time: LightGBM 4.7 crashed the process (SIGSEGV)
+    when one thread built a Dataset while another boosted, so no fit may start while one runs."""
     import threading
 
     import lightgbm as lgb
 
     store, runs = members
     data = load_stack_data(store, runs, ["bm25"], tmp_path / "cache")
-    one = run_stack(data, _cfg(fit_workers=1, seeds=2))
-    train, calls = lgb.train, [0]
+    train, state = lgb.train, {"inside": 0, "most": 0, "calls": 0, "threads": set()}
     lock = threading.Lock()
-    both = threading.Barrier(2, timeout=10)  # the first two fits must be inside lgb.train together
 
     def spy(*a, **kw):
         with lock:
-            calls[0] += 1
-            first_two = calls[0] <= 2
-        if first_two:
-            both.wait()  # BrokenBarrierError when the second fit never starts while the first runs
-        return train(*a, **kw)
+            state["inside"] += 1
+            state["calls"] += 1
+            state["most"] = max(state["most"], state["inside"])
+            state["threads"].add(threading.get_ident())
+        try:
+            return train(*a, **kw)
+        finally:
+            with lock:
+                state["inside"] -= 1
 
     monkeypatch.setattr(lgb, "train", spy)
-    three = run_stack(data, _cfg(fit_workers=3, seeds=2))
-    assert calls[0] == 4 * 3 * 2  # folds x tasks x seeds
-    for col in ("score", "p_E", "p_S", "p_substitute"):
-        np.testing.assert_array_equal(one.oof[col].to_numpy(), three.oof[col].to_numpy())
-        np.testing.assert_array_equal(one.test[col].to_numpy(), three.test[col].to_numpy())
-    assert one.cv == three.cv
+    run_stack(data, _cfg(seeds=2))
+    assert state["calls"] == 4 * 3 * 2  # folds x tasks x seeds
+    assert state["most"] == 1 and state["threads"] == {threading.get_ident()}

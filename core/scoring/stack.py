@@ -27,12 +27,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -694,13 +691,6 @@ def _member_baselines(data: StackData) -> dict[str, dict[str, float]]:
     return out
 
 
-def _fit_fold_task(X_tr, lab_tr, q_tr, kind, *, data, cfg, fold, base, tr, mono, seed):
-    """Fold ``fold``'s ``kind`` model on its training rows (``tr``: (N,) bool over the OOF rows,
-    ``X_tr``/``lab_tr``/``q_tr`` those rows): (its base margins (OOF, test) or None, the fitted model)."""
-    init = base if kind == "rank" else _class_base(data, cfg, kind, fold)
-    return init, fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
-
-
 def run_stack(
     data: StackData, cfg: StackConfig, seed: int = 0, progress: Callable[[str], None] | None = None
 ) -> StackResult:
@@ -786,8 +776,11 @@ def _test_features(data: StackData, cfg: StackConfig) -> dict[int | str, pd.Data
 
 
 def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: int, kinds, progress):
-    """Fold k's task models fitted on the other folds' rows (at once, in ``cfg.fit_workers``
-    threads), then fold k's OOF rows and the test rows predicted by them.
+    """Fold k's task models fitted on the other folds' rows, one after another, then fold k's OOF
+    rows and the test rows predicted by them.
+
+    The fits are not run in threads: LightGBM 4.7 crashed the process (SIGSEGV in an OpenMP thread)
+    when one thread built a Dataset while another boosted (2 crashes in 5 runs of tests/test_stack.py).
 
     Returns:
         (kind -> OOF output (N,) or (N, 4), kind -> per-fold test outputs, kind -> summed feature
@@ -800,34 +793,23 @@ def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: i
     gains: dict[str, pd.Series] = {}
     rounds: dict[str, Any] = {t: {} for t in TASKS}
     base_weights: dict[int, dict[str, float]] = {}
-    with ThreadPoolExecutor(cfg.fit_workers or max(1, min(len(kinds), os.cpu_count() or 1))) as pool:
-        for k in data.folds:
-            if progress:
-                progress(f"stack: fold {k} (fitted on folds {[f for f in data.folds if f != k]})")
-            tr, va = fold != k, fold == k
-            tx = test_X.get(k, test_X.get("mean"))
-            base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
-            if base is not None:
-                base_weights[int(k)] = base[3]
-            fit = partial(  # the fold's rows selected once, shared by its task models
-                _fit_fold_task,
-                X[tr],
-                lab[tr],
-                q[tr],
-                data=data,
-                cfg=cfg,
-                fold=k,
-                base=base,
-                tr=tr,
-                mono=mono,
-                seed=seed,
-            )
-            for kind, (init, model) in zip(kinds, pool.map(fit, kinds)):  # fitted at once, each predicted when done
-                oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
-                rounds[kind][k] = float(np.mean(model.best_iterations))
-                gains[kind] = gains.get(kind, 0) + model.gain()
-                if tx is not None:
-                    test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
+    for k in data.folds:
+        if progress:
+            progress(f"stack: fold {k} (fitted on folds {[f for f in data.folds if f != k]})")
+        tr, va = fold != k, fold == k
+        tx = test_X.get(k, test_X.get("mean"))
+        base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
+        if base is not None:
+            base_weights[int(k)] = base[3]
+        X_tr, lab_tr, q_tr = X[tr], lab[tr], q[tr]  # the fold's rows selected once, shared by its task models
+        for kind in kinds:
+            init = base if kind == "rank" else _class_base(data, cfg, kind, k)
+            model = fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
+            oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
+            rounds[kind][k] = float(np.mean(model.best_iterations))
+            gains[kind] = gains.get(kind, 0) + model.gain()
+            if tx is not None:
+                test_outs[kind].append(model.predict(tx, None if init is None else init[1]))
     rounds["base_weights"] = base_weights
     return oof_out, test_outs, gains, rounds
 
