@@ -780,7 +780,7 @@ def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: i
     rows and the test rows predicted by them.
 
     The fits are not run in threads: LightGBM 4.7 crashed the process (SIGSEGV in an OpenMP thread)
-    when one thread built a Dataset while another boosted (2 crashes in 5 runs of tests/test_stack.py).
+    when one thread built a Dataset while another boosted (3 crashes in 10 runs of tests/test_stack.py).
 
     Returns:
         (kind -> OOF output (N,) or (N, 4), kind -> per-fold test outputs, kind -> summed feature
