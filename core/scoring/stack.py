@@ -765,14 +765,13 @@ def _test_features(data: StackData, cfg: StackConfig) -> dict[int | str, pd.Data
     groups = list(cfg.features)
     t_scores = {k: v[1] for k, v in data.scorers.items()}
     shared = row_features(data.test, t_scores, groups)  # once: the same for every fold model
+
+    def frame(preds: list[tuple[str, np.ndarray]]) -> pd.DataFrame:
+        return build_features(data.test, preds, t_scores, groups, shared)[0]
+
     if cfg.test_features == "per_fold":
-        return {
-            k: build_features(data.test, [(m.name, m.test_by_fold[k]) for m in data.members], t_scores, groups, shared)[
-                0
-            ]
-            for k in data.folds
-        }
-    return {"mean": build_features(data.test, [(m.name, m.test) for m in data.members], t_scores, groups, shared)[0]}
+        return {k: frame([(m.name, m.test_by_fold[k]) for m in data.members]) for k in data.folds}
+    return {"mean": frame([(m.name, m.test) for m in data.members])}
 
 
 def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: int, kinds, progress):
@@ -801,11 +800,11 @@ def _fit_folds(data: StackData, cfg: StackConfig, X: pd.DataFrame, mono, seed: i
         base = _base_margins(data, cfg, k, tr) if cfg.base == "blend" and "rank" in kinds else None
         if base is not None:
             base_weights[int(k)] = base[3]
-        X_tr, lab_tr, q_tr = X[tr], lab[tr], q[tr]  # the fold's rows selected once, shared by its task models
+        X_tr, X_va = X[tr], X[va]  # the fold's rows selected once, shared by its task models
         for kind in kinds:
             init = base if kind == "rank" else _class_base(data, cfg, kind, k)
-            model = fit_stacker(X_tr, lab_tr, q_tr, kind, cfg, mono, seed, None if init is None else init[0][tr])
-            oof_out[kind][va] = model.predict(X[va], None if init is None else init[0][va])
+            model = fit_stacker(X_tr, lab[tr], q[tr], kind, cfg, mono, seed, None if init is None else init[0][tr])
+            oof_out[kind][va] = model.predict(X_va, None if init is None else init[0][va])
             rounds[kind][k] = float(np.mean(model.best_iterations))
             gains[kind] = gains.get(kind, 0) + model.gain()
             if tx is not None:
